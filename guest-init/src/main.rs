@@ -1,0 +1,98 @@
+//! husk-init: PID 1 of a husk guest.
+//!
+//! Mounts the standard filesystems, puts the console on stdio, tells the VMM it started (boot
+//! timer), runs the application named by `husk.spec=` on the kernel command line (see
+//! [`husk_init::spec`]), forwards signals to it and reaps zombies, then stops everything else,
+//! reports the application's exit code to the VMM and resets the VM, which ends the VMM.
+//! Without `husk.spec=` it runs `/bin/sh` on the console (debugging).
+
+mod control_port;
+mod mounts;
+mod supervisor;
+
+use std::time::Duration;
+
+use husk_init::spec::BootSpec;
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!("husk-init: must run as PID 1 (it is the init of a husk guest)");
+        std::process::exit(2);
+    }
+    supervisor::block_all_signals();
+    let warnings = mounts::mount_standard_filesystems();
+    mounts::ensure_console_stdio();
+    for w in warnings {
+        eprintln!("husk-init: warning: {w}");
+    }
+    let control = match control_port::ControlPort::open() {
+        Ok(port) => Some(port),
+        Err(e) => {
+            eprintln!("husk-init: warning: no control port (ioperm: {e}); exit code not reported");
+            None
+        }
+    };
+    if let Some(port) = &control {
+        port.report_init_started();
+    }
+    bring_up_loopback();
+
+    let exit = match read_spec() {
+        Ok(spec) => supervisor::run(&spec),
+        Err(message) => {
+            eprintln!("husk-init: {message}");
+            supervisor::AppExit::NotStarted(125)
+        }
+    };
+
+    supervisor::stop_everything_else(Duration::from_secs(2));
+    // SAFETY: sync and tcdrain have no memory-safety preconditions; tcdrain waits until the
+    // console has sent what the application wrote, so no output is lost to the reset.
+    unsafe {
+        libc::sync();
+        libc::tcdrain(1);
+    }
+    if let Some(port) = &control {
+        port.report_exit_code(exit.code());
+    }
+    // SAFETY: reboot is PID 1's to call; the VMM turns the reset into the end of the VM.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // Only reached if reboot failed: halt here rather than return (PID 1 exiting panics the kernel).
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn read_spec() -> Result<BootSpec, String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    match BootSpec::from_cmdline(&cmdline) {
+        Some(Ok(spec)) => Ok(spec),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Ok(BootSpec {
+            argv: vec![b"/bin/sh".to_vec()],
+            ..BootSpec::default()
+        }),
+    }
+}
+
+/// Sets `lo` up, as every application expects 127.0.0.1 to work.
+fn bring_up_loopback() {
+    // SAFETY: a datagram socket used only for interface ioctls, closed below; ifreq is plain
+    // data, its name is NUL-terminated.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req);
+        }
+        libc::close(sock);
+    }
+}

@@ -1,0 +1,123 @@
+//! `husk run`: boot a micro-VM with husk-vmm directly (no daemon), run one command in it, and
+//! exit with that command's exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use husk_init::spec::{BootSpec, PARAM};
+
+use crate::run_args::RunArgs;
+
+/// Exit code when husk itself (not the guest application) failed, as docker does.
+pub const EXIT_HUSK_ERROR: i32 = 125;
+
+/// Runs the VM and returns the exit code to leave with.
+pub fn run(args: &RunArgs) -> Result<i32, String> {
+    let home = husk_home()?;
+    let kernel = args
+        .kernel
+        .clone()
+        .unwrap_or_else(|| home.join("kernel/vmlinux"));
+    let initrd = args
+        .initrd
+        .clone()
+        .unwrap_or_else(|| home.join("images/default.cpio.gz"));
+    let spec = BootSpec {
+        argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: args.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
+        cwd: args.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
+    };
+    let encoded = spec.encode().map_err(|e| e.to_string())?;
+    if args.rootfs.is_some() {
+        return Err(
+            "--rootfs needs the virtio-blk device, which this build does not have yet".into(),
+        );
+    }
+    require_file(&kernel, "kernel", "scripts/build-kernel")?;
+    require_file(&initrd, "initrd", "scripts/build-image default")?;
+    let mut cmdline = String::from("quiet");
+    if let Some(extra) = &args.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    cmdline.push_str(&format!(" {PARAM}{encoded}"));
+
+    let vmm = vmm_binary()?;
+    let mut cmd = Command::new(&vmm);
+    cmd.arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd);
+    cmd.arg("--cpus").arg(args.cpus.to_string());
+    cmd.arg("--memory").arg(args.memory_mib.to_string());
+    cmd.arg("--cmdline").arg(&cmdline);
+    if args.report_boot_time {
+        cmd.arg("--report-boot-time");
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
+    // Ctrl-C reaches husk-vmm through the terminal's process group; husk-vmm stops the VM and
+    // exits 130. husk itself must outlive it to pass that code on. (Ignored only after the
+    // spawn, so husk-vmm does not inherit the ignored disposition.)
+    ignore_interactive_signals();
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {}: {e}", vmm.display()))?;
+    Ok(
+        match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => code,
+            (None, Some(sig)) => 128 + sig,
+            (None, None) => EXIT_HUSK_ERROR,
+        },
+    )
+}
+
+/// `$HUSK_HOME`, default `~/.local/share/husk`.
+pub fn husk_home() -> Result<PathBuf, String> {
+    if let Some(home) = std::env::var_os("HUSK_HOME") {
+        return Ok(home.into());
+    }
+    let home = std::env::var_os("HOME").ok_or("neither HUSK_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/share/husk"))
+}
+
+fn require_file(path: &Path, what: &str, how_to_build: &str) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{what} {} is not a file", path.display())),
+        Err(e) => Err(format!(
+            "{what} {}: {e} (build the default one with {how_to_build}, or pass --{what})",
+            path.display()
+        )),
+    }
+}
+
+/// husk-vmm: `$HUSK_VMM`, else next to this executable, else on `PATH`.
+fn vmm_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("HUSK_VMM") {
+        return Ok(path.into());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("husk-vmm")));
+    if let Some(path) = beside.filter(|p| p.is_file()) {
+        return Ok(path);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|dir| dir.join("husk-vmm"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| "husk-vmm not found next to husk or on PATH (set HUSK_VMM)".into())
+}
+
+fn ignore_interactive_signals() {
+    for sig in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}

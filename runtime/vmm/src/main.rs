@@ -1,0 +1,2 @@
+//! The husk-vmm binary.
+fn main() {}
