@@ -1,0 +1,113 @@
+//! Where a virtio-blk disk's bytes live: a raw image file on the host.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Storage behind a block device. Offsets and lengths are in bytes and already range-checked.
+pub trait DiskBackend: Send {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fsync).
+    fn flush(&self) -> io::Result<()>;
+    /// Deallocates a range; reads of it return zeros. `Unsupported` when the file cannot.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Zeroes a range, deallocating it when `unmap` allows and the file can.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+}
+
+/// A raw disk image file.
+pub struct RawFile {
+    file: File,
+    size: u64,
+}
+
+impl RawFile {
+    /// Opens `path` for the guest. A writable disk takes an exclusive lock and a read-only one a
+    /// shared lock, so two VMs can never write one image at the same time.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let lock = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a valid fd we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("image is in use by another VM ({e})"),
+            ));
+        }
+        let size = file.metadata()?.len();
+        Ok(Self { file, size })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate on a valid fd; no memory is involved.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) } == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                Err(io::ErrorKind::Unsupported.into())
+            }
+            e => Err(e),
+        }
+    }
+}
+
+impl DiskBackend for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                // The file system cannot: write the zeros.
+                let zeros = vec![0u8; 64 * 1024];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64) as usize;
+                    self.write_at(&zeros[..n], offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! virtio-blk (virtio 1.2 §5.2): a raw image file as a disk. One request queue; read-only
+//! disks; flush; discard and write-zeroes; get-id (serial).
+
+pub mod backend;
+pub mod request;
+
+use std::path::Path;
+
+use backend::{DiskBackend, RawFile};
+use request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
+
+use super::queue_worker::serve_queue;
+use super::{device_id, features, ActivateContext, DeviceCounters, DeviceError, VirtioDevice};
+
+/// Feature bits (§5.2.3).
+mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+const QUEUE_SIZE: u16 = 256;
+/// Data segments per request the driver may use (the chain adds header and status).
+const SEG_MAX: u32 = 126;
+/// Sectors one discard / write-zeroes request may cover (4 GiB - 512).
+const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
+
+enum State {
+    Inactive,
+    Active { ctx: ActivateContext },
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    disk: Box<dyn DiskBackend>,
+    limits: DiskLimits,
+    config: [u8; 60],
+    state: State,
+    counters: DeviceCounters,
+}
+
+impl Block {
+    /// A disk backed by the raw image at `path`. `serial` is what the guest reads with get-id
+    /// (at most 20 bytes; /sys/block/vdX/serial in Linux).
+    pub fn open(path: &Path, read_only: bool, serial: &str) -> std::io::Result<Self> {
+        let file = RawFile::open(path, read_only)?;
+        Ok(Self::new(Box::new(file), read_only, serial))
+    }
+
+    /// A disk on any backend.
+    pub fn new(disk: Box<dyn DiskBackend>, read_only: bool, serial: &str) -> Self {
+        let mut id = [0u8; ID_BYTES];
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let capacity_sectors = disk.size() / SECTOR_SIZE;
+        let limits = DiskLimits {
+            capacity_bytes: capacity_sectors * SECTOR_SIZE,
+            read_only,
+            max_descriptors: SEG_MAX as usize + 2,
+            id,
+        };
+        Self {
+            config: config_space(capacity_sectors),
+            disk,
+            limits,
+            state: State::Inactive,
+            counters: DeviceCounters::default(),
+        }
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.limits.capacity_bytes / SECTOR_SIZE
+    }
+}
+
+/// struct virtio_blk_config (§5.2.4), little-endian.
+fn config_space(capacity_sectors: u64) -> [u8; 60] {
+    let mut c = [0u8; 60];
+    c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+    c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+    c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+    c[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_id::BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn offered_features(&self) -> u64 {
+        let mut f = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::FLUSH;
+        if self.limits.read_only {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
+        if ctx.queues.len() != 1 {
+            return Err(DeviceError::QueueCount {
+                expected: 1,
+                got: ctx.queues.len(),
+            });
+        }
+        self.state = State::Active { ctx };
+        Ok(())
+    }
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
+        let State::Active { ctx } = &mut self.state else {
+            return Ok(());
+        };
+        let Some(queue) = ctx.queues.get_mut(index) else {
+            return Ok(());
+        };
+        let (disk, limits, counters, mem) =
+            (self.disk.as_ref(), &self.limits, &self.counters, &ctx.mem);
+        serve_queue(queue, index, mem, &ctx.interrupt, |chain| {
+            request::serve(chain, mem, disk, limits, counters)
+        })
+    }
+    fn reset(&mut self) {
+        self.state = State::Inactive;
+    }
+    fn counters(&self) -> &DeviceCounters {
+        &self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+//! virtio (1.2, modern devices only): what every device implements, and the pieces the
+//! transport shares with devices (interrupt status, counters).
+
+pub mod block;
+pub mod mmio;
+pub mod queue_worker;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+
+use crate::GuestMemoryMmap;
+
+/// Device IDs (virtio 1.2 §5).
+pub mod device_id {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
+}
+
+/// Feature bits shared by all devices (virtio 1.2 §6).
+pub mod features {
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Device status bits (virtio 1.2 §2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Interrupt status bits (virtio 1.2 §4.2.2, InterruptStatus).
+pub const INTERRUPT_USED_RING: u32 = 1;
+pub const INTERRUPT_CONFIG_CHANGE: u32 = 2;
+
+/// How a device raises its interrupt line; the VMM implements it with a KVM irqfd.
+pub trait InterruptLine: Send + Sync {
+    fn trigger(&self) -> std::io::Result<()>;
+}
+
+impl InterruptLine for vmm_sys_util::eventfd::EventFd {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// The interrupt status register shared by a transport and its device.
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    line: Box<dyn InterruptLine>,
+}
+
+impl VirtioInterrupt {
+    pub fn new(line: Box<dyn InterruptLine>) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used_queue(&self) {
+        self.raise(INTERRUPT_USED_RING);
+    }
+
+    /// The device changed its configuration space.
+    pub fn signal_config_change(&self) {
+        self.raise(INTERRUPT_CONFIG_CHANGE);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.line.trigger() {
+            log::error!("cannot raise virtio interrupt: {e}");
+        }
+    }
+
+    /// Value of the InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged these bits (InterruptACK).
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Per-device counters, readable by the VMM's control side at any time.
+#[derive(Default)]
+pub struct DeviceCounters {
+    /// Requests (descriptor chains) completed.
+    pub requests: AtomicU64,
+    /// Bytes the device read from guest buffers.
+    pub bytes_read: AtomicU64,
+    /// Bytes the device wrote into guest buffers.
+    pub bytes_written: AtomicU64,
+    /// Malformed requests and backend failures.
+    pub errors: AtomicU64,
+}
+
+/// A point-in-time copy of [`DeviceCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+impl DeviceCounters {
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn add(&self, counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// Features the driver accepted (a subset of what the device offered).
+    pub acked_features: u64,
+}
+
+/// Why a device could not start or stopped working; the transport then sets DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device activated with {got} queues, expects {expected}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("the driver broke queue {0}'s rings")]
+    BrokenQueue(usize),
+    #[error("backend failed")]
+    Backend(#[source] std::io::Error),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// virtio device ID ([`device_id`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (must include [`features::VERSION_1`]).
+    fn offered_features(&self) -> u64;
+    /// Reads device configuration space at `offset`; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; read-only by default (writes ignored).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver is ready: start serving the queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError>;
+    /// The guest notified queue `index` (from the transport or from the VMM's ioeventfd).
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceError>;
+    /// The driver reset the device: drop the queues and go back to the initial state.
+    fn reset(&mut self);
+    /// The device's counters.
+    fn counters(&self) -> &DeviceCounters;
+}
+
+/// Copies `config` bytes at `offset` into `data`; what lies past the end reads as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero_and_never_panic() {
+        let config = [1u8, 2, 3, 4];
+        let mut buf = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut buf);
+        assert_eq!(buf, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut buf);
+        assert_eq!(buf, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut buf);
+        assert_eq!(buf, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_status_is_set_by_signals_and_cleared_by_acks() {
+        let irq = VirtioInterrupt::new(Box::new(test_utils::CountingLine::default()));
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!(irq.status(), INTERRUPT_USED_RING | INTERRUPT_CONFIG_CHANGE);
+        irq.acknowledge(INTERRUPT_USED_RING);
+        assert_eq!(irq.status(), INTERRUPT_CONFIG_CHANGE);
+    }
+}
