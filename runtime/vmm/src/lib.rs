@@ -1,1 +1,19 @@
 //! husk-vmm: the virtual machine monitor behind every husk micro-VM (one process per VM).
+//!
+//! [`builder`] turns a [`config::VmConfig`] into a [`vmm::Vmm`]; [`vmm::Vmm::run`] runs it to
+//! the end and says how it ended.
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod loader;
+pub mod signals;
+pub mod stop;
+pub mod vmm;
+pub mod vstate;
+
+#[cfg(test)]
+mod kvm_tests;
+#[cfg(test)]
+mod test_utils;

@@ -110,6 +110,16 @@ impl MmioTransport {
         matches!(self.lifecycle, Lifecycle::Active)
     }
 
+    /// The device's backend is ready (its [`VirtioDevice::backend_fd`] is readable).
+    pub fn process_backend(&mut self) {
+        if !self.is_active() {
+            return;
+        }
+        if let Err(e) = self.device.process_backend() {
+            self.fail(&e.to_string());
+        }
+    }
+
     /// Guest accesses that broke the register protocol so far.
     pub fn bad_accesses(&self) -> u64 {
         self.bad_accesses

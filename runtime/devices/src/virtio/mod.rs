@@ -3,8 +3,10 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue_worker;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -168,6 +170,18 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError>;
     /// The guest notified queue `index` (from the transport or from the VMM's ioeventfd).
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError>;
+    /// A file descriptor the VMM's event loop watches for this device's backend (a tap, or an
+    /// epoll fd multiplexing many sockets); when it is readable the loop calls
+    /// [`VirtioDevice::process_backend`]. Fixed for the device's life. The fd is watched
+    /// edge-triggered: the device reads until `WouldBlock`, or until it must wait for the guest,
+    /// in which case it resumes by itself from `process_queue` when the guest adds buffers.
+    fn backend_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+    /// The backend fd is ready: move data between the backend and the queues.
+    fn process_backend(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// The driver reset the device: drop the queues and go back to the initial state.
     fn reset(&mut self);
     /// The device's counters.

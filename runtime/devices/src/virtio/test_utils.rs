@@ -110,11 +110,18 @@ pub struct Driver<'a> {
 
 impl<'a> Driver<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        Self::new_at(mem, size, 0x1000, 0x4_0000)
+    }
+
+    /// A second queue needs its rings and its buffers elsewhere.
+    pub fn new_at(mem: &'a GuestMemoryMmap, size: u16, rings: u64, buffers: u64) -> Self {
+        let next_buf = buffers;
+        let mock = MockSplitQueue::create(mem, GuestAddress(rings), size);
         Self {
             mem,
-            mock: MockSplitQueue::create(mem, GuestAddress(0x1000), size),
+            mock,
             next_desc: 0,
-            next_buf: 0x4_0000,
+            next_buf,
         }
     }
 

@@ -115,10 +115,16 @@ mod tests {
         assert_eq!({ hdr.boot_flag }, 0xaa55);
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!(({ hdr.cmd_line_ptr }, { hdr.cmdline_size }), (0x20000, 11));
-        assert_eq!(({ hdr.ramdisk_image }, { hdr.ramdisk_size }), (0x3000_0000, 0x12345));
+        assert_eq!(
+            ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
+            (0x3000_0000, 0x12345)
+        );
         assert_eq!(usize::from(p.e820_entries), map.len());
         let last = p.e820_table[map.len() - 1];
-        assert_eq!(({ last.addr }, { last.size }, { last.r#type }), (1 << 32, 13 * GIB, 1));
+        assert_eq!(
+            ({ last.addr }, { last.size }, { last.r#type }),
+            (1 << 32, 13 * GIB, 1)
+        );
         assert_eq!({ p.e820_table[1].r#type }, 2);
     }
 
@@ -140,7 +146,10 @@ mod tests {
         })
         .unwrap();
         let hdr = p.hdr;
-        assert_eq!(({ hdr.version }, { hdr.cmdline_size }, { hdr.xloadflags }), (0x20f, 2047, 1));
+        assert_eq!(
+            ({ hdr.version }, { hdr.cmdline_size }, { hdr.xloadflags }),
+            (0x20f, 2047, 1)
+        );
         assert_eq!(({ hdr.ramdisk_image }, { hdr.type_of_loader }), (0, 0xff));
     }
 

@@ -35,7 +35,11 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The boot GDT: null, code (64-bit, or 32-bit for PVH), data, TSS.
 pub fn boot_gdt(long_mode: bool) -> [u64; 4] {
-    let code = if long_mode { CODE64_FLAGS } else { CODE32_FLAGS };
+    let code = if long_mode {
+        CODE64_FLAGS
+    } else {
+        CODE32_FLAGS
+    };
     [
         0,
         gdt_entry(code, 0, 0xfffff),
@@ -96,11 +100,17 @@ mod tests {
         let gdt = boot_gdt(true);
         let cs = segment_from_gdt(gdt[1], CODE_INDEX);
         assert_eq!((cs.selector, cs.base, cs.limit), (0x08, 0, 0xffff_ffff));
-        assert_eq!((cs.type_, cs.s, cs.present, cs.l, cs.db, cs.g), (0xb, 1, 1, 1, 0, 1));
+        assert_eq!(
+            (cs.type_, cs.s, cs.present, cs.l, cs.db, cs.g),
+            (0xb, 1, 1, 1, 0, 1)
+        );
         let ds = segment_from_gdt(gdt[2], DATA_INDEX);
         assert_eq!((ds.selector, ds.type_, ds.l, ds.db), (0x10, 0x3, 0, 1));
         let tr = segment_from_gdt(gdt[3], TSS_INDEX);
-        assert_eq!((tr.selector, tr.type_, tr.s, tr.g, tr.limit), (0x18, 0xb, 0, 0, 0xfffff));
+        assert_eq!(
+            (tr.selector, tr.type_, tr.s, tr.g, tr.limit),
+            (0x18, 0xb, 0, 0, 0xfffff)
+        );
         let cs32 = segment_from_gdt(boot_gdt(false)[1], CODE_INDEX);
         assert_eq!((cs32.l, cs32.db), (0, 1));
         let null = segment_from_gdt(0, 0);

@@ -77,8 +77,11 @@ pub fn write_start_info(
             type_: e.kind as u32,
             reserved: 0,
         };
-        mem.write_obj(entry, GuestAddress(PVH_MEMMAP_START + i as u64 * entry_size))
-            .map_err(PvhError::GuestMemory)?;
+        mem.write_obj(
+            entry,
+            GuestAddress(PVH_MEMMAP_START + i as u64 * entry_size),
+        )
+        .map_err(PvhError::GuestMemory)?;
     }
     Ok(PVH_INFO_START)
 }
@@ -95,7 +98,10 @@ mod tests {
         let addr = write_start_info(&mem, 0x20000, Some((0x1000_0000, 4096)), &map).unwrap();
         let si: hvm_start_info = mem.read_obj(GuestAddress(addr)).unwrap();
         assert_eq!(si.magic, 0x336e_c578);
-        assert_eq!((si.version, si.nr_modules, si.cmdline_paddr), (1, 1, 0x20000));
+        assert_eq!(
+            (si.version, si.nr_modules, si.cmdline_paddr),
+            (1, 1, 0x20000)
+        );
         assert_eq!(si.memmap_entries as usize, map.len());
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(si.modlist_paddr)).unwrap();
         assert_eq!((m.paddr, m.size), (0x1000_0000, 4096));

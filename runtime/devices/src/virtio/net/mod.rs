@@ -1,0 +1,336 @@
+//! virtio-net (virtio 1.2 §5.1): one rx/tx queue pair on a tap. Frames keep their 12-byte
+//! virtio-net header end to end, so checksum offload and TSO negotiated with the guest are
+//! carried out by the host kernel. Mergeable rx buffers let a 64 KiB GSO frame use many small
+//! guest buffers.
+
+pub mod tap;
+
+use std::io;
+
+use tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+use super::queue_worker::serve_queue;
+use super::{device_id, features, ActivateContext, DeviceCounters, DeviceError, VirtioDevice};
+use crate::GuestMemoryMmap;
+
+/// Feature bits (§5.1.3).
+pub mod feature {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Largest frame either way: a 64 KiB GSO packet, its Ethernet header and the virtio-net header.
+const MAX_FRAME: usize = 65_535 + 14 + VNET_HDR_LEN;
+const STATUS_LINK_UP: u16 = 1;
+
+enum State {
+    Inactive,
+    Active {
+        ctx: ActivateContext,
+        mergeable: bool,
+    },
+}
+
+/// A virtio-net device.
+pub struct Net {
+    backend: Box<dyn NetBackend>,
+    config: [u8; 8],
+    state: State,
+    /// A frame read from the backend that waits for guest rx buffers (its length in `rx_buf`).
+    rx_pending: Option<usize>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    counters: DeviceCounters,
+}
+
+impl Net {
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
+        Self {
+            backend,
+            config,
+            state: State::Inactive,
+            rx_pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: vec![0; MAX_FRAME],
+            counters: DeviceCounters::default(),
+        }
+    }
+
+    fn process_tx(&mut self) -> Result<(), DeviceError> {
+        let State::Active { ctx, .. } = &mut self.state else {
+            return Ok(());
+        };
+        let Some(queue) = ctx.queues.get_mut(TX) else {
+            return Ok(());
+        };
+        let (backend, buf, counters, mem) = (
+            &mut self.backend,
+            &mut self.tx_buf,
+            &self.counters,
+            &ctx.mem,
+        );
+        serve_queue(queue, TX, mem, &ctx.interrupt, |chain| {
+            match read_frame(chain, mem, buf) {
+                Some(len) => match backend.send(&buf[..len]) {
+                    Ok(()) => {
+                        counters.add(&counters.requests, 1);
+                        counters.add(&counters.bytes_read, len as u64);
+                    }
+                    // The host queue is full or the frame is bad: drop it, as a NIC would.
+                    Err(_) => counters.add(&counters.errors, 1),
+                },
+                None => counters.add(&counters.errors, 1),
+            }
+            0
+        })
+    }
+
+    /// Moves frames from the backend into guest rx buffers until one side runs dry.
+    fn process_rx(&mut self) -> Result<(), DeviceError> {
+        let State::Active { ctx, mergeable } = &mut self.state else {
+            return Ok(());
+        };
+        let Some(queue) = ctx.queues.get_mut(RX) else {
+            return Ok(());
+        };
+        let mem = &ctx.mem;
+        let mut delivered = false;
+        loop {
+            let len = match self.rx_pending.take() {
+                Some(len) => len,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(len) if len >= VNET_HDR_LEN => len,
+                    Ok(_) => {
+                        self.counters.add(&self.counters.errors, 1);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(DeviceError::Backend(e)),
+                },
+            };
+            match deliver(
+                queue,
+                mem,
+                &mut self.rx_buf[..len],
+                *mergeable,
+                &self.counters,
+            )? {
+                Delivery::Done => delivered = true,
+                Delivery::Dropped => {}
+                Delivery::NoBuffers => {
+                    self.rx_pending = Some(len);
+                    // Ask for a kick when buffers arrive; if some arrived meanwhile, go on.
+                    if !wait_for_more_buffers(queue, mem)? {
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        if delivered
+            && queue
+                .needs_notification(mem)
+                .map_err(|_| DeviceError::BrokenQueue(RX))?
+        {
+            ctx.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
+/// After [`deliver`] put back chains that were too few for a frame: asks the driver to kick
+/// when it adds buffers. `Ok(false)` when some were added meanwhile (try again now).
+///
+/// virtio-queue's `enable_notification` cannot serve here: it compares against (and, with
+/// EVENT_IDX, publishes) the position we rolled back to, which would report "more buffers"
+/// forever and never get a kick. So we publish the driver's current index ourselves.
+fn wait_for_more_buffers(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    use std::sync::atomic::Ordering;
+    let broken = |_| DeviceError::BrokenQueue(RX);
+    let seen = queue.avail_idx(mem, Ordering::Acquire).map_err(broken)?;
+    if queue.event_idx_enabled() {
+        // avail_event sits after the used ring's entries (virtio 1.2 §2.7.10).
+        let offset = 4 + 8 * u64::from(queue.size());
+        let addr =
+            vm_memory::Address::checked_add(&vm_memory::GuestAddress(queue.used_ring()), offset);
+        let addr = addr.ok_or(DeviceError::BrokenQueue(RX))?;
+        vm_memory::Bytes::store(mem, u16::to_le(seen.0), addr, Ordering::Release)
+            .map_err(|_| DeviceError::BrokenQueue(RX))?;
+    } else {
+        queue.enable_notification(mem).map_err(broken)?;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, Ordering::Acquire).map_err(broken)? == seen)
+}
+
+/// Copies a tx chain's readable bytes (header + frame) into `buf`; `None` if malformed.
+fn read_frame(
+    chain: super::queue_worker::Chain<'_>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Option<usize> {
+    let mut reader = chain.reader(mem).ok()?;
+    let len = reader.available_bytes();
+    if !(VNET_HDR_LEN..=buf.len()).contains(&len) {
+        return None;
+    }
+    io::Read::read_exact(&mut reader, &mut buf[..len]).ok()?;
+    Some(len)
+}
+
+enum Delivery {
+    Done,
+    Dropped,
+    NoBuffers,
+}
+
+/// Puts one frame into the rx queue: several chains when `mergeable` (num_buffers says how
+/// many), else one chain that must hold it whole.
+fn deliver(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    mergeable: bool,
+    counters: &DeviceCounters,
+) -> Result<Delivery, DeviceError> {
+    let broken = |_| DeviceError::BrokenQueue(RX);
+    let mut chains = Vec::new();
+    let mut capacity = 0usize;
+    while capacity < frame.len() {
+        let Some(chain) = queue.iter(mem).map_err(broken)?.next() else {
+            // Not enough buffers yet: put back what we took; the frame waits.
+            for _ in 0..chains.len() {
+                queue.go_to_previous_position();
+            }
+            return Ok(Delivery::NoBuffers);
+        };
+        let head = chain.head_index();
+        match chain.writer(mem) {
+            Ok(w) if w.available_bytes() > 0 => {
+                capacity += w.available_bytes();
+                chains.push((head, w));
+            }
+            // A chain we cannot write into goes back empty, and counts as an error.
+            _ => {
+                queue.add_used(mem, head, 0).map_err(broken)?;
+                counters.add(&counters.errors, 1);
+            }
+        }
+        if !mergeable && capacity < frame.len() && !chains.is_empty() {
+            // Without mergeable buffers one chain must hold the frame: drop it.
+            for (head, _) in chains {
+                queue.add_used(mem, head, 0).map_err(broken)?;
+            }
+            counters.add(&counters.errors, 1);
+            return Ok(Delivery::Dropped);
+        }
+    }
+    // num_buffers: bytes 10..12 of virtio_net_hdr_v1 (§5.1.6).
+    let n = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+    frame[10..12].copy_from_slice(&n.to_le_bytes());
+    let mut offset = 0;
+    for (head, mut writer) in chains {
+        let take = writer.available_bytes().min(frame.len() - offset);
+        let ok = io::Write::write_all(&mut writer, &frame[offset..offset + take]).is_ok();
+        if !ok {
+            counters.add(&counters.errors, 1);
+        }
+        offset += take;
+        queue.add_used(mem, head, take as u32).map_err(broken)?;
+    }
+    counters.add(&counters.requests, 1);
+    counters.add(&counters.bytes_written, frame.len() as u64);
+    Ok(Delivery::Done)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_id::NET
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+    fn offered_features(&self) -> u64 {
+        features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | feature::MAC
+            | feature::STATUS
+            | feature::MRG_RXBUF
+            | feature::CSUM
+            | feature::GUEST_CSUM
+            | feature::GUEST_TSO4
+            | feature::GUEST_TSO6
+            | feature::HOST_TSO4
+            | feature::HOST_TSO6
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config, offset, data);
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
+        if ctx.queues.len() != 2 {
+            return Err(DeviceError::QueueCount {
+                expected: 2,
+                got: ctx.queues.len(),
+            });
+        }
+        let acked = ctx.acked_features;
+        let mut offloads = 0;
+        if acked & feature::GUEST_CSUM != 0 {
+            offloads |= TUN_F_CSUM;
+            if acked & feature::GUEST_TSO4 != 0 {
+                offloads |= TUN_F_TSO4;
+            }
+            if acked & feature::GUEST_TSO6 != 0 {
+                offloads |= TUN_F_TSO6;
+            }
+        }
+        self.backend
+            .set_offloads(offloads)
+            .map_err(DeviceError::Backend)?;
+        self.state = State::Active {
+            ctx,
+            mergeable: acked & feature::MRG_RXBUF != 0,
+        };
+        // Frames may already be waiting on the tap.
+        self.process_rx()
+    }
+    fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
+        match index {
+            RX => self.process_rx(),
+            TX => self.process_tx(),
+            _ => Ok(()),
+        }
+    }
+    fn backend_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.backend.fd()
+    }
+    fn process_backend(&mut self) -> Result<(), DeviceError> {
+        self.process_rx()
+    }
+    fn reset(&mut self) {
+        self.state = State::Inactive;
+        self.rx_pending = None;
+    }
+    fn counters(&self) -> &DeviceCounters {
+        &self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests;

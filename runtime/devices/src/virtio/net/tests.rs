@@ -1,0 +1,234 @@
+//! virtio-net driven through its queues as the guest driver would, on a scripted backend (the
+//! queue logic is what is under test), plus one test on a real tap device.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::virtio::test_utils::{activate_ctx, guest_memory, CountingLine, Driver, WRITE};
+
+#[derive(Default)]
+struct Wire {
+    to_guest: VecDeque<Vec<u8>>,
+    from_guest: Vec<Vec<u8>>,
+    offloads: Option<u32>,
+}
+
+#[derive(Clone, Default)]
+struct FakeBackend(Arc<Mutex<Wire>>);
+
+impl NetBackend for FakeBackend {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let frame = self
+            .0
+            .lock()
+            .unwrap()
+            .to_guest
+            .pop_front()
+            .ok_or(io::ErrorKind::WouldBlock)?;
+        buf[..frame.len()].copy_from_slice(&frame);
+        Ok(frame.len())
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.0.lock().unwrap().from_guest.push(frame.to_vec());
+        Ok(())
+    }
+    fn set_offloads(&mut self, flags: u32) -> io::Result<()> {
+        self.0.lock().unwrap().offloads = Some(flags);
+        Ok(())
+    }
+    fn fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect()
+}
+
+/// A net device activated on rx queue `rx` and tx queue `tx` with `acked` features.
+fn active_net(
+    mem: &GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    acked: u64,
+) -> (Net, FakeBackend, CountingLine) {
+    let wire = FakeBackend::default();
+    let line = CountingLine::default();
+    let mut net = Net::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+    let mut ctx = activate_ctx(mem, vec![rx, tx], line.clone());
+    ctx.acked_features = acked;
+    net.activate(ctx).unwrap();
+    (net, wire, line)
+}
+
+const MRG: u64 = features::VERSION_1 | feature::MRG_RXBUF;
+
+#[test]
+fn transmits_the_guests_frame_byte_exact() {
+    let mem = guest_memory();
+    let rx = Driver::new(&mem, 16);
+    let mut tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    let f = frame(1500 + VNET_HDR_LEN, 1);
+    tx.chain(&[
+        (&f[..VNET_HDR_LEN], VNET_HDR_LEN as u32, false),
+        (&f[VNET_HDR_LEN..], 1500, false),
+    ]);
+    let (mut net, wire, line) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+
+    net.process_queue(TX).unwrap();
+
+    assert_eq!(wire.0.lock().unwrap().from_guest, vec![f]);
+    assert_eq!(tx.used(), vec![(0, 0)]);
+    assert_eq!(line.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(net.counters().snapshot().bytes_read, 1512);
+}
+
+#[test]
+fn a_large_frame_spreads_over_mergeable_buffers_with_num_buffers_set() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    for _ in 0..4 {
+        rx.chain(&[(&[], 1024, true)]);
+    }
+    let f = frame(3000, 9);
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+    wire.0.lock().unwrap().to_guest.push_back(f.clone());
+
+    net.process_backend().unwrap();
+
+    assert_eq!(rx.used(), vec![(0, 1024), (1, 1024), (2, 952)]);
+    let mut got = Vec::new();
+    for d in 0..3 {
+        got.extend(rx.read(rx.desc_addr(d), 1024));
+    }
+    got.truncate(3000);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert_eq!(&got[12..], &f[12..]);
+}
+
+#[test]
+fn a_frame_waits_for_buffers_and_goes_out_when_the_guest_adds_them() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    rx.chain(&[(&[], 512, true)]); // too small for the frame alone
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+    wire.0.lock().unwrap().to_guest.push_back(frame(1000, 3));
+    net.process_backend().unwrap();
+    assert!(rx.used().is_empty(), "nothing delivered half-way");
+
+    // The guest adds a buffer and kicks the rx queue.
+    rx.chain(&[(&[], 1024, true)]);
+    net.process_queue(RX).unwrap();
+
+    assert_eq!(rx.used(), vec![(0, 512), (1, 488)]);
+}
+
+#[test]
+fn without_mergeable_buffers_a_frame_needs_one_big_enough_chain() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    rx.chain(&[(&[], 256, true)]);
+    rx.chain(&[(&[], 2048, true)]);
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), features::VERSION_1);
+    wire.0
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(1000, 1), frame(1000, 2)]);
+    net.process_backend().unwrap();
+    let used = rx.used();
+    assert_eq!(
+        used,
+        vec![(0, 0), (1, 1000)],
+        "first frame dropped, second delivered whole"
+    );
+    assert_eq!(net.counters().snapshot().errors, 1);
+}
+
+#[test]
+fn offloads_follow_what_the_guest_accepted() {
+    let mem = guest_memory();
+    let rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    let acked = MRG | feature::GUEST_CSUM | feature::GUEST_TSO4;
+    let (_, wire, _) = active_net(&mem, rx.queue(), tx.queue(), acked);
+    assert_eq!(
+        wire.0.lock().unwrap().offloads,
+        Some(TUN_F_CSUM | TUN_F_TSO4)
+    );
+    let (_, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG | feature::GUEST_TSO4);
+    assert_eq!(
+        wire.0.lock().unwrap().offloads,
+        Some(0),
+        "TSO without checksum offload is not enabled"
+    );
+}
+
+#[test]
+fn hostile_tx_and_rx_chains_are_counted_not_fatal() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let mut tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    tx.raw_chain(&[(0x4_0000, 64, WRITE, 0)]); // only device-writable: no frame
+    tx.raw_chain(&[(0x4_0000, 4, 0, 0)]); // shorter than the header
+    tx.raw_chain(&[(0x4_0000, 0x10_0000, 0, 0)]); // larger than any frame
+    tx.raw_chain(&[(u64::MAX - 100, 64, 0, 0)]); // outside guest memory
+    rx.raw_chain(&[(0x4_0000, 2048, 0, 0)]); // rx buffer the device may not write
+    rx.chain(&[(&[], 2048, true)]);
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+    wire.0.lock().unwrap().to_guest.push_back(frame(100, 0));
+
+    net.process_queue(TX).unwrap();
+    net.process_backend().unwrap();
+
+    assert!(wire.0.lock().unwrap().from_guest.is_empty());
+    assert_eq!(tx.used().len(), 4);
+    assert_eq!(rx.used(), vec![(0, 0), (1, 100)]);
+    assert_eq!(net.counters().snapshot().errors, 5);
+}
+
+#[test]
+fn config_space_has_the_mac_and_link_up() {
+    let net = Net::new(Box::new(FakeBackend::default()), [0x06, 1, 2, 3, 4, 5]);
+    let mut c = [0u8; 8];
+    net.read_config(0, &mut c);
+    assert_eq!(c, [0x06, 1, 2, 3, 4, 5, 1, 0]);
+}
+
+#[test]
+fn a_real_tap_is_created_configured_and_gone_when_closed() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED: /dev/net/tun is absent");
+        return;
+    }
+    let mut t = match tap::Tap::open("husktest%d") {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            eprintln!("SKIPPED: creating a tap needs CAP_NET_ADMIN ({e})");
+            return;
+        }
+        Err(e) => panic!("cannot create a tap: {e}"),
+    };
+    let name = t.name().to_string();
+    assert!(name.starts_with("husktest"));
+    let sys = std::path::PathBuf::from("/sys/class/net").join(&name);
+    assert!(sys.exists());
+    t.set_offloads(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+        .unwrap();
+    let mut buf = vec![0u8; MAX_FRAME];
+    assert_eq!(
+        t.recv(&mut buf).unwrap_err().kind(),
+        io::ErrorKind::WouldBlock
+    );
+    drop(t);
+    assert!(
+        !sys.exists(),
+        "a non-persistent tap disappears with its last fd"
+    );
+}

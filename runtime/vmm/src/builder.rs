@@ -1,0 +1,261 @@
+//! The one place where a configuration becomes a VM ready to run: memory, KVM VM, devices,
+//! vCPUs, and (for a real boot) kernel, initramfs, command line and boot structures.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Kvm;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::boot_params::{self, BootParamsInput};
+use crate::arch::x86_64::layout::{e820_map, low_ram_end, CMDLINE_START};
+use crate::arch::x86_64::regs::{self, BootEntry};
+use crate::arch::x86_64::{mptable, pvh};
+use crate::config::{build_cmdline, ConfigError, ConsoleConfig, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::control_port::{
+    ControlPort, ControlState, CONTROL_PORT_BASE, CONTROL_PORT_LEN,
+};
+use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_LEN, KBD_IRQ};
+use crate::devices::legacy::serial::{
+    ConsoleOut, SerialDevice, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+};
+use crate::loader::{self, KernelEntry, LoaderError};
+use crate::stop::{StopError, StopState};
+use crate::vmm::Vmm;
+use crate::vstate::kvm::{is_pvm_host, open_kvm, KvmError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{create_guest_memory, Vm, VmError};
+
+/// Errors while building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM unavailable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Kernel or initramfs problem.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// Ordinary kernel on a PVM host.
+    #[error("this host's /dev/kvm is PVM, which cannot run an ordinary Linux kernel; run it inside scripts/testbed, or use a PVM guest kernel (--allow-pvm to try anyway)")]
+    PvmHost,
+    /// The console file could not be opened.
+    #[error("cannot open console file {0}")]
+    Console(PathBuf, #[source] io::Error),
+    /// VM creation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// vCPU creation or setup failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("cannot read the CPUID KVM supports")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// An interrupt EventFd could not be created.
+    #[error("cannot create an interrupt event")]
+    EventFd(#[source] io::Error),
+    /// Device placement failed.
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] BusError),
+    /// Stop machinery.
+    #[error(transparent)]
+    Stop(#[from] StopError),
+    /// Writing the command line into guest memory failed.
+    #[error("cannot write the kernel command line into guest memory")]
+    Cmdline(#[source] vm_memory::GuestMemoryError),
+    /// Boot structures.
+    #[error(transparent)]
+    BootParams(#[from] boot_params::BootParamsError),
+    /// PVH start info.
+    #[error(transparent)]
+    Pvh(#[from] pvh::PvhError),
+    /// MP table.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Boot registers.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+}
+
+/// What the machine without a kernel needs.
+pub struct BaseVmConfig {
+    /// Guest memory in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs (1..=32).
+    pub vcpus: u8,
+    /// Serial console sink.
+    pub console: ConsoleOut,
+    /// Print the guest-init time to stderr.
+    pub report_boot_time: bool,
+    /// When the VMM process started (boot times are measured from here).
+    pub vmm_start: Instant,
+}
+
+/// Builds the machine: memory, VM with irqchip and PIT, legacy devices on the port-I/O bus,
+/// and configured vCPUs. Nothing is loaded into memory and no vCPU has boot registers yet.
+pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
+    let stop = Arc::new(StopState::new()?);
+    let memory = create_guest_memory(cfg.mem_size)?;
+    let vm = Vm::new(&kvm, memory)?;
+
+    let irq_event = |gsi: u32| -> Result<EventFd, BuildError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&evt, gsi)?;
+        Ok(evt)
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq_event(SERIAL_IRQ)?,
+        cfg.console,
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042::new(irq_event(KBD_IRQ)?, stop.clone())));
+    let control = Arc::new(ControlState::default());
+    let control_port = Arc::new(Mutex::new(ControlPort::new(
+        control.clone(),
+        cfg.vmm_start,
+        cfg.report_boot_time,
+    )));
+    let mut io_bus = Bus::new();
+    io_bus.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+    io_bus.insert(i8042, I8042_DATA_PORT, I8042_PORT_LEN)?;
+    io_bus.insert(control_port, CONTROL_PORT_BASE, CONTROL_PORT_LEN)?;
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for index in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(&vm, index)?;
+        vcpu.configure(&supported, cfg.vcpus)?;
+        vcpus.push(vcpu);
+    }
+    Ok(Vmm::new(
+        kvm,
+        vm,
+        vcpus,
+        io_bus,
+        Bus::new(),
+        serial,
+        control,
+        stop,
+    ))
+}
+
+/// Opens the console sink; returns it and, for a file the VMM created, its path (to remove it
+/// again if the build fails).
+fn open_console(console: &ConsoleConfig) -> Result<(ConsoleOut, Option<PathBuf>), BuildError> {
+    match console {
+        ConsoleConfig::Stdout => Ok((Box::new(io::stdout()), None)),
+        ConsoleConfig::None => Ok((Box::new(io::sink()), None)),
+        ConsoleConfig::File(path) => {
+            let existed = path.exists();
+            let file: File = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|e| BuildError::Console(path.clone(), e))?;
+            Ok((Box::new(file), (!existed).then(|| path.clone())))
+        }
+    }
+}
+
+/// Builds a VM that boots `config`'s kernel. `vmm_start` is when the process started.
+pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, BuildError> {
+    let vcpus = config.validate()?;
+    let cmdline = build_cmdline(&config.cmdline)?;
+    let mut kernel = loader::open_kernel(&config.kernel)?;
+    let mut initrd = config
+        .initrd
+        .as_deref()
+        .map(loader::open_initrd)
+        .transpose()?;
+    let kvm = open_kvm()?;
+    if is_pvm_host() && !config.allow_pvm && !kernel.is_pvm_guest()? {
+        return Err(BuildError::PvmHost);
+    }
+    let (console, created) = open_console(&config.console)?;
+    let result = (|| {
+        let vmm = build_base_vm(
+            kvm,
+            BaseVmConfig {
+                mem_size: config.mem_bytes(),
+                vcpus,
+                console,
+                report_boot_time: config.report_boot_time,
+                vmm_start,
+            },
+        )?;
+        load_and_setup_boot(
+            &vmm,
+            &mut kernel,
+            initrd.as_mut(),
+            &cmdline,
+            config.mem_bytes(),
+        )?;
+        Ok(vmm)
+    })();
+    if result.is_err() {
+        if let Some(path) = created {
+            let _ = std::fs::remove_file(Path::new(&path));
+        }
+    }
+    result
+}
+
+fn load_and_setup_boot(
+    vmm: &Vmm,
+    kernel: &mut loader::KernelFile,
+    initrd: Option<&mut (File, u64)>,
+    cmdline: &str,
+    mem_size: u64,
+) -> Result<(), BuildError> {
+    let mem = vmm.vm().memory();
+    let loaded = kernel.load(mem)?;
+    let initrd = match initrd {
+        Some((file, size)) => {
+            let limit = low_ram_end(mem_size).min(loaded.initrd_limit);
+            let addr = loader::initrd_address(*size, loaded.free_from, limit)?;
+            loader::load_initrd(mem, file, *size, addr)?;
+            Some((addr, *size))
+        }
+        None => None,
+    };
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_START))
+        .map_err(BuildError::Cmdline)?;
+
+    let e820 = e820_map(mem_size);
+    let entry = match loaded.entry {
+        KernelEntry::Pvh(rip) => BootEntry::Pvh {
+            rip,
+            start_info: pvh::write_start_info(mem, CMDLINE_START, initrd, &e820)?,
+        },
+        KernelEntry::Linux64(rip) => {
+            boot_params::write_boot_params(
+                mem,
+                &BootParamsInput {
+                    header: loaded.header,
+                    cmdline_addr: CMDLINE_START,
+                    cmdline_len: cmdline.len(),
+                    initrd,
+                    e820: &e820,
+                },
+            )?;
+            BootEntry::Linux64 { rip }
+        }
+    };
+    log::info!("boot entry {entry:x?}, initrd {initrd:x?}");
+    mptable::write_mptable(mem, vmm.vcpu_count())?;
+    regs::write_boot_tables(mem, entry)?;
+    regs::setup_boot_vcpu(&vmm.vcpus()[0].fd, entry)?;
+    Ok(())
+}

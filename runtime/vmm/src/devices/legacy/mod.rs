@@ -1,0 +1,5 @@
+//! PC legacy devices: serial console, i8042 (reset line), husk control port.
+
+pub mod control_port;
+pub mod i8042;
+pub mod serial;

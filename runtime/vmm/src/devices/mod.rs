@@ -1,0 +1,4 @@
+//! Emulated devices and the buses they sit on.
+
+pub mod bus;
+pub mod legacy;

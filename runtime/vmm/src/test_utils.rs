@@ -1,0 +1,57 @@
+//! Test helpers: the /dev/kvm availability gate and a capturing console sink.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+/// Whether host-KVM tests can run. Without /dev/kvm: fails the test when `HUSK_REQUIRE_KVM=1`,
+/// otherwise prints a loud SKIPPED line and returns false.
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("HUSK_REQUIRE_KVM").as_deref() != Ok("1"),
+                "{test}: HUSK_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"
+            );
+            eprintln!("SKIPPED: /dev/kvm not available ({test}: {e})");
+            false
+        }
+    }
+}
+
+/// Returns early from a test when KVM is unavailable (see [`kvm_available`]).
+macro_rules! require_kvm {
+    () => {
+        if !$crate::test_utils::kvm_available(module_path!()) {
+            return;
+        }
+    };
+}
+pub(crate) use require_kvm;
+
+/// A console sink whose bytes the test can read back.
+#[derive(Clone, Default)]
+pub struct SharedBuf(pub Arc<Mutex<Vec<u8>>>);
+
+impl SharedBuf {
+    /// Everything written so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+}
+
+impl Write for SharedBuf {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! A built VM and its run: one thread per vCPU, the calling thread waits for a stop request,
+//! kicks every vCPU out of KVM_RUN, joins them, and reports how the VM ended.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::Kvm;
+
+use crate::devices::bus::Bus;
+use crate::devices::legacy::control_port::ControlState;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::signals;
+use crate::stop::{StopReason, StopState};
+use crate::vstate::vcpu::{run_vcpu, Vcpu, VcpuContext};
+use crate::vstate::vm::Vm;
+
+/// Exit status when the VMM failed or the guest reported no exit code.
+pub const EXIT_VMM_ERROR: i32 = 125;
+/// How often stragglers are kicked again while joining.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Errors while starting the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A vCPU thread could not be spawned.
+    #[error("cannot start the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+    /// The kick signal handler could not be installed.
+    #[error(transparent)]
+    Signal(#[from] signals::SignalError),
+}
+
+/// How a VM run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmOutcome {
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// Last exit code the guest reported on port 0x601.
+    pub exit_code: Option<u8>,
+    /// Microseconds from VMM start to "guest init started", if reported.
+    pub init_time_us: Option<u64>,
+    /// Port-I/O accesses nobody handled (reads, writes).
+    pub unhandled_pio: (u64, u64),
+    /// MMIO accesses nobody handled (reads, writes).
+    pub unhandled_mmio: (u64, u64),
+}
+
+impl VmOutcome {
+    /// The process exit status this outcome maps to: 128+signal for SIGINT/SIGTERM, 125 for VMM
+    /// errors and for a guest that stopped without reporting, otherwise the guest's exit code.
+    pub fn exit_status(&self) -> i32 {
+        match &self.reason {
+            StopReason::Signal(sig) => 128 + sig,
+            StopReason::Error(_) => EXIT_VMM_ERROR,
+            _ => self.exit_code.map_or(EXIT_VMM_ERROR, i32::from),
+        }
+    }
+}
+
+/// A VM ready to run.
+pub struct Vmm {
+    // Field order is drop order: vCPUs, then the VM (fd before memory), then KVM.
+    vcpus: Vec<Vcpu>,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    control: Arc<ControlState>,
+    stop: Arc<StopState>,
+    vm: Vm,
+    _kvm: Kvm,
+}
+
+fn counts(bus: &Bus) -> (u64, u64) {
+    let u = bus.unhandled();
+    (
+        u.reads.load(Ordering::Relaxed),
+        u.writes.load(Ordering::Relaxed),
+    )
+}
+
+impl Vmm {
+    /// Assembles a VMM from its parts (see the builder).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        kvm: Kvm,
+        vm: Vm,
+        vcpus: Vec<Vcpu>,
+        io_bus: Bus,
+        mmio_bus: Bus,
+        serial: Arc<Mutex<SerialDevice>>,
+        control: Arc<ControlState>,
+        stop: Arc<StopState>,
+    ) -> Self {
+        Vmm {
+            vcpus,
+            io_bus,
+            mmio_bus,
+            serial,
+            control,
+            stop,
+            vm,
+            _kvm: kvm,
+        }
+    }
+
+    /// The VM (memory, fd).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The vCPUs.
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpus.len() as u8
+    }
+
+    /// The port-I/O bus, for adding devices before the VM runs.
+    pub fn io_bus_mut(&mut self) -> &mut Bus {
+        &mut self.io_bus
+    }
+
+    /// The MMIO bus, for adding devices before the VM runs.
+    pub fn mmio_bus_mut(&mut self) -> &mut Bus {
+        &mut self.mmio_bus
+    }
+
+    /// The stop state (for signal handlers and tests).
+    pub fn stop_state(&self) -> Arc<StopState> {
+        self.stop.clone()
+    }
+
+    /// Runs the VM until it stops.
+    pub fn run(self) -> Result<VmOutcome, VmmError> {
+        signals::install_kick_handler()?;
+        let Vmm {
+            vcpus,
+            io_bus,
+            mmio_bus,
+            serial,
+            control,
+            stop,
+            vm,
+            _kvm,
+        } = self;
+        let ctx = VcpuContext {
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            stop: stop.clone(),
+            halted: Arc::new(AtomicUsize::new(0)),
+            num_cpus: vcpus.len(),
+        };
+        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
+        let mut spawn_error = None;
+        for vcpu in vcpus {
+            let index = vcpu.index;
+            let ctx = ctx.clone();
+            match std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || run_vcpu(vcpu, ctx))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(VmmError::Spawn(index, e));
+                    stop.request(StopReason::Error(String::from("vCPU thread start failed")));
+                    break;
+                }
+            }
+        }
+
+        let reason = stop.wait(|s| {
+            if let Some(sig) = signals::take_pending_stop_signal() {
+                s.request(StopReason::Signal(sig));
+            }
+        });
+        // Every thread gets kicked until it has left KVM_RUN and returned.
+        while threads.iter().any(|t| !t.is_finished()) {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                signals::kick(t.as_pthread_t());
+            }
+            std::thread::sleep(KICK_INTERVAL);
+        }
+        for t in threads {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+        serial
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .flush();
+        drop(vm);
+        if let Some(e) = spawn_error {
+            return Err(e);
+        }
+        Ok(VmOutcome {
+            reason,
+            exit_code: control.exit_code(),
+            init_time_us: control.init_time_us(),
+            unhandled_pio: counts(&ctx.io_bus),
+            unhandled_mmio: counts(&ctx.mmio_bus),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(reason: StopReason, exit_code: Option<u8>) -> VmOutcome {
+        VmOutcome {
+            reason,
+            exit_code,
+            init_time_us: None,
+            unhandled_pio: (0, 0),
+            unhandled_mmio: (0, 0),
+        }
+    }
+
+    #[test]
+    fn exit_status_follows_the_contract() {
+        assert_eq!(outcome(StopReason::GuestReset, Some(42)).exit_status(), 42);
+        assert_eq!(outcome(StopReason::GuestShutdown, Some(0)).exit_status(), 0);
+        assert_eq!(outcome(StopReason::GuestReset, None).exit_status(), 125);
+        assert_eq!(
+            outcome(StopReason::Signal(libc::SIGINT), Some(3)).exit_status(),
+            130
+        );
+        assert_eq!(
+            outcome(StopReason::Signal(libc::SIGTERM), None).exit_status(),
+            143
+        );
+        assert_eq!(
+            outcome(StopReason::Error("x".into()), Some(0)).exit_status(),
+            125
+        );
+    }
+}
