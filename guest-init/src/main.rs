@@ -8,6 +8,7 @@
 
 mod control_port;
 mod mounts;
+mod rootfs;
 mod supervisor;
 
 use std::time::Duration;
@@ -38,7 +39,7 @@ fn main() {
     bring_up_loopback();
 
     let exit = match read_spec() {
-        Ok(spec) => supervisor::run(&spec),
+        Ok((spec, root)) => supervisor::run(&spec, root.as_deref()),
         Err(message) => {
             eprintln!("husk-init: {message}");
             supervisor::AppExit::NotStarted(125)
@@ -63,17 +64,26 @@ fn main() {
     }
 }
 
-fn read_spec() -> Result<BootSpec, String> {
+/// The application to run and, with `husk.root=`, the root it runs in (mounted here).
+fn read_spec() -> Result<(BootSpec, Option<String>), String> {
     let cmdline = std::fs::read_to_string("/proc/cmdline")
         .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
-    match BootSpec::from_cmdline(&cmdline) {
-        Some(Ok(spec)) => Ok(spec),
-        Some(Err(e)) => Err(e.to_string()),
-        None => Ok(BootSpec {
+    let spec = match BootSpec::from_cmdline(&cmdline) {
+        Some(Ok(spec)) => spec,
+        Some(Err(e)) => return Err(e.to_string()),
+        None => BootSpec {
             argv: vec![b"/bin/sh".to_vec()],
             ..BootSpec::default()
-        }),
-    }
+        },
+    };
+    let root = match rootfs::root_device(&cmdline) {
+        Some(device) => {
+            rootfs::mount_root(device)?;
+            Some(rootfs::ROOT_MOUNT.to_string())
+        }
+        None => None,
+    };
+    Ok((spec, root))
 }
 
 /// Sets `lo` up, as every application expects 127.0.0.1 to work.

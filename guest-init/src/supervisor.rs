@@ -52,9 +52,9 @@ pub fn block_all_signals() {
     }
 }
 
-/// Starts the application and supervises it until it exits.
-pub fn run(spec: &BootSpec) -> AppExit {
-    let child = match spawn(spec) {
+/// Starts the application (chrooted into `root` when given) and supervises it until it exits.
+pub fn run(spec: &BootSpec, root: Option<&str>) -> AppExit {
+    let child = match spawn(spec, root) {
         Ok(pid) => pid,
         Err(e) => {
             let name = String::from_utf8_lossy(&spec.argv[0]);
@@ -83,7 +83,7 @@ pub fn run(spec: &BootSpec) -> AppExit {
     }
 }
 
-fn spawn(spec: &BootSpec) -> io::Result<libc::pid_t> {
+fn spawn(spec: &BootSpec, root: Option<&str>) -> io::Result<libc::pid_t> {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
 
@@ -99,11 +99,26 @@ fn spawn(spec: &BootSpec) -> io::Result<libc::pid_t> {
             cmd.env(os(&entry[..eq]), os(&entry[eq + 1..]));
         }
     }
-    cmd.current_dir(spec.cwd.as_deref().map_or_else(|| os(b"/"), os));
+    let cwd = std::ffi::CString::new(spec.cwd.clone().unwrap_or_else(|| b"/".to_vec()))
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let root = root
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls.
+    // system calls on data prepared before the fork.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            // chroot (for husk.root) and the working directory here, not with current_dir: it
+            // must be resolved inside the new root.
+            if let Some(root) = &root {
+                if libc::chroot(root.as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());

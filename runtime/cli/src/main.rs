@@ -3,6 +3,7 @@
 //! Today: the quick launch `husk run [OPTIONS] -- CMD`, which needs no daemon. The docker-like
 //! verbs against huskd arrive with the control plane.
 
+mod net;
 mod quick_launch;
 mod run_args;
 

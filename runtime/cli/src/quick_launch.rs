@@ -1,11 +1,13 @@
 //! `husk run`: boot a micro-VM with husk-vmm directly (no daemon), run one command in it, and
 //! exit with that command's exit code.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use husk_init::spec::{BootSpec, PARAM};
 
+use crate::net::VmLink;
 use crate::run_args::RunArgs;
 
 /// Exit code when husk itself (not the guest application) failed, as docker does.
@@ -22,27 +24,40 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         .initrd
         .clone()
         .unwrap_or_else(|| home.join("images/default.cpio.gz"));
-    let spec = BootSpec {
+    let mut spec = BootSpec {
         argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: args.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: args.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
     };
-    let encoded = spec.encode().map_err(|e| e.to_string())?;
-    if args.rootfs.is_some() {
-        return Err(
-            "--rootfs needs the virtio-blk device, which this build does not have yet".into(),
-        );
-    }
+    // Everything that can be refused is checked before anything is created.
+    spec.encode().map_err(|e| e.to_string())?;
     require_file(&kernel, "kernel", "scripts/build-kernel")?;
     require_file(&initrd, "initrd", "scripts/build-image default")?;
-    let mut cmdline = String::from("quiet");
-    if let Some(extra) = &args.cmdline {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
-    cmdline.push_str(&format!(" {PARAM}{encoded}"));
-
+    let disks = disk_args(args)?;
     let vmm = vmm_binary()?;
+
+    let link = if args.net {
+        Some(VmLink::create()?)
+    } else {
+        None
+    };
+    let mut cmdline = vec![String::from("quiet")];
+    if args.rootfs.is_some() {
+        cmdline.push("husk.root=/dev/vda".into());
+    }
+    if let Some(link) = &link {
+        cmdline.push(link.kernel_param());
+        spec.env
+            .push(format!("HUSK_HOST_IP={}", link.host_ip).into_bytes());
+        spec.env
+            .push(format!("HUSK_GUEST_IP={}", link.guest_ip).into_bytes());
+    }
+    cmdline.extend(args.cmdline.clone());
+    cmdline.push(format!(
+        "{PARAM}{}",
+        spec.encode().map_err(|e| e.to_string())?
+    ));
+
     let mut cmd = Command::new(&vmm);
     cmd.arg("--kernel")
         .arg(&kernel)
@@ -50,13 +65,22 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         .arg(&initrd);
     cmd.arg("--cpus").arg(args.cpus.to_string());
     cmd.arg("--memory").arg(args.memory_mib.to_string());
-    cmd.arg("--cmdline").arg(&cmdline);
+    for disk in &disks {
+        cmd.arg("--disk").arg(disk);
+    }
+    if let Some(link) = &link {
+        cmd.arg("--net").arg(link.vmm_arg());
+        inherit_fd(&mut cmd, link.raw_fd());
+    }
+    cmd.arg("--cmdline").arg(cmdline.join(" "));
     if args.report_boot_time {
         cmd.arg("--report-boot-time");
     }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
+    // husk-vmm holds the tap now; with husk's copy closed, the tap goes when the VMM goes.
+    drop(link);
     // Ctrl-C reaches husk-vmm through the terminal's process group; husk-vmm stops the VM and
     // exits 130. husk itself must outlive it to pass that code on. (Ignored only after the
     // spawn, so husk-vmm does not inherit the ignored disposition.)
@@ -74,6 +98,38 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
             (None, None) => EXIT_HUSK_ERROR,
         },
     )
+}
+
+/// husk-vmm `--disk` values: the root disk first (it is vda), then the others in order.
+fn disk_args(args: &RunArgs) -> Result<Vec<String>, String> {
+    let mut disks = Vec::new();
+    if let Some(rootfs) = &args.rootfs {
+        require_file(rootfs, "rootfs", "scripts/build-image default")?;
+        disks.push(rootfs.display().to_string());
+    }
+    for disk in &args.disks {
+        require_file(
+            Path::new(disk.strip_suffix(":ro").unwrap_or(disk)),
+            "disk",
+            "mkfs.ext4",
+        )?;
+        disks.push(disk.clone());
+    }
+    Ok(disks)
+}
+
+/// Lets `fd` survive the exec into the child, at the same number.
+fn inherit_fd(cmd: &mut Command, fd: i32) {
+    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// `$HUSK_HOME`, default `~/.local/share/husk`.

@@ -8,6 +8,8 @@ pub struct RunArgs {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub rootfs: Option<PathBuf>,
+    pub disks: Vec<String>,
+    pub net: bool,
     pub cpus: u32,
     pub memory_mib: u64,
     pub env: Vec<String>,
@@ -25,9 +27,12 @@ Boots a micro-VM, runs CMD in it, streams its output and exits with its exit cod
 options:
   --kernel PATH        guest kernel, ELF vmlinux or bzImage (default: $HUSK_HOME/kernel/vmlinux)
   --initrd PATH        initramfs (default: $HUSK_HOME/images/default.cpio.gz)
-  --rootfs PATH        boot from this ext4 image instead of the initramfs (needs virtio-blk)
+  --rootfs PATH        run CMD with this ext4 image as its root filesystem (guest /dev/vda)
+  --disk PATH[:ro]     attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
+  --net                give the guest an IPv4 link to the host over a tap (needs root);
+                       CMD sees HUSK_HOST_IP and HUSK_GUEST_IP
   --cpus N             vCPUs, 1..32 (default 1)
-  --memory MIB         guest memory in MiB, 64..16384 (default 256)
+  --memory MIB         guest memory in MiB, 64..262144 (default 256)
   --env KEY=VALUE      environment entry for CMD (repeatable)
   --workdir DIR        working directory of CMD in the guest (default /)
   --cmdline STR        extra kernel command-line parameters
@@ -41,6 +46,8 @@ impl RunArgs {
             kernel: None,
             initrd: None,
             rootfs: None,
+            disks: Vec::new(),
+            net: false,
             cpus: 1,
             memory_mib: 256,
             env: Vec::new(),
@@ -69,6 +76,8 @@ impl RunArgs {
                 "--kernel" => out.kernel = Some(value()?.into()),
                 "--initrd" => out.initrd = Some(value()?.into()),
                 "--rootfs" => out.rootfs = Some(value()?.into()),
+                "--disk" => out.disks.push(value()?),
+                "--net" => out.net = true,
                 "--cpus" => out.cpus = parse_number(name, &value()?)?,
                 "--memory" => out.memory_mib = parse_number(name, &value()?)?,
                 "--env" | "-e" => out.env.push(value()?),

@@ -16,7 +16,7 @@ use crate::arch::x86_64::boot_params::{self, BootParamsInput};
 use crate::arch::x86_64::layout::{e820_map, low_ram_end, CMDLINE_START};
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{mptable, pvh};
-use crate::config::{build_cmdline, ConfigError, ConsoleConfig, VmConfig};
+use crate::config::{build_cmdline, ConfigError, ConsoleConfig, NetConfig, TapSource, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::control_port::{
     ControlPort, ControlState, CONTROL_PORT_BASE, CONTROL_PORT_LEN,
@@ -25,6 +25,7 @@ use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_PORT_LEN, KBD_
 use crate::devices::legacy::serial::{
     ConsoleOut, SerialDevice, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
+use crate::devices::virtio::{self as virtio_slots, VirtioAttachError, VirtioSlot};
 use crate::loader::{self, KernelEntry, LoaderError};
 use crate::stop::{StopError, StopState};
 use crate::vmm::Vmm;
@@ -83,6 +84,18 @@ pub enum BuildError {
     /// Boot registers.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// A disk image could not be opened.
+    #[error("cannot open disk {0}")]
+    Disk(PathBuf, #[source] io::Error),
+    /// The tap device could not be opened or configured.
+    #[error("cannot set up the network tap {0}")]
+    Tap(String, #[source] io::Error),
+    /// The vsock device could not be created.
+    #[error("cannot set up vsock")]
+    Vsock(#[from] husk_devices::virtio::vsock::VsockError),
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Attach(#[from] VirtioAttachError),
 }
 
 /// What the machine without a kernel needs.
@@ -170,7 +183,6 @@ fn open_console(console: &ConsoleConfig) -> Result<(ConsoleOut, Option<PathBuf>)
 /// Builds a VM that boots `config`'s kernel. `vmm_start` is when the process started.
 pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, BuildError> {
     let vcpus = config.validate()?;
-    let cmdline = build_cmdline(&config.cmdline)?;
     let mut kernel = loader::open_kernel(&config.kernel)?;
     let mut initrd = config
         .initrd
@@ -183,7 +195,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
     }
     let (console, created) = open_console(&config.console)?;
     let result = (|| {
-        let vmm = build_base_vm(
+        let mut vmm = build_base_vm(
             kvm,
             BaseVmConfig {
                 mem_size: config.mem_bytes(),
@@ -193,6 +205,10 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
                 vmm_start,
             },
         )?;
+        let devices = attach_devices(&mut vmm, config)?;
+        let params: Vec<String> = devices.iter().map(|d| d.cmdline.clone()).collect();
+        let cmdline = build_cmdline(&params, &config.cmdline)?;
+        vmm.set_devices(devices);
         load_and_setup_boot(
             &vmm,
             &mut kernel,
@@ -208,6 +224,57 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
         }
     }
     result
+}
+
+/// Creates the configured virtio devices and puts them in their slots: disks first (so the
+/// first disk is vda), then net, vsock and rng.
+fn attach_devices(vmm: &mut Vmm, config: &VmConfig) -> Result<Vec<VirtioSlot>, BuildError> {
+    use husk_devices::virtio::{block::Block, net::Net, rng, vsock::Vsock, VirtioDevice};
+
+    let mut wanted: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let serial = format!("husk-disk{i}");
+        let block = Block::open(&disk.path, disk.read_only, &serial)
+            .map_err(|e| BuildError::Disk(disk.path.clone(), e))?;
+        wanted.push((format!("block{i}"), Box::new(block)));
+    }
+    if let Some(net) = &config.net {
+        wanted.push((
+            "net0".into(),
+            Box::new(Net::new(Box::new(open_tap(net)?), net.mac)),
+        ));
+    }
+    if let Some(vsock) = &config.vsock {
+        wanted.push((
+            "vsock0".into(),
+            Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?),
+        ));
+    }
+    if config.rng {
+        wanted.push((
+            "rng0".into(),
+            Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
+        ));
+    }
+    let mut slots = Vec::with_capacity(wanted.len());
+    for (index, (name, device)) in wanted.into_iter().enumerate() {
+        let (vm, bus) = vmm.vm_and_mmio_bus();
+        slots.push(virtio_slots::attach(vm, bus, index, name, device)?);
+    }
+    Ok(slots)
+}
+
+fn open_tap(net: &NetConfig) -> Result<husk_devices::virtio::net::tap::Tap, BuildError> {
+    use husk_devices::virtio::net::tap::Tap;
+    match &net.tap {
+        TapSource::Name(name) => Tap::open(name).map_err(|e| BuildError::Tap(name.clone(), e)),
+        TapSource::Fd(fd, name) => {
+            // SAFETY: the parent handed this fd over for exactly this use (see --net fd=) and
+            // nothing else in this process knows it.
+            unsafe { Tap::from_raw_fd(*fd, name.clone()) }
+                .map_err(|e| BuildError::Tap(name.clone(), e))
+        }
+    }
 }
 
 fn load_and_setup_boot(

@@ -30,6 +30,41 @@ pub enum ConsoleConfig {
     File(PathBuf),
 }
 
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// The guest may not write it.
+    pub read_only: bool,
+}
+
+/// Where the virtio-net device's tap comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TapSource {
+    /// Create (or attach to) the tap with this name.
+    Name(String),
+    /// An already-open tap fd inherited from the parent (which created and addressed it), with
+    /// the interface name for logs.
+    Fd(i32, String),
+}
+
+/// The virtio-net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: TapSource,
+    pub mac: [u8; 6],
+}
+
+/// The virtio-vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Guest context ID (>= 3).
+    pub cid: u64,
+    /// Host-side Unix socket path (connections to guest ports; `<path>_<port>` for guest-initiated).
+    pub uds_path: PathBuf,
+}
+
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -66,6 +101,14 @@ pub struct VmConfig {
     pub report_boot_time: bool,
     /// Boot an ordinary kernel even on a PVM host.
     pub allow_pvm: bool,
+    /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net device.
+    pub net: Option<NetConfig>,
+    /// virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng device (on by default).
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -80,6 +123,10 @@ impl VmConfig {
             console: ConsoleConfig::Stdout,
             report_boot_time: false,
             allow_pvm: false,
+            disks: Vec::new(),
+            net: None,
+            vsock: None,
+            rng: true,
         }
     }
 
@@ -92,7 +139,7 @@ impl VmConfig {
         if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
             return Err(ConfigError::MemorySize(self.mem_mib));
         }
-        build_cmdline(&self.cmdline)?;
+        build_cmdline(&[], &self.cmdline)?;
         Ok(vcpus)
     }
 
@@ -102,14 +149,20 @@ impl VmConfig {
     }
 }
 
-/// The full kernel command line: [`DEFAULT_CMDLINE`], then the user's part.
-pub fn build_cmdline(user: &str) -> Result<String, ConfigError> {
-    let user = user.trim();
-    let line = if user.is_empty() {
-        DEFAULT_CMDLINE.to_string()
-    } else {
-        format!("{DEFAULT_CMDLINE} {user}")
-    };
+/// The full kernel command line: [`DEFAULT_CMDLINE`], the parameters announcing devices, then
+/// the user's part.
+pub fn build_cmdline(device_params: &[String], user: &str) -> Result<String, ConfigError> {
+    let mut line = DEFAULT_CMDLINE.to_string();
+    for part in device_params
+        .iter()
+        .map(String::as_str)
+        .chain([user.trim()])
+    {
+        if !part.is_empty() {
+            line.push(' ');
+            line.push_str(part);
+        }
+    }
     if line.bytes().any(|b| b == 0 || !b.is_ascii()) {
         return Err(ConfigError::CmdlineInvalid);
     }
@@ -173,9 +226,9 @@ mod tests {
 
     #[test]
     fn cmdline_is_defaults_then_user_part() {
-        assert_eq!(build_cmdline("").unwrap(), DEFAULT_CMDLINE);
+        assert_eq!(build_cmdline(&[], "").unwrap(), DEFAULT_CMDLINE);
         assert_eq!(
-            build_cmdline("  quiet init=/bin/sh ").unwrap(),
+            build_cmdline(&[], "  quiet init=/bin/sh ").unwrap(),
             format!("{DEFAULT_CMDLINE} quiet init=/bin/sh")
         );
         assert!(DEFAULT_CMDLINE.starts_with("console=ttyS0 reboot=k panic=-1"));
@@ -185,10 +238,10 @@ mod tests {
     fn cmdline_rejects_overlong_and_nul() {
         let long = "x".repeat(CMDLINE_MAX_LEN);
         assert!(matches!(
-            build_cmdline(&long),
+            build_cmdline(&[], &long),
             Err(ConfigError::CmdlineTooLong(_))
         ));
-        assert_eq!(build_cmdline("a\0b"), Err(ConfigError::CmdlineInvalid));
+        assert_eq!(build_cmdline(&[], "a\0b"), Err(ConfigError::CmdlineInvalid));
         let c = VmConfig {
             cmdline: long,
             ..cfg()

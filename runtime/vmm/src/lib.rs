@@ -7,6 +7,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod event_loop;
 pub mod loader;
 pub mod signals;
 pub mod stop;

@@ -11,7 +11,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use husk_vmm::builder::build_microvm;
-use husk_vmm::config::{ConsoleConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use husk_vmm::config::{
+    ConsoleConfig, DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEM_MIB, DEFAULT_VCPUS,
+};
 use husk_vmm::signals;
 use husk_vmm::stop::StopReason;
 use husk_vmm::vmm::EXIT_VMM_ERROR;
@@ -20,6 +23,8 @@ fn usage() -> String {
     format!(
         "usage: husk-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
                 [--console stdout|none|file:PATH] [--report-boot-time] [--allow-pvm]
+                [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
+                [--vsock cid=N,path=PATH] [--no-rng]
 
   --kernel PATH         guest kernel: ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH         initramfs
@@ -30,6 +35,13 @@ fn usage() -> String {
   --console DEST        serial console: stdout (default), none, or file:PATH
   --report-boot-time    print 'husk-vmm: guest init after <N> us' when the guest init starts
   --allow-pvm           on a PVM host, boot a kernel that does not look PVM-enabled anyway
+  --disk PATH[:ro]      virtio-blk disk on a raw image (repeatable; vda, vdb, ... in order)
+  --net SPEC            virtio-net on a tap: tap=NAME opens (or creates) the tap NAME;
+                        fd=N,name=NAME adopts an open tap fd inherited from the parent;
+                        mac=XX:XX:XX:XX:XX:XX (default 06:00:ac:10:00:02)
+  --vsock cid=N,path=PATH  virtio-vsock with guest CID N (>= 3); host side on the Unix socket
+                        PATH (CONNECT <port> for guest ports; PATH_<port> for guest-initiated)
+  --no-rng              no virtio-rng device (on by default)
   -h, --help            this text
 
 Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 125 on a VMM error
@@ -56,6 +68,86 @@ fn parse_console(value: &str) -> Result<ConsoleConfig, String> {
     }
 }
 
+fn parse_disk(value: &str) -> DiskConfig {
+    match value.strip_suffix(":ro") {
+        Some(path) => DiskConfig {
+            path: PathBuf::from(path),
+            read_only: true,
+        },
+        None => DiskConfig {
+            path: PathBuf::from(value),
+            read_only: false,
+        },
+    }
+}
+
+/// `key=value` pairs separated by commas.
+fn parse_pairs<'a>(flag: &str, value: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    value
+        .split(',')
+        .map(|kv| {
+            kv.split_once('=').ok_or(format!(
+                "invalid {flag} '{value}': expected key=value pairs"
+            ))
+        })
+        .collect()
+}
+
+fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    <[u8; 6]>::try_from(bytes)
+        .ok()
+        .filter(|_| text.split(':').count() == 6)
+        .ok_or(format!("invalid MAC address '{text}'"))
+}
+
+fn parse_net(value: &str) -> Result<NetConfig, String> {
+    let (mut tap, mut fd, mut name, mut mac) = (None, None, None, [0x06, 0, 0xac, 0x10, 0, 2]);
+    for (k, v) in parse_pairs("--net", value)? {
+        match k {
+            "tap" => tap = Some(v.to_string()),
+            "fd" => {
+                fd = Some(
+                    v.parse::<i32>()
+                        .map_err(|_| format!("invalid --net fd '{v}'"))?,
+                )
+            }
+            "name" => name = Some(v.to_string()),
+            "mac" => mac = parse_mac(v)?,
+            _ => return Err(format!("unknown --net key '{k}'")),
+        }
+    }
+    let tap = match (tap, fd) {
+        (Some(tap), None) => TapSource::Name(tap),
+        (None, Some(fd)) if fd > 2 => TapSource::Fd(fd, name.unwrap_or_else(|| format!("fd{fd}"))),
+        _ => return Err("--net needs exactly one of tap=NAME or fd=N (N > 2)".into()),
+    };
+    Ok(NetConfig { tap, mac })
+}
+
+fn parse_vsock(value: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut path) = (None, None);
+    for (k, v) in parse_pairs("--vsock", value)? {
+        match k {
+            "cid" => {
+                cid = Some(
+                    v.parse::<u64>()
+                        .map_err(|_| format!("invalid --vsock cid '{v}'"))?,
+                )
+            }
+            "path" => path = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown --vsock key '{k}'")),
+        }
+    }
+    match (cid, path) {
+        (Some(cid), Some(uds_path)) => Ok(VsockConfig { cid, uds_path }),
+        _ => Err("--vsock needs cid=N,path=PATH".into()),
+    }
+}
+
 fn parse_number(flag: &str, value: &str) -> Result<u64, String> {
     value
         .parse()
@@ -73,7 +165,15 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         };
         let takes_value = matches!(
             flag.as_str(),
-            "--kernel" | "--initrd" | "--cmdline" | "--cpus" | "--memory" | "--console"
+            "--kernel"
+                | "--initrd"
+                | "--cmdline"
+                | "--cpus"
+                | "--memory"
+                | "--console"
+                | "--disk"
+                | "--net"
+                | "--vsock"
         );
         let value = if takes_value {
             match inline.or_else(|| args.next()) {
@@ -94,6 +194,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--console" => config.console = parse_console(&value)?,
             "--report-boot-time" => config.report_boot_time = true,
             "--allow-pvm" => config.allow_pvm = true,
+            "--disk" => config.disks.push(parse_disk(&value)),
+            "--net" => config.net = Some(parse_net(&value)?),
+            "--vsock" => config.vsock = Some(parse_vsock(&value)?),
+            "--no-rng" => config.rng = false,
             "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
@@ -225,5 +329,53 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--report-boot-time=1"]).is_err());
         assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
+        assert!(parse(&["--kernel", "/k", "--net", "tap=a,fd=4"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--net", "fd=1"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--net", "tap=a,mac=01:02"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--net", "tap"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--vsock", "cid=3"]).is_err());
+    }
+
+    #[test]
+    fn parses_devices() {
+        let Ok(Command::Run(c)) = parse(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/a.img",
+            "--disk",
+            "/b.img:ro",
+            "--net",
+            "fd=7,name=husk0,mac=06:00:00:00:00:09",
+            "--vsock",
+            "cid=3,path=/run/v.sock",
+            "--no-rng",
+        ]) else {
+            panic!("did not parse");
+        };
+        assert_eq!(
+            c.disks,
+            vec![
+                DiskConfig {
+                    path: "/a.img".into(),
+                    read_only: false
+                },
+                DiskConfig {
+                    path: "/b.img".into(),
+                    read_only: true
+                },
+            ]
+        );
+        let net = c.net.unwrap();
+        assert_eq!(net.tap, TapSource::Fd(7, "husk0".into()));
+        assert_eq!(net.mac, [6, 0, 0, 0, 0, 9]);
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                cid: 3,
+                uds_path: "/run/v.sock".into()
+            })
+        );
+        assert!(!c.rng);
     }
 }

@@ -12,6 +12,8 @@ use kvm_ioctls::Kvm;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::control_port::ControlState;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::VirtioSlot;
+use crate::event_loop::{EventLoop, EventLoopError};
 use crate::signals;
 use crate::stop::{StopReason, StopState};
 use crate::vstate::vcpu::{run_vcpu, Vcpu, VcpuContext};
@@ -31,6 +33,9 @@ pub enum VmmError {
     /// The kick signal handler could not be installed.
     #[error(transparent)]
     Signal(#[from] signals::SignalError),
+    /// The device event loop could not start.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
 }
 
 /// How a VM run ended.
@@ -46,6 +51,8 @@ pub struct VmOutcome {
     pub unhandled_pio: (u64, u64),
     /// MMIO accesses nobody handled (reads, writes).
     pub unhandled_mmio: (u64, u64),
+    /// Each virtio device's name and counters when the VM stopped.
+    pub device_counters: Vec<(String, husk_devices::virtio::CounterSnapshot)>,
 }
 
 impl VmOutcome {
@@ -69,6 +76,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     control: Arc<ControlState>,
     stop: Arc<StopState>,
+    devices: Vec<VirtioSlot>,
     vm: Vm,
     _kvm: Kvm,
 }
@@ -101,9 +109,20 @@ impl Vmm {
             serial,
             control,
             stop,
+            devices: Vec::new(),
             vm,
             _kvm: kvm,
         }
+    }
+
+    /// The VM and its MMIO bus, to attach devices before the VM runs.
+    pub(crate) fn vm_and_mmio_bus(&mut self) -> (&Vm, &mut Bus) {
+        (&self.vm, &mut self.mmio_bus)
+    }
+
+    /// Installs the virtio devices (see the builder).
+    pub(crate) fn set_devices(&mut self, devices: Vec<VirtioSlot>) {
+        self.devices = devices;
     }
 
     /// The VM (memory, fd).
@@ -146,9 +165,12 @@ impl Vmm {
             serial,
             control,
             stop,
+            devices,
             vm,
             _kvm,
         } = self;
+        let devices = Arc::new(devices);
+        let event_loop = EventLoop::start(devices.clone())?;
         let ctx = VcpuContext {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
@@ -191,10 +213,15 @@ impl Vmm {
                 log::error!("a vCPU thread panicked");
             }
         }
+        event_loop.stop();
         serial
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .flush();
+        let device_counters = devices
+            .iter()
+            .map(|d| (d.name.clone(), d.counters()))
+            .collect();
         drop(vm);
         if let Some(e) = spawn_error {
             return Err(e);
@@ -205,6 +232,7 @@ impl Vmm {
             init_time_us: control.init_time_us(),
             unhandled_pio: counts(&ctx.io_bus),
             unhandled_mmio: counts(&ctx.mmio_bus),
+            device_counters,
         })
     }
 }
@@ -220,6 +248,7 @@ mod tests {
             init_time_us: None,
             unhandled_pio: (0, 0),
             unhandled_mmio: (0, 0),
+            device_counters: Vec::new(),
         }
     }
 

@@ -94,12 +94,14 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr_len) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: fcntl on an fd we own.
+        // SAFETY: fcntl on an fd we own; no memory is involved.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
         // SAFETY: as above.
-        if flags < 0
-            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
-        {
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        if rc < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(Self { file, name })
