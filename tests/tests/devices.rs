@@ -1,0 +1,280 @@
+//! virtio devices driven by the real Linux guest's own drivers: virtio-blk (durability across a
+//! killed VMM, read-only disks), virtio-rng, virtio-net (ping, a checksummed TCP transfer, tap
+//! cleanup after kill -9).
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn husk_run(options: &[&str], script: &str) -> Finished {
+    require_guest_kvm();
+    let mut cmd = Command::new(bin("husk"));
+    cmd.arg("run")
+        .args(options)
+        .args(["--", "sh", "-c", script]);
+    run_with_timeout(&mut cmd, LIMIT)
+}
+
+/// A scratch directory on the host, removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    /// An ext4 image of `mib` MiB.
+    fn ext4(&self, name: &str, mib: u32) -> PathBuf {
+        let path = self.0.join(name);
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&path)
+            .arg(format!("{mib}M"))
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) is needed");
+        assert!(
+            out.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts `husk run` in its own process group, stdout piped.
+fn spawn_husk(options: &[&str], script: &str) -> Child {
+    require_guest_kvm();
+    Command::new(bin("husk"))
+        .arg("run")
+        .args(options)
+        .args(["--", "sh", "-c", script])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the child's stdout until a line contains `marker` (the rest is drained in the
+/// background so the guest never blocks on a full pipe).
+fn wait_for_line(child: &mut Child, marker: &str) {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(&marker) {
+                let _ = tx.send(Ok(()));
+            }
+            seen.push(line);
+        }
+        let _ = tx.send(Err(seen.join("\n")));
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(output)) => panic!("the guest ended without printing the marker:\n{output}"),
+        Err(_) => panic!("no marker from the guest within {LIMIT:?}"),
+    }
+}
+
+/// The husk-vmm process that `husk run` (pid) started.
+fn vmm_pid(husk: u32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{husk}/task/{husk}/children")).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .expect("husk-vmm child")
+        .parse()
+        .unwrap()
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "husk run did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn debugfs_cat(image: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {file}"))
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn a_synced_write_is_on_the_host_image_after_the_vmm_is_killed() {
+    let scratch = Scratch::new("durable");
+    let image = scratch.ext4("data.img", 32);
+    let disk = format!("{}", image.display());
+    let mut husk = spawn_husk(
+        &["--disk", &disk],
+        "mount /dev/vda /mnt && echo durable-data-42 > /mnt/proof && sync && echo SYNCED; sleep 600",
+    );
+    wait_for_line(&mut husk, "SYNCED");
+    // SAFETY: signalling the VMM process the test started (through husk).
+    unsafe { libc::kill(vmm_pid(husk.id()), libc::SIGKILL) };
+    let status = wait_exit(&mut husk);
+    assert_eq!(
+        status.code(),
+        Some(137),
+        "husk passes on the VMM's death by SIGKILL"
+    );
+    assert!(
+        debugfs_cat(&image, "/proof").contains("durable-data-42"),
+        "file missing on the host image"
+    );
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn a_read_only_disk_refuses_writes_in_the_guest() {
+    let scratch = Scratch::new("ro");
+    let image = scratch.ext4("ro.img", 16);
+    let before = std::fs::read(&image).unwrap();
+    let disk = format!("{}:ro", image.display());
+    let run = husk_run(
+        &["--disk", &disk],
+        "cat /sys/block/vda/ro; dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null; \
+         echo dd=$?; mount /dev/vda /mnt 2>/dev/null; touch /mnt/x 2>/dev/null; echo touch=$?",
+    );
+    let out = run.stdout();
+    assert_eq!(run.code(), Some(0), "{out}\n{}", run.stderr());
+    assert!(
+        out.lines().any(|l| l.trim() == "1"),
+        "vda is not read-only in the guest:\n{out}"
+    );
+    assert!(out.contains("dd=1"), "a raw write succeeded:\n{out}");
+    assert!(out.contains("touch=1"), "a file write succeeded:\n{out}");
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "the read-only image changed"
+    );
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn hwrng_gives_bytes_from_virtio_rng() {
+    let run = husk_run(&[], "cat /sys/class/misc/hw_random/rng_current; head -c 4096 /dev/hwrng | od -An -tx1 | tr -s ' ' '\\n' | sort -u | wc -l");
+    let out = run.stdout();
+    assert_eq!(run.code(), Some(0), "{out}");
+    assert!(
+        out.contains("virtio_rng"),
+        "hwrng is not virtio-rng:\n{out}"
+    );
+    let distinct: usize = out
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0);
+    assert!(
+        distinct > 200,
+        "4 KiB of entropy has only {distinct} distinct byte values:\n{out}"
+    );
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn the_guest_pings_the_host_and_64_mib_cross_tcp_intact() {
+    const BYTES: usize = 64 << 20;
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let receiver = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut data = Vec::with_capacity(BYTES);
+        conn.by_ref()
+            .take(BYTES as u64)
+            .read_to_end(&mut data)
+            .unwrap();
+        data
+    });
+    let script = format!(
+        "ping -c 1 -W 5 $HUSK_HOST_IP >/dev/null && echo PING-OK; \
+         head -c {BYTES} /dev/urandom > /tmp/blob && sha256sum /tmp/blob && \
+         nc $HUSK_HOST_IP {port} < /tmp/blob && echo SENT"
+    );
+    let start = Instant::now();
+    let run = husk_run(&["--net", "--memory", "512"], &script);
+    let out = run.stdout();
+    assert!(
+        out.contains("PING-OK"),
+        "ping failed:\n{out}\n{}",
+        run.stderr()
+    );
+    let data = receiver.join().unwrap();
+    assert_eq!(data.len(), BYTES);
+    let guest_sum = out
+        .lines()
+        .find(|l| l.ends_with("/tmp/blob"))
+        .and_then(|l| l.split_whitespace().next());
+    assert_eq!(
+        guest_sum,
+        Some(sha256_hex(&data).as_str()),
+        "data changed in transit:\n{out}"
+    );
+    eprintln!(
+        "64 MiB guest-to-host over virtio-net in {:?} (including boot, in the testbed)",
+        start.elapsed()
+    );
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn no_tap_is_left_after_the_vmm_is_killed() {
+    let mut husk = spawn_husk(&["--net"], "echo UP; sleep 600");
+    wait_for_line(&mut husk, "UP");
+    let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("husk"))
+        .collect();
+    assert_eq!(taps.len(), 1, "one tap while the VM runs: {taps:?}");
+    // SAFETY: signalling the VMM process the test started (through husk).
+    unsafe { libc::kill(vmm_pid(husk.id()), libc::SIGKILL) };
+    wait_exit(&mut husk);
+    let gone = Instant::now() + Duration::from_secs(5);
+    while Path::new("/sys/class/net").join(&taps[0]).exists() {
+        assert!(Instant::now() < gone, "tap {} outlived its VMM", taps[0]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
