@@ -10,12 +10,17 @@ mod control_port;
 mod mounts;
 mod rootfs;
 mod supervisor;
+mod vsock_tool;
 
 use std::time::Duration;
 
 use husk_init::spec::BootSpec;
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = vsock_tool::run(&args) {
+        std::process::exit(code);
+    }
     if std::process::id() != 1 {
         eprintln!("husk-init: must run as PID 1 (it is the init of a husk guest)");
         std::process::exit(2);

@@ -278,3 +278,46 @@ fn no_tap_is_left_after_the_vmm_is_killed() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn vsock_carries_data_both_ways() {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let scratch = Scratch::new("vsock");
+    let uds = scratch.0.join("v.sock");
+    // Guest to host: the guest connects to host port 5000, which lands on <uds>_5000.
+    let host_port = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = host_port.accept().unwrap();
+        let mut got = Vec::new();
+        conn.read_to_end(&mut got).unwrap();
+        conn.write_all(&got.to_ascii_uppercase()).unwrap();
+        got
+    });
+    let uds_arg = uds.display().to_string();
+    let mut husk = spawn_husk(
+        &["--vsock", &uds_arg],
+        "echo from-guest | husk-init vsock-cat 2 5000; echo; husk-init vsock-echo 6000",
+    );
+    wait_for_line(&mut husk, "listening on port 6000");
+    assert_eq!(server.join().unwrap(), b"from-guest\n");
+
+    // Host to guest: CONNECT to the guest's port 6000 through the device's socket.
+    let mut conn = UnixStream::connect(&uds).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.write_all(b"CONNECT 6000\n").unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "handshake answer {ok:?}");
+    conn.write_all(b"ping over vsock").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut echoed = Vec::new();
+    reader.read_to_end(&mut echoed).unwrap();
+    assert_eq!(echoed, b"ping over vsock");
+    let status = wait_exit(&mut husk);
+    assert_eq!(status.code(), Some(0));
+}

@@ -72,6 +72,10 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         cmd.arg("--net").arg(link.vmm_arg());
         inherit_fd(&mut cmd, link.raw_fd());
     }
+    if let Some(path) = &args.vsock {
+        cmd.arg("--vsock")
+            .arg(format!("cid=3,path={}", path.display()));
+    }
     cmd.arg("--cmdline").arg(cmdline.join(" "));
     if args.report_boot_time {
         cmd.arg("--report-boot-time");

@@ -10,6 +10,7 @@ pub struct RunArgs {
     pub rootfs: Option<PathBuf>,
     pub disks: Vec<String>,
     pub net: bool,
+    pub vsock: Option<PathBuf>,
     pub cpus: u32,
     pub memory_mib: u64,
     pub env: Vec<String>,
@@ -31,6 +32,9 @@ options:
   --disk PATH[:ro]     attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
   --net                give the guest an IPv4 link to the host over a tap (needs root);
                        CMD sees HUSK_HOST_IP and HUSK_GUEST_IP
+  --vsock PATH         virtio-vsock, guest CID 3; host side on the Unix socket PATH
+                       (a client writes CONNECT <port> to reach a guest port; the guest's
+                       connections to host port P go to PATH_P)
   --cpus N             vCPUs, 1..32 (default 1)
   --memory MIB         guest memory in MiB, 64..262144 (default 256)
   --env KEY=VALUE      environment entry for CMD (repeatable)
@@ -48,6 +52,7 @@ impl RunArgs {
             rootfs: None,
             disks: Vec::new(),
             net: false,
+            vsock: None,
             cpus: 1,
             memory_mib: 256,
             env: Vec::new(),
@@ -78,6 +83,7 @@ impl RunArgs {
                 "--rootfs" => out.rootfs = Some(value()?.into()),
                 "--disk" => out.disks.push(value()?),
                 "--net" => out.net = true,
+                "--vsock" => out.vsock = Some(value()?.into()),
                 "--cpus" => out.cpus = parse_number(name, &value()?)?,
                 "--memory" => out.memory_mib = parse_number(name, &value()?)?,
                 "--env" | "-e" => out.env.push(value()?),
