@@ -1,4 +1,6 @@
 //! `husk run` refuses bad input before it starts anything (no KVM needed).
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 use std::time::Duration;

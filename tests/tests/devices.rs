@@ -1,6 +1,8 @@
 //! virtio devices driven by the real Linux guest's own drivers: virtio-blk (durability across a
 //! killed VMM, read-only disks), virtio-rng, virtio-net (ping, a checksummed TCP transfer, tap
 //! cleanup after kill -9).
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;

@@ -2,6 +2,8 @@
 //! guest kernel to an init that prints a marker. It proves, before any husk code is involved,
 //! that the testbed's KVM, the guest kernel and the marker image work together (and it is the
 //! peer that husk is measured against in scripts/bench).
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 use std::time::Duration;

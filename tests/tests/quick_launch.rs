@@ -1,5 +1,7 @@
 //! `husk run` end to end with the real guest kernel and husk-init: output, exit codes, vCPUs,
 //! memory, environment, signals, and the errors a user sees for bad input.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The testbed provides what its users rely on: an AMD-SVM KVM with nested paging, tun, and the
 //! host's files at the host's paths.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use husk_tests::require_guest_kvm;
 
