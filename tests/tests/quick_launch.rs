@@ -189,3 +189,37 @@ fn a_missing_or_corrupt_kernel_is_a_clear_error() {
         run.stderr()
     );
 }
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn the_console_can_go_to_a_unix_socket() {
+    require_guest_kvm();
+    let path = std::env::temp_dir().join(format!("husk-console-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut conn, &mut text).unwrap();
+        text
+    });
+    let mut cmd = Command::new(bin("husk-vmm"));
+    cmd.arg("--kernel")
+        .arg(artifact("kernel/vmlinux"))
+        .arg("--initrd")
+        .arg(artifact("images/marker.cpio.gz"))
+        .arg("--console")
+        .arg(format!("unix:{}", path.display()));
+    let run = run_with_timeout(&mut cmd, LIMIT);
+    let _ = std::fs::remove_file(&path);
+    let console = reader.join().unwrap();
+    assert!(
+        console.contains("HUSK-BOOT-MARKER"),
+        "socket console:\n{console}\n{}",
+        run.stderr()
+    );
+    assert!(
+        !run.stdout().contains("HUSK-BOOT-MARKER"),
+        "console also went to stdout"
+    );
+}

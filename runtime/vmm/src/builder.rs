@@ -49,7 +49,7 @@ pub enum BuildError {
     #[error("this host's /dev/kvm is PVM, which cannot run an ordinary Linux kernel; run it inside scripts/testbed, or use a PVM guest kernel (--allow-pvm to try anyway)")]
     PvmHost,
     /// The console file could not be opened.
-    #[error("cannot open console file {0}")]
+    #[error("cannot open the console {0}")]
     Console(PathBuf, #[source] io::Error),
     /// VM creation failed.
     #[error(transparent)]
@@ -176,6 +176,11 @@ fn open_console(console: &ConsoleConfig) -> Result<(ConsoleOut, Option<PathBuf>)
                 .open(path)
                 .map_err(|e| BuildError::Console(path.clone(), e))?;
             Ok((Box::new(file), (!existed).then(|| path.clone())))
+        }
+        ConsoleConfig::Unix(path) => {
+            let stream = std::os::unix::net::UnixStream::connect(path)
+                .map_err(|e| BuildError::Console(path.clone(), e))?;
+            Ok((Box::new(stream), None))
         }
     }
 }

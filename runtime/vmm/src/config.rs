@@ -28,6 +28,9 @@ pub enum ConsoleConfig {
     None,
     /// Written to (created or truncated) this file.
     File(PathBuf),
+    /// Written to a stream connection to the Unix socket listening at this path (a supervisor
+    /// that collects consoles, or `socat UNIX-LISTEN:PATH -`).
+    Unix(PathBuf),
 }
 
 /// A virtio-blk disk.

@@ -22,7 +22,7 @@ use husk_vmm::vmm::EXIT_VMM_ERROR;
 fn usage() -> String {
     format!(
         "usage: husk-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
-                [--console stdout|none|file:PATH] [--report-boot-time] [--allow-pvm]
+                [--console stdout|none|file:PATH|unix:PATH] [--report-boot-time] [--allow-pvm]
                 [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng]
 
@@ -32,7 +32,8 @@ fn usage() -> String {
                         {DEFAULT_CMDLINE}
   --cpus N              vCPUs, 1..=32 (default {DEFAULT_VCPUS})
   --memory MIB          guest memory in MiB, 64..=262144 (default {DEFAULT_MEM_MIB})
-  --console DEST        serial console: stdout (default), none, or file:PATH
+  --console DEST        serial console: stdout (default), none, file:PATH, or unix:PATH (a
+                        connection to the Unix socket listening at PATH)
   --report-boot-time    print 'husk-vmm: guest init after <N> us' when the guest init starts
   --allow-pvm           on a PVM host, boot a kernel that does not look PVM-enabled anyway
   --disk PATH[:ro]      virtio-blk disk on a raw image (repeatable; vda, vdb, ... in order)
@@ -56,13 +57,15 @@ enum Command {
 }
 
 fn parse_console(value: &str) -> Result<ConsoleConfig, String> {
+    let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
     match value {
         "stdout" => Ok(ConsoleConfig::Stdout),
         "none" => Ok(ConsoleConfig::None),
-        v => match v.strip_prefix("file:") {
-            Some(path) if !path.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(path))),
+        v => match (v.strip_prefix("file:"), v.strip_prefix("unix:")) {
+            (Some(p), _) if !p.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(p))),
+            (_, Some(p)) if path(p).is_some() => Ok(ConsoleConfig::Unix(PathBuf::from(p))),
             _ => Err(format!(
-                "invalid --console '{v}': use stdout, none or file:PATH"
+                "invalid --console '{v}': use stdout, none, file:PATH or unix:PATH"
             )),
         },
     }
@@ -326,6 +329,12 @@ mod tests {
         assert!(parse(&["--kernel"]).is_err());
         assert!(parse(&["--kernel", "/k", "--cpus", "many"]).is_err());
         assert!(parse(&["--kernel", "/k", "--console", "tty"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--console", "unix:"]).is_err());
+        let Ok(Command::Run(c)) = parse(&["--kernel", "/k", "--console", "unix:/run/c.sock"])
+        else {
+            panic!("unix console did not parse");
+        };
+        assert_eq!(c.console, ConsoleConfig::Unix(PathBuf::from("/run/c.sock")));
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--report-boot-time=1"]).is_err());
         assert!(matches!(parse(&["--help"]), Ok(Command::Help)));

@@ -146,8 +146,6 @@ pub struct ActivateContext {
 /// Why a device could not start or stopped working; the transport then sets DEVICE_NEEDS_RESET.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("device activated with {got} queues, expects {expected}")]
-    QueueCount { expected: usize, got: usize },
     #[error("the driver broke queue {0}'s rings")]
     BrokenQueue(usize),
     #[error("backend failed")]
@@ -166,7 +164,8 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes device configuration space; read-only by default (writes ignored).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// The driver is ready: start serving the queues.
+    /// The driver is ready: start serving the queues. The transport guarantees one queue per
+    /// entry of [`VirtioDevice::queue_max_sizes`], in that order.
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError>;
     /// The guest notified queue `index` (from the transport or from the VMM's ioeventfd).
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError>;

@@ -10,8 +10,10 @@ use std::path::Path;
 pub trait DiskBackend: Send {
     /// Size in bytes.
     fn size(&self) -> u64;
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Fills the buffers `iovecs` point to from `offset` on (preadv).
+    fn read_vectored_at(&self, iovecs: &mut [libc::iovec], offset: u64) -> io::Result<()>;
+    /// Writes what `iovecs` point to at `offset` (pwritev).
+    fn write_vectored_at(&self, iovecs: &mut [libc::iovec], offset: u64) -> io::Result<()>;
     /// Makes every completed write durable (fsync).
     fn flush(&self) -> io::Result<()>;
     /// Deallocates a range; reads of it return zeros. `Unsupported` when the file cannot.
@@ -69,15 +71,74 @@ impl RawFile {
     }
 }
 
+/// Which of preadv / pwritev.
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// preadv/pwritev until every iovec is done, resuming after short transfers.
+fn transfer_all(
+    fd: i32,
+    iovecs: &mut [libc::iovec],
+    mut offset: u64,
+    dir: Direction,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < iovecs.len() {
+        let rest = &iovecs[first..];
+        let count = rest.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: every iovec points into a live mapping (guest memory, see
+        // GuestBuffers::iovecs) of at least iov_len bytes; the kernel only copies bytes.
+        let n = unsafe {
+            match dir {
+                Direction::Read => libc::preadv(fd, rest.as_ptr(), count, off),
+                Direction::Write => libc::pwritev(fd, rest.as_ptr(), count, off),
+            }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        offset += n as u64;
+        let mut n = n as usize;
+        while n > 0 {
+            let iov = &mut iovecs[first];
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: n < iov_len, so the advanced pointer stays inside the same buffer.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+                iov.iov_len -= n;
+                n = 0;
+            }
+        }
+        while first < iovecs.len() && iovecs[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
 impl DiskBackend for RawFile {
     fn size(&self) -> u64 {
         self.size
     }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+    fn read_vectored_at(&self, iovecs: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+        transfer_all(self.file.as_raw_fd(), iovecs, offset, Direction::Read)
     }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+    fn write_vectored_at(&self, iovecs: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+        transfer_all(self.file.as_raw_fd(), iovecs, offset, Direction::Write)
     }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_all()
@@ -102,7 +163,7 @@ impl DiskBackend for RawFile {
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(zeros.len() as u64) as usize;
-                    self.write_at(&zeros[..n], offset + done)?;
+                    self.file.write_all_at(&zeros[..n], offset + done)?;
                     done += n as u64;
                 }
                 Ok(())

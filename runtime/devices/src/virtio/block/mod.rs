@@ -2,6 +2,7 @@
 //! disks; flush; discard and write-zeroes; get-id (serial).
 
 pub mod backend;
+pub mod guest_buffers;
 pub mod request;
 
 use std::path::Path;
@@ -117,12 +118,6 @@ impl VirtioDevice for Block {
         super::read_config_bytes(&self.config, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
-        if ctx.queues.len() != 1 {
-            return Err(DeviceError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
         self.state = State::Active { ctx };
         Ok(())
     }

@@ -2,20 +2,17 @@
 //! completely (header, direction, lengths, sector range) before any I/O touches the backend.
 //! Framing is not assumed (§2.7.4): the header, data and status may be split across
 //! descriptors in any way, as long as device-readable ones come before device-writable ones.
+//! Data moves between the disk and guest memory with one preadv/pwritev, without a copy.
 
-use std::io::{Read, Write};
-
-use virtio_queue::{Reader, Writer};
 use vm_memory::ByteValued;
 
 use super::backend::DiskBackend;
+use super::guest_buffers::GuestBuffers;
 use crate::virtio::queue_worker::Chain;
 use crate::virtio::DeviceCounters;
 use crate::GuestMemoryMmap;
 
 pub const SECTOR_SIZE: u64 = 512;
-/// Bytes moved per backend call: requests stream through a buffer this large, never more.
-const CHUNK: usize = 128 * 1024;
 /// Length of the GET_ID answer (§5.2.6: VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = 20;
 
@@ -36,7 +33,7 @@ pub mod status {
     pub const UNSUPP: u8 = 2;
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, Debug)]
 #[repr(C)]
 struct RequestHeader {
     kind: u32,
@@ -66,6 +63,16 @@ pub struct DiskLimits {
     pub id: [u8; ID_BYTES],
 }
 
+/// A request split into its parts; every range is inside guest memory.
+struct Request {
+    header: RequestHeader,
+    /// Device-readable bytes after the header (OUT data, discard segments).
+    payload: GuestBuffers,
+    /// Device-writable bytes before the status byte (IN data, the GET_ID answer).
+    data_in: GuestBuffers,
+    status: GuestBuffers,
+}
+
 /// Serves one chain and returns the number of bytes written into guest buffers (used length).
 pub fn serve(
     chain: Chain<'_>,
@@ -74,115 +81,111 @@ pub fn serve(
     limits: &DiskLimits,
     counters: &DeviceCounters,
 ) -> u32 {
-    let Some((mut reader, mut data_out, mut status_out)) = split_chain(chain, mem, limits) else {
-        // No status byte to answer in: return the chain untouched.
+    let Some(mut request) = parse(chain, mem, limits) else {
+        // No header or no status byte to answer in: return the chain untouched.
         counters.add(&counters.errors, 1);
         return 0;
     };
-    let outcome = execute(&mut reader, &mut data_out, disk, limits, counters);
-    let written = data_out.bytes_written();
-    let code = match outcome {
-        Ok(()) => status::OK,
+    let (code, written) = match execute(&mut request, mem, disk, limits, counters) {
+        Ok(written) => (status::OK, written),
         Err(code) => {
             counters.add(&counters.errors, 1);
-            code
+            (code, 0)
         }
     };
-    if status_out.write_all(&[code]).is_err() {
+    if request.status.write_from(mem, &[code]).is_none() {
         counters.add(&counters.errors, 1);
-        return written as u32;
+        return 0;
     }
     counters.add(&counters.requests, 1);
     (written + 1) as u32
 }
 
-/// Splits a chain into its readable part, its writable data part and the status byte (the
-/// last writable byte). `None` when the chain is malformed beyond answering.
-fn split_chain<'m>(
-    chain: Chain<'m>,
-    mem: &'m GuestMemoryMmap,
-    limits: &DiskLimits,
-) -> Option<(Reader<'m>, Writer<'m>, Writer<'m>)> {
-    let mut seen_writable = false;
-    let mut count = 0;
-    for desc in chain.clone() {
-        count += 1;
-        if count > limits.max_descriptors {
+/// Splits a chain into header, payload, data and status byte (the last writable byte).
+/// `None` when the chain is malformed beyond answering: too many descriptors, a readable
+/// descriptor after a writable one (§2.7.4.2), a buffer outside guest memory, no room for the
+/// header or the status byte.
+fn parse(chain: Chain<'_>, mem: &GuestMemoryMmap, limits: &DiskLimits) -> Option<Request> {
+    let (mut readable, mut writable) = (GuestBuffers::default(), GuestBuffers::default());
+    for (count, desc) in chain.enumerate() {
+        if count >= limits.max_descriptors {
             return None;
         }
+        let len = usize::try_from(desc.len()).ok()?;
         if desc.is_write_only() {
-            seen_writable = true;
-        } else if seen_writable {
-            return None; // readable after writable (§2.7.4.2)
+            writable.push(mem, desc.addr(), len)?;
+        } else if writable.is_empty() {
+            readable.push(mem, desc.addr(), len)?;
+        } else {
+            return None;
         }
     }
-    let reader = chain.clone().reader(mem).ok()?;
-    let mut writer = chain.writer(mem).ok()?;
-    let data_len = writer.available_bytes().checked_sub(1)?;
-    let status_out = writer.split_at(data_len).ok()?;
-    Some((reader, writer, status_out))
+    let mut header = RequestHeader::default();
+    readable
+        .split_front(header.as_slice().len())?
+        .read_into(mem, header.as_mut_slice())?;
+    let status = writable.split_back(1)?;
+    Some(Request {
+        header,
+        payload: readable,
+        data_in: writable,
+        status,
+    })
 }
 
+/// Carries out a parsed request; returns the bytes written into `data_in`.
 fn execute(
-    reader: &mut Reader<'_>,
-    data_out: &mut Writer<'_>,
+    request: &mut Request,
+    mem: &GuestMemoryMmap,
     disk: &dyn DiskBackend,
     limits: &DiskLimits,
     counters: &DeviceCounters,
-) -> Result<(), u8> {
-    let header: RequestHeader = reader.read_obj().map_err(|_| status::IOERR)?;
+) -> Result<usize, u8> {
+    let header = request.header;
     match header.kind {
         kind::IN => {
-            let len = data_out.available_bytes() as u64;
-            let offset = checked_range(header.sector, len, limits)?;
-            let mut buf = vec![0u8; CHUNK.min(len as usize)];
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(CHUNK as u64) as usize;
-                disk.read_at(&mut buf[..n], offset + done)
-                    .map_err(|_| status::IOERR)?;
-                data_out.write_all(&buf[..n]).map_err(|_| status::IOERR)?;
-                done += n as u64;
-            }
-            counters.add(&counters.bytes_written, len);
-            Ok(())
+            let len = request.data_in.len();
+            let offset = checked_range(header.sector, len as u64, limits)?;
+            let mut iovecs = request.data_in.iovecs(mem).ok_or(status::IOERR)?;
+            disk.read_vectored_at(&mut iovecs, offset)
+                .map_err(|_| status::IOERR)?;
+            counters.add(&counters.bytes_written, len as u64);
+            Ok(len)
         }
         kind::OUT => {
             if limits.read_only {
                 return Err(status::IOERR);
             }
-            let len = reader.available_bytes() as u64;
-            let offset = checked_range(header.sector, len, limits)?;
-            let mut buf = vec![0u8; CHUNK.min(len as usize)];
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(CHUNK as u64) as usize;
-                reader
-                    .read_exact(&mut buf[..n])
-                    .map_err(|_| status::IOERR)?;
-                disk.write_at(&buf[..n], offset + done)
-                    .map_err(|_| status::IOERR)?;
-                done += n as u64;
-            }
-            counters.add(&counters.bytes_read, len);
-            Ok(())
+            let len = request.payload.len();
+            let offset = checked_range(header.sector, len as u64, limits)?;
+            let mut iovecs = request.payload.iovecs(mem).ok_or(status::IOERR)?;
+            disk.write_vectored_at(&mut iovecs, offset)
+                .map_err(|_| status::IOERR)?;
+            counters.add(&counters.bytes_read, len as u64);
+            Ok(0)
         }
-        kind::FLUSH => disk.flush().map_err(|_| status::IOERR),
+        kind::FLUSH => disk.flush().map(|()| 0).map_err(|_| status::IOERR),
         kind::GET_ID => {
-            let n = ID_BYTES.min(data_out.available_bytes());
-            data_out
-                .write_all(&limits.id[..n])
-                .map_err(|_| status::IOERR)
+            let n = ID_BYTES.min(request.data_in.len());
+            request
+                .data_in
+                .write_from(mem, &limits.id[..n])
+                .ok_or(status::IOERR)?;
+            Ok(n)
         }
         kind::DISCARD | kind::WRITE_ZEROES => {
             if limits.read_only {
                 return Err(status::IOERR);
             }
             // One segment per request: the device advertises max_*_seg = 1.
-            if reader.available_bytes() != std::mem::size_of::<DiscardSegment>() {
+            let mut seg = DiscardSegment::default();
+            if request.payload.len() != seg.as_slice().len() {
                 return Err(status::UNSUPP);
             }
-            let seg: DiscardSegment = reader.read_obj().map_err(|_| status::IOERR)?;
+            request
+                .payload
+                .read_into(mem, seg.as_mut_slice())
+                .ok_or(status::IOERR)?;
             let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
             let offset = checked_range(seg.sector, len, limits)?;
             let result = if header.kind == kind::DISCARD {
@@ -196,7 +199,7 @@ fn execute(
                 }
                 disk.write_zeroes(offset, len, seg.flags & DISCARD_FLAG_UNMAP != 0)
             };
-            result.map_err(|e| {
+            result.map(|()| 0).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::Unsupported {
                     status::UNSUPP
                 } else {

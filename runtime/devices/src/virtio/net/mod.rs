@@ -283,12 +283,6 @@ impl VirtioDevice for Net {
         super::read_config_bytes(&self.config, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
-        if ctx.queues.len() != 2 {
-            return Err(DeviceError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
-        }
         let acked = ctx.acked_features;
         let mut offloads = 0;
         if acked & feature::GUEST_CSUM != 0 {

@@ -100,12 +100,6 @@ impl VirtioDevice for Rng {
         super::read_config_bytes(&[], offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
-        if ctx.queues.len() != 1 {
-            return Err(DeviceError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
         self.state = State::Active { ctx };
         Ok(())
     }

@@ -193,12 +193,6 @@ impl VirtioDevice for Vsock {
         super::read_config_bytes(&self.config, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
-        if ctx.queues.len() != 3 {
-            return Err(DeviceError::QueueCount {
-                expected: 3,
-                got: ctx.queues.len(),
-            });
-        }
         self.state = State::Active { ctx };
         Ok(())
     }
