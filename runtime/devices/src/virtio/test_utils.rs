@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -101,9 +101,17 @@ pub const INDIRECT: u16 = 4;
 
 /// A guest driver for one split queue in [`guest_memory`]: rings at 0x1000, buffers from
 /// 0x4_0000 upward.
+///
+/// The rings are laid out here (virtio 1.2 §2.7: descriptor table, then the available ring of
+/// 6 + 2 * size bytes, then the used ring 4-aligned), not with virtio-queue's
+/// `MockSplitQueue::create`, whose used ring overlaps the second half of the available ring.
 pub struct Driver<'a> {
     pub mem: &'a GuestMemoryMmap,
-    pub mock: MockSplitQueue<'a, GuestMemoryMmap>,
+    size: u16,
+    table: DescriptorTable<'a, GuestMemoryMmap>,
+    avail: AvailRing<'a, GuestMemoryMmap>,
+    used: UsedRing<'a, GuestMemoryMmap>,
+    addrs: [u64; 3],
     next_desc: u16,
     next_buf: u64,
 }
@@ -115,19 +123,32 @@ impl<'a> Driver<'a> {
 
     /// A second queue needs its rings and its buffers elsewhere.
     pub fn new_at(mem: &'a GuestMemoryMmap, size: u16, rings: u64, buffers: u64) -> Self {
-        let next_buf = buffers;
-        let mock = MockSplitQueue::create(mem, GuestAddress(rings), size);
+        let avail_addr = rings + 16 * u64::from(size);
+        let used_addr = (avail_addr + 6 + 2 * u64::from(size)).next_multiple_of(4);
         Self {
             mem,
-            mock,
+            size,
+            table: DescriptorTable::new(mem, GuestAddress(rings), size),
+            avail: AvailRing::new(mem, GuestAddress(avail_addr), size),
+            used: UsedRing::new(mem, GuestAddress(used_addr), size),
+            addrs: [rings, avail_addr, used_addr],
             next_desc: 0,
-            next_buf,
+            next_buf: buffers,
         }
     }
 
     /// The queue as the device sees it after the transport set it up.
     pub fn queue(&self) -> Queue {
-        let mut q: Queue = self.mock.create_queue().unwrap();
+        let mut q = Queue::new(self.size).unwrap();
+        q.set_size(self.size);
+        let [desc, avail, used] = self.addrs;
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (lo, hi) = split(desc);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(avail);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(used);
+        q.set_used_ring_address(lo, hi);
         q.set_ready(true);
         q
     }
@@ -146,7 +167,7 @@ impl<'a> Driver<'a> {
         let head = self.next_desc;
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
             let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-            self.mock.desc_table().store(head + i as u16, d).unwrap();
+            self.table.store(head + i as u16, d).unwrap();
         }
         self.next_desc += descs.len() as u16;
         self.make_available(head);
@@ -171,11 +192,11 @@ impl<'a> Driver<'a> {
 
     /// Appends `head` to the available ring.
     pub fn make_available(&mut self, head: u16) {
-        let avail = self.mock.avail();
+        let avail = &self.avail;
         let idx = avail.idx().load();
         avail
             .ring()
-            .ref_at(usize::from(idx % self.mock_len()))
+            .ref_at(usize::from(idx % self.size))
             .unwrap()
             .store(u16::to_le(head));
         avail.idx().store(u16::to_le(idx.wrapping_add(1)));
@@ -183,22 +204,18 @@ impl<'a> Driver<'a> {
 
     /// Overwrites the available index (hostile drivers).
     pub fn set_avail_idx(&self, idx: u16) {
-        self.mock.avail().idx().store(u16::to_le(idx));
-    }
-
-    fn mock_len(&self) -> u16 {
-        self.mock.desc_table().total_size() as u16 / 16
+        self.avail.idx().store(u16::to_le(idx));
     }
 
     /// Used ring entries so far, as (descriptor head, length written).
     pub fn used(&self) -> Vec<(u32, u32)> {
-        let used = self.mock.used();
+        let used = &self.used;
         let n = used.idx().load();
         (0..n)
             .map(|i| {
                 let e = used
                     .ring()
-                    .ref_at(usize::from(i % self.mock_len()))
+                    .ref_at(usize::from(i % self.size))
                     .unwrap()
                     .load();
                 (e.id(), e.len())
@@ -215,7 +232,7 @@ impl<'a> Driver<'a> {
 
     /// Address of descriptor `index`'s buffer.
     pub fn desc_addr(&self, index: u16) -> u64 {
-        let raw = self.mock.desc_table().load(index).unwrap();
+        let raw = self.table.load(index).unwrap();
         SplitDescriptor::from(raw).addr().0
     }
 }
