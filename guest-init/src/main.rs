@@ -61,6 +61,9 @@ fn main() {
     if let Some(port) = &control {
         port.report_exit_code(exit.code());
     }
+    // The application's output is complete: keep the kernel's shutdown lines ("reboot:
+    // Restarting system") out of it by silencing the console now (console_loglevel 0).
+    let _ = std::fs::write("/proc/sys/kernel/printk", "0");
     // SAFETY: reboot is PID 1's to call; the VMM turns the reset into the end of the VM.
     unsafe { libc::reboot(libc::RB_AUTOBOOT) };
     // Only reached if reboot failed: halt here rather than return (PID 1 exiting panics the kernel).
