@@ -291,12 +291,15 @@ fn vsock_carries_data_both_ways() {
     let uds = scratch.0.join("v.sock");
     // Guest to host: the guest connects to host port 5000, which lands on <uds>_5000.
     let host_port = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
-    let server = std::thread::spawn(move || {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let (mut conn, _) = host_port.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let mut got = Vec::new();
         conn.read_to_end(&mut got).unwrap();
         conn.write_all(&got.to_ascii_uppercase()).unwrap();
-        got
+        let _ = done_tx.send(got);
     });
     let uds_arg = uds.display().to_string();
     let mut husk = spawn_husk(
@@ -304,7 +307,10 @@ fn vsock_carries_data_both_ways() {
         "echo from-guest | husk-init vsock-cat 2 5000; echo; husk-init vsock-echo 6000",
     );
     wait_for_line(&mut husk, "listening on port 6000");
-    assert_eq!(server.join().unwrap(), b"from-guest\n");
+    let got = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the guest never connected to host port 5000");
+    assert_eq!(got, b"from-guest\n");
 
     // Host to guest: CONNECT to the guest's port 6000 through the device's socket.
     let mut conn = UnixStream::connect(&uds).unwrap();

@@ -6,6 +6,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
+use husk_devices::virtio::BackendTrigger;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -51,12 +52,12 @@ impl EventLoop {
             for (q, evt) in slot.queue_events.iter().enumerate() {
                 add(evt.as_raw_fd(), EventSet::IN, token(d, q as u64))?;
             }
-            if let Some(fd) = slot.backend_fd {
-                add(
-                    fd,
-                    EventSet::IN | EventSet::EDGE_TRIGGERED,
-                    token(d, BACKEND),
-                )?;
+            if let Some((fd, trigger)) = slot.backend_fd {
+                let events = match trigger {
+                    BackendTrigger::Edge => EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    BackendTrigger::Level => EventSet::IN,
+                };
+                add(fd, events, token(d, BACKEND))?;
             }
         }
         let stop_copy = stop.try_clone().map_err(EventLoopError::Setup)?;

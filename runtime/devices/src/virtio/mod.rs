@@ -152,6 +152,19 @@ pub enum DeviceError {
     Backend(#[source] std::io::Error),
 }
 
+/// How the VMM's event loop watches a device's backend fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendTrigger {
+    /// Reported once per new readiness: the device reads until `WouldBlock`, or until it must
+    /// wait for the guest, and then resumes by itself from `process_queue` when the guest adds
+    /// buffers. Right for a tap, which stays readable while a frame waits for buffers.
+    Edge,
+    /// Reported as long as the fd is readable: right for an epoll fd the device drains itself,
+    /// which is readable exactly while something in it is ready, so nothing left over for a
+    /// later call can be missed.
+    Level,
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// virtio device ID ([`device_id`]).
@@ -171,11 +184,14 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError>;
     /// A file descriptor the VMM's event loop watches for this device's backend (a tap, or an
     /// epoll fd multiplexing many sockets); when it is readable the loop calls
-    /// [`VirtioDevice::process_backend`]. Fixed for the device's life. The fd is watched
-    /// edge-triggered: the device reads until `WouldBlock`, or until it must wait for the guest,
-    /// in which case it resumes by itself from `process_queue` when the guest adds buffers.
+    /// [`VirtioDevice::process_backend`]. Fixed for the device's life. How it is watched is
+    /// [`VirtioDevice::backend_trigger`].
     fn backend_fd(&self) -> Option<std::os::unix::io::RawFd> {
         None
+    }
+    /// How the event loop watches [`VirtioDevice::backend_fd`].
+    fn backend_trigger(&self) -> BackendTrigger {
+        BackendTrigger::Edge
     }
     /// The backend fd is ready: move data between the backend and the queues.
     fn process_backend(&mut self) -> Result<(), DeviceError> {

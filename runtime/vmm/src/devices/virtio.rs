@@ -7,7 +7,7 @@ use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use husk_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
-use husk_devices::virtio::{CounterSnapshot, VirtioDevice, VirtioInterrupt};
+use husk_devices::virtio::{BackendTrigger, CounterSnapshot, VirtioDevice, VirtioInterrupt};
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -63,8 +63,8 @@ pub struct VirtioSlot {
     /// One event per queue, signalled by KVM when the guest writes the queue's index to
     /// QueueNotify.
     pub queue_events: Vec<EventFd>,
-    /// The device's backend fd, if it has one.
-    pub backend_fd: Option<RawFd>,
+    /// The device's backend fd, if it has one, and how to watch it.
+    pub backend_fd: Option<(RawFd, BackendTrigger)>,
     /// Kernel command-line parameter announcing the device.
     pub cmdline: String,
 }
@@ -107,7 +107,7 @@ pub fn attach(
     let interrupt = Arc::new(VirtioInterrupt::new(Box::new(irq_event)));
     let device_type = device.device_type();
     let queue_count = device.queue_max_sizes().len();
-    let backend_fd = device.backend_fd();
+    let backend_fd = device.backend_fd().map(|fd| (fd, device.backend_trigger()));
     let transport = MmioTransport::new(device, vm.memory().clone(), interrupt)
         .map_err(|_| VirtioAttachError::Queues(device_type))?;
     let transport = Arc::new(Mutex::new(transport));

@@ -216,6 +216,11 @@ impl VirtioDevice for Vsock {
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.muxer.backend().epoll_fd())
     }
+    fn backend_trigger(&self) -> super::BackendTrigger {
+        // The backend fd is an epoll fd of sockets that process_backend drains in bounded
+        // rounds: level-triggered, so what a round leaves is reported again.
+        super::BackendTrigger::Level
+    }
     fn process_backend(&mut self) -> Result<(), DeviceError> {
         let active = matches!(self.state, State::Active { .. });
         if let Err(e) = self.muxer.process_host(active) {
