@@ -128,6 +128,14 @@ mod tests {
     use super::*;
     use crate::virtio::test_utils::{activate_ctx, guest_memory, CountingLine, Driver, WRITE};
 
+    /// An rng on `driver`'s queue, activated, filling buffers with `byte`.
+    fn active_rng(driver: &Driver<'_>, byte: u8, line: CountingLine) -> Rng {
+        let mut rng = Rng::new(Box::new(Pattern(byte)));
+        rng.activate(activate_ctx(driver.mem, vec![driver.queue()], line))
+            .unwrap();
+        rng
+    }
+
     struct Pattern(u8);
     impl EntropySource for Pattern {
         fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
@@ -142,9 +150,7 @@ mod tests {
         let mut driver = Driver::new(&mem, 16);
         let head = driver.chain(&[(&[], 100, true), (&[], 28, true)]);
         let line = CountingLine::default();
-        let mut rng = Rng::new(Box::new(Pattern(0x5a)));
-        rng.activate(activate_ctx(&mem, vec![driver.queue()], line.clone()))
-            .unwrap();
+        let mut rng = active_rng(&driver, 0x5a, line.clone());
 
         rng.process_queue(0).unwrap();
 
@@ -173,13 +179,7 @@ mod tests {
         driver.raw_chain(&[(u64::MAX - 8, 64, WRITE, 0)]);
         driver.raw_chain(&[(0x4_0000, 0, WRITE, 0)]);
         driver.raw_chain(&[(0x4_0000, 16, WRITE | 1, 3)]);
-        let mut rng = Rng::new(Box::new(Pattern(1)));
-        rng.activate(activate_ctx(
-            &mem,
-            vec![driver.queue()],
-            CountingLine::default(),
-        ))
-        .unwrap();
+        let mut rng = active_rng(&driver, 1, CountingLine::default());
 
         rng.process_queue(0).unwrap();
 
@@ -200,13 +200,7 @@ mod tests {
         let mut driver = Driver::new(&mem, 16);
         driver.chain(&[(&[], 8, true)]);
         driver.set_avail_idx(1000);
-        let mut rng = Rng::new(Box::new(Pattern(1)));
-        rng.activate(activate_ctx(
-            &mem,
-            vec![driver.queue()],
-            CountingLine::default(),
-        ))
-        .unwrap();
+        let mut rng = active_rng(&driver, 1, CountingLine::default());
         assert!(matches!(
             rng.process_queue(0),
             Err(DeviceError::BrokenQueue(0))
@@ -218,13 +212,7 @@ mod tests {
         let mem = guest_memory();
         let mut driver = Driver::new(&mem, 16);
         driver.chain(&[(&[], 0x8_0000, true)]);
-        let mut rng = Rng::new(Box::new(Pattern(1)));
-        rng.activate(activate_ctx(
-            &mem,
-            vec![driver.queue()],
-            CountingLine::default(),
-        ))
-        .unwrap();
+        let mut rng = active_rng(&driver, 1, CountingLine::default());
         rng.process_queue(0).unwrap();
         assert_eq!(driver.used()[0].1 as usize, MAX_BYTES_PER_REQUEST);
     }
@@ -236,13 +224,7 @@ mod tests {
         let mem = guest_memory();
         let mut driver = Driver::new(&mem, 16);
         let heads: Vec<u16> = (0..16).map(|_| driver.chain(&[(&[], 8, true)])).collect();
-        let mut rng = Rng::new(Box::new(Pattern(1)));
-        rng.activate(activate_ctx(
-            &mem,
-            vec![driver.queue()],
-            CountingLine::default(),
-        ))
-        .unwrap();
+        let mut rng = active_rng(&driver, 1, CountingLine::default());
         rng.process_queue(0).unwrap();
         let used = driver.used();
         assert_eq!(

@@ -29,6 +29,33 @@ impl Trigger for EventFdTrigger {
 /// Where console output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
+/// Console output that survives its reader going away (`husk run ... | head`, a closed console
+/// socket): the first failure is reported once and later output is discarded, instead of an
+/// error (and a log line) for every byte the guest writes.
+struct DiscardAfterFailure {
+    inner: ConsoleOut,
+    failed: bool,
+}
+
+impl Write for DiscardAfterFailure {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !self.failed {
+            if let Err(e) = self.inner.write_all(buf) {
+                self.failed = true;
+                log::warn!("console output failed ({e}); further console output is discarded");
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.failed {
+            let _ = self.inner.flush();
+        }
+        Ok(())
+    }
+}
+
 /// The serial port as a bus device.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, ConsoleOut>,
@@ -37,6 +64,10 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART that interrupts through `irq` and writes to `out`.
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+        let out: ConsoleOut = Box::new(DiscardAfterFailure {
+            inner: out,
+            failed: false,
+        });
         SerialDevice {
             serial: Serial::new(EventFdTrigger(irq), out),
         }
@@ -70,6 +101,7 @@ impl BusDevice for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -100,5 +132,26 @@ mod tests {
         let mut lsr = [0u8];
         s.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0, "transmit holding register empty");
+    }
+
+    #[test]
+    fn a_failing_console_is_tried_once_then_output_is_dropped_quietly() {
+        struct Broken(Arc<AtomicUsize>);
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let mut dev =
+            SerialDevice::new(EventFd::new(0).unwrap(), Box::new(Broken(attempts.clone())));
+        for b in b"hello" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
     }
 }
