@@ -54,13 +54,17 @@ fn boots_a_bzimage_too_and_reports_time_to_init() {
 #[test]
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn the_guest_sees_the_requested_vcpus() {
+    // Two, not more: the testbed's L1 has two vCPUs, and an L2 with more vCPUs than L1 has
+    // once panicked L1's kernel in CI ("corrupted stack end detected inside scheduler" on a
+    // vCPU thread: nested SVM under TCG). Larger counts are covered on host KVM by
+    // `smp_every_vcpu_runs_on_its_own_thread`.
     let run = husk_run(
-        &["--cpus", "4"],
+        &["--cpus", "2"],
         &["grep", "-c", "^processor", "/proc/cpuinfo"],
     );
     assert_eq!(run.code(), Some(0), "stderr:\n{}", run.stderr());
     assert!(
-        run.stdout().lines().any(|l| l.trim() == "4"),
+        run.stdout().lines().any(|l| l.trim() == "2"),
         "guest CPU count:\n{}",
         run.stdout()
     );
