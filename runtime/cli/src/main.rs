@@ -1,24 +1,44 @@
 //! `husk`: the command-line interface of husk.
 //!
-//! Today: the quick launch `husk run [OPTIONS] -- CMD`, which needs no daemon. The docker-like
-//! verbs against huskd arrive with the control plane.
+//! `husk run [OPTIONS] -- CMD` boots a micro-VM directly (no daemon needed); the other verbs
+//! are a gRPC client of huskd (see `remote`).
 
-mod net;
+mod opts;
+mod output;
 mod quick_launch;
+mod remote;
 mod run_args;
+mod tty;
 
-const USAGE: &str = "\
-usage: husk <command> [ARGS...]
+fn usage() -> String {
+    format!(
+        "usage: husk [--host ADDR] <command> [ARGS...]
 
-commands:
-  run [OPTIONS] -- CMD [ARGS...]   boot a micro-VM, run CMD, exit with its exit code
-  version                          print the version
-  help                             this text
-
-`husk run --help` lists the options of run.";
+quick launch (no daemon):
+  run [OPTIONS] -- CMD [ARGS...]     boot a micro-VM, run CMD, exit with its exit code
+                                     (`husk run --help` lists the options)
+{}
+other:
+  version                            print the version
+  help                               this text",
+        remote::USAGE
+    )
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut host = std::env::var("HUSK_HOST").unwrap_or_else(|_| remote::DEFAULT_HOST.into());
+    while let Some(first) = args.first() {
+        if let Some(h) = first.strip_prefix("--host=") {
+            host = h.to_string();
+            args.remove(0);
+        } else if first == "--host" && args.len() > 1 {
+            host = args[1].clone();
+            args.drain(..2);
+        } else {
+            break;
+        }
+    }
     let code = match args.first().map(String::as_str) {
         Some("run") => match run_args::RunArgs::parse(&args[1..]) {
             _ if args[1..]
@@ -36,11 +56,21 @@ fn main() {
             0
         }
         Some("help" | "--help" | "-h") => {
-            println!("{USAGE}");
+            println!("{}", usage());
             0
         }
-        Some(other) => fail(format!("unknown command {other:?}\n{USAGE}")),
-        None => fail(USAGE.to_string()),
+        Some(
+            verb @ ("create" | "start" | "stop" | "rm" | "ps" | "inspect" | "exec" | "logs"
+            | "pause" | "resume" | "events"),
+        ) => match remote::run_verb(&host, verb, &args[1..]) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("husk: error: {e}");
+                remote::EXIT_API_ERROR
+            }
+        },
+        Some(other) => fail(format!("unknown command {other:?}\n{}", usage())),
+        None => fail(usage()),
     };
     std::process::exit(code);
 }

@@ -2,13 +2,18 @@
 //! exit with that command's exit code.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use husk_init::spec::{BootSpec, PARAM};
 
-use crate::net::VmLink;
 use crate::run_args::RunArgs;
+use husk_host::net::VmLink;
+use husk_host::paths::{husk_home, require_file, vmm_binary};
+
+const BUILD_KERNEL_HINT: &str = "build the default one with scripts/build-kernel, or pass --kernel";
+const BUILD_INITRD_HINT: &str =
+    "build the default one with scripts/build-image default, or pass --initrd";
 
 /// Exit code when husk itself (not the guest application) failed, as docker does.
 pub const EXIT_HUSK_ERROR: i32 = 125;
@@ -19,11 +24,11 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     let kernel = args
         .kernel
         .clone()
-        .unwrap_or_else(|| home.join("kernel/vmlinux"));
+        .unwrap_or_else(|| husk_host::paths::default_kernel(&home));
     let initrd = args
         .initrd
         .clone()
-        .unwrap_or_else(|| home.join("images/default.cpio.gz"));
+        .unwrap_or_else(|| husk_host::paths::default_initrd(&home));
     let mut spec = BootSpec {
         argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: args.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
@@ -31,8 +36,8 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     };
     // Everything that can be refused is checked before anything is created.
     spec.encode().map_err(|e| e.to_string())?;
-    require_file(&kernel, "kernel", "scripts/build-kernel")?;
-    require_file(&initrd, "initrd", "scripts/build-image default")?;
+    require_file(&kernel, "kernel", BUILD_KERNEL_HINT)?;
+    require_file(&initrd, "initrd", BUILD_INITRD_HINT)?;
     let disks = disk_args(args)?;
     let vmm = vmm_binary()?;
 
@@ -108,14 +113,18 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
 fn disk_args(args: &RunArgs) -> Result<Vec<String>, String> {
     let mut disks = Vec::new();
     if let Some(rootfs) = &args.rootfs {
-        require_file(rootfs, "rootfs", "scripts/build-image default")?;
+        require_file(
+            rootfs,
+            "rootfs",
+            "build one with scripts/build-image default, or pass --rootfs",
+        )?;
         disks.push(rootfs.display().to_string());
     }
     for disk in &args.disks {
         require_file(
             Path::new(disk.strip_suffix(":ro").unwrap_or(disk)),
             "disk",
-            "mkfs.ext4",
+            "make one with mkfs.ext4, or check --disk",
         )?;
         disks.push(disk.clone());
     }
@@ -134,45 +143,6 @@ fn inherit_fd(cmd: &mut Command, fd: i32) {
             Ok(())
         });
     }
-}
-
-/// `$HUSK_HOME`, default `~/.local/share/husk`.
-pub fn husk_home() -> Result<PathBuf, String> {
-    if let Some(home) = std::env::var_os("HUSK_HOME") {
-        return Ok(home.into());
-    }
-    let home = std::env::var_os("HOME").ok_or("neither HUSK_HOME nor HOME is set")?;
-    Ok(PathBuf::from(home).join(".local/share/husk"))
-}
-
-fn require_file(path: &Path, what: &str, how_to_build: &str) -> Result<(), String> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(format!("{what} {} is not a file", path.display())),
-        Err(e) => Err(format!(
-            "{what} {}: {e} (build the default one with {how_to_build}, or pass --{what})",
-            path.display()
-        )),
-    }
-}
-
-/// husk-vmm: `$HUSK_VMM`, else next to this executable, else on `PATH`.
-fn vmm_binary() -> Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("HUSK_VMM") {
-        return Ok(path.into());
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("husk-vmm")));
-    if let Some(path) = beside.filter(|p| p.is_file()) {
-        return Ok(path);
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("husk-vmm"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| "husk-vmm not found next to husk or on PATH (set HUSK_VMM)".into())
 }
 
 fn ignore_interactive_signals() {

@@ -1,0 +1,272 @@
+//! huskd: the husk daemon. Serves the husk.v1 gRPC API (plus gRPC health and server
+//! reflection) on a Unix socket, and optionally on TCP, and runs every VM as its own husk-vmm
+//! process, which it supervises. VMs outlive huskd: a restarted huskd adopts them again.
+
+mod agent_client;
+mod daemon;
+mod service;
+mod store;
+mod validate;
+mod vmm_process;
+mod wire;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use husk_proto::v1::husk_server::HuskServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use daemon::{Daemon, DaemonConfig};
+use service::HuskService;
+
+const DEFAULT_SOCKET: &str = "/run/husk/huskd.sock";
+const DEFAULT_STATE_DIR: &str = "/run/husk";
+const DEFAULT_MAX_VMS: usize = 1024;
+
+const USAGE: &str = "\
+usage: huskd [--socket PATH] [--state-dir DIR] [--tcp ADDR:PORT] [--max-vms N]
+             [--kernel PATH] [--initrd PATH] [--vmm PATH]
+
+  --socket PATH     Unix socket to serve on, mode 0660 (default /run/husk/huskd.sock)
+  --state-dir DIR   where VM records, consoles and VMM sockets live (default /run/husk)
+  --tcp ADDR:PORT   also serve on TCP (no authentication: bind to loopback or a trusted net)
+  --max-vms N       VMs huskd holds at most, created or running (default 1024)
+  --kernel PATH     default guest kernel (default $HUSK_HOME/kernel/vmlinux)
+  --initrd PATH     default initramfs (default $HUSK_HOME/images/default.cpio.gz)
+  --vmm PATH        husk-vmm binary (default: $HUSK_VMM, next to huskd, or on PATH)
+
+Serves husk.v1.Husk, grpc.health.v1.Health and gRPC server reflection.
+SIGINT/SIGTERM stop the daemon; running VMs keep running and are adopted by the next huskd.";
+
+#[derive(Debug)]
+struct Args {
+    socket: PathBuf,
+    tcp: Option<SocketAddr>,
+    config: DaemonConfig,
+}
+
+fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
+    let home = husk_host::paths::husk_home();
+    let mut socket = PathBuf::from(DEFAULT_SOCKET);
+    let mut state_dir = PathBuf::from(DEFAULT_STATE_DIR);
+    let mut tcp = None;
+    let mut max_vms = DEFAULT_MAX_VMS;
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut vmm = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--socket" => socket = value()?.into(),
+            "--state-dir" => state_dir = value()?.into(),
+            "--tcp" => {
+                let v = value()?;
+                tcp = Some(
+                    v.parse()
+                        .map_err(|_| format!("--tcp {v:?}: not ADDR:PORT"))?,
+                );
+            }
+            "--max-vms" => {
+                let v = value()?;
+                max_vms = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("--max-vms {v:?}: not a positive number"))?;
+            }
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initrd" => initrd = Some(PathBuf::from(value()?)),
+            "--vmm" => vmm = Some(PathBuf::from(value()?)),
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    let default_from_home = |f: fn(&Path) -> PathBuf| home.as_ref().map(|h| f(h));
+    let config = DaemonConfig {
+        state_dir: absolute(state_dir)?,
+        vmm: match vmm {
+            Some(v) => absolute(v)?,
+            None => husk_host::paths::vmm_binary()?,
+        },
+        default_kernel: match kernel {
+            Some(k) => absolute(k)?,
+            None => default_from_home(husk_host::paths::default_kernel)?,
+        },
+        default_initrd: match initrd {
+            Some(i) => absolute(i)?,
+            None => default_from_home(husk_host::paths::default_initrd)?,
+        },
+        max_vms,
+    };
+    Ok(Some(Args {
+        socket,
+        tcp,
+        config,
+    }))
+}
+
+fn absolute(path: PathBuf) -> Result<PathBuf, String> {
+    std::path::absolute(&path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Binds the Unix socket: refuses when another huskd answers on it, replaces a stale one.
+fn bind_socket(path: &Path) -> Result<UnixListener, String> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!("{} is in use: another huskd runs", path.display()));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+async fn serve(args: Args) -> Result<(), String> {
+    let daemon = Daemon::open(args.config.clone())?;
+    let listener = bind_socket(&args.socket)?;
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<HuskServer<HuskService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(husk_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let husk = HuskServer::new(HuskService::new(daemon));
+    let router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(husk);
+    eprintln!(
+        "huskd: serving on {} (state in {})",
+        args.socket.display(),
+        args.config.state_dir.display()
+    );
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("signal handler: {e}"));
+        match term.as_mut() {
+            Ok(term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    };
+    let result = match args.tcp {
+        Some(addr) => {
+            let tcp = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            eprintln!("huskd: also serving on tcp {addr}");
+            let incoming_tcp = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+            let unix = router
+                .clone()
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+            tokio::select! {
+                r = unix => r,
+                r = router.serve_with_incoming(incoming_tcp) => r,
+            }
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await
+        }
+    };
+    let _ = std::fs::remove_file(&args.socket);
+    result.map_err(|e| format!("server: {e}"))
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("huskd: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("huskd: error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(serve(args)) {
+        eprintln!("huskd: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_parse_and_mistakes_are_named() {
+        let args = parse_args(&strings(&[
+            "--socket",
+            "/tmp/h.sock",
+            "--state-dir",
+            "/tmp/hs",
+            "--tcp",
+            "127.0.0.1:7000",
+            "--max-vms",
+            "3",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--vmm",
+            "/v",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(args.socket, PathBuf::from("/tmp/h.sock"));
+        assert_eq!(args.tcp, Some("127.0.0.1:7000".parse().unwrap()));
+        assert_eq!(args.config.max_vms, 3);
+        assert_eq!(args.config.vmm, PathBuf::from("/v"));
+        assert!(parse_args(&strings(&["--help"])).unwrap().is_none());
+        for (bad, needle) in [
+            (&["--max-vms", "0"][..], "--max-vms"),
+            (&["--tcp", "nope"][..], "--tcp"),
+            (&["--socket"][..], "needs a value"),
+            (&["--frobnicate"][..], "unknown option"),
+        ] {
+            let err = parse_args(&strings(bad)).unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}
