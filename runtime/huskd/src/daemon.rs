@@ -473,13 +473,13 @@ impl Daemon {
                 r.reason, r.exit_status
             )),
             (None, Some(status)) => Some(format!(
-                "husk-vmm {} without an exit report (see {})",
+                "husk-vmm {} without an exit report{}",
                 vmm_process::describe_wait_status(status),
-                entry.dir.join(store::VMM_LOG).display()
+                last_log_line(&entry.dir)
             )),
             (None, None) => Some(format!(
-                "husk-vmm ended without an exit report (killed?); see {}",
-                entry.dir.join(store::VMM_LOG).display()
+                "husk-vmm ended without an exit report (killed?){}",
+                last_log_line(&entry.dir)
             )),
         };
         entry.update(|vm| {
@@ -654,6 +654,18 @@ impl Daemon {
     pub fn is_live(&self, entry: &VmEntry) -> bool {
         lock(&entry.run).is_some()
     }
+}
+
+/// ": <last line of vmm.log>", or nothing: the VMM's own words on why it ended.
+fn last_log_line(dir: &Path) -> String {
+    let text = std::fs::read(dir.join(store::VMM_LOG)).unwrap_or_default();
+    let tail = &text[text.len().saturating_sub(4096)..];
+    String::from_utf8_lossy(tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| format!(": {}", l.trim()))
+        .unwrap_or_default()
 }
 
 /// One request to a VMM's control socket; an `error` reply becomes Err.

@@ -142,14 +142,20 @@ async fn serve(args: Args) -> Result<(), String> {
     health_reporter
         .set_serving::<HuskServer<HuskService>>()
         .await;
+    // Both reflection versions: grpcurl and grpcio's tools still ask v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(husk_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(husk_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     let husk = HuskServer::new(HuskService::new(daemon));
     let router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(husk);
     eprintln!(
         "huskd: serving on {} (state in {})",
