@@ -183,14 +183,17 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
         "tap {} missing",
         alpha_status.tap
     );
-    let ping = std::process::Command::new("ping")
-        .args(["-c", "1", "-W", "5", &alpha_status.guest_ip])
-        .output()
-        .unwrap();
-    assert!(
-        ping.status.success(),
-        "host cannot ping alpha at {}",
-        alpha_status.guest_ip
+    let ping = exec(
+        &huskd,
+        "alpha",
+        &["ping", "-c", "1", "-W", "5", &alpha_status.host_ip],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        ping.code, 0,
+        "alpha cannot ping the host at {}: {}",
+        alpha_status.host_ip, ping.stdout
     );
 
     // Pause stops the guest, resume lets it go on.
