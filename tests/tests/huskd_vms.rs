@@ -405,3 +405,31 @@ fn concurrent_starts_one_wins_and_the_cli_drives_a_sandbox() {
     );
     assert_eq!(huskd.husk(&["rm", "box"]).code(), Some(0));
 }
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn a_python_grpc_client_drives_a_full_lifecycle() {
+    require_guest_kvm();
+    let python = husk_tests::husk_home().join("python/bin/python3");
+    assert!(
+        python.exists(),
+        "{} is missing: scripts/setup installs grpcio there",
+        python.display()
+    );
+    let huskd = daemon("python");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = husk_tests::run_with_timeout(
+        std::process::Command::new(python)
+            .arg(root.join("tests/python/lifecycle.py"))
+            .arg(format!("unix://{}", huskd.socket.display()))
+            .arg(root.join("proto")),
+        Duration::from_secs(240),
+    );
+    assert!(
+        run.code() == Some(0) && run.stdout().contains("PYTHON-LIFECYCLE-OK"),
+        "python client failed:\n{}\n{}\nhuskd log:\n{}",
+        run.stdout(),
+        run.stderr(),
+        huskd.log()
+    );
+}
