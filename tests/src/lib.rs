@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod huskd;
+pub mod vmm_client;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -5,19 +5,23 @@
 //! map, or PVH 32-bit protected mode), so these tests also exercise GDT, page tables and
 //! registers from `arch::x86_64::regs`.
 
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use husk_proto::frame;
+use husk_proto::vmm::{info, vmm_request, vmm_response, VmmRequest, VmmResponse};
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::api::socket::ApiSocket;
 use crate::arch::x86_64::layout::{MIB, PVH_INFO_START};
 use crate::arch::x86_64::regs::{setup_boot_vcpu, write_boot_tables, BootEntry};
 use crate::builder::{build_base_vm, BaseVmConfig};
 use crate::devices::bus::BusDevice;
 use crate::stop::{StopReason, StopState};
-use crate::test_utils::{require_kvm, SharedBuf};
+use crate::test_utils::{require_kvm, ScratchDir, SharedBuf};
 use crate::vmm::{VmOutcome, Vmm};
 use crate::vstate::kvm::open_kvm;
 
@@ -69,6 +73,11 @@ fn long_mode() -> BootEntry {
 
 /// Runs with a watchdog that stops the VM (as an error) after [`TIMEOUT`].
 fn run(vmm: Vmm) -> VmOutcome {
+    run_with_api(vmm, None)
+}
+
+/// [`run`], serving the control socket `api`.
+fn run_with_api(vmm: Vmm, api: Option<ApiSocket>) -> VmOutcome {
     let stop = vmm.stop_state();
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -76,7 +85,7 @@ fn run(vmm: Vmm) -> VmOutcome {
             stop.request(StopReason::Error("test timed out".into()));
         }
     });
-    let outcome = vmm.run().expect("run VM");
+    let outcome = vmm.run_with_api(api).expect("run VM");
     let _ = done_tx.send(());
     watchdog.join().unwrap();
     outcome
@@ -259,4 +268,105 @@ fn stop_request_kicks_spinning_vcpus_out_of_kvm_run() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// One request and its response over the control socket.
+fn call(stream: &mut UnixStream, msg: vmm_request::Msg) -> Result<info::State, String> {
+    frame::write(stream, &VmmRequest { msg: Some(msg) }).unwrap();
+    match frame::read::<VmmResponse, _>(stream)
+        .unwrap()
+        .and_then(|r| r.msg)
+    {
+        Some(vmm_response::Msg::Info(i)) => Ok(i.state()),
+        Some(vmm_response::Msg::Error(e)) => Err(e),
+        None => panic!("no response"),
+    }
+}
+
+/// Waits until `done` holds, failing the test after [`TIMEOUT`].
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn pause_freezes_every_vcpu_resume_continues_and_stop_ends_a_paused_vm() {
+    use vmm_request::Msg::{Describe, Pause, Resume, Stop};
+    require_kvm!();
+    const COUNTERS: u64 = 0x20_0000;
+    let vmm = vmm(2, SharedBuf::default());
+    let code = [
+        0xbb, 0x00, 0x00, 0x20, 0x00, // mov ebx, 0x200000
+        0x48, 0xff, 0x04, 0xc3, //       inc qword [rbx + rax*8]   (rax = vCPU index)
+        0xeb, 0xfa, //                   jmp inc
+    ];
+    load(&vmm, &code, long_mode());
+    let mem = vmm.vm().memory().clone();
+    let counters = move || -> [u64; 2] {
+        [0, 1].map(|i| mem.read_obj(GuestAddress(COUNTERS + 8 * i)).unwrap())
+    };
+    let dir = ScratchDir::new("kvm-pause");
+    let path = dir.path().join("api.sock");
+    let socket = ApiSocket::bind(&path).unwrap();
+    let vm_thread = std::thread::spawn(move || run_with_api(vmm, Some(socket)));
+    wait_until("both vCPUs count", || counters().iter().all(|&c| c > 0));
+
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert_eq!(
+        call(&mut client, Describe(Default::default())),
+        Ok(info::State::Running)
+    );
+    let e = call(&mut client, Resume(Default::default())).unwrap_err();
+    assert!(e.contains("not paused"), "{e}");
+
+    let (mut pause_us, mut resume_us, mut running_again_us) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(
+            call(&mut client, Pause(Default::default())),
+            Ok(info::State::Paused)
+        );
+        pause_us.push(t.elapsed().as_micros());
+        let frozen = counters();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(counters(), frozen, "a vCPU ran while paused");
+        let e = call(&mut client, Pause(Default::default())).unwrap_err();
+        assert!(e.contains("already paused"), "{e}");
+        assert_eq!(
+            call(&mut client, Describe(Default::default())),
+            Ok(info::State::Paused)
+        );
+
+        let t = Instant::now();
+        assert_eq!(
+            call(&mut client, Resume(Default::default())),
+            Ok(info::State::Running)
+        );
+        resume_us.push(t.elapsed().as_micros());
+        wait_until("every vCPU counts again", || {
+            counters().iter().zip(frozen).all(|(&now, then)| now > then)
+        });
+        running_again_us.push(t.elapsed().as_micros());
+    }
+    eprintln!(
+        "pause round trip (us): {pause_us:?}; resume round trip (us): {resume_us:?}; \
+         resume sent to every vCPU counting (us): {running_again_us:?}"
+    );
+
+    assert_eq!(
+        call(&mut client, Pause(Default::default())),
+        Ok(info::State::Paused)
+    );
+    assert_eq!(
+        call(&mut client, Stop(Default::default())),
+        Ok(info::State::Stopping)
+    );
+    let out = vm_thread.join().unwrap();
+    assert_eq!(out.reason, StopReason::Requested);
+    assert_eq!(out.exit_status(), 143);
+    assert!(!path.exists(), "the control socket was not removed");
 }

@@ -1,14 +1,18 @@
 //! husk-vmm: the virtual machine monitor behind every husk micro-VM (one process per VM).
 //!
 //! [`builder`] turns a [`config::VmConfig`] into a [`vmm::Vmm`]; [`vmm::Vmm::run`] runs it to
-//! the end and says how it ended.
+//! the end and says how it ended, optionally serving the control socket ([`api`]) meanwhile;
+//! [`exit_report`] writes that outcome for a supervisor.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod event_loop;
+pub mod exit_report;
 pub mod loader;
+pub mod pause;
 pub mod signals;
 pub mod stop;
 pub mod vmm;

@@ -1,30 +1,33 @@
 //! The husk-vmm binary: parses the command line, builds and runs one micro-VM, and exits with the
 //! guest application's exit code.
 //!
-//! Exit status: the code the guest reported on port 0x601; 130/143 after SIGINT/SIGTERM; 125 for
-//! any VMM error (one line `husk-vmm: error: ...` on stderr) and for a guest that stopped without
-//! reporting an exit code.
+//! Exit status: the code the guest reported on port 0x601; 130/143 after SIGINT/SIGTERM; 143 after
+//! a stop request on the control socket; 125 for any VMM error (one line `husk-vmm: error: ...` on
+//! stderr) and for a guest that stopped without reporting an exit code.
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use husk_proto::vmm::ExitReport;
+use husk_vmm::api::socket::ApiSocket;
 use husk_vmm::builder::build_microvm;
 use husk_vmm::config::{
     ConsoleConfig, DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE,
     DEFAULT_MEM_MIB, DEFAULT_VCPUS,
 };
+use husk_vmm::exit_report;
 use husk_vmm::signals;
 use husk_vmm::stop::StopReason;
-use husk_vmm::vmm::EXIT_VMM_ERROR;
+use husk_vmm::vmm::{VmOutcome, EXIT_VMM_ERROR};
 
 fn usage() -> String {
     format!(
         "usage: husk-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
                 [--console stdout|none|file:PATH|unix:PATH] [--report-boot-time] [--allow-pvm]
                 [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
-                [--vsock cid=N,path=PATH] [--no-rng]
+                [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
 
   --kernel PATH         guest kernel: ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH         initramfs
@@ -43,16 +46,31 @@ fn usage() -> String {
   --vsock cid=N,path=PATH  virtio-vsock with guest CID N (>= 3); host side on the Unix socket
                         PATH (CONNECT <port> for guest ports; PATH_<port> for guest-initiated)
   --no-rng              no virtio-rng device (on by default)
+  --api-sock PATH       serve the control socket at PATH (protocol husk.vmm.v1: describe, pause,
+                        resume, stop; 4-byte big-endian length + protobuf message each way).
+                        Mode 0600; a stale socket at PATH is replaced, anything else there is
+                        refused; PATH is removed when husk-vmm exits
+  --exit-report PATH    when husk-vmm exits after starting (guest exit or reset, signal, stop
+                        request, error), write a husk.vmm.v1.ExitReport (plain protobuf bytes,
+                        not framed) to PATH.tmp and rename it to PATH
   -h, --help            this text
 
-Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 125 on a VMM error
-or when the guest stopped without reporting an exit code.
+Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 143 after a stop
+request on the control socket; 125 on a VMM error or when the guest stopped without reporting an
+exit code.
 Environment: HUSK_LOG=error|warn|info|debug (default warn) for VMM diagnostics on stderr."
     )
 }
 
+/// What to run, and the process-level options around it.
+struct Options {
+    vm: VmConfig,
+    api_sock: Option<PathBuf>,
+    exit_report: Option<PathBuf>,
+}
+
 enum Command {
-    Run(Box<VmConfig>),
+    Run(Box<Options>),
     Help,
 }
 
@@ -161,6 +179,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut args = args.into_iter();
     let mut kernel = None;
     let mut config = VmConfig::new(PathBuf::new());
+    let (mut api_sock, mut exit_report) = (None, None);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -177,6 +196,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 | "--disk"
                 | "--net"
                 | "--vsock"
+                | "--api-sock"
+                | "--exit-report"
         );
         let value = if takes_value {
             match inline.or_else(|| args.next()) {
@@ -201,12 +222,22 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--net" => config.net = Some(parse_net(&value)?),
             "--vsock" => config.vsock = Some(parse_vsock(&value)?),
             "--no-rng" => config.rng = false,
+            "--api-sock" => api_sock = Some(PathBuf::from(value)),
+            "--exit-report" => exit_report = Some(PathBuf::from(value)),
             "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
     config.kernel = kernel.ok_or("--kernel is required (see --help)")?;
-    Ok(Command::Run(Box::new(config)))
+    let empty = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+    if empty(&api_sock) || empty(&exit_report) {
+        return Err("--api-sock and --exit-report need a non-empty path".into());
+    }
+    Ok(Command::Run(Box::new(Options {
+        vm: config,
+        api_sock,
+        exit_report,
+    })))
 }
 
 /// Minimal stderr logger for VMM diagnostics.
@@ -254,39 +285,75 @@ fn one_line(e: &dyn std::error::Error) -> String {
     s.replace('\n', " ")
 }
 
-fn fail(msg: &str) -> ! {
+fn print_error(msg: &str) {
     let _ = std::io::stdout().flush();
     eprintln!("husk-vmm: error: {msg}");
+}
+
+fn fail(msg: &str) -> ! {
+    print_error(msg);
     std::process::exit(EXIT_VMM_ERROR)
 }
 
 fn main() {
     let vmm_start = Instant::now();
     init_logging();
-    let config = match parse_args(std::env::args().skip(1)) {
-        Ok(Command::Run(c)) => c,
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Run(options)) => options,
         Ok(Command::Help) => {
             println!("{}", usage());
             return;
         }
         Err(msg) => fail(&msg),
     };
-    let vmm = build_microvm(&config, vmm_start).unwrap_or_else(|e| fail(&one_line(&e)));
-    if let Err(e) = signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd()) {
-        fail(&one_line(&e));
-    }
-    let outcome = vmm.run().unwrap_or_else(|e| fail(&one_line(&e)));
+    let report = run(&options, vmm_start);
     let _ = std::io::stdout().flush();
-    log::info!("VM stopped: {outcome:?}");
-    match &outcome.reason {
-        StopReason::Error(msg) => fail(msg),
-        StopReason::Signal(_) => {}
-        _ if outcome.exit_code.is_none() => {
-            eprintln!("husk-vmm: guest stopped without reporting an exit code");
+    if let Some(path) = &options.exit_report {
+        if let Err(e) = exit_report::write(path, &report) {
+            eprintln!(
+                "husk-vmm: error: cannot write the exit report {}: {e}",
+                path.display()
+            );
         }
-        _ => {}
     }
-    std::process::exit(outcome.exit_status());
+    std::process::exit(report.exit_status);
+}
+
+/// Builds and runs the VM, prints what went wrong if anything did, and says how it ended.
+fn run(options: &Options, vmm_start: Instant) -> ExitReport {
+    match build_and_run(options, vmm_start) {
+        Err(msg) => {
+            print_error(&msg);
+            exit_report::from_error(EXIT_VMM_ERROR, &msg)
+        }
+        Ok(outcome) => {
+            let _ = std::io::stdout().flush();
+            log::info!("VM stopped: {outcome:?}");
+            match &outcome.reason {
+                StopReason::Error(msg) => print_error(msg),
+                StopReason::Signal(_) | StopReason::Requested => {}
+                _ if outcome.exit_code.is_none() => {
+                    eprintln!("husk-vmm: guest stopped without reporting an exit code");
+                }
+                _ => {}
+            }
+            exit_report::from_outcome(&outcome)
+        }
+    }
+}
+
+fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, String> {
+    let vmm = build_microvm(&options.vm, vmm_start).map_err(|e| one_line(&e))?;
+    signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())
+        .map_err(|e| one_line(&e))?;
+    // Bound while this is the only thread (see ApiSocket::bind), just before the VM runs.
+    let api = options
+        .api_sock
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()
+        .map_err(|e| one_line(&e))?;
+    vmm.run_with_api(api).map_err(|e| one_line(&e))
 }
 
 #[cfg(test)]
@@ -299,9 +366,12 @@ mod tests {
 
     #[test]
     fn parses_every_option() {
-        let Ok(Command::Run(c)) = parse(&[
+        let Ok(Command::Run(o)) = parse(&[
             "--kernel",
             "/k",
+            "--api-sock",
+            "/run/a.sock",
+            "--exit-report=/run/exit",
             "--initrd=/i",
             "--cmdline",
             "quiet",
@@ -316,6 +386,9 @@ mod tests {
         ]) else {
             panic!("did not parse");
         };
+        assert_eq!(o.api_sock, Some(PathBuf::from("/run/a.sock")));
+        assert_eq!(o.exit_report, Some(PathBuf::from("/run/exit")));
+        let c = o.vm;
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.initrd, Some(PathBuf::from("/i")));
         assert_eq!((c.cmdline.as_str(), c.vcpus, c.mem_mib), ("quiet", 4, 4096));
@@ -330,11 +403,15 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--cpus", "many"]).is_err());
         assert!(parse(&["--kernel", "/k", "--console", "tty"]).is_err());
         assert!(parse(&["--kernel", "/k", "--console", "unix:"]).is_err());
-        let Ok(Command::Run(c)) = parse(&["--kernel", "/k", "--console", "unix:/run/c.sock"])
+        let Ok(Command::Run(o)) = parse(&["--kernel", "/k", "--console", "unix:/run/c.sock"])
         else {
             panic!("unix console did not parse");
         };
-        assert_eq!(c.console, ConsoleConfig::Unix(PathBuf::from("/run/c.sock")));
+        assert_eq!((o.api_sock, o.exit_report), (None, None));
+        assert_eq!(
+            o.vm.console,
+            ConsoleConfig::Unix(PathBuf::from("/run/c.sock"))
+        );
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--report-boot-time=1"]).is_err());
         assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
@@ -343,11 +420,14 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--net", "tap=a,mac=01:02"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "tap"]).is_err());
         assert!(parse(&["--kernel", "/k", "--vsock", "cid=3"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--api-sock"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--api-sock="]).is_err());
+        assert!(parse(&["--kernel", "/k", "--exit-report", ""]).is_err());
     }
 
     #[test]
     fn parses_devices() {
-        let Ok(Command::Run(c)) = parse(&[
+        let Ok(Command::Run(o)) = parse(&[
             "--kernel",
             "/k",
             "--disk",
@@ -362,6 +442,7 @@ mod tests {
         ]) else {
             panic!("did not parse");
         };
+        let c = o.vm;
         assert_eq!(
             c.disks,
             vec![

@@ -102,9 +102,10 @@ pub fn clear_current_kvm_run() {
     KVM_RUN.with(|p| p.set(ptr::null_mut()));
 }
 
-/// Sends the kick signal to `thread`.
+/// Sends the kick signal to `thread`, which must not have been joined yet (callers keep its
+/// JoinHandle alive, or, for the control socket, are shut down before the join).
 pub fn kick(thread: libc::pthread_t) {
-    // SAFETY: `thread` is a joinable thread owned by the caller (its JoinHandle is alive), so the
-    // id is valid; pthread_kill only delivers a signal.
+    // SAFETY: per this function's contract `thread` has not been joined, so the id is valid;
+    // pthread_kill only delivers a signal.
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }

@@ -1,6 +1,7 @@
 //! How any thread asks the VM to stop, and how the VMM thread waits for that.
 //!
-//! Devices (i8042 reset), vCPU threads (shutdown, errors) and signal handlers all end up here.
+//! Devices (i8042 reset), vCPU threads (shutdown, errors), signal handlers and the control socket
+//! all end up here.
 //! The first request wins; later ones are ignored. The waiting thread sleeps on an EventFd, which
 //! an async-signal handler may also write to.
 
@@ -22,6 +23,8 @@ pub enum StopReason {
     AllVcpusHalted,
     /// The VMM received this signal (SIGINT, SIGTERM).
     Signal(i32),
+    /// A client of the control socket asked for it (`stop`).
+    Requested,
     /// A VMM-side failure, described.
     Error(String),
 }

@@ -1,5 +1,6 @@
-//! A built VM and its run: one thread per vCPU, the calling thread waits for a stop request,
-//! kicks every vCPU out of KVM_RUN, joins them, and reports how the VM ended.
+//! A built VM and its run: one thread per vCPU, the device event loop, optionally the control
+//! socket thread; the calling thread waits for a stop request, kicks every vCPU out of KVM_RUN,
+//! joins them, and reports how the VM ended.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,12 +9,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_ioctls::Kvm;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api::server::{ApiServer, ApiServerError, Limits};
+use crate::api::socket::ApiSocket;
+use crate::api::vm_handle::VmHandle;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::control_port::ControlState;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::VirtioSlot;
 use crate::event_loop::{EventLoop, EventLoopError};
+use crate::pause::PauseGate;
 use crate::signals;
 use crate::stop::{StopReason, StopState};
 use crate::vstate::vcpu::{run_vcpu, Vcpu, VcpuContext};
@@ -36,6 +42,12 @@ pub enum VmmError {
     /// The device event loop could not start.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The control socket thread could not start.
+    #[error(transparent)]
+    Api(#[from] ApiServerError),
+    /// The event loop's pause event could not be shared with the control socket.
+    #[error("cannot share the event loop's pause event")]
+    PauseWaker(#[source] std::io::Error),
 }
 
 /// How a VM run ended.
@@ -56,11 +68,14 @@ pub struct VmOutcome {
 }
 
 impl VmOutcome {
-    /// The process exit status this outcome maps to: 128+signal for SIGINT/SIGTERM, 125 for VMM
-    /// errors and for a guest that stopped without reporting, otherwise the guest's exit code.
+    /// The process exit status this outcome maps to: 128+signal for SIGINT/SIGTERM, 143 for a
+    /// stop requested on the control socket, 125 for VMM errors and for a guest that stopped
+    /// without reporting, otherwise the guest's exit code.
     pub fn exit_status(&self) -> i32 {
         match &self.reason {
             StopReason::Signal(sig) => 128 + sig,
+            // Ended from outside, like SIGTERM: a supervisor tells it apart from a failure (125).
+            StopReason::Requested => 128 + libc::SIGTERM,
             StopReason::Error(_) => EXIT_VMM_ERROR,
             _ => self.exit_code.map_or(EXIT_VMM_ERROR, i32::from),
         }
@@ -157,7 +172,14 @@ impl Vmm {
 
     /// Runs the VM until it stops.
     pub fn run(self) -> Result<VmOutcome, VmmError> {
+        self.run_with_api(None)
+    }
+
+    /// Runs the VM until it stops, serving the control socket `api` (if any) meanwhile. The
+    /// socket path is removed before this returns.
+    pub fn run_with_api(self, api: Option<ApiSocket>) -> Result<VmOutcome, VmmError> {
         signals::install_kick_handler()?;
+        let memory_mib = guest_memory_mib(&self.vm);
         let Vmm {
             vcpus,
             io_bus,
@@ -170,16 +192,20 @@ impl Vmm {
             _kvm,
         } = self;
         let devices = Arc::new(devices);
-        let event_loop = EventLoop::start(devices.clone())?;
+        // Members: every vCPU thread and the event loop.
+        let gate = Arc::new(PauseGate::new(vcpus.len() + 1));
+        let event_loop = EventLoop::start(devices.clone(), gate.clone())?;
         let ctx = VcpuContext {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
             stop: stop.clone(),
+            pause: gate.clone(),
             halted: Arc::new(AtomicUsize::new(0)),
             num_cpus: vcpus.len(),
         };
-        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpus.len());
-        let mut spawn_error = None;
+        let vcpu_count = vcpus.len();
+        let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpu_count);
+        let mut start_error = None;
         for vcpu in vcpus {
             let index = vcpu.index;
             let ctx = ctx.clone();
@@ -189,18 +215,57 @@ impl Vmm {
             {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    spawn_error = Some(VmmError::Spawn(index, e));
+                    start_error = Some(VmmError::Spawn(index, e));
                     stop.request(StopReason::Error(String::from("vCPU thread start failed")));
                     break;
                 }
             }
         }
+        for _ in threads.len()..vcpu_count {
+            gate.leave();
+        }
+
+        let api_server = match api {
+            Some(socket) if start_error.is_none() => {
+                let handle = event_loop.pause_waker().map_err(VmmError::PauseWaker).map(
+                    |event_loop_waker| VmHandle {
+                        gate: gate.clone(),
+                        stop: stop.clone(),
+                        vcpu_threads: threads.iter().map(|t| t.as_pthread_t()).collect(),
+                        event_loop_waker,
+                        devices: devices.clone(),
+                        control: control.clone(),
+                        vcpus: vcpu_count as u32,
+                        memory_mib,
+                    },
+                );
+                match handle.and_then(|h| {
+                    ApiServer::start(socket, Box::new(h), Limits::default()).map_err(Into::into)
+                }) {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        stop.request(StopReason::Error(String::from(
+                            "control socket start failed",
+                        )));
+                        start_error = Some(e);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
 
         let reason = stop.wait(|s| {
             if let Some(sig) = signals::take_pending_stop_signal() {
                 s.request(StopReason::Signal(sig));
             }
         });
+        // Parked threads go on (and see the stop); no pause can start any more.
+        gate.close();
+        // Before the vCPU threads are joined: the control socket kicks them by id.
+        if let Some(server) = api_server {
+            server.shutdown();
+        }
         // Every thread gets kicked until it has left KVM_RUN and returned.
         while threads.iter().any(|t| !t.is_finished()) {
             for t in threads.iter().filter(|t| !t.is_finished()) {
@@ -223,7 +288,7 @@ impl Vmm {
             .map(|d| (d.name.clone(), d.counters()))
             .collect();
         drop(vm);
-        if let Some(e) = spawn_error {
+        if let Some(e) = start_error {
             return Err(e);
         }
         Ok(VmOutcome {
@@ -235,6 +300,12 @@ impl Vmm {
             device_counters,
         })
     }
+}
+
+/// Guest RAM in MiB (the MMIO gap is not RAM).
+fn guest_memory_mib(vm: &Vm) -> u32 {
+    let bytes: u64 = vm.memory().iter().map(|region| region.len()).sum();
+    u32::try_from(bytes >> 20).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

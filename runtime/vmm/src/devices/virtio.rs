@@ -78,6 +78,15 @@ impl VirtioSlot {
             .unwrap_or_else(PoisonError::into_inner);
         t.device().counters().snapshot()
     }
+
+    /// The device's virtio type ([`husk_devices::virtio::device_id`]).
+    pub fn device_type(&self) -> u32 {
+        let t = self
+            .transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        t.device().device_type()
+    }
 }
 
 /// MMIO base and interrupt line of the `index`-th virtio device.

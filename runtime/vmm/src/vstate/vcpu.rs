@@ -13,6 +13,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::arch::x86_64::cpuid::{guest_xcr0, normalize, CpuTopology};
 use crate::arch::x86_64::{lapic, msr, regs};
 use crate::devices::bus::Bus;
+use crate::pause::{GateMember, PauseGate};
 use crate::signals;
 use crate::stop::{StopReason, StopState};
 use crate::vstate::vm::Vm;
@@ -112,6 +113,8 @@ pub struct VcpuContext {
     pub mmio_bus: Arc<Bus>,
     /// Where stop requests go.
     pub stop: Arc<StopState>,
+    /// Where the vCPU parks while the VM is paused.
+    pub pause: Arc<PauseGate>,
     /// vCPUs that stopped on HLT, and how many there are in all.
     pub halted: Arc<AtomicUsize>,
     /// Number of vCPUs in the VM.
@@ -182,11 +185,18 @@ fn internal_error(vcpu: &mut Vcpu) -> StopReason {
     StopReason::Error(format!("vcpu{}: KVM internal error: {detail}", vcpu.index))
 }
 
-/// Runs `vcpu` until the VM stops. This is the body of thread `vcpu<N>`.
+/// Runs `vcpu` until the VM stops, parking whenever the VM is paused. This is the body of thread
+/// `vcpu<N>`.
 pub fn run_vcpu(mut vcpu: Vcpu, ctx: VcpuContext) {
+    let _member = GateMember(&ctx.pause);
     signals::set_current_kvm_run(vcpu.fd.get_kvm_run());
     let index = vcpu.index;
     while !ctx.stop.is_stopping() {
+        if ctx.pause.pause_requested() {
+            // Outside KVM_RUN with the exit fully handled: nothing of this vCPU is in flight.
+            ctx.pause.park();
+            continue;
+        }
         let action = match vcpu.fd.run() {
             Ok(exit) => handle_exit(exit, &ctx, index),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => ExitAction::Continue,
@@ -194,7 +204,8 @@ pub fn run_vcpu(mut vcpu: Vcpu, ctx: VcpuContext) {
                 "vcpu{index}: KVM_RUN failed: {e}"
             ))),
         };
-        // A kick may have landed outside KVM_RUN; the stop flag is checked next anyway.
+        // A kick may have landed outside KVM_RUN; the stop and pause flags are checked next anyway
+        // (both are set before any kick is sent).
         vcpu.fd.set_kvm_immediate_exit(0);
         match action {
             ExitAction::Continue => {}

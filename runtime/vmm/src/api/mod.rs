@@ -1,0 +1,169 @@
+//! The control socket (`--api-sock PATH`, protocol `husk.vmm.v1`, see proto/husk/vmm/v1/vmm.proto):
+//! describe, pause, resume and stop one running VM.
+//!
+//! - [`frame_reader`]: frames assembled from non-blocking reads;
+//! - [`socket`]: the listening socket (mode 0600, stale sockets replaced, removed at the end);
+//! - [`server`]: the "vmm-api" thread that reads framed requests and writes responses;
+//! - [`vm_handle`]: what a request does to the running VM;
+//! - [`handle_request`] (here): a request against a [`VmControl`], as a response.
+
+pub mod frame_reader;
+pub mod server;
+pub mod socket;
+pub mod vm_handle;
+
+use husk_proto::vmm::{info, vmm_request, vmm_response, Info, VmmRequest, VmmResponse};
+
+/// What the control socket can do to a VM. Errors are messages for the client.
+pub trait VmControl {
+    /// The VM as it is now.
+    fn describe(&self) -> Info;
+    /// Parks every vCPU and the device event loop; returns once they are parked.
+    fn pause(&self) -> Result<Info, String>;
+    /// Lets a paused VM run again.
+    fn resume(&self) -> Result<Info, String>;
+    /// Asks the VM to stop; the VMM exits soon after.
+    fn stop(&self) -> Info;
+}
+
+/// Answers one request.
+pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
+    use vmm_request::Msg;
+    let result = match request.msg {
+        Some(Msg::Describe(_)) => Ok(vm.describe()),
+        Some(Msg::Pause(_)) => vm.pause(),
+        Some(Msg::Resume(_)) => vm.resume(),
+        Some(Msg::Stop(_)) => Ok(vm.stop()),
+        None => Err(String::from(
+            "empty or unknown request: expected describe, pause, resume or stop",
+        )),
+    };
+    VmmResponse {
+        msg: Some(match result {
+            Ok(info) => vmm_response::Msg::Info(info),
+            Err(message) => vmm_response::Msg::Error(message),
+        }),
+    }
+}
+
+/// A response carrying only an error message.
+pub fn error_response(message: impl Into<String>) -> VmmResponse {
+    VmmResponse {
+        msg: Some(vmm_response::Msg::Error(message.into())),
+    }
+}
+
+/// The state field of [`Info`] for a VM that is `paused` and/or `stopping`.
+pub fn state(paused: bool, stopping: bool) -> info::State {
+    match (paused, stopping) {
+        (_, true) => info::State::Stopping,
+        (true, false) => info::State::Paused,
+        (false, false) => info::State::Running,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use husk_proto::vmm::{Describe, Pause, Resume, Stop};
+    use std::sync::Mutex;
+
+    /// A VM that only keeps its state, with the same rules as the real one.
+    #[derive(Default)]
+    pub(crate) struct FakeVm {
+        pub(crate) state: Mutex<(bool, bool)>,
+    }
+
+    impl FakeVm {
+        fn info(&self) -> Info {
+            let (paused, stopping) = *self.state.lock().unwrap();
+            Info {
+                state: state(paused, stopping) as i32,
+                vcpus: 2,
+                memory_mib: 128,
+                ..Default::default()
+            }
+        }
+    }
+
+    impl VmControl for FakeVm {
+        fn describe(&self) -> Info {
+            self.info()
+        }
+        fn pause(&self) -> Result<Info, String> {
+            {
+                let mut s = self.state.lock().unwrap();
+                if s.0 {
+                    return Err("the VM is already paused".into());
+                }
+                s.0 = true;
+            }
+            Ok(self.info())
+        }
+        fn resume(&self) -> Result<Info, String> {
+            {
+                let mut s = self.state.lock().unwrap();
+                if !s.0 {
+                    return Err("the VM is not paused".into());
+                }
+                s.0 = false;
+            }
+            Ok(self.info())
+        }
+        fn stop(&self) -> Info {
+            self.state.lock().unwrap().1 = true;
+            self.info()
+        }
+    }
+
+    pub(crate) fn request(msg: vmm_request::Msg) -> VmmRequest {
+        VmmRequest { msg: Some(msg) }
+    }
+
+    fn state_of(response: &VmmResponse) -> Result<info::State, String> {
+        match &response.msg {
+            Some(vmm_response::Msg::Info(i)) => Ok(i.state()),
+            Some(vmm_response::Msg::Error(e)) => Err(e.clone()),
+            None => Err("no message".into()),
+        }
+    }
+
+    #[test]
+    fn requests_map_to_the_vm_and_errors_to_error_responses() {
+        let vm = FakeVm::default();
+        let describe = request(vmm_request::Msg::Describe(Describe {}));
+        let pause = request(vmm_request::Msg::Pause(Pause {}));
+        let resume = request(vmm_request::Msg::Resume(Resume {}));
+        let stop = request(vmm_request::Msg::Stop(Stop {}));
+
+        assert_eq!(
+            state_of(&handle_request(&describe, &vm)),
+            Ok(info::State::Running)
+        );
+        let err = state_of(&handle_request(&resume, &vm)).unwrap_err();
+        assert!(err.contains("not paused"), "{err}");
+        assert_eq!(
+            state_of(&handle_request(&pause, &vm)),
+            Ok(info::State::Paused)
+        );
+        let err = state_of(&handle_request(&pause, &vm)).unwrap_err();
+        assert!(err.contains("already paused"), "{err}");
+        assert_eq!(
+            state_of(&handle_request(&resume, &vm)),
+            Ok(info::State::Running)
+        );
+        assert_eq!(
+            state_of(&handle_request(&stop, &vm)),
+            Ok(info::State::Stopping)
+        );
+        let err = state_of(&handle_request(&VmmRequest::default(), &vm)).unwrap_err();
+        assert!(err.contains("empty or unknown request"), "{err}");
+    }
+
+    #[test]
+    fn stopping_wins_over_paused() {
+        assert_eq!(state(true, true), info::State::Stopping);
+        assert_eq!(state(true, false), info::State::Paused);
+        assert_eq!(state(false, false), info::State::Running);
+    }
+}

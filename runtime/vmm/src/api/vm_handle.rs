@@ -1,0 +1,136 @@
+//! The running VM as the control socket sees it: its description (state, size, boot time,
+//! device counters) and the pause, resume and stop operations.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use husk_devices::virtio::device_id;
+use husk_proto::vmm::{DeviceCounters, Info};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{state, VmControl};
+use crate::devices::legacy::control_port::ControlState;
+use crate::devices::virtio::VirtioSlot;
+use crate::pause::PauseGate;
+use crate::signals;
+use crate::stop::{StopReason, StopState};
+
+/// Longest wait for every vCPU and the event loop to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handle on a running VM for the control socket.
+///
+/// It kicks vCPU threads by id: [`crate::vmm::Vmm::run`] shuts the control socket down before it
+/// joins those threads, so the ids stay valid for the handle's whole life.
+pub struct VmHandle {
+    /// The VM's pause gate (vCPUs and event loop are its members).
+    pub gate: Arc<PauseGate>,
+    /// Where a stop request goes.
+    pub stop: Arc<StopState>,
+    /// The vCPU threads, to kick them out of KVM_RUN.
+    pub vcpu_threads: Vec<libc::pthread_t>,
+    /// Wakes the event loop so that it looks at the gate.
+    pub event_loop_waker: EventFd,
+    /// The virtio devices, in slot order.
+    pub devices: Arc<Vec<VirtioSlot>>,
+    /// What the guest init reported.
+    pub control: Arc<ControlState>,
+    /// vCPU count.
+    pub vcpus: u32,
+    /// Guest memory size.
+    pub memory_mib: u32,
+}
+
+/// The `kind` the control protocol uses for a virtio device type.
+pub fn device_kind(device_type: u32) -> &'static str {
+    match device_type {
+        device_id::BLOCK => "block",
+        device_id::NET => "net",
+        device_id::VSOCK => "vsock",
+        device_id::RNG => "rng",
+        _ => "unknown",
+    }
+}
+
+impl VmHandle {
+    fn wake_members(&self) {
+        for &thread in &self.vcpu_threads {
+            signals::kick(thread);
+        }
+        // A full counter only means a wake-up is pending already.
+        let _ = self.event_loop_waker.write(1);
+    }
+
+    fn stopping_error(&self) -> Result<(), String> {
+        if self.stop.is_stopping() {
+            return Err(String::from("the VM is stopping"));
+        }
+        Ok(())
+    }
+}
+
+impl VmControl for VmHandle {
+    fn describe(&self) -> Info {
+        let devices = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(slot, device)| {
+                let c = device.counters();
+                DeviceCounters {
+                    kind: device_kind(device.device_type()).into(),
+                    slot: slot as u32,
+                    requests: c.requests,
+                    // The protocol counts from the backend's side: bytes read from the backend
+                    // are the ones the device wrote into guest buffers, and the other way round.
+                    bytes_read: c.bytes_written,
+                    bytes_written: c.bytes_read,
+                    errors: c.errors,
+                }
+            })
+            .collect();
+        Info {
+            state: state(self.gate.is_paused(), self.stop.is_stopping()) as i32,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            boot_to_init_us: self.control.init_time_us().unwrap_or(0),
+            devices,
+        }
+    }
+
+    fn pause(&self) -> Result<Info, String> {
+        self.stopping_error()?;
+        let started = Instant::now();
+        self.gate
+            .pause(PAUSE_TIMEOUT, || self.wake_members())
+            .map_err(|e| e.to_string())?;
+        log::info!("VM paused in {} us", started.elapsed().as_micros());
+        Ok(self.describe())
+    }
+
+    fn resume(&self) -> Result<Info, String> {
+        self.stopping_error()?;
+        self.gate.resume().map_err(|e| e.to_string())?;
+        log::info!("VM resumed");
+        Ok(self.describe())
+    }
+
+    fn stop(&self) -> Info {
+        self.stop.request(StopReason::Requested);
+        self.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_kinds_follow_the_protocol() {
+        assert_eq!(device_kind(device_id::BLOCK), "block");
+        assert_eq!(device_kind(device_id::NET), "net");
+        assert_eq!(device_kind(device_id::VSOCK), "vsock");
+        assert_eq!(device_kind(device_id::RNG), "rng");
+        assert_eq!(device_kind(99), "unknown");
+    }
+}

@@ -1,0 +1,140 @@
+//! The exit report (`--exit-report PATH`): how the VM ended, written just before husk-vmm exits
+//! so that a supervisor that is not its parent (a restarted huskd) still learns it.
+//!
+//! The file holds one `husk.vmm.v1.ExitReport` message, protobuf-encoded, not framed (the file's
+//! length is the message's). It is written to `PATH.tmp` and renamed to `PATH`, so a reader sees
+//! the whole report or none; no file means the VMM was killed before it could write one.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use husk_proto::vmm::ExitReport;
+use prost::Message;
+
+use crate::stop::StopReason;
+use crate::vmm::VmOutcome;
+
+/// The report for a VM that ran and stopped.
+pub fn from_outcome(outcome: &VmOutcome) -> ExitReport {
+    ExitReport {
+        guest_exit_code: outcome.exit_code.map(i32::from),
+        exit_status: outcome.exit_status(),
+        reason: reason_text(&outcome.reason, outcome.exit_code.is_some()),
+    }
+}
+
+/// The report for a VMM that failed (before or while running) with `message`.
+pub fn from_error(exit_status: i32, message: &str) -> ExitReport {
+    ExitReport {
+        guest_exit_code: None,
+        exit_status,
+        reason: format!("error: {message}"),
+    }
+}
+
+/// How the VM ended, for humans.
+pub fn reason_text(reason: &StopReason, guest_reported: bool) -> String {
+    match reason {
+        StopReason::GuestReset if guest_reported => "guest exited".into(),
+        StopReason::GuestReset => "reset by guest".into(),
+        StopReason::GuestShutdown => "guest shut down (triple fault)".into(),
+        StopReason::GuestCrash => "guest crashed".into(),
+        StopReason::AllVcpusHalted => "every vCPU halted".into(),
+        StopReason::Signal(libc::SIGINT) => "SIGINT".into(),
+        StopReason::Signal(libc::SIGTERM) => "SIGTERM".into(),
+        StopReason::Signal(sig) => format!("signal {sig}"),
+        StopReason::Requested => "stopped by request".into(),
+        StopReason::Error(message) => format!("error: {message}"),
+    }
+}
+
+/// Writes `report` to `path` atomically (`path` + ".tmp", synced, then renamed).
+pub fn write(path: &Path, report: &ExitReport) -> io::Result<()> {
+    let mut tmp = PathBuf::from(path);
+    tmp.as_mut_os_string().push(".tmp");
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&report.encode_to_vec())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads a report written by [`write`].
+pub fn read(path: &Path) -> io::Result<ExitReport> {
+    let bytes = std::fs::read(path)?;
+    ExitReport::decode(bytes.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::ScratchDir;
+
+    fn outcome(reason: StopReason, exit_code: Option<u8>) -> VmOutcome {
+        VmOutcome {
+            reason,
+            exit_code,
+            init_time_us: None,
+            unhandled_pio: (0, 0),
+            unhandled_mmio: (0, 0),
+            device_counters: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn outcomes_map_to_reports() {
+        let r = from_outcome(&outcome(StopReason::GuestReset, Some(7)));
+        assert_eq!(
+            (r.guest_exit_code, r.exit_status, r.reason.as_str()),
+            (Some(7), 7, "guest exited")
+        );
+        let r = from_outcome(&outcome(StopReason::GuestReset, None));
+        assert_eq!(
+            (r.guest_exit_code, r.exit_status, r.reason.as_str()),
+            (None, 125, "reset by guest")
+        );
+        let r = from_outcome(&outcome(StopReason::Signal(libc::SIGTERM), Some(0)));
+        assert_eq!(
+            (r.guest_exit_code, r.exit_status, r.reason.as_str()),
+            (Some(0), 143, "SIGTERM")
+        );
+        let r = from_outcome(&outcome(StopReason::Requested, None));
+        assert_eq!(
+            (r.exit_status, r.reason.as_str()),
+            (143, "stopped by request")
+        );
+        let r = from_outcome(&outcome(StopReason::Error("vcpu0: boom".into()), None));
+        assert_eq!(
+            (r.exit_status, r.reason.as_str()),
+            (125, "error: vcpu0: boom")
+        );
+        let r = from_error(125, "cannot open kernel");
+        assert_eq!(r.reason, "error: cannot open kernel");
+    }
+
+    #[test]
+    fn written_atomically_and_read_back() {
+        let dir = ScratchDir::new("exit-report");
+        let path = dir.path().join("exit");
+        std::fs::write(&path, b"old").unwrap();
+        let report = from_outcome(&outcome(StopReason::GuestReset, Some(3)));
+        write(&path, &report).unwrap();
+        assert_eq!(read(&path).unwrap(), report);
+        assert!(!dir.path().join("exit.tmp").exists());
+        // Plain protobuf bytes, not framed.
+        assert_eq!(std::fs::read(&path).unwrap(), report.encode_to_vec());
+    }
+
+    #[test]
+    fn an_unwritable_path_is_an_error_and_leaves_nothing() {
+        let dir = ScratchDir::new("exit-report-bad");
+        let path = dir.path().join("missing-dir/exit");
+        assert!(write(&path, &from_error(125, "x")).is_err());
+        assert!(!path.exists());
+    }
+}
