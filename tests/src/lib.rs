@@ -7,6 +7,8 @@
 // Test-harness code: a failed expectation here is a failed test, which is what a panic reports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
