@@ -161,8 +161,8 @@ pub fn stop_everything_else(grace: std::time::Duration, children: &Children) {
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
         children.reap_any();
-        // SAFETY: signal 0 only checks whether any process is left.
-        if unsafe { libc::kill(-1, 0) } != 0 {
+        // Not kill(-1, 0): it succeeds as long as kernel threads exist, that is always.
+        if !user_processes_left() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
@@ -170,6 +170,35 @@ pub fn stop_everything_else(grace: std::time::Duration, children: &Children) {
     // SAFETY: as above.
     unsafe { libc::kill(-1, libc::SIGKILL) };
     children.reap_any();
+}
+
+/// PF_KTHREAD (include/linux/sched.h): the task is a kernel thread.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// True while a process other than PID 1 and the kernel's threads exists.
+fn user_processes_left() -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != 1)
+        .any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| is_user_process(&stat))
+                .unwrap_or(false) // gone meanwhile
+        })
+}
+
+/// From a /proc/PID/stat line: whether the task is a user process (not a kernel thread).
+/// `None` if the line cannot be read that way.
+fn is_user_process(stat: &str) -> Option<bool> {
+    // "pid (comm) state ppid pgrp session tty_nr tpgid flags ..."; comm may hold spaces and
+    // parentheses, so the fields are counted from the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+    Some(flags & PF_KTHREAD == 0)
 }
 
 #[cfg(test)]
@@ -182,5 +211,16 @@ mod tests {
         assert_eq!(AppExit::Signaled(libc::SIGKILL).code(), 137);
         assert_eq!(AppExit::Signaled(libc::SIGTERM).code(), 143);
         assert_eq!(AppExit::NotStarted(127).code(), 127);
+    }
+
+    #[test]
+    fn kernel_threads_are_told_apart_from_user_processes() {
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 9 0 0";
+        assert_eq!(is_user_process(kthread), Some(false));
+        let tricky = "77 (a) b (c) S 1 77 77 0 -1 4194560 90 0 0 0 0 0 0 0 20 0 1 0 9 0 0";
+        assert_eq!(is_user_process(tricky), Some(true));
+        assert_eq!(is_user_process("garbage"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert_eq!(is_user_process(&own), Some(true));
     }
 }
