@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use husk_proto::agent::{
     guest_message::Msg as Reply, host_message::Msg as Request, Exec, GuestMessage, Hello,
-    HostMessage, Shutdown, WindowSize, AGENT_PORT,
+    HostMessage, SetTime, Shutdown, WindowSize, AGENT_PORT,
 };
 use husk_proto::frame;
 
@@ -161,6 +161,16 @@ impl AgentClient {
                 ..ExecOutput::default()
             }),
             Err(e) => Err(e),
+        }
+    }
+
+    /// `set_time`: the guest's wall clock becomes `unix_ns` nanoseconds since the epoch.
+    pub fn set_time(&self, unix_ns: i64) -> io::Result<()> {
+        let mut conn = self.connect(Duration::ZERO)?;
+        send(&mut conn, Request::SetTime(SetTime { unix_ns }))?;
+        match recv(&mut conn)? {
+            Some(Reply::Ack(true)) => Ok(()),
+            other => Err(protocol_error(format!("set_time answered {other:?}"))),
         }
     }
 

@@ -183,6 +183,15 @@ fn sandbox_mode_serves_the_agent_in_the_root_disk_until_shutdown() {
         "not chrooted into the root disk:\n{}",
         out.stdout_text()
     );
+    // The wall clock follows set_time.
+    const INSTANT_S: i64 = 2_000_000_000;
+    agent.set_time(INSTANT_S * 1_000_000_000).unwrap();
+    let out = agent.exec(exec_request(&["date", "+%s"])).unwrap();
+    let now: i64 = out.stdout_text().trim().parse().unwrap();
+    assert!(
+        (INSTANT_S..INSTANT_S + 60).contains(&now),
+        "guest clock {now} after set_time({INSTANT_S} s)"
+    );
     // Nothing else runs: the VM waits for the agent, then ends with 0.
     agent.shutdown(0).unwrap();
     assert_eq!(vm.wait(Duration::from_secs(60)), Some(0));
