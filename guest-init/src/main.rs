@@ -5,13 +5,22 @@
 //! [`husk_init::spec`]), forwards signals to it and reaps zombies, then stops everything else,
 //! reports the application's exit code to the VMM and resets the VM, which ends the VMM.
 //! Without `husk.spec=` it runs `/bin/sh` on the console (debugging).
+//!
+//! With a vsock device, the guest agent (see [`agent`]) serves the host from threads of this
+//! process, from before the application starts. In sandbox mode (a spec without a command) there
+//! is no application: the agent alone runs until its `shutdown` request ends the VM.
 
+mod agent;
+mod children;
 mod control_port;
+mod launch;
 mod mounts;
 mod rootfs;
 mod supervisor;
+mod vsock;
 mod vsock_tool;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use husk_init::spec::BootSpec;
@@ -43,15 +52,16 @@ fn main() {
     }
     bring_up_loopback();
 
+    let children = Arc::new(children::Children::new());
     let exit = match read_spec() {
-        Ok((spec, root)) => supervisor::run(&spec, root.as_deref()),
+        Ok((spec, root)) => run(&spec, root.as_deref(), &children),
         Err(message) => {
             eprintln!("husk-init: {message}");
             supervisor::AppExit::NotStarted(125)
         }
     };
 
-    supervisor::stop_everything_else(Duration::from_secs(2));
+    supervisor::stop_everything_else(Duration::from_secs(2), &children);
     // SAFETY: sync and tcdrain have no memory-safety preconditions; tcdrain waits until the
     // console has sent what the application wrote, so no output is lost to the reset.
     unsafe {
@@ -70,6 +80,42 @@ fn main() {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// Starts the guest agent, then the application (or, in sandbox mode, only the agent), and
+/// returns how the application ended.
+fn run(
+    spec: &BootSpec,
+    root: Option<&str>,
+    children: &Arc<children::Children>,
+) -> supervisor::AppExit {
+    let shutdown: Box<dyn Fn(i32) + Send + Sync> = if spec.is_sandbox() {
+        Box::new(|_| supervisor::request_sandbox_end())
+    } else {
+        let children = Arc::clone(children);
+        Box::new(move |sig| {
+            children.signal_app(sig);
+        })
+    };
+    let agent = agent::Agent::new(
+        Arc::clone(children),
+        root.map(|r| r.as_bytes().to_vec()),
+        shutdown,
+    );
+    let agent = agent::start(Arc::new(agent));
+    if spec.is_sandbox() {
+        return match agent {
+            Ok(()) => supervisor::run_sandbox(children),
+            Err(e) => {
+                eprintln!("husk-init: sandbox mode needs the guest agent, but {e}");
+                supervisor::AppExit::NotStarted(125)
+            }
+        };
+    }
+    if let Err(agent::AgentOff::Failed(e)) = &agent {
+        eprintln!("husk-init: warning: guest agent off: cannot listen on vsock: {e}");
+    }
+    supervisor::run(spec, root, children)
 }
 
 /// The application to run and, with `husk.root=`, the root it runs in (mounted here).

@@ -3,8 +3,15 @@
 //!
 //! Wire format (version 1): the text `husk1`, then one field per entry, each field a one-byte
 //! tag followed by its value (any bytes but NUL), fields separated by NUL; tags are `a` (argument),
-//! `e` (environment entry `KEY=VALUE`) and `w` (working directory). The whole is base64url
-//! without padding, so it contains no space, quote or NUL the kernel's parser would split on.
+//! `e` (environment entry `KEY=VALUE`), `w` (working directory) and `s` (sandbox: no
+//! application, see below). The whole is base64url without padding, so it contains no space, quote
+//! or NUL the kernel's parser would split on.
+//!
+//! Sandbox mode: a spec with no argument at all ([`BootSpec::sandbox`]) is encoded as `husk1`
+//! followed by the single empty-valued field `s`. husk-init then starts no application and only
+//! serves the guest agent until a `shutdown` request. The marker makes the intent explicit: a
+//! spec without arguments and without `s` is still refused ([`SpecError::NoCommand`]), and an init
+//! older than sandbox mode refuses `s` as an unknown field instead of misreading it.
 
 /// Kernel command-line parameter name (with the `=`).
 pub const PARAM: &str = "husk.spec=";
@@ -15,7 +22,8 @@ const MAGIC: &[u8] = b"husk1";
 /// What the guest init runs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BootSpec {
-    /// Program and arguments; `argv[0]` is looked up in `PATH` when it has no `/`.
+    /// Program and arguments; `argv[0]` is looked up in `PATH` when it has no `/`. Empty: sandbox
+    /// mode (no application; only the guest agent runs).
     pub argv: Vec<Vec<u8>>,
     /// Extra environment entries, each `KEY=VALUE`.
     pub env: Vec<Vec<u8>>,
@@ -38,6 +46,9 @@ pub enum SpecError {
     BadEncoding,
     /// The decoded bytes are not a version-1 spec.
     BadFormat,
+    /// A sandbox spec (no command) carries environment entries or a working directory, which
+    /// only an application could use.
+    SandboxWithSettings,
 }
 
 impl std::fmt::Display for SpecError {
@@ -53,6 +64,10 @@ impl std::fmt::Display for SpecError {
             ),
             Self::BadEncoding => write!(f, "husk.spec is not valid base64url"),
             Self::BadFormat => write!(f, "husk.spec is not a version-1 boot spec"),
+            Self::SandboxWithSettings => write!(
+                f,
+                "a sandbox spec (no command) cannot carry environment entries or a working directory"
+            ),
         }
     }
 }
@@ -60,9 +75,25 @@ impl std::fmt::Display for SpecError {
 impl std::error::Error for SpecError {}
 
 impl BootSpec {
+    /// The spec of sandbox mode: no application, the guest only runs its agent.
+    pub fn sandbox() -> Self {
+        Self::default()
+    }
+
+    /// True for a sandbox spec (no application).
+    pub fn is_sandbox(&self) -> bool {
+        self.argv.is_empty()
+    }
+
     /// Encodes the spec as the value of `husk.spec=`.
     pub fn encode(&self) -> Result<String, SpecError> {
-        if self.argv.is_empty() || self.argv[0].is_empty() {
+        if self.is_sandbox() {
+            if !self.env.is_empty() || self.cwd.is_some() {
+                return Err(SpecError::SandboxWithSettings);
+            }
+            return Ok(base64url_encode(&[MAGIC, b"\0s"].concat()));
+        }
+        if self.argv[0].is_empty() {
             return Err(SpecError::NoCommand);
         }
         for e in &self.env {
@@ -98,14 +129,25 @@ impl BootSpec {
             return Err(SpecError::BadFormat);
         }
         let mut spec = BootSpec::default();
+        let mut sandbox = false;
         for field in fields {
             let (&tag, value) = field.split_first().ok_or(SpecError::BadFormat)?;
             match tag {
                 b'a' => spec.argv.push(value.to_vec()),
                 b'e' => spec.env.push(value.to_vec()),
                 b'w' => spec.cwd = Some(value.to_vec()),
+                b's' if value.is_empty() => sandbox = true,
                 _ => return Err(SpecError::BadFormat),
             }
+        }
+        if sandbox {
+            return if !spec.argv.is_empty() {
+                Err(SpecError::BadFormat)
+            } else if !spec.env.is_empty() || spec.cwd.is_some() {
+                Err(SpecError::SandboxWithSettings)
+            } else {
+                Ok(spec)
+            };
         }
         if spec.argv.first().is_none_or(|a| a.is_empty()) {
             return Err(SpecError::NoCommand);
@@ -211,8 +253,47 @@ mod tests {
     }
 
     #[test]
+    fn sandbox_round_trips_with_an_explicit_marker() {
+        let encoded = BootSpec::sandbox().encode().unwrap();
+        assert_eq!(base64url_decode(&encoded).unwrap(), b"husk1\0s");
+        let decoded = BootSpec::decode(&encoded).unwrap();
+        assert!(decoded.is_sandbox());
+        assert_eq!(decoded, BootSpec::sandbox());
+        let cmdline = format!("console=ttyS0 husk.spec={encoded}");
+        assert!(BootSpec::from_cmdline(&cmdline)
+            .unwrap()
+            .unwrap()
+            .is_sandbox());
+        assert!(!spec(&["true"], &[], None).is_sandbox());
+    }
+
+    #[test]
+    fn sandbox_refuses_settings_and_mixed_specs() {
+        assert_eq!(
+            spec(&[], &["A=1"], None).encode(),
+            Err(SpecError::SandboxWithSettings)
+        );
+        assert_eq!(
+            spec(&[], &[], Some("/tmp")).encode(),
+            Err(SpecError::SandboxWithSettings)
+        );
+        assert_eq!(
+            BootSpec::decode(&base64url_encode(b"husk1\0s\0atrue")),
+            Err(SpecError::BadFormat)
+        );
+        assert_eq!(
+            BootSpec::decode(&base64url_encode(b"husk1\0s\0eA=1")),
+            Err(SpecError::SandboxWithSettings)
+        );
+        assert_eq!(
+            BootSpec::decode(&base64url_encode(b"husk1\0sx")),
+            Err(SpecError::BadFormat)
+        );
+    }
+
+    #[test]
     fn refuses_what_cannot_be_run_or_carried() {
-        assert_eq!(spec(&[], &[], None).encode(), Err(SpecError::NoCommand));
+        assert_eq!(spec(&[""], &[], None).encode(), Err(SpecError::NoCommand));
         assert_eq!(
             spec(&["a\0b"], &[], None).encode(),
             Err(SpecError::NulInField)

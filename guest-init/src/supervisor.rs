@@ -1,11 +1,15 @@
 //! Runs the application as PID 1's child: forwards signals to it, reaps every zombie (PID 1
-//! inherits all orphans), and returns the application's exit status.
+//! inherits all orphans; the statuses of processes the guest agent started go to the agent, see
+//! [`crate::children`]), and returns the application's exit status. In sandbox mode there is no
+//! application: PID 1 only reaps until it is told to end.
 
 use std::io;
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use husk_init::spec::BootSpec;
+
+use crate::children::{Children, ExitStatus};
+use crate::launch::{Launch, DEFAULT_PATH};
 
 /// Signals PID 1 passes on to the application (the rest keep their PID-1 meaning or are ignored).
 const FORWARDED: &[libc::c_int] = &[
@@ -18,8 +22,6 @@ const FORWARDED: &[libc::c_int] = &[
     libc::SIGWINCH,
     libc::SIGCONT,
 ];
-
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How the application ended, in shell terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,15 @@ impl AppExit {
     }
 }
 
+impl From<ExitStatus> for AppExit {
+    fn from(status: ExitStatus) -> Self {
+        match status {
+            ExitStatus::Exited(c) => Self::Exited(c as u8),
+            ExitStatus::Signaled(s) => Self::Signaled(s),
+        }
+    }
+}
+
 /// Blocks every signal in PID 1; they are then taken synchronously by [`run`].
 pub fn block_all_signals() {
     // SAFETY: sigset_t is plain data initialised by sigfillset; sigprocmask only changes our mask.
@@ -53,11 +64,11 @@ pub fn block_all_signals() {
 }
 
 /// Starts the application (chrooted into `root` when given) and supervises it until it exits.
-pub fn run(spec: &BootSpec, root: Option<&str>) -> AppExit {
-    let child = match spawn(spec, root) {
-        Ok(pid) => pid,
+pub fn run(spec: &BootSpec, root: Option<&str>, children: &Children) -> AppExit {
+    let spawned = match app_command(spec, root).and_then(|mut cmd| children.spawn_app(&mut cmd)) {
+        Ok(spawned) => spawned,
         Err(e) => {
-            let name = String::from_utf8_lossy(&spec.argv[0]);
+            let name = String::from_utf8_lossy(spec.argv.first().map_or(&[][..], |a| a));
             eprintln!("husk-init: cannot run {name}: {e}");
             let code = if e.kind() == io::ErrorKind::NotFound {
                 127
@@ -70,70 +81,60 @@ pub fn run(spec: &BootSpec, root: Option<&str>) -> AppExit {
     loop {
         match wait_signal() {
             libc::SIGCHLD => {
-                if let Some(exit) = reap(Some(child)) {
-                    return exit;
+                children.reap_any();
+                if let Ok(status) = spawned.exit.try_recv() {
+                    return status.into();
                 }
             }
             sig if FORWARDED.contains(&sig) => {
-                // SAFETY: sending a signal to our own child has no memory effects.
-                unsafe { libc::kill(child, sig) };
+                children.signal_app(sig);
             }
             _ => {}
         }
     }
 }
 
-fn spawn(spec: &BootSpec, root: Option<&str>) -> io::Result<libc::pid_t> {
-    use std::ffi::OsStr;
-    use std::os::unix::ffi::OsStrExt;
-
-    let os = |b: &[u8]| OsStr::from_bytes(b).to_owned();
-    let mut cmd = Command::new(os(&spec.argv[0]));
-    cmd.args(spec.argv[1..].iter().map(|a| os(a)));
-    cmd.env_clear()
-        .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
-        .env("TERM", "linux");
-    for entry in &spec.env {
-        if let Some(eq) = entry.iter().position(|&b| b == b'=') {
-            cmd.env(os(&entry[..eq]), os(&entry[eq + 1..]));
+/// Sandbox mode: no application; reaps (the guest agent's processes, orphans) until PID 1 gets
+/// SIGTERM or SIGINT, which is how the agent's `shutdown` request ends the VM (see
+/// [`request_sandbox_end`]). The VM then ends with exit code 0.
+pub fn run_sandbox(children: &Children) -> AppExit {
+    loop {
+        match wait_signal() {
+            libc::SIGCHLD => children.reap_any(),
+            libc::SIGTERM | libc::SIGINT => return AppExit::Exited(0),
+            _ => {}
         }
     }
-    let cwd = std::ffi::CString::new(spec.cwd.clone().unwrap_or_else(|| b"/".to_vec()))
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let root = root
-        .map(std::ffi::CString::new)
-        .transpose()
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            // chroot (for husk.root) and the working directory here, not with current_dir: it
-            // must be resolved inside the new root.
-            if let Some(root) = &root {
-                if libc::chroot(root.as_ptr()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            // Own session with the console as controlling terminal, so ^C typed on the console
-            // reaches the application. Failure (no tty) is harmless.
-            libc::setsid();
-            libc::ioctl(0, libc::TIOCSCTTY as _, 0);
-            Ok(())
-        });
+}
+
+/// Ends [`run_sandbox`] from another thread of PID 1.
+pub fn request_sandbox_end() {
+    // SAFETY: a signal to our own process; every thread blocks it, so it stays pending until
+    // the main thread's sigwaitinfo takes it.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+fn app_command(spec: &BootSpec, root: Option<&str>) -> io::Result<Command> {
+    let mut env = vec![
+        (b"PATH".to_vec(), DEFAULT_PATH.as_bytes().to_vec()),
+        (b"HOME".to_vec(), b"/root".to_vec()),
+        (b"TERM".to_vec(), b"linux".to_vec()),
+    ];
+    for entry in &spec.env {
+        if let Some(eq) = entry.iter().position(|&b| b == b'=') {
+            env.push((entry[..eq].to_vec(), entry[eq + 1..].to_vec()));
+        }
     }
-    let child = cmd.spawn()?;
-    let pid =
-        libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
-    // The Child handle is dropped without waiting: PID 1 reaps with waitpid(-1) itself.
-    Ok(pid)
+    Launch {
+        argv: spec.argv.clone(),
+        env,
+        cwd: spec.cwd.clone().unwrap_or_else(|| b"/".to_vec()),
+        root: root.map(|r| r.as_bytes().to_vec()),
+        // Own session with the console as controlling terminal, so ^C typed on the console
+        // reaches the application.
+        controlling_tty: true,
+    }
+    .command()
 }
 
 /// Waits for the next blocked signal and returns its number.
@@ -151,44 +152,53 @@ fn wait_signal() -> libc::c_int {
     }
 }
 
-/// Reaps every exited child. Returns the exit of `watched` if it was among them.
-pub fn reap(watched: Option<libc::pid_t>) -> Option<AppExit> {
-    let mut result = None;
-    loop {
-        let mut status = 0;
-        // SAFETY: status is a valid out-pointer; WNOHANG never blocks.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return result;
-        }
-        if Some(pid) == watched {
-            result = Some(if libc::WIFSIGNALED(status) {
-                AppExit::Signaled(libc::WTERMSIG(status))
-            } else {
-                AppExit::Exited(libc::WEXITSTATUS(status) as u8)
-            });
-        }
-    }
-}
-
 /// Ends every process left in the guest: SIGTERM, a grace period, then SIGKILL.
-pub fn stop_everything_else(grace: std::time::Duration) {
+pub fn stop_everything_else(grace: std::time::Duration, children: &Children) {
     // SAFETY: kill(-1) signals every process but PID 1; no memory effects here.
     if unsafe { libc::kill(-1, libc::SIGTERM) } != 0 {
         return; // ESRCH: nothing else is running.
     }
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
-        reap(None);
-        // SAFETY: signal 0 only checks whether any process is left.
-        if unsafe { libc::kill(-1, 0) } != 0 {
+        children.reap_any();
+        // Not kill(-1, 0): it succeeds as long as kernel threads exist, that is always.
+        if !user_processes_left() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     // SAFETY: as above.
     unsafe { libc::kill(-1, libc::SIGKILL) };
-    reap(None);
+    children.reap_any();
+}
+
+/// PF_KTHREAD (include/linux/sched.h): the task is a kernel thread.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// True while a process other than PID 1 and the kernel's threads exists.
+fn user_processes_left() -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != 1)
+        .any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| is_user_process(&stat))
+                .unwrap_or(false) // gone meanwhile
+        })
+}
+
+/// From a /proc/PID/stat line: whether the task is a user process (not a kernel thread).
+/// `None` if the line cannot be read that way.
+fn is_user_process(stat: &str) -> Option<bool> {
+    // "pid (comm) state ppid pgrp session tty_nr tpgid flags ..."; comm may hold spaces and
+    // parentheses, so the fields are counted from the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+    Some(flags & PF_KTHREAD == 0)
 }
 
 #[cfg(test)]
@@ -201,5 +211,16 @@ mod tests {
         assert_eq!(AppExit::Signaled(libc::SIGKILL).code(), 137);
         assert_eq!(AppExit::Signaled(libc::SIGTERM).code(), 143);
         assert_eq!(AppExit::NotStarted(127).code(), 127);
+    }
+
+    #[test]
+    fn kernel_threads_are_told_apart_from_user_processes() {
+        let kthread = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 9 0 0";
+        assert_eq!(is_user_process(kthread), Some(false));
+        let tricky = "77 (a) b (c) S 1 77 77 0 -1 4194560 90 0 0 0 0 0 0 0 20 0 1 0 9 0 0";
+        assert_eq!(is_user_process(tricky), Some(true));
+        assert_eq!(is_user_process("garbage"), None);
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert_eq!(is_user_process(&own), Some(true));
     }
 }

@@ -7,6 +7,7 @@
 // Test-harness code: a failed expectation here is a failed test, which is what a panic reports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
 pub mod huskd;
 pub mod vmm_client;
 

@@ -51,10 +51,15 @@ impl Launch<'_> {
         if !spec.extra_cmdline.is_empty() {
             parts.push(spec.extra_cmdline.clone());
         }
-        let boot = BootSpec {
-            argv: spec.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
-            env,
-            cwd: (!spec.workdir.is_empty()).then(|| spec.workdir.as_bytes().to_vec()),
+        // A sandbox (no command) has no application to hand environment or a directory to.
+        let boot = if spec.command.is_empty() {
+            BootSpec::sandbox()
+        } else {
+            BootSpec {
+                argv: spec.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+                env,
+                cwd: (!spec.workdir.is_empty()).then(|| spec.workdir.as_bytes().to_vec()),
+            }
         };
         parts.push(format!(
             "{PARAM}{}",

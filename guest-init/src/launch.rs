@@ -1,0 +1,180 @@
+//! How PID 1 starts a process, the application or one the guest agent runs: a clean environment,
+//! the application's root (chroot) and working directory, a clean signal state, its own session.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// `PATH` of every process PID 1 starts.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to start and where.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Program and arguments, at least one; the program is looked up in `PATH` inside `root`.
+    pub argv: Vec<Vec<u8>>,
+    /// The whole environment, `(KEY, VALUE)`; later entries override earlier ones.
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Working directory, resolved inside `root`.
+    pub cwd: Vec<u8>,
+    /// The root to chroot into (husk.root); `None`: the initramfs.
+    pub root: Option<Vec<u8>>,
+    /// Make fd 0 the controlling terminal of the new session (failure is ignored: fd 0 may be
+    /// no terminal).
+    pub controlling_tty: bool,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "argument or path contains a NUL byte",
+        )
+    })
+}
+
+impl Launch {
+    /// A `Command` for this launch; the caller sets stdio and spawns it (through
+    /// [`crate::children::Children`]).
+    pub fn command(&self) -> io::Result<Command> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty argv"))?;
+        let os = |b: &[u8]| OsStr::from_bytes(b).to_owned();
+        let mut cmd = Command::new(os(program));
+        cmd.args(args.iter().map(|a| os(a)));
+        cmd.env_clear();
+        for (key, value) in &self.env {
+            cmd.env(os(key), os(value));
+        }
+        let cwd = cstring(&self.cwd)?;
+        let root = self.root.as_deref().map(cstring).transpose()?;
+        let controlling_tty = self.controlling_tty;
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls on data prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // chroot and the working directory here, not with current_dir: both must be
+                // resolved inside the new root. std looks the program up in PATH after this, so
+                // inside the root too.
+                if let Some(root) = &root {
+                    if libc::chroot(root.as_ptr()) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if libc::chdir(cwd.as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                reset_signals();
+                libc::setsid();
+                if controlling_tty {
+                    libc::ioctl(0, libc::TIOCSCTTY as _, 0);
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+/// Gives the child what a process expects from its parent: default dispositions and an empty
+/// mask (PID 1 blocks every signal and std ignores SIGPIPE; both would be inherited).
+///
+/// # Safety
+/// Only for the child between fork and exec: it changes the whole process's signal state.
+unsafe fn reset_signals() {
+    for sig in 1..libc::SIGRTMIN() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: installing SIG_DFL runs no code; signal() is async-signal-safe.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+    }
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; only our mask changes.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_child_gets_exactly_the_given_environment_and_directory() {
+        let launch = Launch {
+            argv: vec![
+                b"/bin/sh".to_vec(),
+                b"-c".to_vec(),
+                b"pwd; env | sort".to_vec(),
+            ],
+            env: vec![
+                (b"PATH".to_vec(), DEFAULT_PATH.as_bytes().to_vec()),
+                (b"A".to_vec(), b"1".to_vec()),
+                (b"A".to_vec(), b"2".to_vec()),
+            ],
+            cwd: b"/tmp".to_vec(),
+            ..Launch::default()
+        };
+        let out = launch.command().unwrap().output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("/tmp"));
+        let env: Vec<&str> = lines.filter(|l| !l.starts_with("PWD=")).collect();
+        assert!(env.contains(&"A=2"), "{env:?}");
+        assert!(!env.contains(&"A=1"), "{env:?}");
+        assert!(env.iter().any(|l| l.starts_with("PATH=/usr/local/sbin")));
+        assert!(!env.iter().any(|l| l.starts_with("HOME=")), "{env:?}");
+    }
+
+    #[test]
+    fn the_child_has_an_empty_signal_mask_and_its_own_session() {
+        // Block a signal here, as PID 1 does for all: the child must not inherit it.
+        // SAFETY: changes only this test thread's mask; restored below.
+        let old = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+            old
+        };
+        let launch = Launch {
+            argv: vec![
+                b"/bin/sh".to_vec(),
+                b"-c".to_vec(),
+                b"grep -E '^SigBlk' /proc/$$/status; set -- $(cat /proc/$$/stat); echo pid=$1 sid=$6"
+                    .to_vec(),
+            ],
+            cwd: b"/".to_vec(),
+            ..Launch::default()
+        };
+        let out = launch.command().unwrap().output();
+        // SAFETY: restores this thread's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        let text = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+        assert!(
+            text.contains("SigBlk:\t0000000000000000"),
+            "signal mask leaked into the child:\n{text}"
+        );
+        let ids = text.lines().find(|l| l.starts_with("pid=")).unwrap();
+        let (pid, sid) = ids.split_once(' ').unwrap();
+        assert_eq!(&pid[4..], &sid[4..], "the child leads no session: {ids}");
+    }
+
+    #[test]
+    fn a_missing_working_directory_fails_the_spawn() {
+        let launch = Launch {
+            argv: vec![b"/bin/true".to_vec()],
+            cwd: b"/nonexistent-husk-dir".to_vec(),
+            ..Launch::default()
+        };
+        assert!(launch.command().unwrap().spawn().is_err());
+        let empty = Launch::default();
+        assert!(empty.command().is_err());
+    }
+}
