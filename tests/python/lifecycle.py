@@ -29,7 +29,9 @@ def main():
     import grpc
     from husk.v1 import husk_pb2 as pb, husk_pb2_grpc as rpc
 
-    channel = grpc.insecure_channel(target)
+    # grpcio sends the socket path as :authority on unix: targets, which is not a valid
+    # authority and HTTP/2 servers (hyper, under tonic) reset the stream: name a plain one.
+    channel = grpc.insecure_channel(target, options=[("grpc.default_authority", "localhost")])
     husk = rpc.HuskStub(channel)
 
     def expect(cond, what):
