@@ -143,24 +143,38 @@ mod tests {
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
             old
         };
-        let launch = Launch {
+        // The launched program reads its own mask: a shell reading its own would race with the
+        // shell's fork of the next command (dash blocks every signal around fork).
+        let mask = Launch {
+            argv: vec![
+                b"grep".to_vec(),
+                b"-E".to_vec(),
+                b"^SigBlk".to_vec(),
+                b"/proc/self/status".to_vec(),
+            ],
+            env: vec![(b"PATH".to_vec(), b"/usr/bin:/bin".to_vec())],
+            cwd: b"/".to_vec(),
+            ..Launch::default()
+        };
+        let session = Launch {
             argv: vec![
                 b"/bin/sh".to_vec(),
                 b"-c".to_vec(),
-                b"grep -E '^SigBlk' /proc/$$/status; set -- $(cat /proc/$$/stat); echo pid=$1 sid=$6"
-                    .to_vec(),
+                b"set -- $(cat /proc/$$/stat); echo pid=$1 sid=$6".to_vec(),
             ],
             cwd: b"/".to_vec(),
             ..Launch::default()
         };
-        let out = launch.command().unwrap().output();
+        let mask_out = mask.command().unwrap().output();
+        let session_out = session.command().unwrap().output();
         // SAFETY: restores this thread's mask.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        let text = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+        let text = String::from_utf8_lossy(&mask_out.unwrap().stdout).into_owned();
         assert!(
             text.contains("SigBlk:\t0000000000000000"),
             "signal mask leaked into the child:\n{text}"
         );
+        let text = String::from_utf8_lossy(&session_out.unwrap().stdout).into_owned();
         let ids = text.lines().find(|l| l.starts_with("pid=")).unwrap();
         let (pid, sid) = ids.split_once(' ').unwrap();
         assert_eq!(&pid[4..], &sid[4..], "the child leads no session: {ids}");
