@@ -1,7 +1,6 @@
 //! `husk run`: boot a micro-VM with husk-vmm directly (no daemon), run one command in it, and
 //! exit with that command's exit code.
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -75,7 +74,7 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     }
     if let Some(link) = &link {
         cmd.arg("--net").arg(link.vmm_arg());
-        inherit_fd(&mut cmd, link.raw_fd());
+        husk_host::process::inherit_fd(&mut cmd, link.raw_fd());
     }
     if let Some(path) = &args.vsock {
         cmd.arg("--vsock")
@@ -129,20 +128,6 @@ fn disk_args(args: &RunArgs) -> Result<Vec<String>, String> {
         disks.push(disk.clone());
     }
     Ok(disks)
-}
-
-/// Lets `fd` survive the exec into the child, at the same number.
-fn inherit_fd(cmd: &mut Command, fd: i32) {
-    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 fn ignore_interactive_signals() {

@@ -86,7 +86,7 @@ impl Launch<'_> {
         }
         if let Some(link) = self.link {
             cmd.arg("--net").arg(link.vmm_arg());
-            inherit_fd(&mut cmd, link.raw_fd());
+            husk_host::process::inherit_fd(&mut cmd, link.raw_fd());
         }
         cmd.arg("--vsock").arg(format!(
             "cid={},path={}",
@@ -129,20 +129,6 @@ impl Launch<'_> {
             .map_err(|e| format!("cannot start {}: {e}", self.vmm.display()))?;
         // The Child is dropped without waiting: the monitor reaps it with waitpid.
         Ok(child.id())
-    }
-}
-
-/// Lets `fd` survive the exec into the child, at the same number.
-fn inherit_fd(cmd: &mut Command, fd: RawFd) {
-    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 
@@ -291,6 +277,25 @@ mod tests {
         );
         assert_eq!(decoded.env, vec![b"A=1".to_vec()]);
         assert_eq!(decoded.cwd, Some(b"/srv".to_vec()));
+    }
+
+    #[test]
+    fn no_command_boots_a_sandbox_without_application_settings() {
+        let spec = VmSpec {
+            env: [("A".to_string(), "1".to_string())].into(),
+            workdir: "/srv".into(),
+            ..Default::default()
+        };
+        let launch = Launch {
+            vmm: Path::new("/bin/husk-vmm"),
+            dir: Path::new("/run/husk/vms/abc"),
+            spec: &spec,
+            vsock_cid: 3,
+            link: None,
+        };
+        let cmdline = launch.kernel_cmdline().unwrap();
+        let decoded = BootSpec::from_cmdline(&cmdline).unwrap().unwrap();
+        assert!(decoded.is_sandbox(), "{decoded:?}");
     }
 
     #[tokio::test]

@@ -75,16 +75,7 @@ mod tests {
     use super::*;
     use crate::test_utils::ScratchDir;
 
-    fn outcome(reason: StopReason, exit_code: Option<u8>) -> VmOutcome {
-        VmOutcome {
-            reason,
-            exit_code,
-            init_time_us: None,
-            unhandled_pio: (0, 0),
-            unhandled_mmio: (0, 0),
-            device_counters: Vec::new(),
-        }
-    }
+    use crate::test_utils::outcome;
 
     #[test]
     fn outcomes_map_to_reports() {

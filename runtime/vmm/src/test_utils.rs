@@ -84,3 +84,15 @@ impl Drop for ScratchDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A VmOutcome with only a stop reason and an exit code (exit-status and report tests).
+pub fn outcome(reason: crate::stop::StopReason, exit_code: Option<u8>) -> crate::vmm::VmOutcome {
+    crate::vmm::VmOutcome {
+        reason,
+        exit_code,
+        init_time_us: None,
+        unhandled_pio: (0, 0),
+        unhandled_mmio: (0, 0),
+        device_counters: Vec::new(),
+    }
+}

@@ -312,16 +312,7 @@ fn guest_memory_mib(vm: &Vm) -> u32 {
 mod tests {
     use super::*;
 
-    fn outcome(reason: StopReason, exit_code: Option<u8>) -> VmOutcome {
-        VmOutcome {
-            reason,
-            exit_code,
-            init_time_us: None,
-            unhandled_pio: (0, 0),
-            unhandled_mmio: (0, 0),
-            device_counters: Vec::new(),
-        }
-    }
+    use crate::test_utils::outcome;
 
     #[test]
     fn exit_status_follows_the_contract() {
