@@ -17,6 +17,7 @@ pub struct RunArgs {
     pub workdir: Option<String>,
     pub cmdline: Option<String>,
     pub report_boot_time: bool,
+    pub no_jail: bool,
     pub command: Vec<String>,
 }
 
@@ -41,6 +42,10 @@ options:
   --workdir DIR        working directory of CMD in the guest (default /)
   --cmdline STR        extra kernel command-line parameters
   --boot-time          print the time from VMM start to guest init on stderr
+  --no-jail            as root, run husk-vmm directly instead of through husk-jailer (for
+                       development; see docs/security.md). The jailed VMM runs as
+                       HUSK_JAIL_UID:HUSK_JAIL_GID (default 65534), which must be able to
+                       create the --vsock socket in its directory
 ";
 
 impl RunArgs {
@@ -59,6 +64,7 @@ impl RunArgs {
             workdir: None,
             cmdline: None,
             report_boot_time: false,
+            no_jail: false,
             command: Vec::new(),
         };
         let mut it = args.iter();
@@ -90,6 +96,7 @@ impl RunArgs {
                 "--workdir" | "-w" => out.workdir = Some(value()?),
                 "--cmdline" => out.cmdline = Some(value()?),
                 "--boot-time" => out.report_boot_time = true,
+                "--no-jail" => out.no_jail = true,
                 other if other.starts_with('-') => return Err(format!("unknown option {other}")),
                 _ => {
                     // The command may also come without `--`, docker style.
