@@ -54,6 +54,9 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
             *disk = arg;
         }
     }
+    if jail_config.is_none() && !args.cgroup.is_empty() {
+        return Err("--cgroup needs the jail: run husk as root, without --no-jail".into());
+    }
     let vsock_dir = match (&jail_config, &vsock) {
         (Some(j), Some(path)) => Some(vsock_dir_for(j, path)?),
         _ => None,
@@ -117,7 +120,7 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
                 .map(|l| l.raw_fd())
                 .chain(disk_files.iter().map(|f| f.as_raw_fd()))
                 .collect(),
-            cgroup: Vec::new(),
+            cgroup: args.cgroup.clone(),
         };
         cmd = jail::wrap(&j.jailer, &cmd, &spec);
     }

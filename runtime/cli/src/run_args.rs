@@ -18,6 +18,7 @@ pub struct RunArgs {
     pub cmdline: Option<String>,
     pub report_boot_time: bool,
     pub no_jail: bool,
+    pub cgroup: Vec<String>,
     pub command: Vec<String>,
 }
 
@@ -46,6 +47,8 @@ options:
                        development; see docs/security.md). The jailed VMM runs as
                        HUSK_JAIL_UID:HUSK_JAIL_GID (default 65534), which must be able to
                        create the --vsock socket in its directory
+  --cgroup FILE=VALUE  a limit of the jail's cgroup v2 (repeatable), e.g. memory.max=512M,
+                       cpu.max=\"50000 100000\", pids.max=64, io.max=...
 ";
 
 impl RunArgs {
@@ -65,6 +68,7 @@ impl RunArgs {
             cmdline: None,
             report_boot_time: false,
             no_jail: false,
+            cgroup: Vec::new(),
             command: Vec::new(),
         };
         let mut it = args.iter();
@@ -97,6 +101,13 @@ impl RunArgs {
                 "--cmdline" => out.cmdline = Some(value()?),
                 "--boot-time" => out.report_boot_time = true,
                 "--no-jail" => out.no_jail = true,
+                "--cgroup" => {
+                    let v = value()?;
+                    if !v.contains('=') {
+                        return Err(format!("--cgroup {v:?} is not FILE=VALUE"));
+                    }
+                    out.cgroup.push(v);
+                }
                 other if other.starts_with('-') => return Err(format!("unknown option {other}")),
                 _ => {
                     // The command may also come without `--`, docker style.
