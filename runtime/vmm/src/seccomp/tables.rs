@@ -111,6 +111,9 @@ const COMMON: &[Rule] = &[
     r(l::SYS_madvise, "madvise", Args::Any),
     r(l::SYS_brk, "brk", Args::Any),
     r(l::SYS_rt_sigreturn, "rt_sigreturn", Args::Any),
+    // Instant::now(): the vDSO answers it without a syscall unless the clocksource cannot be
+    // read from user space (e.g. in a nested guest), where it falls back to the syscall.
+    r(l::SYS_clock_gettime, "clock_gettime", Args::Any),
 ];
 
 /// Thread exit (std's alternate signal stack is taken down, then the thread ends).
@@ -139,11 +142,15 @@ const MAIN: &[Rule] = &[
     r(l::SYS_unlink, "unlink", Args::Any),
     r(l::SYS_fsync, "fsync", Args::Any),
     r(l::SYS_rename, "rename", Args::Any),
+    // std::process::exit takes down the main thread's alternate signal stack first.
+    r(l::SYS_sigaltstack, "sigaltstack", Args::Any),
     r(l::SYS_exit_group, "exit_group", Args::Any),
 ];
 
 const VCPU: &[Rule] = &[
-    // TUNSETOFFLOAD: a guest's net driver activating the device (an MMIO write on this thread).
+    // A guest's net driver activating the device (an MMIO write on this thread) sets the tap's
+    // offloads (TUNSETOFFLOAD) and takes the frames already waiting on it (read).
+    r(l::SYS_read, "read", Args::Any),
     r(
         l::SYS_ioctl,
         "ioctl",
