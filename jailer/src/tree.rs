@@ -129,9 +129,7 @@ pub fn pivot_into(root: &Path) -> Result<(), String> {
     let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32;
     check(rc, || String::from("pivot_root"))?;
     // SAFETY: detaches the old root, now mounted on "."; a static string.
-    check(
-        unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
-        || String::from("detaching the old root"),
-    )?;
+    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+    check(rc, || String::from("detaching the old root"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
 }
