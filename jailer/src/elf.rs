@@ -96,7 +96,8 @@ pub fn dependencies_with(
     Some((interp, needed))
 }
 
-/// [`dependencies_with`] on an image in memory.
+/// [`dependencies_with`] on an image in memory (tests).
+#[cfg(test)]
 pub fn dependencies(image: &[u8]) -> Option<(Option<String>, Vec<String>)> {
     dependencies_with(&|offset, len| {
         let start = usize::try_from(offset).ok()?;
