@@ -40,6 +40,22 @@ fn enable_controllers(dir: &Path) -> io::Result<()> {
     std::fs::write(dir.join("cgroup.subtree_control"), wanted.join(" "))
 }
 
+/// This process's cgroup v2 path (from /proc/self/cgroup's `0::PATH` line).
+pub fn current() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| PathBuf::from(p.trim_start_matches('/')))
+}
+
+/// Moves this process into `relative` under `mount` (back where it came from, so that removing
+/// the VM's cgroup after a failed start does not kill the jailer itself).
+pub fn move_to(mount: &Path, relative: &Path) -> Result<(), String> {
+    let procs = mount.join(relative).join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .map_err(|e| format!("{}: {e}", procs.display()))
+}
+
 /// Creates the VM's cgroup, writes `limits` into it and moves this process there.
 pub fn enter(mount: &Path, id: &str, limits: &[(String, String)]) -> Result<PathBuf, String> {
     let parent = mount.join("husk");

@@ -268,12 +268,18 @@ fn run(j: &Jail) -> Result<(), StepError> {
             return Err(format!("{}: {e}", dir.display())).step("creating the jail directory")
         }
     }
+    let origin = cgroup::current();
     let result = std::fs::create_dir(&root)
         .map_err(|e| format!("{}: {e}", root.display()))
         .step("creating the jail directory")
         .and_then(|()| enter_cgroup(j))
         .and_then(|()| jail_and_exec(j, &root, &libs, netns.as_ref(), &argv, &envp));
-    // Only reached on failure: undo what this run created.
+    // Only reached on failure: undo what this run created, after leaving the VM's cgroup (its
+    // removal kills what is in it). After a pivot_root the host's paths are gone: the
+    // launcher's `--cleanup` removes the rest then.
+    if let (Some(mount), Some(origin)) = (cgroup::mount_point(), origin) {
+        let _ = cgroup::move_to(&mount, &origin);
+    }
     let _ = cleanup(&j.id, &j.base);
     result
 }

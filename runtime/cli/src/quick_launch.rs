@@ -42,7 +42,11 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     let vmm = vmm_binary()?;
     let jail_config = jail::config(args.no_jail)?;
     // A jailed VMM sees host paths only where the jail mirrors them, and "/" is its cwd.
-    let absolute = |p: &Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    let absolute = |p: &Path| {
+        std::path::absolute(p)
+            .map(|p| jail::normalize(&p))
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
     let (kernel, initrd) = (absolute(&kernel)?, absolute(&initrd)?);
     let vsock = args.vsock.as_deref().map(absolute).transpose()?;
     // Jailed, disks are opened here (with husk's rights) and handed over as fds.

@@ -74,6 +74,23 @@ pub fn open_disk(spec: &str) -> Result<(File, String), String> {
     Ok((file, arg))
 }
 
+/// `path` with `.` and `..` resolved lexically (the jailer refuses `..`: the jail mirrors a
+/// path as it is written, so the VMM and the jail must both get this form).
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// What goes into one jail besides the VMM's own arguments.
 #[derive(Debug, Default)]
 pub struct JailSpec<'a> {
@@ -95,7 +112,9 @@ pub struct JailSpec<'a> {
 pub fn wrap(jailer: &Path, vmm: &Command, spec: &JailSpec<'_>) -> Command {
     let mut cmd = Command::new(jailer);
     cmd.arg("--id").arg(spec.id);
-    cmd.arg("--exec-file").arg(vmm.get_program());
+    let exec = Path::new(vmm.get_program());
+    cmd.arg("--exec-file")
+        .arg(std::fs::canonicalize(exec).unwrap_or_else(|_| normalize(exec)));
     cmd.arg("--uid").arg(spec.uid.to_string());
     cmd.arg("--gid").arg(spec.gid.to_string());
     for f in &spec.files {
@@ -162,6 +181,15 @@ mod tests {
             jail.contains("--file /k --dir /s --cgroup memory.max=1G"),
             "{jail}"
         );
+    }
+
+    #[test]
+    fn paths_are_normalized_lexically() {
+        assert_eq!(
+            normalize(Path::new("/a/b/../c/./d")),
+            PathBuf::from("/a/c/d")
+        );
+        assert_eq!(normalize(Path::new("/../x")), PathBuf::from("/x"));
     }
 
     #[test]

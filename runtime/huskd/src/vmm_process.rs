@@ -113,9 +113,15 @@ impl Launch<'_> {
         let direct = self.command()?;
         let mut vmm = Command::new(direct.get_program());
         let mut args = direct.get_args();
+        let mut files = Vec::new();
         while let Some(arg) = args.next() {
             vmm.arg(arg);
-            if arg == "--disk" {
+            if arg == "--kernel" || arg == "--initrd" {
+                // Mirrored into the jail at the path the VMM is given.
+                let path = jail::normalize(Path::new(args.next().unwrap_or_default()));
+                vmm.arg(&path);
+                files.push(path);
+            } else if arg == "--disk" {
                 let spec = args.next().and_then(|a| a.to_str()).unwrap_or_default();
                 let (file, fd_arg) = jail::open_disk(spec)?;
                 disks.push(file);
