@@ -109,6 +109,7 @@ fn arg_rules(rule: &Rule, pid: u32) -> Result<Vec<SeccompRule>, seccompiler::Bac
             ),
         ])?],
         Args::OwnProcess => vec![one(cond(0, Dword, SeccompCmpOp::Eq, u64::from(pid)))?],
+        Args::Connected => vec![one(cond(4, Qword, SeccompCmpOp::Eq, 0))?],
     })
 }
 
@@ -251,6 +252,7 @@ pub fn describe() -> String {
                 Args::NoExec => String::from("  prot without PROT_EXEC"),
                 Args::UnixStream => String::from("  AF_UNIX, SOCK_STREAM only"),
                 Args::OwnProcess => String::from("  this process's threads only"),
+                Args::Connected => String::from("  connected sockets only (no address)"),
             };
             let _ = writeln!(out, "  {:<16}{detail}", rule.name);
         }

@@ -66,6 +66,9 @@ pub enum Args {
     UnixStream,
     /// `tgkill(tgid, ...)` with `tgid` this process.
     OwnProcess,
+    /// `sendto(fd, buf, len, flags, NULL, 0)`: on a connected socket only (std's write on a
+    /// UnixStream), never to an address.
+    Connected,
 }
 
 /// One allowed syscall.
@@ -136,6 +139,8 @@ const MAIN: &[Rule] = &[
     r(l::SYS_poll, "poll", Args::Any),
     r(l::SYS_read, "read", Args::Any),
     r(l::SYS_clock_nanosleep, "clock_nanosleep", Args::Any),
+    // The serial console's last flush to a `--console unix:PATH` socket.
+    r(l::SYS_sendto, "sendto", Args::Connected),
     // Tearing down: closing the VM's fds, removing the sockets it created, the exit report
     // (written into the file created before the filter, synced, renamed into place).
     r(l::SYS_statx, "statx", Args::Any),
@@ -151,6 +156,8 @@ const VCPU: &[Rule] = &[
     // A guest's net driver activating the device (an MMIO write on this thread) sets the tap's
     // offloads (TUNSETOFFLOAD) and takes the frames already waiting on it (read).
     r(l::SYS_read, "read", Args::Any),
+    // Serial output to a `--console unix:PATH` socket.
+    r(l::SYS_sendto, "sendto", Args::Connected),
     r(
         l::SYS_ioctl,
         "ioctl",
@@ -174,7 +181,7 @@ const EVENTS: &[Rule] = &[
     r(l::SYS_socket, "socket", Args::UnixStream),
     r(l::SYS_connect, "connect", Args::Any),
     r(l::SYS_recvfrom, "recvfrom", Args::Any),
-    r(l::SYS_sendto, "sendto", Args::Any),
+    r(l::SYS_sendto, "sendto", Args::Connected),
     r(l::SYS_shutdown, "shutdown", Args::Any),
     r(l::SYS_ioctl, "ioctl", Args::Arg1(&[(FIONBIO, "FIONBIO")])),
 ];
@@ -185,7 +192,7 @@ const API: &[Rule] = &[
     // std reads a UnixStream with recvfrom and writes it with sendto (MSG_NOSIGNAL).
     r(l::SYS_read, "read", Args::Any),
     r(l::SYS_recvfrom, "recvfrom", Args::Any),
-    r(l::SYS_sendto, "sendto", Args::Any),
+    r(l::SYS_sendto, "sendto", Args::Connected),
 ];
 
 /// The rules of `kind`'s filter, each syscall once (a syscall in two parts keeps the first).
