@@ -133,3 +133,18 @@ pub fn pivot_into(root: &Path) -> Result<(), String> {
     check(rc, || String::from("detaching the old root"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_are_mirrored_under_the_root() {
+        let root = Path::new("/run/husk/jail/vm1/root");
+        assert_eq!(
+            in_root(root, Path::new("/home/u/vmlinux")),
+            PathBuf::from("/run/husk/jail/vm1/root/home/u/vmlinux")
+        );
+        assert_eq!(in_root(root, Path::new(VMM_IN_JAIL)), root.join("husk-vmm"));
+    }
+}

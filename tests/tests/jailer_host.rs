@@ -107,9 +107,17 @@ fn the_jailed_vmm_sees_only_what_its_jail_mirrors() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("vcpu ("));
     cleanup_leaves_nothing("see3");
     // In a new PID namespace the jailer stays as the VMM's parent and passes its status on.
-    let out = run(jailer("see4", &["--new-pid-ns"], &["--kernel", "/etc/passwd"]));
+    let out = run(jailer(
+        "see4",
+        &["--new-pid-ns"],
+        &["--kernel", "/etc/passwd"],
+    ));
     assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
-    assert!(stderr(&out).contains("/etc/passwd does not exist"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/etc/passwd does not exist"),
+        "{}",
+        stderr(&out)
+    );
     cleanup_leaves_nothing("see4");
 }
 
