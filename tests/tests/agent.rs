@@ -27,6 +27,9 @@ impl Vm {
         let dir = std::env::temp_dir().join(format!("husk-agent-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // Run as root, husk jails the VMM as an unprivileged user, which creates the socket here.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .unwrap();
         let socket = dir.join("v.sock");
         let mut cmd = Command::new("true");
         configure(&mut cmd, &socket);

@@ -287,10 +287,16 @@ fn vsock_carries_data_both_ways() {
     use std::io::Write;
     use std::os::unix::net::{UnixListener, UnixStream};
 
+    use std::os::unix::fs::PermissionsExt;
     let scratch = Scratch::new("vsock");
+    // Run as root, husk jails the VMM as an unprivileged user: it creates its socket in this
+    // directory and connects to the host port's socket.
+    std::fs::set_permissions(&scratch.0, PermissionsExt::from_mode(0o1777)).unwrap();
     let uds = scratch.0.join("v.sock");
     // Guest to host: the guest connects to host port 5000, which lands on <uds>_5000.
-    let host_port = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let port_path = format!("{}_5000", uds.display());
+    let host_port = UnixListener::bind(&port_path).unwrap();
+    std::fs::set_permissions(&port_path, PermissionsExt::from_mode(0o777)).unwrap();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let (mut conn, _) = host_port.accept().unwrap();

@@ -175,7 +175,7 @@ fn a_vmm_that_cannot_start_leaves_the_vm_failed_with_its_reason() {
     );
     assert_eq!(status.vmm_pid, 0);
     let dir = huskd.vm_dir(&vm.id);
-    for leftover in ["api.sock", "vsock.sock", "vmm.pid"] {
+    for leftover in ["vmm/api.sock", "vmm/vsock.sock", "vmm.pid"] {
         assert!(!dir.join(leftover).exists(), "{leftover} left behind");
     }
     // A failed VM can be started again (and fails again the same way).

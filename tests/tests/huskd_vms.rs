@@ -230,7 +230,7 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
         "tap {} left after stop",
         alpha_status.tap
     );
-    assert!(!huskd.vm_dir(&ids[0]).join("vsock.sock").exists());
+    assert!(!huskd.vm_dir(&ids[0]).join("vmm/vsock.sock").exists());
 
     // kill -9 of beta's VMM: FAILED with a reason, nothing left behind.
     let beta_pid = huskd.get("beta").status.unwrap().vmm_pid;
@@ -240,7 +240,7 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
     let failed = huskd.wait_state("beta", VmState::Failed, Duration::from_secs(20));
     let reason = failed.status.unwrap().failure_reason;
     assert!(reason.contains("signal 9"), "{reason}");
-    for leftover in ["api.sock", "vsock.sock", "vmm.pid"] {
+    for leftover in ["vmm/api.sock", "vmm/vsock.sock", "vmm.pid"] {
         assert!(
             !huskd.vm_dir(&ids[1]).join(leftover).exists(),
             "{leftover} left after kill -9"

@@ -1,12 +1,13 @@
 //! `husk run`: boot a micro-VM with husk-vmm directly (no daemon), run one command in it, and
 //! exit with that command's exit code.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use husk_init::spec::{BootSpec, PARAM};
 
 use crate::run_args::RunArgs;
+use husk_host::jail::{self, JailConfig, JailSpec};
 use husk_host::net::VmLink;
 use husk_host::paths::{husk_home, require_file, vmm_binary};
 
@@ -37,8 +38,33 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     spec.encode().map_err(|e| e.to_string())?;
     require_file(&kernel, "kernel", BUILD_KERNEL_HINT)?;
     require_file(&initrd, "initrd", BUILD_INITRD_HINT)?;
-    let disks = disk_args(args)?;
+    let mut disks = disk_args(args)?;
     let vmm = vmm_binary()?;
+    let jail_config = jail::config(args.no_jail)?;
+    // A jailed VMM sees host paths only where the jail mirrors them, and "/" is its cwd.
+    let absolute = |p: &Path| {
+        std::path::absolute(p)
+            .map(|p| jail::normalize(&p))
+            .map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let (kernel, initrd) = (absolute(&kernel)?, absolute(&initrd)?);
+    let vsock = args.vsock.as_deref().map(absolute).transpose()?;
+    // Jailed, disks are opened here (with husk's rights) and handed over as fds.
+    let mut disk_files = Vec::new();
+    if jail_config.is_some() {
+        for disk in disks.iter_mut() {
+            let (file, arg) = jail::open_disk(disk)?;
+            disk_files.push(file);
+            *disk = arg;
+        }
+    }
+    if jail_config.is_none() && !args.cgroup.is_empty() {
+        return Err("--cgroup needs the jail: run husk as root, without --no-jail".into());
+    }
+    let vsock_dir = match (&jail_config, &vsock) {
+        (Some(j), Some(path)) => Some(vsock_dir_for(j, path)?),
+        _ => None,
+    };
 
     let link = if args.net {
         Some(VmLink::create()?)
@@ -76,7 +102,7 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         cmd.arg("--net").arg(link.vmm_arg());
         husk_host::process::inherit_fd(&mut cmd, link.raw_fd());
     }
-    if let Some(path) = &args.vsock {
+    if let Some(path) = &vsock {
         cmd.arg("--vsock")
             .arg(format!("cid=3,path={}", path.display()));
     }
@@ -84,11 +110,66 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     if args.report_boot_time {
         cmd.arg("--report-boot-time");
     }
-    let mut child = cmd
+    let jail_id = format!("run-{}", std::process::id());
+    if let Some(j) = &jail_config {
+        use std::os::fd::AsRawFd;
+        let spec = JailSpec {
+            id: &jail_id,
+            uid: j.uid,
+            gid: j.gid,
+            files: vec![kernel.clone(), initrd.clone()],
+            dirs: vsock_dir.into_iter().collect(),
+            fds: link
+                .iter()
+                .map(|l| l.raw_fd())
+                .chain(disk_files.iter().map(|f| f.as_raw_fd()))
+                .collect(),
+            cgroup: args.cgroup.clone(),
+        };
+        cmd = jail::wrap(&j.jailer, &cmd, &spec);
+    }
+    let spawned = cmd
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
-    // husk-vmm holds the tap now; with husk's copy closed, the tap goes when the VMM goes.
+        .map_err(|e| format!("cannot start {}: {e}", vmm.display()));
+    // husk-vmm holds the tap and disks now; with husk's copies closed, they go with the VMM.
     drop(link);
+    drop(disk_files);
+    let result = spawned.and_then(|child| wait(child, &vmm));
+    if let Some(j) = &jail_config {
+        if let Err(e) = jail::cleanup(&j.jailer, &jail_id) {
+            eprintln!("husk: warning: cleaning up jail {jail_id}: {e}");
+        }
+    }
+    result
+}
+
+/// The directory of the vsock socket, which the jailed VMM must be able to create it in.
+fn vsock_dir_for(jail: &JailConfig, socket: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let meta = std::fs::metadata(&dir).map_err(|e| format!("--vsock {}: {e}", dir.display()))?;
+    let need = if meta.uid() == jail.uid {
+        0o300
+    } else if meta.gid() == jail.gid {
+        0o030
+    } else {
+        0o003
+    };
+    if meta.mode() & need != need {
+        return Err(format!(
+            "--vsock {}: the jailed VMM (uid {}) cannot create its socket in {}; make the \
+             directory writable for it (e.g. chmod 1777), set HUSK_JAIL_UID/HUSK_JAIL_GID, \
+             or pass --no-jail",
+            socket.display(),
+            jail.uid,
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// Waits for the VMM (or the jailer that became it) and returns the exit code to leave with.
+fn wait(mut child: std::process::Child, vmm: &Path) -> Result<i32, String> {
     // Ctrl-C reaches husk-vmm through the terminal's process group; husk-vmm stops the VM and
     // exits 130. husk itself must outlive it to pass that code on. (Ignored only after the
     // spawn, so husk-vmm does not inherit the ignored disposition.)

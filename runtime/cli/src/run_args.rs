@@ -17,6 +17,8 @@ pub struct RunArgs {
     pub workdir: Option<String>,
     pub cmdline: Option<String>,
     pub report_boot_time: bool,
+    pub no_jail: bool,
+    pub cgroup: Vec<String>,
     pub command: Vec<String>,
 }
 
@@ -41,6 +43,12 @@ options:
   --workdir DIR        working directory of CMD in the guest (default /)
   --cmdline STR        extra kernel command-line parameters
   --boot-time          print the time from VMM start to guest init on stderr
+  --no-jail            as root, run husk-vmm directly instead of through husk-jailer (for
+                       development; see docs/security.md). The jailed VMM runs as
+                       HUSK_JAIL_UID:HUSK_JAIL_GID (default 65534), which must be able to
+                       create the --vsock socket in its directory
+  --cgroup FILE=VALUE  a limit of the jail's cgroup v2 (repeatable), e.g. memory.max=512M,
+                       cpu.max=\"50000 100000\", pids.max=64, io.max=...
 ";
 
 impl RunArgs {
@@ -59,6 +67,8 @@ impl RunArgs {
             workdir: None,
             cmdline: None,
             report_boot_time: false,
+            no_jail: false,
+            cgroup: Vec::new(),
             command: Vec::new(),
         };
         let mut it = args.iter();
@@ -90,6 +100,14 @@ impl RunArgs {
                 "--workdir" | "-w" => out.workdir = Some(value()?),
                 "--cmdline" => out.cmdline = Some(value()?),
                 "--boot-time" => out.report_boot_time = true,
+                "--no-jail" => out.no_jail = true,
+                "--cgroup" => {
+                    let v = value()?;
+                    if !v.contains('=') {
+                        return Err(format!("--cgroup {v:?} is not FILE=VALUE"));
+                    }
+                    out.cgroup.push(v);
+                }
                 other if other.starts_with('-') => return Err(format!("unknown option {other}")),
                 _ => {
                     // The command may also come without `--`, docker style.

@@ -1,5 +1,6 @@
 //! husk's device models. They see guest memory and their backends, nothing else: the VMM wires
 //! them to its MMIO bus, to KVM interrupts and to its event loop.
+pub mod host_files;
 pub mod virtio;
 
 /// The guest memory type every device works on (one place to change when dirty tracking of

@@ -33,6 +33,8 @@ pub struct DaemonConfig {
     pub default_kernel: PathBuf,
     pub default_initrd: PathBuf,
     pub max_vms: usize,
+    /// How VMMs are jailed (None: started directly).
+    pub jail: Option<husk_host::jail::JailConfig>,
 }
 
 /// How long a graceful stop waits when the request gives no timeout.
@@ -361,9 +363,12 @@ impl Daemon {
         let cid = record.status.as_ref().map_or(3, |s| s.vsock_cid);
         store::remove_run_files(&entry.dir);
         let _ = std::fs::remove_file(entry.dir.join(store::EXIT_REPORT));
-        vmm_process::reset_console_log(&entry.dir)
+        let owner = self.config.jail.as_ref().map(|j| (j.uid, j.gid));
+        vmm_process::reset_console_log(&entry.dir, owner)
             .map_err(|e| Status::internal(format!("cannot create the console log: {e}")))?;
         let launch = Launch {
+            jail: self.config.jail.as_ref(),
+            id: &entry.id,
             vmm: &self.config.vmm,
             dir: &entry.dir,
             spec: &spec,
@@ -459,6 +464,16 @@ impl Daemon {
             .ok()
             .and_then(|bytes| ExitReport::decode(&bytes[..]).ok());
         store::remove_run_files(&entry.dir);
+        // The jail's cgroup (and anything left in it) and directory, also after a kill -9 or
+        // when the VMM ended while no huskd watched.
+        if let Some(jail) = &self.config.jail {
+            if let Err(e) = husk_host::jail::cleanup(&jail.jailer, &entry.id) {
+                eprintln!(
+                    "huskd: warning: cleaning up the jail of VM {}: {e}",
+                    entry.id
+                );
+            }
+        }
         *lock(&entry.run) = None;
         let has_app = lock(&entry.record)
             .spec

@@ -27,7 +27,7 @@ const DEFAULT_MAX_VMS: usize = 1024;
 
 const USAGE: &str = "\
 usage: huskd [--socket PATH] [--state-dir DIR] [--tcp ADDR:PORT] [--max-vms N]
-             [--kernel PATH] [--initrd PATH] [--vmm PATH]
+             [--kernel PATH] [--initrd PATH] [--vmm PATH] [--no-jail]
 
   --socket PATH     Unix socket to serve on, mode 0660 (default /run/husk/huskd.sock)
   --state-dir DIR   where VM records, consoles and VMM sockets live (default /run/husk)
@@ -36,6 +36,9 @@ usage: huskd [--socket PATH] [--state-dir DIR] [--tcp ADDR:PORT] [--max-vms N]
   --kernel PATH     default guest kernel (default $HUSK_HOME/kernel/vmlinux)
   --initrd PATH     default initramfs (default $HUSK_HOME/images/default.cpio.gz)
   --vmm PATH        husk-vmm binary (default: $HUSK_VMM, next to huskd, or on PATH)
+  --no-jail         as root, start husk-vmm directly instead of through husk-jailer (for
+                    development). Jailed VMMs run as HUSK_JAIL_UID:HUSK_JAIL_GID (default
+                    65534); husk-jailer is $HUSK_JAILER, next to huskd, or on PATH
 
 Serves husk.v1.Husk, grpc.health.v1.Health and gRPC server reflection.
 SIGINT/SIGTERM stop the daemon; running VMs keep running and are adopted by the next huskd.";
@@ -56,8 +59,13 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
     let mut kernel = None;
     let mut initrd = None;
     let mut vmm = None;
+    let mut no_jail = false;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
+        if flag == "--no-jail" {
+            no_jail = true;
+            continue;
+        }
         if flag == "-h" || flag == "--help" {
             return Ok(None);
         }
@@ -106,6 +114,7 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
             None => default_from_home(husk_host::paths::default_initrd)?,
         },
         max_vms,
+        jail: husk_host::jail::config(no_jail)?,
     };
     Ok(Some(Args {
         socket,
@@ -257,9 +266,11 @@ mod tests {
             "/i",
             "--vmm",
             "/v",
+            "--no-jail",
         ]))
         .unwrap()
         .unwrap();
+        assert_eq!(args.config.jail, None);
         assert_eq!(args.socket, PathBuf::from("/tmp/h.sock"));
         assert_eq!(args.tcp, Some("127.0.0.1:7000".parse().unwrap()));
         assert_eq!(args.config.max_vms, 3);

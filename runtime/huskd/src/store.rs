@@ -4,8 +4,11 @@
 //! - `vm.pb`: the `husk.v1.Vm` record (prost), replaced atomically on every change;
 //! - `vmm.pid`: `<pid> <start time in clock ticks>` of the running husk-vmm, so that a pid
 //!   reused by another process is never mistaken for the VMM;
-//! - `console.log`, `vmm.log`: the guest console and the VMM's own diagnostics;
-//! - `api.sock`, `vsock.sock`, `exit.pb`: the VMM's control socket, vsock socket and exit report.
+//! - `vmm.log`: the VMM's own diagnostics (its stdout and stderr);
+//! - `vmm/`: what the VMM itself writes, the only directory a jailed VMM can write to (it is
+//!   bind-mounted into its jail and owned by the jailed user): `console.log` (the guest
+//!   console), `api.sock`, `vsock.sock` and `exit.pb` (control socket, vsock socket, exit
+//!   report). The record and pid file stay out of the VMM's reach.
 
 use std::fs;
 use std::io::{self, Write};
@@ -16,11 +19,12 @@ use prost::Message;
 
 pub const RECORD: &str = "vm.pb";
 pub const PID_FILE: &str = "vmm.pid";
-pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
-pub const API_SOCK: &str = "api.sock";
-pub const VSOCK_SOCK: &str = "vsock.sock";
-pub const EXIT_REPORT: &str = "exit.pb";
+pub const VMM_DIR: &str = "vmm";
+pub const CONSOLE_LOG: &str = "vmm/console.log";
+pub const API_SOCK: &str = "vmm/api.sock";
+pub const VSOCK_SOCK: &str = "vmm/vsock.sock";
+pub const EXIT_REPORT: &str = "vmm/exit.pb";
 
 /// The directory of every VM under `state_dir`.
 pub fn vms_dir(state_dir: &Path) -> PathBuf {
@@ -94,7 +98,7 @@ pub fn remove_run_files(dir: &Path) {
         let _ = fs::remove_file(dir.join(name));
     }
     // Guest-initiated vsock connections listen on `vsock.sock_<port>` (the host's side).
-    if let Ok(entries) = fs::read_dir(dir) {
+    if let Ok(entries) = fs::read_dir(dir.join(VMM_DIR)) {
         for entry in entries.flatten() {
             if entry
                 .file_name()

@@ -11,6 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use husk_host::jail::{self, JailConfig, JailSpec};
 use husk_host::net::VmLink;
 use husk_init::spec::{BootSpec, PARAM};
 use husk_proto::v1::VmSpec;
@@ -21,6 +22,9 @@ use crate::store;
 
 /// Everything that goes into one VMM command line.
 pub struct Launch<'a> {
+    /// Jailed (through husk-jailer, with the VM id as jail id) or not.
+    pub jail: Option<&'a JailConfig>,
+    pub id: &'a str,
     pub vmm: &'a Path,
     pub dir: &'a Path,
     pub spec: &'a VmSpec,
@@ -101,9 +105,53 @@ impl Launch<'_> {
         Ok(cmd)
     }
 
+    /// The jailer command around [`command`](Self::command): kernel and initrd mirrored
+    /// read-only, the `vmm/` directory read-write, disks opened here and passed as fds (kept
+    /// open in `disks` until the spawn).
+    fn jailed(&self, jail: &JailConfig, disks: &mut Vec<File>) -> Result<Command, String> {
+        use std::os::fd::AsRawFd;
+        let direct = self.command()?;
+        let mut vmm = Command::new(direct.get_program());
+        let mut args = direct.get_args();
+        let mut files = Vec::new();
+        while let Some(arg) = args.next() {
+            vmm.arg(arg);
+            if arg == "--kernel" || arg == "--initrd" {
+                // Mirrored into the jail at the path the VMM is given.
+                let path = jail::normalize(Path::new(args.next().unwrap_or_default()));
+                vmm.arg(&path);
+                files.push(path);
+            } else if arg == "--disk" {
+                let spec = args.next().and_then(|a| a.to_str()).unwrap_or_default();
+                let (file, fd_arg) = jail::open_disk(spec)?;
+                disks.push(file);
+                vmm.arg(fd_arg);
+            }
+        }
+        let mut fds: Vec<i32> = disks.iter().map(|f| f.as_raw_fd()).collect();
+        fds.extend(self.link.map(|l| l.raw_fd()));
+        let spec = JailSpec {
+            id: self.id,
+            uid: jail.uid,
+            gid: jail.gid,
+            files: vec![
+                self.spec.kernel.clone().into(),
+                self.spec.initrd.clone().into(),
+            ],
+            dirs: vec![self.dir.join(store::VMM_DIR)],
+            fds,
+            cgroup: Vec::new(),
+        };
+        Ok(jail::wrap(&jail.jailer, &vmm, &spec))
+    }
+
     /// Starts the VMM in its own session, with its stdout and stderr in `vmm.log`.
     pub fn spawn(&self) -> Result<u32, String> {
-        let mut cmd = self.command()?;
+        let mut disks = Vec::new();
+        let mut cmd = match self.jail {
+            Some(jail) => self.jailed(jail, &mut disks)?,
+            None => self.command()?,
+        };
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -209,10 +257,19 @@ pub fn describe_wait_status(status: i32) -> String {
     }
 }
 
-/// Opens (and truncates) the console log of a new run, readable by the daemon only.
-pub fn reset_console_log(dir: &Path) -> io::Result<PathBuf> {
+/// Creates the `vmm/` directory (owned by `owner`, the jailed uid and gid, when given; mode
+/// 0700) and opens (and truncates) the console log of a new run in it.
+pub fn reset_console_log(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let vmm_dir = dir.join(store::VMM_DIR);
+    std::fs::create_dir_all(&vmm_dir)?;
+    std::fs::set_permissions(&vmm_dir, std::fs::Permissions::from_mode(0o700))?;
     let path = dir.join(store::CONSOLE_LOG);
     File::create(&path)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&vmm_dir, Some(uid), Some(gid))?;
+        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+    }
     Ok(path)
 }
 
@@ -240,6 +297,8 @@ mod tests {
             ..Default::default()
         };
         let launch = Launch {
+            jail: None,
+            id: "vm1",
             vmm: Path::new("/bin/husk-vmm"),
             dir: Path::new("/run/husk/vms/abc"),
             spec: &spec,
@@ -258,10 +317,10 @@ mod tests {
             "--cpus 2",
             "--memory 512",
             "--disk /root.ext4 --disk /data.img:ro",
-            "--vsock cid=7,path=/run/husk/vms/abc/vsock.sock",
-            "--console file:/run/husk/vms/abc/console.log",
-            "--api-sock /run/husk/vms/abc/api.sock",
-            "--exit-report /run/husk/vms/abc/exit.pb",
+            "--vsock cid=7,path=/run/husk/vms/abc/vmm/vsock.sock",
+            "--console file:/run/husk/vms/abc/vmm/console.log",
+            "--api-sock /run/husk/vms/abc/vmm/api.sock",
+            "--exit-report /run/husk/vms/abc/vmm/exit.pb",
         ] {
             assert!(joined.contains(part), "{part} missing from {joined}");
         }
@@ -287,6 +346,8 @@ mod tests {
             ..Default::default()
         };
         let launch = Launch {
+            jail: None,
+            id: "vm1",
             vmm: Path::new("/bin/husk-vmm"),
             dir: Path::new("/run/husk/vms/abc"),
             spec: &spec,

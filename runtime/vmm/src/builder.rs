@@ -169,11 +169,9 @@ fn open_console(console: &ConsoleConfig) -> Result<(ConsoleOut, Option<PathBuf>)
         ConsoleConfig::None => Ok((Box::new(io::sink()), None)),
         ConsoleConfig::File(path) => {
             let existed = path.exists();
-            let file: File = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
+            let mut options = OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            let file: File = husk_devices::host_files::open(path, &options, true)
                 .map_err(|e| BuildError::Console(path.clone(), e))?;
             Ok((Box::new(file), (!existed).then(|| path.clone())))
         }

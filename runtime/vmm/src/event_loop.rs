@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::virtio::VirtioSlot;
 use crate::pause::{GateMember, PauseGate};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Errors while starting the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +47,12 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// Starts the loop over `devices`; the loop is a member of `gate` (see [`PauseGate`]).
+    /// Starts the loop over `devices`; the loop is a member of `gate` (see [`PauseGate`]). The
+    /// thread installs its seccomp filter from `seccomp` before it touches any device.
     pub fn start(
         devices: Arc<Vec<VirtioSlot>>,
         gate: Arc<PauseGate>,
+        seccomp: Arc<Filters>,
     ) -> Result<Self, EventLoopError> {
         let epoll = Epoll::new().map_err(EventLoopError::Setup)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::Setup)?;
@@ -79,6 +82,11 @@ impl EventLoop {
             .name("vmm-events".into())
             .spawn(move || {
                 let _member = GateMember(&gate);
+                // A thread that could not be confined serves nothing: the devices stay idle.
+                if let Err(e) = seccomp.install(ThreadKind::Events) {
+                    log::error!("device event loop: {e}; no device is served");
+                    return;
+                }
                 run(epoll, stop_copy, pause_copy, devices, &gate)
             })
             .map_err(EventLoopError::Spawn)?;
@@ -278,7 +286,8 @@ mod tests {
             cmdline: String::new(),
         };
         let gate = Arc::new(PauseGate::new(1));
-        let event_loop = EventLoop::start(Arc::new(vec![slot]), gate.clone()).unwrap();
+        let event_loop =
+            EventLoop::start(Arc::new(vec![slot]), gate.clone(), Arc::new(Filters::off())).unwrap();
         let waker = event_loop.pause_waker().unwrap();
 
         notify.write(1).unwrap();

@@ -64,6 +64,47 @@ pub fn write(path: &Path, report: &ExitReport) -> io::Result<()> {
     result
 }
 
+/// An exit report whose temporary file exists already: created before the seccomp filters go
+/// on (they allow no open), filled and renamed into place at exit.
+#[derive(Debug)]
+pub struct Pending {
+    file: std::fs::File,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl Pending {
+    /// Creates `path` + ".tmp" (truncated) for the report to come.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let mut tmp = PathBuf::from(path);
+        tmp.as_mut_os_string().push(".tmp");
+        let file = std::fs::File::create(&tmp)?;
+        Ok(Pending {
+            file,
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where the report goes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `report`, syncs it and renames the file into place (removed again on failure).
+    pub fn finish(mut self, report: &ExitReport) -> io::Result<()> {
+        let result = self
+            .file
+            .write_all(&report.encode_to_vec())
+            .and_then(|()| self.file.sync_all())
+            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
+    }
+}
+
 /// Reads a report written by [`write`].
 pub fn read(path: &Path) -> io::Result<ExitReport> {
     let bytes = std::fs::read(path)?;
@@ -119,6 +160,18 @@ mod tests {
         assert!(!dir.path().join("exit.tmp").exists());
         // Plain protobuf bytes, not framed.
         assert_eq!(std::fs::read(&path).unwrap(), report.encode_to_vec());
+    }
+
+    #[test]
+    fn a_pending_report_is_created_early_and_renamed_at_the_end() {
+        let dir = ScratchDir::new("exit-report-pending");
+        let path = dir.path().join("exit");
+        let pending = Pending::create(&path).unwrap();
+        assert!(dir.path().join("exit.tmp").exists() && !path.exists());
+        let report = from_error(125, "late");
+        pending.finish(&report).unwrap();
+        assert_eq!(read(&path).unwrap(), report);
+        assert!(!dir.path().join("exit.tmp").exists());
     }
 
     #[test]

@@ -370,3 +370,94 @@ fn pause_freezes_every_vcpu_resume_continues_and_stop_ends_a_paused_vm() {
     assert_eq!(out.exit_status(), 143);
     assert!(!path.exists(), "the control socket was not removed");
 }
+
+/// Runs `vmm` with every thread under its seccomp filter (kill mode) on a thread of its own,
+/// serving `api`. The main filter allows no thread exit, so that thread parks for good after
+/// handing over the outcome (a test-only leak); a missing syscall kills the test process.
+fn run_filtered(mut vmm: Vmm, api: Option<ApiSocket>) -> mpsc::Receiver<VmOutcome> {
+    use crate::seccomp::{Filters, Mode};
+    vmm.set_seccomp(Filters::new(Mode::Kill).expect("compile filters"));
+    let stop = vmm.stop_state();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(outcome) = vmm.run_with_api(api) {
+            let _ = tx.send(outcome);
+        }
+        loop {
+            std::thread::park();
+        }
+    });
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(TIMEOUT).is_err() {
+            stop.request(StopReason::Error("test timed out".into()));
+        }
+    });
+    let (out_tx, out_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(outcome) = rx.recv() {
+            let _ = done_tx.send(());
+            let _ = out_tx.send(outcome);
+        }
+    });
+    out_rx
+}
+
+#[test]
+fn a_guest_runs_to_its_exit_code_with_every_thread_under_its_filter() {
+    require_kvm!();
+    let console = SharedBuf::default();
+    let vmm = vmm(2, console.clone());
+    let mut code = vec![
+        0x48, 0x85, 0xc0, //       test rax, rax  (only vCPU 0 goes on; the others halt)
+        0x74, 0x02, //             jz +2
+        0xfa, 0xf4, //             cli; hlt
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'o', //             mov al, 'o'
+        0xee, //                   out dx, al
+        0xb0, b'k', //             mov al, 'k'
+        0xee, //                   out dx, al
+        0x66, 0xba, 0x01, 0x06, // mov dx, 0x601
+        0xb0, 7,    //                mov al, 7
+        0xee, //                   out dx, al
+    ];
+    code.extend_from_slice(&RESET);
+    load(&vmm, &code, long_mode());
+    let out = run_filtered(vmm, None).recv_timeout(TIMEOUT * 2).unwrap();
+    assert_eq!(console.contents(), b"ok");
+    assert_eq!(
+        (out.reason, out.exit_code),
+        (StopReason::GuestReset, Some(7))
+    );
+}
+
+#[test]
+fn the_control_socket_pauses_resumes_and_stops_a_filtered_vm() {
+    use vmm_request::Msg::{Describe, Pause, Resume, Stop};
+    require_kvm!();
+    let vmm = vmm(2, SharedBuf::default());
+    load(&vmm, &[0xeb, 0xfe], long_mode()); // jmp $
+    let dir = ScratchDir::new("kvm-seccomp-api");
+    let path = dir.path().join("api.sock");
+    let socket = ApiSocket::bind(&path).unwrap();
+    let outcome = run_filtered(vmm, Some(socket));
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let describe = || Describe(Default::default());
+    assert_eq!(call(&mut client, describe()), Ok(info::State::Running));
+    assert_eq!(
+        call(&mut client, Pause(Default::default())),
+        Ok(info::State::Paused)
+    );
+    assert_eq!(
+        call(&mut client, Resume(Default::default())),
+        Ok(info::State::Running)
+    );
+    assert_eq!(
+        call(&mut client, Stop(Default::default())),
+        Ok(info::State::Stopping)
+    );
+    let out = outcome.recv_timeout(TIMEOUT * 2).unwrap();
+    assert_eq!(out.reason, StopReason::Requested);
+    assert!(!path.exists(), "the control socket was not removed");
+}

@@ -13,6 +13,7 @@ pub mod event_loop;
 pub mod exit_report;
 pub mod loader;
 pub mod pause;
+pub mod seccomp;
 pub mod signals;
 pub mod stop;
 pub mod vmm;

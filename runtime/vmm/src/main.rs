@@ -18,6 +18,7 @@ use husk_vmm::config::{
     DEFAULT_MEM_MIB, DEFAULT_VCPUS,
 };
 use husk_vmm::exit_report;
+use husk_vmm::seccomp::{self, Filters, Mode};
 use husk_vmm::signals;
 use husk_vmm::stop::StopReason;
 use husk_vmm::vmm::{VmOutcome, EXIT_VMM_ERROR};
@@ -28,6 +29,7 @@ fn usage() -> String {
                 [--console stdout|none|file:PATH|unix:PATH] [--report-boot-time] [--allow-pvm]
                 [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
+                [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
 
   --kernel PATH         guest kernel: ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH         initramfs
@@ -53,6 +55,12 @@ fn usage() -> String {
   --exit-report PATH    when husk-vmm exits after starting (guest exit or reset, signal, stop
                         request, error), write a husk.vmm.v1.ExitReport (plain protobuf bytes,
                         not framed) to PATH.tmp and rename it to PATH
+  --seccomp MODE        per-thread seccomp filters: kill (default: a syscall outside a thread's
+                        list kills the VMM), trap (logged on stderr, counted, fails with
+                        ENOSYS: for debugging), log (allowed, logged by the kernel), off
+  --no-seccomp          same as --seccomp off
+  --print-seccomp       print every thread's allowed syscalls and exit
+  Files: PATH may be /proc/self/fd/N for an fd the parent passed (disks, console file)
   -h, --help            this text
 
 Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 143 after a stop
@@ -67,11 +75,13 @@ struct Options {
     vm: VmConfig,
     api_sock: Option<PathBuf>,
     exit_report: Option<PathBuf>,
+    seccomp: Mode,
 }
 
 enum Command {
     Run(Box<Options>),
     Help,
+    PrintSeccomp,
 }
 
 fn parse_console(value: &str) -> Result<ConsoleConfig, String> {
@@ -180,6 +190,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut kernel = None;
     let mut config = VmConfig::new(PathBuf::new());
     let (mut api_sock, mut exit_report) = (None, None);
+    let mut seccomp = Mode::default();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -198,6 +209,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 | "--vsock"
                 | "--api-sock"
                 | "--exit-report"
+                | "--seccomp"
         );
         let value = if takes_value {
             match inline.or_else(|| args.next()) {
@@ -224,6 +236,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--no-rng" => config.rng = false,
             "--api-sock" => api_sock = Some(PathBuf::from(value)),
             "--exit-report" => exit_report = Some(PathBuf::from(value)),
+            "--seccomp" => seccomp = value.parse().map_err(|e| format!("{e}"))?,
+            "--no-seccomp" => seccomp = Mode::Off,
+            "--print-seccomp" => return Ok(Command::PrintSeccomp),
             "-h" | "--help" => return Ok(Command::Help),
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
@@ -237,6 +252,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         vm: config,
         api_sock,
         exit_report,
+        seccomp,
     })))
 }
 
@@ -304,12 +320,35 @@ fn main() {
             println!("{}", usage());
             return;
         }
+        Ok(Command::PrintSeccomp) => {
+            print!("{}", seccomp::describe());
+            return;
+        }
         Err(msg) => fail(&msg),
+    };
+    // Created now: once the filters are on, no file can be opened.
+    let pending = match options
+        .exit_report
+        .as_deref()
+        .map(exit_report::Pending::create)
+    {
+        Some(Err(e)) => fail(&format!(
+            "cannot create the exit report's temporary file: {e}"
+        )),
+        Some(Ok(p)) => Some(p),
+        None => None,
     };
     let report = run(&options, vmm_start);
     let _ = std::io::stdout().flush();
-    if let Some(path) = &options.exit_report {
-        if let Err(e) = exit_report::write(path, &report) {
+    if options.seccomp == Mode::Trap {
+        eprintln!(
+            "husk-vmm: seccomp: {} syscalls trapped",
+            seccomp::trapped_count()
+        );
+    }
+    if let Some(pending) = pending {
+        let path = pending.path().to_path_buf();
+        if let Err(e) = pending.finish(&report) {
             eprintln!(
                 "husk-vmm: error: cannot write the exit report {}: {e}",
                 path.display()
@@ -343,7 +382,8 @@ fn run(options: &Options, vmm_start: Instant) -> ExitReport {
 }
 
 fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, String> {
-    let vmm = build_microvm(&options.vm, vmm_start).map_err(|e| one_line(&e))?;
+    let mut vmm = build_microvm(&options.vm, vmm_start).map_err(|e| one_line(&e))?;
+    vmm.set_seccomp(Filters::new(options.seccomp).map_err(|e| one_line(&e))?);
     signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())
         .map_err(|e| one_line(&e))?;
     // Bound while this is the only thread (see ApiSocket::bind), just before the VM runs.
@@ -383,11 +423,14 @@ mod tests {
             "file:/tmp/c",
             "--report-boot-time",
             "--allow-pvm",
+            "--seccomp",
+            "trap",
         ]) else {
             panic!("did not parse");
         };
         assert_eq!(o.api_sock, Some(PathBuf::from("/run/a.sock")));
         assert_eq!(o.exit_report, Some(PathBuf::from("/run/exit")));
+        assert_eq!(o.seccomp, Mode::Trap);
         let c = o.vm;
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.initrd, Some(PathBuf::from("/i")));
@@ -415,6 +458,11 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--report-boot-time=1"]).is_err());
         assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
+        assert!(matches!(
+            parse(&["--print-seccomp"]),
+            Ok(Command::PrintSeccomp)
+        ));
+        assert!(parse(&["--kernel", "/k", "--seccomp", "lax"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "tap=a,fd=4"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "fd=1"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "tap=a,mac=01:02"]).is_err());
@@ -439,9 +487,11 @@ mod tests {
             "--vsock",
             "cid=3,path=/run/v.sock",
             "--no-rng",
+            "--no-seccomp",
         ]) else {
             panic!("did not parse");
         };
+        assert_eq!(o.seccomp, Mode::Off);
         let c = o.vm;
         assert_eq!(
             c.disks,

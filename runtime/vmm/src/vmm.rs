@@ -20,6 +20,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::VirtioSlot;
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::pause::PauseGate;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::signals;
 use crate::stop::{StopReason, StopState};
 use crate::vstate::vcpu::{run_vcpu, Vcpu, VcpuContext};
@@ -48,6 +49,9 @@ pub enum VmmError {
     /// The event loop's pause event could not be shared with the control socket.
     #[error("cannot share the event loop's pause event")]
     PauseWaker(#[source] std::io::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// How a VM run ended.
@@ -92,6 +96,8 @@ pub struct Vmm {
     control: Arc<ControlState>,
     stop: Arc<StopState>,
     devices: Vec<VirtioSlot>,
+    /// Each thread installs its own filter from these (see [`crate::seccomp`]).
+    seccomp: Arc<Filters>,
     vm: Vm,
     _kvm: Kvm,
 }
@@ -125,6 +131,7 @@ impl Vmm {
             control,
             stop,
             devices: Vec::new(),
+            seccomp: Arc::new(Filters::off()),
             vm,
             _kvm: kvm,
         }
@@ -138,6 +145,11 @@ impl Vmm {
     /// Installs the virtio devices (see the builder).
     pub(crate) fn set_devices(&mut self, devices: Vec<VirtioSlot>) {
         self.devices = devices;
+    }
+
+    /// The seccomp filters the VM's threads install when it runs (none by default).
+    pub fn set_seccomp(&mut self, filters: Filters) {
+        self.seccomp = Arc::new(filters);
     }
 
     /// The VM (memory, fd).
@@ -188,13 +200,14 @@ impl Vmm {
             control,
             stop,
             devices,
+            seccomp,
             vm,
             _kvm,
         } = self;
         let devices = Arc::new(devices);
         // Members: every vCPU thread and the event loop.
         let gate = Arc::new(PauseGate::new(vcpus.len() + 1));
-        let event_loop = EventLoop::start(devices.clone(), gate.clone())?;
+        let event_loop = EventLoop::start(devices.clone(), gate.clone(), seccomp.clone())?;
         let ctx = VcpuContext {
             io_bus: Arc::new(io_bus),
             mmio_bus: Arc::new(mmio_bus),
@@ -209,10 +222,17 @@ impl Vmm {
         for vcpu in vcpus {
             let index = vcpu.index;
             let ctx = ctx.clone();
+            let seccomp = seccomp.clone();
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(vcpu, ctx))
-            {
+                .spawn(move || match seccomp.install(ThreadKind::Vcpu) {
+                    Ok(()) => run_vcpu(vcpu, ctx),
+                    Err(e) => {
+                        ctx.pause.leave();
+                        ctx.stop
+                            .request(StopReason::Error(format!("vcpu{index}: {e}")));
+                    }
+                }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     start_error = Some(VmmError::Spawn(index, e));
@@ -240,7 +260,8 @@ impl Vmm {
                     },
                 );
                 match handle.and_then(|h| {
-                    ApiServer::start(socket, Box::new(h), Limits::default()).map_err(Into::into)
+                    ApiServer::start(socket, Box::new(h), Limits::default(), seccomp.clone())
+                        .map_err(Into::into)
                 }) {
                     Ok(server) => Some(server),
                     Err(e) => {
@@ -255,6 +276,13 @@ impl Vmm {
             _ => None,
         };
 
+        // Every thread runs now: the main thread's own filter goes on before it waits.
+        if start_error.is_none() {
+            if let Err(e) = seccomp.install(ThreadKind::Main) {
+                stop.request(StopReason::Error(String::from("seccomp failed")));
+                start_error = Some(e.into());
+            }
+        }
         let reason = stop.wait(|s| {
             if let Some(sig) = signals::take_pending_stop_signal() {
                 s.request(StopReason::Signal(sig));

@@ -15,6 +15,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::frame_reader::{FrameReader, Progress};
 use super::socket::ApiSocket;
 use super::{error_response, handle_request, VmControl};
+use crate::seccomp::{Filters, ThreadKind};
 
 /// Bounds on what clients can make the server hold.
 #[derive(Debug, Clone, Copy)]
@@ -67,13 +69,18 @@ impl ApiServer {
         socket: ApiSocket,
         vm: Box<dyn VmControl + Send>,
         limits: Limits,
+        seccomp: Arc<Filters>,
     ) -> Result<Self, ApiServerError> {
         let shutdown = EventFd::new(EFD_NONBLOCK).map_err(ApiServerError::EventFd)?;
         let shutdown_copy = shutdown.try_clone().map_err(ApiServerError::EventFd)?;
         let thread = std::thread::Builder::new()
             .name("vmm-api".into())
             .spawn(move || {
-                serve(&socket, &shutdown_copy, vm.as_ref(), limits);
+                // Confined before the first request is read; unconfined, it serves nothing.
+                match seccomp.install(ThreadKind::Api) {
+                    Ok(()) => serve(&socket, &shutdown_copy, vm.as_ref(), limits),
+                    Err(e) => log::error!("control socket: {e}; no request is served"),
+                }
                 socket
             })
             .map_err(ApiServerError::Spawn)?;
@@ -282,7 +289,13 @@ mod tests {
         let path = dir.path().join("api.sock");
         let vm = Arc::new(FakeVm::default());
         let socket = ApiSocket::bind(&path).unwrap();
-        let server = ApiServer::start(socket, Box::new(Shared(vm.clone())), limits).unwrap();
+        let server = ApiServer::start(
+            socket,
+            Box::new(Shared(vm.clone())),
+            limits,
+            Arc::new(Filters::off()),
+        )
+        .unwrap();
         Running {
             _dir: dir,
             path,

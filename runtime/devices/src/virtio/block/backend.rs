@@ -32,10 +32,9 @@ impl RawFile {
     /// Opens `path` for the guest. A writable disk takes an exclusive lock and a read-only one a
     /// shared lock, so two VMs can never write one image at the same time.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(!read_only);
+        let file = crate::host_files::open(path, &options, !read_only)?;
         let lock = if read_only {
             libc::LOCK_SH
         } else {

@@ -1,0 +1,206 @@
+//! Starting husk-vmm through husk-jailer, as `husk run` and huskd do when they run as root,
+//! and cleaning up after it.
+//!
+//! The VMM's command line stays as it is: the jail mirrors every path the VMM needs at its host
+//! path (`--file` for the kernel and initrd, read-only; `--dir` for the directory of its
+//! sockets, console and exit report, read-write). Disks are the exception: the launcher opens
+//! them with its own rights and passes the fds (`/proc/self/fd/N`, see
+//! `husk_devices::host_files`), so the jailed user needs no access to the image files.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::paths::sibling_binary;
+use crate::process::inherit_fd;
+
+/// The uid and gid a jailed VMM runs as unless `HUSK_JAIL_UID`/`HUSK_JAIL_GID` say otherwise.
+pub const DEFAULT_JAIL_ID: u32 = 65534;
+
+/// How to jail VMMs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    /// The husk-jailer binary.
+    pub jailer: PathBuf,
+    /// Who the VMM runs as.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// husk-jailer: `$HUSK_JAILER`, else next to this executable, else on `PATH`.
+pub fn jailer_binary() -> Result<PathBuf, String> {
+    sibling_binary("husk-jailer", "HUSK_JAILER")
+}
+
+fn env_id(name: &str) -> Result<u32, String> {
+    match std::env::var(name) {
+        Err(_) => Ok(DEFAULT_JAIL_ID),
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or(format!("{name}={v}: expected a non-zero number")),
+    }
+}
+
+/// The jail to use: none when `no_jail` or when not running as root (the jailer needs root).
+pub fn config(no_jail: bool) -> Result<Option<JailConfig>, String> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if no_jail || unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    Ok(Some(JailConfig {
+        jailer: jailer_binary()?,
+        uid: env_id("HUSK_JAIL_UID")?,
+        gid: env_id("HUSK_JAIL_GID")?,
+    }))
+}
+
+/// Opens a disk (`PATH` or `PATH:ro`) for a jailed VMM; returns the open file and the `--disk`
+/// value naming its fd. The caller keeps the file open until the VMM is spawned and passes it.
+pub fn open_disk(spec: &str) -> Result<(File, String), String> {
+    let (path, ro) = match spec.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (spec, false),
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!ro)
+        .open(path)
+        .map_err(|e| format!("disk {path}: {e}"))?;
+    let suffix = if ro { ":ro" } else { "" };
+    let arg = format!("/proc/self/fd/{}{suffix}", file.as_raw_fd());
+    Ok((file, arg))
+}
+
+/// `path` with `.` and `..` resolved lexically (the jailer refuses `..`: the jail mirrors a
+/// path as it is written, so the VMM and the jail must both get this form).
+pub fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// What goes into one jail besides the VMM's own arguments.
+#[derive(Debug, Default)]
+pub struct JailSpec<'a> {
+    pub id: &'a str,
+    pub uid: u32,
+    pub gid: u32,
+    /// Read-only at the same path (kernel, initrd).
+    pub files: Vec<PathBuf>,
+    /// Read-write at the same path (the VM's state directory).
+    pub dirs: Vec<PathBuf>,
+    /// Fds the VMM inherits (tap, disks).
+    pub fds: Vec<i32>,
+    /// `--cgroup FILE=VALUE` limits.
+    pub cgroup: Vec<String>,
+}
+
+/// The jailer command that runs `vmm` (a husk-vmm command with its arguments) in `spec`'s
+/// jail. HUSK_LOG is passed on; nothing else of the environment is.
+pub fn wrap(jailer: &Path, vmm: &Command, spec: &JailSpec<'_>) -> Command {
+    let mut cmd = Command::new(jailer);
+    cmd.arg("--id").arg(spec.id);
+    let exec = Path::new(vmm.get_program());
+    cmd.arg("--exec-file")
+        .arg(std::fs::canonicalize(exec).unwrap_or_else(|_| normalize(exec)));
+    cmd.arg("--uid").arg(spec.uid.to_string());
+    cmd.arg("--gid").arg(spec.gid.to_string());
+    for f in &spec.files {
+        cmd.arg("--file").arg(f);
+    }
+    for d in &spec.dirs {
+        cmd.arg("--dir").arg(d);
+    }
+    for c in &spec.cgroup {
+        cmd.arg("--cgroup").arg(c);
+    }
+    for fd in &spec.fds {
+        cmd.arg("--keep-fd").arg(fd.to_string());
+        inherit_fd(&mut cmd, *fd);
+    }
+    if let Ok(level) = std::env::var("HUSK_LOG") {
+        cmd.arg("--env").arg(format!("HUSK_LOG={level}"));
+    }
+    cmd.arg("--");
+    cmd.args(vmm.get_args());
+    cmd
+}
+
+/// Removes what the jail `id` left (its cgroup, killing anything still in it, and directory).
+pub fn cleanup(jailer: &Path, id: &str) -> Result<(), String> {
+    let out = Command::new(jailer)
+        .args(["--cleanup", "--id", id])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", jailer.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jailer_command_carries_the_jail_and_then_the_vmm_arguments() {
+        let mut vmm = Command::new("/opt/husk/husk-vmm");
+        vmm.args(["--kernel", "/k", "--api-sock", "/s/api.sock"]);
+        let spec = JailSpec {
+            id: "vm1",
+            uid: 1000,
+            gid: 1001,
+            files: vec!["/k".into()],
+            dirs: vec!["/s".into()],
+            fds: vec![],
+            cgroup: vec!["memory.max=1G".into()],
+        };
+        let cmd = wrap(Path::new("/opt/husk/husk-jailer"), &vmm, &spec);
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
+        let dash = args.iter().position(|a| *a == "--").unwrap();
+        assert_eq!(
+            &args[dash..],
+            ["--", "--kernel", "/k", "--api-sock", "/s/api.sock"]
+        );
+        let jail = args[..dash].join(" ");
+        assert!(jail.starts_with("--id vm1 --exec-file /opt/husk/husk-vmm --uid 1000 --gid 1001"));
+        assert!(
+            jail.contains("--file /k --dir /s --cgroup memory.max=1G"),
+            "{jail}"
+        );
+    }
+
+    #[test]
+    fn paths_are_normalized_lexically() {
+        assert_eq!(
+            normalize(Path::new("/a/b/../c/./d")),
+            PathBuf::from("/a/c/d")
+        );
+        assert_eq!(normalize(Path::new("/../x")), PathBuf::from("/x"));
+    }
+
+    #[test]
+    fn disks_are_passed_as_fds_with_their_mode() {
+        let path = std::env::temp_dir().join(format!("husk-jail-disk-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let (file, arg) = open_disk(&format!("{}:ro", path.display())).unwrap();
+        assert_eq!(arg, format!("/proc/self/fd/{}:ro", file.as_raw_fd()));
+        let (file, arg) = open_disk(path.to_str().unwrap()).unwrap();
+        assert_eq!(arg, format!("/proc/self/fd/{}", file.as_raw_fd()));
+        assert!(open_disk("/nonexistent/disk").is_err());
+        std::fs::remove_file(&path).unwrap();
+    }
+}
