@@ -81,7 +81,9 @@ impl VmmClient {
         match response.msg {
             Some(vmm_response::Msg::Info(info)) => Ok(info),
             Some(vmm_response::Msg::Error(message)) => Err(ClientError::Vmm(message)),
-            None => Err(ClientError::Vmm(String::from("empty response"))),
+            Some(vmm_response::Msg::Snapshot(_)) | None => {
+                Err(ClientError::Vmm(String::from("unexpected response")))
+            }
         }
     }
 

@@ -676,7 +676,7 @@ async fn vmm_call(api: &Path, msg: vmm_request::Msg) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     match reply.msg {
         Some(vmm_response::Msg::Error(e)) => Err(e),
-        Some(vmm_response::Msg::Info(_)) => Ok(()),
+        Some(vmm_response::Msg::Info(_) | vmm_response::Msg::Snapshot(_)) => Ok(()),
         None => Err("empty reply".into()),
     }
 }

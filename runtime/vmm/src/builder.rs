@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootParamsInput};
@@ -27,6 +27,10 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::virtio::{self as virtio_slots, VirtioAttachError, VirtioSlot};
 use crate::loader::{self, KernelEntry, LoaderError};
+use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
+use crate::snapshot::state::SerialState;
+use crate::snapshot::vcpu_state::cpuid_entries;
+use crate::snapshot::{self, cpu_check, vcpu_state, vm_state, LoadedSnapshot};
 use crate::stop::{StopError, StopState};
 use crate::vmm::Vmm;
 use crate::vstate::kvm::{is_pvm_host, open_kvm, KvmError};
@@ -96,6 +100,27 @@ pub enum BuildError {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Attach(#[from] VirtioAttachError),
+    /// The snapshot files could not be loaded.
+    #[error(transparent)]
+    LoadSnapshot(#[from] snapshot::SnapshotError),
+    /// The snapshot's contents do not make a VM.
+    #[error("cannot restore: {0}")]
+    Snapshot(&'static str),
+    /// A saved structure does not fit this KVM.
+    #[error("cannot restore")]
+    SnapshotState(#[source] snapshot::state::StateError),
+    /// The host CPU lacks features the snapshot used.
+    #[error("cannot restore here")]
+    CpuFeatures(#[from] cpu_check::MissingFeatures),
+    /// A vCPU's saved state was refused by KVM.
+    #[error("cannot restore")]
+    VcpuState(#[from] vcpu_state::VcpuStateError),
+    /// The VM's saved state was refused by KVM.
+    #[error("cannot restore the VM state")]
+    VmState(#[from] vm_state::VmStateError),
+    /// The saved UART state is invalid.
+    #[error("cannot restore the serial port: {0}")]
+    SerialState(String),
 }
 
 /// What the machine without a kernel needs.
@@ -115,8 +140,26 @@ pub struct BaseVmConfig {
 /// Builds the machine: memory, VM with irqchip and PIT, legacy devices on the port-I/O bus,
 /// and configured vCPUs. Nothing is loaded into memory and no vCPU has boot registers yet.
 pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
-    let stop = Arc::new(StopState::new()?);
     let memory = create_guest_memory(cfg.mem_size)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let num_cpus = cfg.vcpus;
+    build_machine(kvm, memory, cfg, None, |vcpu| {
+        vcpu.configure(&supported, num_cpus).map_err(Into::into)
+    })
+}
+
+/// What a fresh boot and a restore share: the VM over `memory`, the legacy devices (the UART
+/// in `serial` state when given), and `cfg.vcpus` vCPUs, each set up by `setup_vcpu`.
+fn build_machine(
+    kvm: Kvm,
+    memory: GuestMemoryMmap,
+    cfg: BaseVmConfig,
+    serial: Option<&SerialState>,
+    mut setup_vcpu: impl FnMut(&mut Vcpu) -> Result<(), BuildError>,
+) -> Result<Vmm, BuildError> {
+    let stop = Arc::new(StopState::new()?);
     let vm = Vm::new(&kvm, memory)?;
 
     let irq_event = |gsi: u32| -> Result<EventFd, BuildError> {
@@ -124,10 +167,11 @@ pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
         vm.register_irqfd(&evt, gsi)?;
         Ok(evt)
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq_event(SERIAL_IRQ)?,
-        cfg.console,
-    )));
+    let serial = Arc::new(Mutex::new(match serial {
+        None => SerialDevice::new(irq_event(SERIAL_IRQ)?, cfg.console),
+        Some(state) => SerialDevice::from_state(irq_event(SERIAL_IRQ)?, cfg.console, state)
+            .map_err(BuildError::SerialState)?,
+    }));
     let i8042 = Arc::new(Mutex::new(I8042::new(irq_event(KBD_IRQ)?, stop.clone())));
     let control = Arc::new(ControlState::default());
     let control_port = Arc::new(Mutex::new(ControlPort::new(
@@ -140,16 +184,13 @@ pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
     io_bus.insert(i8042, I8042_DATA_PORT, I8042_PORT_LEN)?;
     io_bus.insert(control_port, CONTROL_PORT_BASE, CONTROL_PORT_LEN)?;
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for index in 0..cfg.vcpus {
-        let vcpu = Vcpu::new(&vm, index)?;
-        vcpu.configure(&supported, cfg.vcpus)?;
+        let mut vcpu = Vcpu::new(&vm, index)?;
+        setup_vcpu(&mut vcpu)?;
         vcpus.push(vcpu);
     }
-    Ok(Vmm::new(
+    let mut vmm = Vmm::new(
         kvm,
         vm,
         vcpus,
@@ -158,7 +199,91 @@ pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
         serial,
         control,
         stop,
-    ))
+    );
+    vmm.set_mem_size(cfg.mem_size);
+    Ok(vmm)
+}
+
+/// Builds a VM from a loaded snapshot: the same machine as a fresh boot over the snapshot's
+/// (privately mapped) memory, every vCPU and the VM put back in the saved state. Refuses a
+/// host whose CPU lacks features the guest used. The VM continues where it was paused once it
+/// runs (see [`Vmm::set_start_paused`] to keep it paused).
+pub fn restore_vm(
+    kvm: Kvm,
+    snapshot: LoadedSnapshot,
+    console: ConsoleOut,
+    vmm_start: Instant,
+) -> Result<Vmm, BuildError> {
+    let LoadedSnapshot { state, memory } = snapshot;
+    let machine = state
+        .machine
+        .as_ref()
+        .ok_or(BuildError::Snapshot("the snapshot has no machine description"))?;
+    let vcpu_count = u8::try_from(machine.vcpus)
+        .ok()
+        .filter(|n| (1..=32).contains(n) && usize::from(*n) == state.vcpus.len())
+        .ok_or(BuildError::Snapshot("the snapshot's vCPU count is invalid"))?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    for (i, saved) in state.vcpus.iter().enumerate() {
+        if saved.index as usize != i {
+            return Err(BuildError::Snapshot("the snapshot's vCPUs are out of order"));
+        }
+        let mut host = supported.as_slice().to_vec();
+        normalize(
+            &mut host,
+            CpuTopology {
+                apic_id: i as u8,
+                num_cpus: vcpu_count,
+            },
+        );
+        let entries = cpuid_entries(saved).map_err(BuildError::SnapshotState)?;
+        cpu_check::check(&entries, &host)?;
+    }
+    let vm_state = state
+        .vm
+        .as_ref()
+        .ok_or(BuildError::Snapshot("the snapshot has no VM state"))?;
+    let vmm = build_machine(
+        kvm,
+        memory,
+        BaseVmConfig {
+            mem_size: machine.mem_size,
+            vcpus: vcpu_count,
+            console,
+            report_boot_time: false,
+            vmm_start,
+        },
+        state.serial.as_ref(),
+        |vcpu| {
+            let saved = &state.vcpus[usize::from(vcpu.index)];
+            vcpu.cpuid = vcpu_state::restore(&vcpu.fd, saved)?;
+            Ok(())
+        },
+    )?;
+    vm_state::restore(vmm.vm().fd(), vm_state)?;
+    Ok(vmm)
+}
+
+/// Restores the snapshot in `state_path` + `mem_path` with the console `console` (the husk-vmm
+/// `--restore-state` path).
+pub fn build_from_snapshot(
+    state_path: &Path,
+    mem_path: &Path,
+    console: &ConsoleConfig,
+    vmm_start: Instant,
+) -> Result<Vmm, BuildError> {
+    let snapshot = snapshot::load(state_path, mem_path)?;
+    let kvm = open_kvm()?;
+    let (console, created) = open_console(console)?;
+    let result = restore_vm(kvm, snapshot, console, vmm_start);
+    if result.is_err() {
+        if let Some(path) = created {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
 }
 
 /// Opens the console sink; returns it and, for a file the VMM created, its path (to remove it

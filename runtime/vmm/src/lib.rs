@@ -14,6 +14,7 @@ pub mod exit_report;
 pub mod loader;
 pub mod pause;
 pub mod signals;
+pub mod snapshot;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;

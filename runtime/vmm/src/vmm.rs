@@ -4,7 +4,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::server::{ApiServer, ApiServerError, Limits};
 use crate::api::socket::ApiSocket;
-use crate::api::vm_handle::VmHandle;
+use crate::api::vm_handle::{SnapshotParts, VmHandle};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::control_port::ControlState;
 use crate::devices::legacy::serial::SerialDevice;
@@ -92,6 +92,10 @@ pub struct Vmm {
     control: Arc<ControlState>,
     stop: Arc<StopState>,
     devices: Vec<VirtioSlot>,
+    /// Guest memory as configured (recorded in snapshots).
+    mem_size: u64,
+    /// Start with every vCPU parked (a restored VM kept paused).
+    start_paused: bool,
     vm: Vm,
     _kvm: Kvm,
 }
@@ -125,9 +129,21 @@ impl Vmm {
             control,
             stop,
             devices: Vec::new(),
+            mem_size: 0,
+            start_paused: false,
             vm,
             _kvm: kvm,
         }
+    }
+
+    /// Records the configured guest memory size (see the builder).
+    pub(crate) fn set_mem_size(&mut self, bytes: u64) {
+        self.mem_size = bytes;
+    }
+
+    /// Whether [`run`](Self::run) starts the VM paused (resumed later on the control socket).
+    pub fn set_start_paused(&mut self, paused: bool) {
+        self.start_paused = paused;
     }
 
     /// The VM and its MMIO bus, to attach devices before the VM runs.
@@ -188,12 +204,20 @@ impl Vmm {
             control,
             stop,
             devices,
+            mem_size,
+            start_paused,
             vm,
             _kvm,
         } = self;
+        let vm = Arc::new(vm);
         let devices = Arc::new(devices);
         // Members: every vCPU thread and the event loop.
-        let gate = Arc::new(PauseGate::new(vcpus.len() + 1));
+        let members = vcpus.len() + 1;
+        let gate = Arc::new(if start_paused {
+            PauseGate::new_paused(members)
+        } else {
+            PauseGate::new(members)
+        });
         let event_loop = EventLoop::start(devices.clone(), gate.clone())?;
         let ctx = VcpuContext {
             io_bus: Arc::new(io_bus),
@@ -205,13 +229,16 @@ impl Vmm {
         };
         let vcpu_count = vcpus.len();
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpu_count);
+        let mut vcpu_requests = Vec::with_capacity(vcpu_count);
         let mut start_error = None;
         for vcpu in vcpus {
             let index = vcpu.index;
             let ctx = ctx.clone();
+            let (requests, inbox) = mpsc::channel();
+            vcpu_requests.push(requests);
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || run_vcpu(vcpu, ctx))
+                .spawn(move || run_vcpu(vcpu, ctx, inbox))
             {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -237,6 +264,13 @@ impl Vmm {
                         control: control.clone(),
                         vcpus: vcpu_count as u32,
                         memory_mib,
+                        snapshot: SnapshotParts {
+                            vm: vm.clone(),
+                            vcpu_requests: std::mem::take(&mut vcpu_requests),
+                            msr_list: Arc::new(saveable_msr_list(&_kvm)),
+                            serial: serial.clone(),
+                            mem_size,
+                        },
                     },
                 );
                 match handle.and_then(|h| {
@@ -299,6 +333,19 @@ impl Vmm {
             unhandled_mmio: counts(&ctx.mmio_bus),
             device_counters,
         })
+    }
+}
+
+/// The MSRs a snapshot tries to save: KVM's list for this host (empty if KVM cannot say, which
+/// a snapshot then reports as missing MSR state only through the restored guest's behaviour;
+/// KVM always answers on supported hosts).
+fn saveable_msr_list(kvm: &Kvm) -> Vec<u32> {
+    match kvm.get_msr_index_list() {
+        Ok(list) => list.as_slice().to_vec(),
+        Err(e) => {
+            log::warn!("cannot read KVM's MSR index list ({e}); snapshots will lack MSRs");
+            Vec::new()
+        }
     }
 }
 

@@ -1,15 +1,21 @@
 //! The running VM as the control socket sees it: its description (state, size, boot time,
 //! device counters) and the pause, resume and stop operations.
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_devices::virtio::device_id;
-use husk_proto::vmm::{DeviceCounters, Info};
+use husk_proto::vmm::{DeviceCounters, Info, Snapshot, SnapshotDone};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{state, VmControl};
+use super::{error_chain, state, VmControl};
 use crate::devices::legacy::control_port::ControlState;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::snapshot::vcpu_state::VcpuRequest;
+use crate::snapshot::{self, SaveSource};
+use crate::vstate::vm::Vm;
 use crate::devices::virtio::VirtioSlot;
 use crate::pause::PauseGate;
 use crate::signals;
@@ -39,6 +45,22 @@ pub struct VmHandle {
     pub vcpus: u32,
     /// Guest memory size.
     pub memory_mib: u32,
+    /// What a snapshot reads.
+    pub snapshot: SnapshotParts,
+}
+
+/// The parts of a running VM a snapshot reads (see [`crate::snapshot::save`]).
+pub struct SnapshotParts {
+    /// The VM (fd and guest memory).
+    pub vm: Arc<Vm>,
+    /// One request channel per vCPU thread, in index order.
+    pub vcpu_requests: Vec<Sender<VcpuRequest>>,
+    /// MSRs to save.
+    pub msr_list: Arc<Vec<u32>>,
+    /// The UART.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Configured guest memory size.
+    pub mem_size: u64,
 }
 
 /// The `kind` the control protocol uses for a virtio device type.
@@ -119,7 +141,41 @@ impl VmControl for VmHandle {
         self.stop.request(StopReason::Requested);
         self.describe()
     }
+
+    fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, String> {
+        self.stopping_error()?;
+        if request.state_path.is_empty() || request.mem_path.is_empty() {
+            return Err(String::from("snapshot needs a state_path and a mem_path"));
+        }
+        let parts = &self.snapshot;
+        let source = SaveSource {
+            vm: &parts.vm,
+            gate: &self.gate,
+            vcpus: &parts.vcpu_requests,
+            msr_list: parts.msr_list.clone(),
+            serial: &parts.serial,
+            virtio_devices: self.devices.iter().map(|d| d.name.clone()).collect(),
+            mem_size: parts.mem_size,
+        };
+        let report = snapshot::save(
+            &source,
+            Path::new(&request.state_path),
+            Path::new(&request.mem_path),
+            &mut |_, _| {},
+        )
+        .map_err(|e| error_chain(&e))?;
+        log::info!("snapshot taken: {report:?}");
+        Ok(SnapshotDone {
+            state_bytes: report.state_bytes,
+            memory_bytes: report.memory_bytes,
+            memory_written: report.memory_written,
+            state_us: report.state_us,
+            memory_us: report.memory_us,
+            total_us: report.total_us,
+        })
+    }
 }
+
 
 #[cfg(test)]
 mod tests {
