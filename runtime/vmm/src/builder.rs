@@ -30,6 +30,9 @@ use crate::loader::{self, KernelEntry, LoaderError};
 use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
 use crate::snapshot::state::SerialState;
 use crate::snapshot::vcpu_state::cpuid_entries;
+use crate::snapshot::devices::{
+    specs_for_restore, transport_from_proto, DeviceSpec, RestoreOverrides,
+};
 use crate::snapshot::{self, cpu_check, vcpu_state, vm_state, LoadedSnapshot};
 use crate::stop::{StopError, StopState};
 use crate::vmm::Vmm;
@@ -118,6 +121,15 @@ pub enum BuildError {
     /// The VM's saved state was refused by KVM.
     #[error("cannot restore the VM state")]
     VmState(#[from] vm_state::VmStateError),
+    /// The snapshot's devices cannot be rebuilt as asked.
+    #[error("cannot restore the devices")]
+    Devices(#[from] snapshot::devices::DeviceStateError),
+    /// A device's transport state was refused.
+    #[error("cannot restore device {0}")]
+    DeviceState(
+        String,
+        #[source] husk_devices::virtio::mmio::TransportStateError,
+    ),
     /// The saved UART state is invalid.
     #[error("cannot restore the serial port: {0}")]
     SerialState(String),
@@ -212,9 +224,16 @@ pub fn restore_vm(
     kvm: Kvm,
     snapshot: LoadedSnapshot,
     console: ConsoleOut,
+    overrides: &RestoreOverrides,
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
     let LoadedSnapshot { state, memory } = snapshot;
+    let saved_devices: Vec<(String, Option<snapshot::state::DeviceBackend>)> = state
+        .devices
+        .iter()
+        .map(|d| (d.name.clone(), d.backend.clone()))
+        .collect();
+    let specs = specs_for_restore(&saved_devices, overrides)?;
     let machine = state
         .machine
         .as_ref()
@@ -262,7 +281,24 @@ pub fn restore_vm(
             Ok(())
         },
     )?;
+    let mut vmm = vmm;
+    // The irqchip first: a device that interrupts while it is restored (vsock's
+    // TRANSPORT_RESET) must reach the restored IOAPIC, not one about to be overwritten.
     vm_state::restore(vmm.vm().fd(), vm_state)?;
+    let slots = attach_devices(&mut vmm, &specs)?;
+    for (slot, saved) in slots.iter().zip(&state.devices) {
+        let transport = saved
+            .transport
+            .as_ref()
+            .ok_or(BuildError::Snapshot("a device has no transport state"))?;
+        let transport = transport_from_proto(&saved.name, transport)?;
+        slot.transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .restore_state(&transport)
+            .map_err(|e| BuildError::DeviceState(slot.name.clone(), e))?;
+    }
+    vmm.set_devices(slots);
     Ok(vmm)
 }
 
@@ -272,12 +308,13 @@ pub fn build_from_snapshot(
     state_path: &Path,
     mem_path: &Path,
     console: &ConsoleConfig,
+    overrides: &RestoreOverrides,
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
     let snapshot = snapshot::load(state_path, mem_path)?;
     let kvm = open_kvm()?;
     let (console, created) = open_console(console)?;
-    let result = restore_vm(kvm, snapshot, console, vmm_start);
+    let result = restore_vm(kvm, snapshot, console, overrides, vmm_start);
     if result.is_err() {
         if let Some(path) = created {
             let _ = std::fs::remove_file(path);
@@ -335,7 +372,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
                 vmm_start,
             },
         )?;
-        let devices = attach_devices(&mut vmm, config)?;
+        let devices = attach_devices(&mut vmm, &device_specs(config))?;
         let params: Vec<String> = devices.iter().map(|d| d.cmdline.clone()).collect();
         let cmdline = build_cmdline(&params, &config.cmdline)?;
         vmm.set_devices(devices);
@@ -356,41 +393,54 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
     result
 }
 
-/// Creates the configured virtio devices and puts them in their slots: disks first (so the
-/// first disk is vda), then net, vsock and rng.
-fn attach_devices(vmm: &mut Vmm, config: &VmConfig) -> Result<Vec<VirtioSlot>, BuildError> {
+/// The virtio devices `config` asks for, in slot order: disks first (so the first disk is
+/// vda), then net, vsock and rng.
+fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
+    let mut specs: Vec<DeviceSpec> = config.disks.iter().cloned().map(DeviceSpec::Disk).collect();
+    specs.extend(config.net.clone().map(DeviceSpec::Net));
+    specs.extend(config.vsock.clone().map(DeviceSpec::Vsock));
+    if config.rng {
+        specs.push(DeviceSpec::Rng);
+    }
+    specs
+}
+
+/// Creates the virtio devices of `specs` and puts them in their slots, in order; records each
+/// one's backend identity for snapshots.
+fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>, BuildError> {
     use husk_devices::virtio::{block::Block, net::Net, rng, vsock::Vsock, VirtioDevice};
 
-    let mut wanted: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for (i, disk) in config.disks.iter().enumerate() {
-        let serial = format!("husk-disk{i}");
-        let block = Block::open(&disk.path, disk.read_only, &serial)
-            .map_err(|e| BuildError::Disk(disk.path.clone(), e))?;
-        wanted.push((format!("block{i}"), Box::new(block)));
-    }
-    if let Some(net) = &config.net {
-        wanted.push((
-            "net0".into(),
-            Box::new(Net::new(Box::new(open_tap(net)?), net.mac)),
-        ));
-    }
-    if let Some(vsock) = &config.vsock {
-        wanted.push((
-            "vsock0".into(),
-            Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?),
-        ));
-    }
-    if config.rng {
-        wanted.push((
-            "rng0".into(),
-            Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
-        ));
+    let (mut disks, mut wanted) = (0, Vec::<(String, Box<dyn VirtioDevice>)>::new());
+    for spec in specs {
+        wanted.push(match spec {
+            DeviceSpec::Disk(disk) => {
+                let i = disks;
+                disks += 1;
+                let serial = format!("husk-disk{i}");
+                let block = Block::open(&disk.path, disk.read_only, &serial)
+                    .map_err(|e| BuildError::Disk(disk.path.clone(), e))?;
+                (format!("block{i}"), Box::new(block))
+            }
+            DeviceSpec::Net(net) => (
+                "net0".into(),
+                Box::new(Net::new(Box::new(open_tap(net)?), net.mac)),
+            ),
+            DeviceSpec::Vsock(vsock) => (
+                "vsock0".into(),
+                Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?),
+            ),
+            DeviceSpec::Rng => (
+                "rng0".into(),
+                Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
+            ),
+        });
     }
     let mut slots = Vec::with_capacity(wanted.len());
     for (index, (name, device)) in wanted.into_iter().enumerate() {
         let (vm, bus) = vmm.vm_and_mmio_bus();
         slots.push(virtio_slots::attach(vm, bus, index, name, device)?);
     }
+    vmm.set_device_backends(specs.iter().map(snapshot::devices::backend_of).collect());
     Ok(slots)
 }
 

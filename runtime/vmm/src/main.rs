@@ -18,6 +18,7 @@ use husk_vmm::config::{
     DEFAULT_MEM_MIB, DEFAULT_VCPUS,
 };
 use husk_vmm::exit_report;
+use husk_vmm::snapshot::devices::RestoreOverrides;
 use husk_vmm::signals;
 use husk_vmm::stop::StopReason;
 use husk_vmm::vmm::{VmOutcome, EXIT_VMM_ERROR};
@@ -30,6 +31,7 @@ fn usage() -> String {
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
        husk-vmm --restore-state PATH --restore-mem PATH [--start-paused]
                 [--console DEST] [--api-sock PATH] [--exit-report PATH]
+                [--disk PATH[:ro]]... [--net SPEC] [--vsock cid=N,path=PATH]
 
   --kernel PATH         guest kernel: ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH         initramfs
@@ -59,6 +61,9 @@ fn usage() -> String {
                         control socket's snapshot request) instead of booting a kernel
   --restore-mem PATH    the snapshot's memory file (mapped copy-on-write: never modified)
   --start-paused        with --restore-*: keep the restored VM paused until a resume request
+                        With --restore-*, --disk (all disks, in order), --net and --vsock
+                        replace the snapshot's backends: a clone gets its own CID, tap, MAC
+                        and disks; other boot options are refused
   -h, --help            this text
 
 Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 143 after a stop
@@ -233,6 +238,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--console"
                 | "--api-sock"
                 | "--exit-report"
+                | "--disk"
+                | "--net"
+                | "--vsock"
                 | "--restore-state"
                 | "--restore-mem"
                 | "--start-paused"
@@ -401,12 +409,24 @@ fn run(options: &Options, vmm_start: Instant) -> ExitReport {
 fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, String> {
     let vmm = match &options.restore {
         None => build_microvm(&options.vm, vmm_start),
-        Some(r) => build_from_snapshot(&r.state, &r.mem, &options.vm.console, vmm_start).map(
-            |mut vmm| {
+        Some(r) => {
+            let overrides = RestoreOverrides {
+                vsock: options.vm.vsock.clone(),
+                net: options.vm.net.clone(),
+                disks: options.vm.disks.clone(),
+            };
+            build_from_snapshot(
+                &r.state,
+                &r.mem,
+                &options.vm.console,
+                &overrides,
+                vmm_start,
+            )
+            .map(|mut vmm| {
                 vmm.set_start_paused(r.start_paused);
                 vmm
-            },
-        ),
+            })
+        }
     }
     .map_err(|e| one_line(&e))?;
     signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())

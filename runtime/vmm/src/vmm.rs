@@ -96,6 +96,8 @@ pub struct Vmm {
     mem_size: u64,
     /// Start with every vCPU parked (a restored VM kept paused).
     start_paused: bool,
+    /// Backend identity of each virtio device, in slot order (recorded in snapshots).
+    device_backends: Vec<crate::snapshot::state::DeviceBackend>,
     vm: Vm,
     _kvm: Kvm,
 }
@@ -131,6 +133,7 @@ impl Vmm {
             devices: Vec::new(),
             mem_size: 0,
             start_paused: false,
+            device_backends: Vec::new(),
             vm,
             _kvm: kvm,
         }
@@ -139,6 +142,11 @@ impl Vmm {
     /// Records the configured guest memory size (see the builder).
     pub(crate) fn set_mem_size(&mut self, bytes: u64) {
         self.mem_size = bytes;
+    }
+
+    /// Records the virtio devices' backends (see the builder).
+    pub(crate) fn set_device_backends(&mut self, backends: Vec<crate::snapshot::state::DeviceBackend>) {
+        self.device_backends = backends;
     }
 
     /// Whether [`run`](Self::run) starts the VM paused (resumed later on the control socket).
@@ -206,6 +214,7 @@ impl Vmm {
             devices,
             mem_size,
             start_paused,
+            device_backends,
             vm,
             _kvm,
         } = self;
@@ -270,6 +279,7 @@ impl Vmm {
                             msr_list: Arc::new(saveable_msr_list(&_kvm)),
                             serial: serial.clone(),
                             mem_size,
+                            device_backends: device_backends.clone(),
                         },
                     },
                 );

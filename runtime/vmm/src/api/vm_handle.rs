@@ -61,6 +61,8 @@ pub struct SnapshotParts {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// Configured guest memory size.
     pub mem_size: u64,
+    /// Each virtio device's backend, in slot order.
+    pub device_backends: Vec<crate::snapshot::state::DeviceBackend>,
 }
 
 /// The `kind` the control protocol uses for a virtio device type.
@@ -154,7 +156,8 @@ impl VmControl for VmHandle {
             vcpus: &parts.vcpu_requests,
             msr_list: parts.msr_list.clone(),
             serial: &parts.serial,
-            virtio_devices: self.devices.iter().map(|d| d.name.clone()).collect(),
+            devices: &self.devices,
+            device_backends: &parts.device_backends,
             mem_size: parts.mem_size,
         };
         let report = snapshot::save(

@@ -172,6 +172,7 @@ fn restore(state: &Path, mem: &Path, paused: bool) -> Vmm {
         open_kvm().unwrap(),
         loaded,
         Box::new(SharedBuf::default()),
+        &Default::default(),
         Instant::now(),
     )
     .expect("restore");

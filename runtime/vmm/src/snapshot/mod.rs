@@ -13,6 +13,7 @@
 //! [`crate::builder::restore_vm`], the one place besides the fresh boot that wires a VM.
 
 pub mod cpu_check;
+pub mod devices;
 pub mod file;
 pub mod memory;
 pub mod state;
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::VirtioSlot;
 use crate::pause::PauseGate;
 use crate::vstate::vm::Vm;
 use state::{MachineState, SnapshotState};
@@ -41,8 +43,8 @@ pub enum SnapshotError {
     /// Snapshots need a paused VM.
     #[error("the VM is not paused: pause it before taking a snapshot")]
     NotPaused,
-    /// The VM has devices whose state husk cannot save yet.
-    #[error("cannot snapshot a VM with virtio devices ({0}) yet: start it without them")]
+    /// The VM has devices whose backends were not recorded (built outside the builder).
+    #[error("cannot snapshot virtio devices ({0}) whose backends are unknown")]
     UnsupportedDevices(String),
     /// Both files at one path.
     #[error("the state and memory files must be different paths")]
@@ -76,8 +78,10 @@ pub struct SaveSource<'a> {
     pub msr_list: Arc<Vec<u32>>,
     /// The UART.
     pub serial: &'a Mutex<SerialDevice>,
-    /// Names of the VM's virtio devices.
-    pub virtio_devices: Vec<String>,
+    /// The VM's virtio devices, in slot order.
+    pub devices: &'a [VirtioSlot],
+    /// Their backends, in the same order.
+    pub device_backends: &'a [state::DeviceBackend],
     /// Guest memory size as configured.
     pub mem_size: u64,
 }
@@ -133,9 +137,13 @@ pub fn save(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
-    if !src.virtio_devices.is_empty() {
+    if src.devices.len() != src.device_backends.len() {
         return Err(SnapshotError::UnsupportedDevices(
-            src.virtio_devices.join(", "),
+            src.devices
+                .iter()
+                .map(|d| d.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
         ));
     }
     if state_path == mem_path {
@@ -151,6 +159,24 @@ pub fn save(
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .save_state();
+    // The event loop is parked: no queue is being processed, so the used rings in guest memory
+    // say where every device stands.
+    let devices = src
+        .devices
+        .iter()
+        .zip(src.device_backends)
+        .map(|(slot, backend)| state::DeviceState {
+            name: slot.name.clone(),
+            backend: Some(backend.clone()),
+            transport: Some(devices::transport_to_proto(
+                &slot
+                    .transport
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .save_state(),
+            )),
+        })
+        .collect();
     let state_us = started.elapsed().as_micros() as u64;
 
     let mem_started = Instant::now();
@@ -168,6 +194,7 @@ pub fn save(
         vm: Some(vm),
         memory: Some(memory),
         serial: Some(serial),
+        devices,
     };
     let payload = snapshot.to_bytes();
     file::write(state_path, &payload)?;

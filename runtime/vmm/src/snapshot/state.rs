@@ -111,6 +111,149 @@ pub struct SnapshotState {
     /// The UART.
     #[prost(message, optional, tag = "5")]
     pub serial: Option<SerialState>,
+    /// Virtio devices in MMIO slot order.
+    #[prost(message, repeated, tag = "6")]
+    pub devices: Vec<DeviceState>,
+}
+
+/// One virtio device: what it is backed by and where its transport stands.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceState {
+    /// Name (`block0`, `net0`, `vsock0`, `rng0`).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The backend, which a restore may override.
+    #[prost(message, optional, tag = "2")]
+    pub backend: Option<DeviceBackend>,
+    /// The virtio-mmio transport.
+    #[prost(message, optional, tag = "3")]
+    pub transport: Option<TransportState>,
+}
+
+/// What a virtio device is backed by (its identity on the host).
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceBackend {
+    /// The kind and its parameters.
+    #[prost(oneof = "Backend", tags = "1, 2, 3, 4")]
+    pub backend: Option<Backend>,
+}
+
+/// The kinds of backend.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Backend {
+    /// A disk image.
+    #[prost(message, tag = "1")]
+    Disk(DiskBackend),
+    /// A tap device.
+    #[prost(message, tag = "2")]
+    Net(NetBackend),
+    /// vsock over a host Unix socket.
+    #[prost(message, tag = "3")]
+    Vsock(VsockBackend),
+    /// The host's random source.
+    #[prost(message, tag = "4")]
+    Rng(RngBackend),
+}
+
+/// virtio-blk backend.
+#[derive(Clone, PartialEq, Message)]
+pub struct DiskBackend {
+    /// Image path.
+    #[prost(string, tag = "1")]
+    pub path: String,
+    /// Read-only.
+    #[prost(bool, tag = "2")]
+    pub read_only: bool,
+}
+
+/// virtio-net backend.
+#[derive(Clone, PartialEq, Message)]
+pub struct NetBackend {
+    /// Tap interface name.
+    #[prost(string, tag = "1")]
+    pub tap: String,
+    /// MAC address (6 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub mac: Vec<u8>,
+}
+
+/// virtio-vsock backend.
+#[derive(Clone, PartialEq, Message)]
+pub struct VsockBackend {
+    /// Guest CID.
+    #[prost(uint64, tag = "1")]
+    pub cid: u64,
+    /// Host Unix socket path.
+    #[prost(string, tag = "2")]
+    pub uds_path: String,
+}
+
+/// virtio-rng backend (nothing to record).
+#[derive(Clone, PartialEq, Message)]
+pub struct RngBackend {}
+
+/// A virtio-mmio transport (see `husk_devices::virtio::mmio::MmioTransportState`).
+#[derive(Clone, PartialEq, Message)]
+pub struct TransportState {
+    /// Queues in index order.
+    #[prost(message, repeated, tag = "1")]
+    pub queues: Vec<QueueState>,
+    /// QueueSel.
+    #[prost(uint32, tag = "2")]
+    pub queue_select: u32,
+    /// DeviceFeaturesSel.
+    #[prost(uint32, tag = "3")]
+    pub device_features_select: u32,
+    /// DriverFeaturesSel.
+    #[prost(uint32, tag = "4")]
+    pub driver_features_select: u32,
+    /// Features the driver accepted.
+    #[prost(uint64, tag = "5")]
+    pub acked_features: u64,
+    /// Device status.
+    #[prost(uint32, tag = "6")]
+    pub status: u32,
+    /// ConfigGeneration.
+    #[prost(uint32, tag = "7")]
+    pub config_generation: u32,
+    /// 0 setup, 1 active, 2 needs reset.
+    #[prost(uint32, tag = "8")]
+    pub lifecycle: u32,
+    /// InterruptStatus.
+    #[prost(uint32, tag = "9")]
+    pub interrupt_status: u32,
+}
+
+/// One virtqueue.
+#[derive(Clone, PartialEq, Message)]
+pub struct QueueState {
+    /// Device maximum.
+    #[prost(uint32, tag = "1")]
+    pub max_size: u32,
+    /// Next available-ring entry the device reads.
+    #[prost(uint32, tag = "2")]
+    pub next_avail: u32,
+    /// Next used-ring entry the device writes.
+    #[prost(uint32, tag = "3")]
+    pub next_used: u32,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    #[prost(bool, tag = "4")]
+    pub event_idx: bool,
+    /// Size the driver chose.
+    #[prost(uint32, tag = "5")]
+    pub size: u32,
+    /// QueueReady.
+    #[prost(bool, tag = "6")]
+    pub ready: bool,
+    /// Descriptor table address.
+    #[prost(uint64, tag = "7")]
+    pub desc_table: u64,
+    /// Available (driver) ring address.
+    #[prost(uint64, tag = "8")]
+    pub avail_ring: u64,
+    /// Used (device) ring address.
+    #[prost(uint64, tag = "9")]
+    pub used_ring: u64,
 }
 
 /// Size of the machine.
@@ -335,6 +478,32 @@ pub(crate) mod tests {
                 in_buffer: b"typed".to_vec(),
                 ..Default::default()
             }),
+            devices: vec![DeviceState {
+                name: "vsock0".into(),
+                backend: Some(DeviceBackend {
+                    backend: Some(Backend::Vsock(VsockBackend {
+                        cid: 3,
+                        uds_path: "/run/v.sock".into(),
+                    })),
+                }),
+                transport: Some(TransportState {
+                    queues: vec![QueueState {
+                        max_size: 256,
+                        next_avail: 7,
+                        next_used: 7,
+                        event_idx: true,
+                        size: 256,
+                        ready: true,
+                        desc_table: 0x1000,
+                        avail_ring: 0x2000,
+                        used_ring: 0x3000,
+                    }],
+                    status: 15,
+                    lifecycle: 1,
+                    acked_features: 1 << 32,
+                    ..Default::default()
+                }),
+            }],
         }
     }
 
