@@ -264,6 +264,7 @@ pub fn restore_vm(
         .vm
         .as_ref()
         .ok_or(BuildError::Snapshot("the snapshot has no VM state"))?;
+    log::debug!("restore: CPU checked at {} us", vmm_start.elapsed().as_micros());
     let vmm = build_machine(
         kvm,
         memory,
@@ -312,9 +313,11 @@ pub fn build_from_snapshot(
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
     let snapshot = snapshot::load(state_path, mem_path)?;
+    log::debug!("restore: snapshot loaded at {} us", vmm_start.elapsed().as_micros());
     let kvm = open_kvm()?;
     let (console, created) = open_console(console)?;
     let result = restore_vm(kvm, snapshot, console, overrides, vmm_start);
+    log::debug!("restore: VM rebuilt at {} us", vmm_start.elapsed().as_micros());
     if result.is_err() {
         if let Some(path) = created {
             let _ = std::fs::remove_file(path);
