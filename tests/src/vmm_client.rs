@@ -96,7 +96,10 @@ impl VmmClient {
         });
         frame::write(&mut self.stream, &VmmRequest { msg: Some(msg) })?;
         let response: VmmResponse = frame::read(&mut self.stream)?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "husk-vmm closed the connection")
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "husk-vmm closed the connection",
+            )
         })?;
         match response.msg {
             Some(vmm_response::Msg::Snapshot(done)) => Ok(done),

@@ -140,7 +140,10 @@ fn assert_continues(vm: &Vm, last_before: u64) {
         "counts jump: {counts:?}"
     );
     let file: u64 = vm.sh("cat /tmp/counter").trim().parse().unwrap();
-    assert!(file > last_before, "counter file {file} after {last_before}");
+    assert!(
+        file > last_before,
+        "counter file {file} after {last_before}"
+    );
 }
 
 fn restore_args(state: &Path, mem: &Path, disk: &Path) -> Vec<String> {
@@ -209,7 +212,10 @@ fn a_snapshot_restores_and_clones_with_the_guest_going_on_where_it_stopped() {
 
     // Restore into a new process: counting goes on, the disk takes a new write.
     let restored = Vm::spawn(&dir, "restored", &restore_args(&state, &mem, &disk));
-    assert_eq!(restored.client().describe().unwrap().state(), info::State::Running);
+    assert_eq!(
+        restored.client().describe().unwrap().state(),
+        info::State::Running
+    );
     assert_continues(&restored, last);
     restored.sh("echo written-after-restore | dd of=/dev/vda conv=fsync 2>/dev/null");
     assert!(disk_contains(&disk, "written-after-restore"));
@@ -220,7 +226,11 @@ fn a_snapshot_restores_and_clones_with_the_guest_going_on_where_it_stopped() {
         .map(|i| {
             let own_disk = dir.path(&format!("clone{i}.img"));
             std::fs::copy(&disk, &own_disk).unwrap();
-            let vm = Vm::spawn(&dir, &format!("clone{i}"), &restore_args(&state, &mem, &own_disk));
+            let vm = Vm::spawn(
+                &dir,
+                &format!("clone{i}"),
+                &restore_args(&state, &mem, &own_disk),
+            );
             (vm, own_disk)
         })
         .collect();
@@ -229,10 +239,16 @@ fn a_snapshot_restores_and_clones_with_the_guest_going_on_where_it_stopped() {
     for (i, (vm, own_disk)) in clones.iter().enumerate() {
         assert_continues(vm, last);
         let text = format!("clone-{i}-was-here");
-        vm.sh(&format!("echo {text} | dd of=/dev/vda conv=fsync 2>/dev/null"));
+        vm.sh(&format!(
+            "echo {text} | dd of=/dev/vda conv=fsync 2>/dev/null"
+        ));
         assert!(disk_contains(own_disk, &text));
         for (j, (_, other)) in clones.iter().enumerate() {
-            assert_eq!(disk_contains(other, &text), i == j, "clone {i} wrote disk {j}");
+            assert_eq!(
+                disk_contains(other, &text),
+                i == j,
+                "clone {i} wrote disk {j}"
+            );
         }
     }
 }

@@ -71,7 +71,8 @@ fn take(dir: &Path, mib: u64, touch_mib: u64) -> (f64, u64) {
     let mem = vmm.vm().memory().clone();
     let entry = BootEntry::Linux64 { rip: CODE };
     let pages = ((touch_mib * MIB) / 4096) as u32;
-    mem.write_slice(&program(pages), GuestAddress(CODE)).unwrap();
+    mem.write_slice(&program(pages), GuestAddress(CODE))
+        .unwrap();
     write_boot_tables(&mem, entry).unwrap();
     setup_boot_vcpu(&vmm.vcpus()[0].fd, entry).unwrap();
     let sock = dir.join("origin.sock");

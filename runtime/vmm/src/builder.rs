@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootParamsInput};
+use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
 use crate::arch::x86_64::layout::{e820_map, low_ram_end, CMDLINE_START};
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{mptable, pvh};
@@ -27,12 +28,11 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::virtio::{self as virtio_slots, VirtioAttachError, VirtioSlot};
 use crate::loader::{self, KernelEntry, LoaderError};
-use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
-use crate::snapshot::state::SerialState;
-use crate::snapshot::vcpu_state::cpuid_entries;
 use crate::snapshot::devices::{
     specs_for_restore, transport_from_proto, DeviceSpec, RestoreOverrides,
 };
+use crate::snapshot::state::SerialState;
+use crate::snapshot::vcpu_state::cpuid_entries;
 use crate::snapshot::{self, cpu_check, vcpu_state, vm_state, LoadedSnapshot};
 use crate::stop::{StopError, StopState};
 use crate::vmm::Vmm;
@@ -202,16 +202,7 @@ fn build_machine(
         setup_vcpu(&mut vcpu)?;
         vcpus.push(vcpu);
     }
-    let mut vmm = Vmm::new(
-        kvm,
-        vm,
-        vcpus,
-        io_bus,
-        Bus::new(),
-        serial,
-        control,
-        stop,
-    );
+    let mut vmm = Vmm::new(kvm, vm, vcpus, io_bus, Bus::new(), serial, control, stop);
     vmm.set_mem_size(cfg.mem_size);
     Ok(vmm)
 }
@@ -234,10 +225,9 @@ pub fn restore_vm(
         .map(|d| (d.name.clone(), d.backend.clone()))
         .collect();
     let specs = specs_for_restore(&saved_devices, overrides)?;
-    let machine = state
-        .machine
-        .as_ref()
-        .ok_or(BuildError::Snapshot("the snapshot has no machine description"))?;
+    let machine = state.machine.as_ref().ok_or(BuildError::Snapshot(
+        "the snapshot has no machine description",
+    ))?;
     let vcpu_count = u8::try_from(machine.vcpus)
         .ok()
         .filter(|n| (1..=32).contains(n) && usize::from(*n) == state.vcpus.len())
@@ -247,7 +237,9 @@ pub fn restore_vm(
         .map_err(BuildError::SupportedCpuid)?;
     for (i, saved) in state.vcpus.iter().enumerate() {
         if saved.index as usize != i {
-            return Err(BuildError::Snapshot("the snapshot's vCPUs are out of order"));
+            return Err(BuildError::Snapshot(
+                "the snapshot's vCPUs are out of order",
+            ));
         }
         let mut host = supported.as_slice().to_vec();
         normalize(
@@ -264,7 +256,10 @@ pub fn restore_vm(
         .vm
         .as_ref()
         .ok_or(BuildError::Snapshot("the snapshot has no VM state"))?;
-    log::debug!("restore: CPU checked at {} us", vmm_start.elapsed().as_micros());
+    log::debug!(
+        "restore: CPU checked at {} us",
+        vmm_start.elapsed().as_micros()
+    );
     let vmm = build_machine(
         kvm,
         memory,
@@ -313,11 +308,17 @@ pub fn build_from_snapshot(
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
     let snapshot = snapshot::load(state_path, mem_path)?;
-    log::debug!("restore: snapshot loaded at {} us", vmm_start.elapsed().as_micros());
+    log::debug!(
+        "restore: snapshot loaded at {} us",
+        vmm_start.elapsed().as_micros()
+    );
     let kvm = open_kvm()?;
     let (console, created) = open_console(console)?;
     let result = restore_vm(kvm, snapshot, console, overrides, vmm_start);
-    log::debug!("restore: VM rebuilt at {} us", vmm_start.elapsed().as_micros());
+    log::debug!(
+        "restore: VM rebuilt at {} us",
+        vmm_start.elapsed().as_micros()
+    );
     if result.is_err() {
         if let Some(path) = created {
             let _ = std::fs::remove_file(path);

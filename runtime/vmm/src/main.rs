@@ -18,8 +18,8 @@ use husk_vmm::config::{
     DEFAULT_MEM_MIB, DEFAULT_VCPUS,
 };
 use husk_vmm::exit_report;
-use husk_vmm::snapshot::devices::RestoreOverrides;
 use husk_vmm::signals;
+use husk_vmm::snapshot::devices::RestoreOverrides;
 use husk_vmm::stop::StopReason;
 use husk_vmm::vmm::{VmOutcome, EXIT_VMM_ERROR};
 
@@ -415,17 +415,12 @@ fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, Str
                 net: options.vm.net.clone(),
                 disks: options.vm.disks.clone(),
             };
-            build_from_snapshot(
-                &r.state,
-                &r.mem,
-                &options.vm.console,
-                &overrides,
-                vmm_start,
+            build_from_snapshot(&r.state, &r.mem, &options.vm.console, &overrides, vmm_start).map(
+                |mut vmm| {
+                    vmm.set_start_paused(r.start_paused);
+                    vmm
+                },
             )
-            .map(|mut vmm| {
-                vmm.set_start_paused(r.start_paused);
-                vmm
-            })
         }
     }
     .map_err(|e| one_line(&e))?;
@@ -533,9 +528,16 @@ mod tests {
             })
         );
         assert_eq!(o.vm.console, ConsoleConfig::None);
-        let e = parse(&["--restore-state", "/s", "--restore-mem", "/m", "--cpus", "2"])
-            .err()
-            .unwrap();
+        let e = parse(&[
+            "--restore-state",
+            "/s",
+            "--restore-mem",
+            "/m",
+            "--cpus",
+            "2",
+        ])
+        .err()
+        .unwrap();
         assert!(e.contains("--cpus cannot be combined"), "{e}");
         assert!(parse(&["--restore-state", "/s"]).is_err());
         assert!(parse(&["--kernel", "/k", "--start-paused"]).is_err());

@@ -145,7 +145,10 @@ impl Vmm {
     }
 
     /// Records the virtio devices' backends (see the builder).
-    pub(crate) fn set_device_backends(&mut self, backends: Vec<crate::snapshot::state::DeviceBackend>) {
+    pub(crate) fn set_device_backends(
+        &mut self,
+        backends: Vec<crate::snapshot::state::DeviceBackend>,
+    ) {
         self.device_backends = backends;
     }
 

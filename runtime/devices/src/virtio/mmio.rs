@@ -660,7 +660,11 @@ mod tests {
         let (mut fresh, device) = transport();
         fresh.restore_state(&saved).unwrap();
         assert!(fresh.is_active());
-        assert_eq!(device.activations(), 1, "the restored device was not started");
+        assert_eq!(
+            device.activations(),
+            1,
+            "the restored device was not started"
+        );
         assert_eq!(fresh.save_state(), saved);
         assert_eq!(read32(&mut fresh, reg::STATUS), saved.status);
     }

@@ -13,13 +13,13 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{error_chain, state, VmControl};
 use crate::devices::legacy::control_port::ControlState;
 use crate::devices::legacy::serial::SerialDevice;
-use crate::snapshot::vcpu_state::VcpuRequest;
-use crate::snapshot::{self, SaveSource};
-use crate::vstate::vm::Vm;
 use crate::devices::virtio::VirtioSlot;
 use crate::pause::PauseGate;
 use crate::signals;
+use crate::snapshot::vcpu_state::VcpuRequest;
+use crate::snapshot::{self, SaveSource};
 use crate::stop::{StopReason, StopState};
+use crate::vstate::vm::Vm;
 
 /// Longest wait for every vCPU and the event loop to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -178,7 +178,6 @@ impl VmControl for VmHandle {
         })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

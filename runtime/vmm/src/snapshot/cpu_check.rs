@@ -85,7 +85,10 @@ mod tests {
     #[test]
     fn guest_controlled_bits_are_ignored() {
         // OSXSAVE set by the guest's CR4 on the source host is no hardware feature.
-        assert_eq!(check(&[entry(1, 0, 0, 1 << 27)], &[entry(1, 0, 0, 0)]), Ok(()));
+        assert_eq!(
+            check(&[entry(1, 0, 0, 1 << 27)], &[entry(1, 0, 0, 0)]),
+            Ok(())
+        );
         // A non-feature leaf never matters.
         assert_eq!(check(&[entry(0xb, 0, 7, 7)], &[]), Ok(()));
     }

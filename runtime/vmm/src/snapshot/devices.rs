@@ -93,7 +93,12 @@ pub fn specs_for_restore(
 ) -> Result<Vec<DeviceSpec>, DeviceStateError> {
     let disk_count = saved
         .iter()
-        .filter(|(_, b)| matches!(b.as_ref().and_then(|b| b.backend.as_ref()), Some(Backend::Disk(_))))
+        .filter(|(_, b)| {
+            matches!(
+                b.as_ref().and_then(|b| b.backend.as_ref()),
+                Some(Backend::Disk(_))
+            )
+        })
         .count();
     if !overrides.disks.is_empty() && overrides.disks.len() != disk_count {
         return Err(DeviceStateError::DiskCount {
@@ -110,10 +115,14 @@ pub fn specs_for_restore(
             .ok_or_else(|| DeviceStateError::NoBackend(name.clone()))?;
         specs.push(match backend {
             Backend::Disk(d) => {
-                let spec = overrides.disks.get(disk_index).cloned().unwrap_or(DiskConfig {
-                    path: PathBuf::from(&d.path),
-                    read_only: d.read_only,
-                });
+                let spec = overrides
+                    .disks
+                    .get(disk_index)
+                    .cloned()
+                    .unwrap_or(DiskConfig {
+                        path: PathBuf::from(&d.path),
+                        read_only: d.read_only,
+                    });
                 disk_index += 1;
                 DeviceSpec::Disk(spec)
             }
@@ -290,7 +299,10 @@ mod tests {
         };
         assert!(matches!(
             specs_for_restore(&saved(&boot_specs()), &two_disks),
-            Err(DeviceStateError::DiskCount { snapshot: 1, given: 2 })
+            Err(DeviceStateError::DiskCount {
+                snapshot: 1,
+                given: 2
+            })
         ));
         let vsock_only = RestoreOverrides {
             vsock: Some(vsock),

@@ -49,7 +49,9 @@ pub enum FileError {
     #[error("{0} is not a husk snapshot state file (bad magic)")]
     BadMagic(PathBuf),
     /// Written by an incompatible husk.
-    #[error("{path} has snapshot format version {found}; this husk reads version {FORMAT_VERSION} only")]
+    #[error(
+        "{path} has snapshot format version {found}; this husk reads version {FORMAT_VERSION} only"
+    )]
     Version {
         /// The file.
         path: PathBuf,
@@ -133,7 +135,8 @@ pub fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a [u8], FileError> {
             actual: bytes.len() as u64,
         });
     }
-    let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
     let version = u32_at(8);
     if version != FORMAT_VERSION {
         return Err(FileError::Version {

@@ -60,7 +60,8 @@ fn counting_vm(vcpus: u8, mem_mib: u64) -> Vmm {
     let mem = vmm.vm().memory();
     let entry = BootEntry::Linux64 { rip: CODE_ADDR };
     mem.write_slice(&COUNT, GuestAddress(CODE_ADDR)).unwrap();
-    mem.write_obj(SENTINEL, GuestAddress(SENTINEL_ADDR)).unwrap();
+    mem.write_obj(SENTINEL, GuestAddress(SENTINEL_ADDR))
+        .unwrap();
     write_boot_tables(mem, entry).unwrap();
     for vcpu in vmm.vcpus() {
         setup_boot_vcpu(&vcpu.fd, entry).unwrap();
@@ -163,7 +164,10 @@ fn stop(mut r: Running) -> VmOutcome {
 }
 
 fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{name}.state")), dir.join(format!("{name}.mem")))
+    (
+        dir.join(format!("{name}.state")),
+        dir.join(format!("{name}.mem")),
+    )
 }
 
 fn restore(state: &Path, mem: &Path, paused: bool) -> Vmm {
@@ -220,7 +224,10 @@ fn a_restored_vm_continues_exactly_and_clones_run_side_by_side() {
     // Run, refuse a snapshot while running, pause, snapshot, stop.
     let mut vm = start(counting_vm(2, 64), dir.path(), "origin");
     wait_until("both vCPUs count", || {
-        counters(&vm.mem, 2).iter().enumerate().all(|(i, &c)| c > seed(i as u8))
+        counters(&vm.mem, 2)
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| c > seed(i as u8))
     });
     let e = snapshot(&mut vm, &state_path, &mem_path).unwrap_err();
     assert!(e.contains("not paused"), "{e}");
@@ -228,15 +235,25 @@ fn a_restored_vm_continues_exactly_and_clones_run_side_by_side() {
     call(&mut vm.client, vmm_request::Msg::Pause(Pause {})).unwrap();
     let saved = counters(&vm.mem, 2);
     let done = snapshot(&mut vm, &state_path, &mem_path).unwrap();
-    assert_eq!(state_of(&mut vm), info::State::Paused, "a snapshot must not resume the VM");
+    assert_eq!(
+        state_of(&mut vm),
+        info::State::Paused,
+        "a snapshot must not resume the VM"
+    );
     assert_eq!(done.memory_bytes, 64 * MIB);
     // Code, counters, sentinel and boot tables: a few pages, not 64 MiB.
-    assert!(done.memory_written > 0 && done.memory_written < MIB, "{done:?}");
+    assert!(
+        done.memory_written > 0 && done.memory_written < MIB,
+        "{done:?}"
+    );
     assert_eq!(counters(&vm.mem, 2), saved, "the snapshot let a vCPU run");
     // The origin runs on after the snapshot, unaffected.
     call(&mut vm.client, vmm_request::Msg::Resume(Resume {})).unwrap();
     wait_until("the origin counts on", || {
-        counters(&vm.mem, 2).iter().zip(&saved).all(|(now, then)| now > then)
+        counters(&vm.mem, 2)
+            .iter()
+            .zip(&saved)
+            .all(|(now, then)| now > then)
     });
     stop(vm);
     let original = read_state(&state_path);
@@ -259,7 +276,13 @@ fn a_restored_vm_continues_exactly_and_clones_run_side_by_side() {
     // lost its registers would restart near 0 and never reach the seed), sees the memory of the
     // snapshot, and writes only its own private copy.
     let mut clones: Vec<Running> = (0..3)
-        .map(|i| start(restore(&state_path, &mem_path, false), dir.path(), &format!("clone{i}")))
+        .map(|i| {
+            start(
+                restore(&state_path, &mem_path, false),
+                dir.path(),
+                &format!("clone{i}"),
+            )
+        })
         .collect();
     for (i, clone) in clones.iter().enumerate() {
         clone
@@ -269,10 +292,16 @@ fn a_restored_vm_continues_exactly_and_clones_run_side_by_side() {
     }
     for clone in &clones {
         wait_until("a clone counts on", || {
-            counters(&clone.mem, 2).iter().zip(&saved).all(|(now, then)| now > then)
+            counters(&clone.mem, 2)
+                .iter()
+                .zip(&saved)
+                .all(|(now, then)| now > then)
         });
         for (i, c) in counters(&clone.mem, 2).iter().enumerate() {
-            assert!(*c > saved[i] && *c < seed(i as u8) + (1 << 32), "counter {i} = {c:#x}");
+            assert!(
+                *c > saved[i] && *c < seed(i as u8) + (1 << 32),
+                "counter {i} = {c:#x}"
+            );
         }
     }
     for (i, clone) in clones.iter_mut().enumerate() {
@@ -288,7 +317,10 @@ fn a_restored_vm_continues_exactly_and_clones_run_side_by_side() {
     // The memory file itself never changed.
     let fresh = super::load(&state_path, &mem_path).unwrap();
     assert_eq!(counters(&fresh.memory, 2), saved);
-    let own: u64 = fresh.memory.read_obj(GuestAddress(SENTINEL_ADDR + 8)).unwrap();
+    let own: u64 = fresh
+        .memory
+        .read_obj(GuestAddress(SENTINEL_ADDR + 8))
+        .unwrap();
     assert_eq!(own, 0);
 }
 
@@ -321,7 +353,11 @@ fn damaged_or_mismatched_snapshots_are_refused_and_left_untouched() {
     std::fs::write(&bad, &flipped).unwrap();
     let e = err(&bad, &a_mem);
     assert!(e.contains("corrupted"), "{e}");
-    assert_eq!(std::fs::read(&bad).unwrap(), flipped, "a refused file was modified");
+    assert_eq!(
+        std::fs::read(&bad).unwrap(),
+        flipped,
+        "a refused file was modified"
+    );
 
     std::fs::write(&bad, &bytes[..bytes.len() - 10]).unwrap();
     let e = err(&bad, &a_mem);
@@ -329,7 +365,10 @@ fn damaged_or_mismatched_snapshots_are_refused_and_left_untouched() {
 
     let short = dir.path().join("short.mem");
     std::fs::copy(&a_mem, &short).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&short).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap();
     f.set_len(f.metadata().unwrap().len() - 4096).unwrap();
     let e = err(&a_state, &short);
     assert!(e.contains("truncated"), "{e}");
@@ -338,4 +377,3 @@ fn damaged_or_mismatched_snapshots_are_refused_and_left_untouched() {
     let vmm = restore(&a_state, &a_mem, true);
     assert_eq!(vmm.vcpu_count(), 1);
 }
-

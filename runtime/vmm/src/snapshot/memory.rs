@@ -154,7 +154,11 @@ pub fn write_memory_file(
     let tmp = tmp_path(path);
     let io = |op, p: &Path| {
         let p = p.to_path_buf();
-        move |source| MemoryFileError::Io { op, path: p, source }
+        move |source| MemoryFileError::Io {
+            op,
+            path: p,
+            source,
+        }
     };
     let result = (|| {
         let file = OpenOptions::new()
@@ -211,7 +215,10 @@ pub fn write_memory_file(
 /// Checks `path` against `state` (header, id, exact size) and maps it MAP_PRIVATE as guest
 /// memory: nothing is read now, every page comes from the file when the guest first touches it,
 /// and guest writes never reach the file.
-pub fn map_memory_file(path: &Path, state: &MemoryState) -> Result<GuestMemoryMmap, MemoryFileError> {
+pub fn map_memory_file(
+    path: &Path,
+    state: &MemoryState,
+) -> Result<GuestMemoryMmap, MemoryFileError> {
     let io = |op| {
         move |source| MemoryFileError::Io {
             op,
@@ -300,8 +307,10 @@ mod tests {
         let dir = ScratchDir::new("memfile");
         let path = dir.path().join("mem");
         let mem = guest(64);
-        mem.write_obj(0x1122_3344_u32, GuestAddress(0x1000)).unwrap();
-        mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(0x20_0ff0)).unwrap();
+        mem.write_obj(0x1122_3344_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(0x20_0ff0))
+            .unwrap();
         mem.write_obj(0x55_u8, GuestAddress(0x1_0000_0fff)).unwrap();
         let id = new_id();
         let mut calls = 0;
@@ -317,13 +326,25 @@ mod tests {
         let v: u32 = restored.read_obj(GuestAddress(0x1000)).unwrap();
         assert_eq!(v, 0x1122_3344);
         let mut buf = [0u8; 3 * PAGE];
-        restored.read_slice(&mut buf, GuestAddress(0x20_0ff0)).unwrap();
+        restored
+            .read_slice(&mut buf, GuestAddress(0x20_0ff0))
+            .unwrap();
         assert!(buf.iter().all(|&b| b == 7));
-        assert_eq!(restored.read_obj::<u8>(GuestAddress(0x1_0000_0fff)).unwrap(), 0x55);
+        assert_eq!(
+            restored
+                .read_obj::<u8>(GuestAddress(0x1_0000_0fff))
+                .unwrap(),
+            0x55
+        );
         // Private: writes stay in this mapping, the file (and other clones) never see them.
-        restored.write_obj(0xffff_ffff_u32, GuestAddress(0x1000)).unwrap();
+        restored
+            .write_obj(0xffff_ffff_u32, GuestAddress(0x1000))
+            .unwrap();
         let again = map_memory_file(&path, &state).unwrap();
-        assert_eq!(again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344);
+        assert_eq!(
+            again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0x1122_3344
+        );
     }
 
     #[test]

@@ -228,7 +228,10 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, Snapsh
     let state = SnapshotState::from_bytes(&payload)
         .map_err(|e| SnapshotError::State(state_path.to_path_buf(), e))?;
     let mem_state = state.memory.as_ref().ok_or_else(|| {
-        SnapshotError::State(state_path.to_path_buf(), state::StateError::Missing("memory"))
+        SnapshotError::State(
+            state_path.to_path_buf(),
+            state::StateError::Missing("memory"),
+        )
     })?;
     let memory = memory::map_memory_file(mem_path, mem_state)?;
     Ok(LoadedSnapshot { state, memory })

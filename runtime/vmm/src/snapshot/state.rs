@@ -84,11 +84,7 @@ pub fn pod_from<T: Pod>(what: &'static str, bytes: &[u8]) -> Result<T, StateErro
     // SAFETY: `bytes` holds exactly size_of::<T>() bytes and T is Pod, so every byte pattern is
     // a valid T; source and destination do not overlap.
     unsafe {
-        std::ptr::copy_nonoverlapping(
-            bytes.as_ptr(),
-            (&mut v as *mut T).cast::<u8>(),
-            expected,
-        )
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut T).cast::<u8>(), expected)
     };
     Ok(v)
 }
@@ -430,11 +426,15 @@ pub(crate) mod tests {
             rflags: 2,
             ..Default::default()
         };
-        let mut sregs = kvm_sregs::default();
-        sregs.cr0 = 0x8000_0011;
-        sregs.efer = 0x500;
-        let mut pic = kvm_irqchip::default();
-        pic.chip_id = 1;
+        let sregs = kvm_sregs {
+            cr0: 0x8000_0011,
+            efer: 0x500,
+            ..Default::default()
+        };
+        let pic = kvm_irqchip {
+            chip_id: 1,
+            ..Default::default()
+        };
         let vcpu = |index| VcpuState {
             index,
             cpuid: vec![1; 40],

@@ -10,8 +10,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 
@@ -85,7 +85,11 @@ fn ioctl(index: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Vcpu
 
 /// Reads the MSRs of `candidates` that this vCPU has: KVM_GET_MSRS stops at the first MSR it
 /// cannot read, which is dropped before trying the rest again.
-fn save_msrs(fd: &VcpuFd, index: u32, candidates: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuStateError> {
+fn save_msrs(
+    fd: &VcpuFd,
+    index: u32,
+    candidates: &[u32],
+) -> Result<Vec<kvm_msr_entry>, VcpuStateError> {
     let mut saved = Vec::with_capacity(candidates.len());
     let mut rest = candidates;
     while !rest.is_empty() {
@@ -100,7 +104,10 @@ fn save_msrs(fd: &VcpuFd, index: u32, candidates: &[u32]) -> Result<Vec<kvm_msr_
         let n = fd.get_msrs(&mut msrs).map_err(ioctl(index, "get MSRs"))?;
         saved.extend_from_slice(&msrs.as_slice()[..n.min(rest.len())]);
         if n < rest.len() {
-            log::debug!("vcpu{index}: MSR {:#x} is not saved (KVM cannot read it)", rest[n]);
+            log::debug!(
+                "vcpu{index}: MSR {:#x} is not saved (KVM cannot read it)",
+                rest[n]
+            );
         }
         rest = rest.get(n + 1..).unwrap_or(&[]);
     }
@@ -127,8 +134,14 @@ pub fn save(vcpu: &Vcpu, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> 
         msr_indices: msrs.iter().map(|m| m.index).collect(),
         msr_values: msrs.iter().map(|m| m.data).collect(),
         lapic: pod_bytes(&fd.get_lapic().map_err(ioctl(index, "get LAPIC"))?),
-        debug_regs: pod_bytes(&fd.get_debug_regs().map_err(ioctl(index, "get debug regs"))?),
-        vcpu_events: pod_bytes(&fd.get_vcpu_events().map_err(ioctl(index, "get vCPU events"))?),
+        debug_regs: pod_bytes(
+            &fd.get_debug_regs()
+                .map_err(ioctl(index, "get debug regs"))?,
+        ),
+        vcpu_events: pod_bytes(
+            &fd.get_vcpu_events()
+                .map_err(ioctl(index, "get vCPU events"))?,
+        ),
         mp_state: mp_state.mp_state,
         tsc_khz,
     })

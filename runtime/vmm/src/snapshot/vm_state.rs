@@ -62,8 +62,18 @@ fn set_chip(fd: &VmFd, bytes: &[u8], chip_id: u32, what: &'static str) -> Result
 /// Writes `state` into a new VM (irqchip and PIT created, no vCPU run yet).
 pub fn restore(fd: &VmFd, state: &VmState) -> Result<(), VmStateError> {
     let pit = pod_from("pit", &state.pit)?;
-    set_chip(fd, &state.pic_master, KVM_IRQCHIP_PIC_MASTER, "set the master PIC")?;
-    set_chip(fd, &state.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "set the slave PIC")?;
+    set_chip(
+        fd,
+        &state.pic_master,
+        KVM_IRQCHIP_PIC_MASTER,
+        "set the master PIC",
+    )?;
+    set_chip(
+        fd,
+        &state.pic_slave,
+        KVM_IRQCHIP_PIC_SLAVE,
+        "set the slave PIC",
+    )?;
     set_chip(fd, &state.ioapic, KVM_IRQCHIP_IOAPIC, "set the IOAPIC")?;
     fd.set_pit2(&pit)
         .map_err(|e| VmStateError::Ioctl("set the PIT", e))?;

@@ -199,10 +199,12 @@ impl Vsock {
         };
         let head = chain.head_index();
         let written = match chain.writer(mem) {
-            Ok(mut w) => match std::io::Write::write_all(&mut w, &EVENT_TRANSPORT_RESET.to_le_bytes()) {
-                Ok(()) => 4,
-                Err(_) => 0,
-            },
+            Ok(mut w) => {
+                match std::io::Write::write_all(&mut w, &EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                    Ok(()) => 4,
+                    Err(_) => 0,
+                }
+            }
             Err(_) => 0,
         };
         queue.add_used(mem, head, written).map_err(broken)?;

@@ -209,10 +209,12 @@ mod tests {
         dev.write(3, &[0x03]); // DLAB off
         dev.write(7, &[0x5a]); // scratch
         let state = dev.save_state();
-        assert_eq!((state.line_control, state.baud_divisor_low, state.scratch), (3, 0x0c, 0x5a));
-        let back =
-            SerialDevice::from_state(EventFd::new(0).unwrap(), Box::new(io::sink()), &state)
-                .unwrap();
+        assert_eq!(
+            (state.line_control, state.baud_divisor_low, state.scratch),
+            (3, 0x0c, 0x5a)
+        );
+        let back = SerialDevice::from_state(EventFd::new(0).unwrap(), Box::new(io::sink()), &state)
+            .unwrap();
         assert_eq!(back.save_state(), state);
         let mut full = state.clone();
         full.in_buffer = vec![0; 4096];
