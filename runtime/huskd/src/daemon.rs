@@ -25,6 +25,9 @@ use crate::validate::{self, Defaults};
 use crate::vmm_process::{self, Launch, ProcessHandle};
 use crate::wire;
 
+#[path = "snapshots.rs"]
+pub mod snapshots;
+
 /// Daemon-wide settings.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -369,6 +372,7 @@ impl Daemon {
             spec: &spec,
             vsock_cid: cid,
             link: link.as_ref(),
+            restore: None,
         };
         let pid = launch.spawn().map_err(Status::internal)?;
         let ticks = store::process_start_ticks(pid).unwrap_or(0);

@@ -26,6 +26,8 @@ pub struct Launch<'a> {
     pub spec: &'a VmSpec,
     pub vsock_cid: u32,
     pub link: Option<&'a VmLink>,
+    /// Restore from this snapshot directory (and keep the VM paused) instead of booting.
+    pub restore: Option<(&'a Path, bool)>,
 }
 
 impl Launch<'_> {
@@ -73,10 +75,22 @@ impl Launch<'_> {
         let spec = self.spec;
         let dir = self.dir;
         let mut cmd = Command::new(self.vmm);
-        cmd.arg("--kernel").arg(&spec.kernel);
-        cmd.arg("--initrd").arg(&spec.initrd);
-        cmd.arg("--cpus").arg(spec.vcpus.to_string());
-        cmd.arg("--memory").arg(spec.memory_mib.to_string());
+        match self.restore {
+            // The machine comes from the snapshot; devices below replace its backends.
+            Some((snapshot, start_paused)) => {
+                cmd.arg("--restore-state").arg(snapshot.join("vm.state"));
+                cmd.arg("--restore-mem").arg(snapshot.join("vm.mem"));
+                if start_paused {
+                    cmd.arg("--start-paused");
+                }
+            }
+            None => {
+                cmd.arg("--kernel").arg(&spec.kernel);
+                cmd.arg("--initrd").arg(&spec.initrd);
+                cmd.arg("--cpus").arg(spec.vcpus.to_string());
+                cmd.arg("--memory").arg(spec.memory_mib.to_string());
+            }
+        }
         if !spec.rootfs.is_empty() {
             cmd.arg("--disk").arg(&spec.rootfs);
         }
@@ -97,7 +111,9 @@ impl Launch<'_> {
             .arg(format!("file:{}", dir.join(store::CONSOLE_LOG).display()));
         cmd.arg("--api-sock").arg(dir.join(store::API_SOCK));
         cmd.arg("--exit-report").arg(dir.join(store::EXIT_REPORT));
-        cmd.arg("--cmdline").arg(self.kernel_cmdline()?);
+        if self.restore.is_none() {
+            cmd.arg("--cmdline").arg(self.kernel_cmdline()?);
+        }
         Ok(cmd)
     }
 
@@ -245,6 +261,7 @@ mod tests {
             spec: &spec,
             vsock_cid: 7,
             link: None,
+            restore: None,
         };
         let cmd = launch.command().unwrap();
         let args: Vec<String> = cmd
@@ -292,6 +309,7 @@ mod tests {
             spec: &spec,
             vsock_cid: 3,
             link: None,
+            restore: None,
         };
         let cmdline = launch.kernel_cmdline().unwrap();
         let decoded = BootSpec::from_cmdline(&cmdline).unwrap().unwrap();
