@@ -93,6 +93,7 @@ impl VmmClient {
         let msg = vmm_request::Msg::Snapshot(Snapshot {
             state_path: state.display().to_string(),
             mem_path: mem.display().to_string(),
+            diff: false,
         });
         frame::write(&mut self.stream, &VmmRequest { msg: Some(msg) })?;
         let response: VmmResponse = frame::read(&mut self.stream)?.ok_or_else(|| {

@@ -14,7 +14,13 @@ const BOOT: Duration = Duration::from_secs(120);
 
 fn sh(huskd: &Huskd, vm: &str, script: &str) -> String {
     let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
-    assert_eq!(out.code(), Some(0), "{script}: {}{}", out.stdout(), out.stderr());
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{script}: {}{}",
+        out.stdout(),
+        out.stderr()
+    );
     out.stdout()
 }
 
@@ -28,7 +34,11 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     huskd.wait_agent("origin", BOOT);
     // A marker file, and a wall clock far in the past that only a correction can undo.
-    sh(&huskd, "origin", "echo snapshot-marker > /tmp/marker && date -s '2001-09-09 01:46:40'");
+    sh(
+        &huskd,
+        "origin",
+        "echo snapshot-marker > /tmp/marker && date -s '2001-09-09 01:46:40'",
+    );
 
     let dir = huskd.dir.join("snap1");
     let mut client = huskd.client();
@@ -51,7 +61,11 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     let out = huskd.husk(&["snapshot", "origin", &dir.display().to_string()]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     assert!(out.stdout().contains("MiB"), "{}", out.stdout());
-    assert_eq!(huskd.get("origin").state, VmState::Running as i32, "origin not resumed");
+    assert_eq!(
+        huskd.get("origin").state,
+        VmState::Running as i32,
+        "origin not resumed"
+    );
     let again = huskd
         .block_on(client.snapshot_vm(SnapshotVmRequest {
             vm: "origin".into(),
@@ -71,16 +85,25 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         origin.status.as_ref().unwrap().vsock_cid,
         "the copy must have its own CID"
     );
-    assert_eq!(sh(&huskd, "copy", "cat /tmp/marker").trim(), "snapshot-marker");
+    assert_eq!(
+        sh(&huskd, "copy", "cat /tmp/marker").trim(),
+        "snapshot-marker"
+    );
     // huskd sets the restored guest's clock through the agent once it answers.
-    let host_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let host_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let guest: u64 = sh(&huskd, "copy", "date +%s").trim().parse().unwrap();
         if guest + 120 >= host_now {
             break;
         }
-        assert!(Instant::now() < deadline, "the copy's clock stays at {guest}");
+        assert!(
+            Instant::now() < deadline,
+            "the copy's clock stays at {guest}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // The origin's clock was not touched: it still runs in 2001.

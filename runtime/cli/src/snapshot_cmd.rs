@@ -151,13 +151,30 @@ mod tests {
     #[test]
     fn restore_options_become_the_request() {
         let r = restore_request(&args(&[
-            "--name", "clone1", "--mac", "06:00:00:00:00:01", "--disk", "/d/a.img:ro", "--label",
-            "k=v", "--paused", "/snap/dir",
+            "--name",
+            "clone1",
+            "--mac",
+            "06:00:00:00:00:01",
+            "--disk",
+            "/d/a.img:ro",
+            "--label",
+            "k=v",
+            "--paused",
+            "/snap/dir",
         ]))
         .unwrap();
         assert_eq!(r.dir, "/snap/dir");
-        assert_eq!((r.name.as_str(), r.mac.as_str()), ("clone1", "06:00:00:00:00:01"));
-        assert_eq!(r.disks, vec![Disk { path: "/d/a.img".into(), read_only: true }]);
+        assert_eq!(
+            (r.name.as_str(), r.mac.as_str()),
+            ("clone1", "06:00:00:00:00:01")
+        );
+        assert_eq!(
+            r.disks,
+            vec![Disk {
+                path: "/d/a.img".into(),
+                read_only: true
+            }]
+        );
         assert!(r.start_paused);
         assert_eq!(r.labels.get("k").map(String::as_str), Some("v"));
         assert!(restore_request(&args(&[])).is_err());

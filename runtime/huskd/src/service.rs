@@ -9,8 +9,8 @@ use husk_proto::v1::husk_server::Husk;
 use husk_proto::v1::{
     exec_request, exec_response, ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse,
     Event, ExecExit, ExecRequest, ExecResponse, GetVmRequest, ListVmsRequest, ListVmsResponse,
-    PauseVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, StreamConsoleRequest, Vm,
-    WatchEventsRequest, RestoreVmRequest, SnapshotVmRequest, SnapshotVmResponse,
+    PauseVmRequest, RestoreVmRequest, ResumeVmRequest, SnapshotVmRequest, SnapshotVmResponse,
+    StartVmRequest, StopVmRequest, StreamConsoleRequest, Vm, WatchEventsRequest,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -106,11 +106,15 @@ impl Husk for HuskService {
     ) -> Result<Response<SnapshotVmResponse>, Status> {
         let request = request.into_inner();
         let entry = self.daemon.resolve(&request.vm)?;
-        Ok(Response::new(self.daemon.snapshot_vm(&entry, &request).await?))
+        Ok(Response::new(
+            self.daemon.snapshot_vm(&entry, &request).await?,
+        ))
     }
 
     async fn restore_vm(&self, request: Request<RestoreVmRequest>) -> Result<Response<Vm>, Status> {
-        Ok(Response::new(self.daemon.restore_vm(request.into_inner()).await?))
+        Ok(Response::new(
+            self.daemon.restore_vm(request.into_inner()).await?,
+        ))
     }
 
     type WatchEventsStream = ResponseStream<Event>;

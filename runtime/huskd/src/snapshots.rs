@@ -51,6 +51,7 @@ async fn vmm_snapshot(api: &Path, dir: &Path) -> Result<husk_proto::vmm::Snapsho
     let msg = vmm_request::Msg::Snapshot(Snapshot {
         state_path: dir.join(STATE_FILE).display().to_string(),
         mem_path: dir.join(MEM_FILE).display().to_string(),
+        diff: false,
     });
     let reply: VmmResponse =
         wire::request_reply(api, &VmmRequest { msg: Some(msg) }, SNAPSHOT_LIMIT)
@@ -94,12 +95,16 @@ impl Daemon {
         }
         let result = vmm_snapshot(&api, &dir).await;
         let record = entry.snapshot();
-        let saved = result.as_ref().ok().map(|_| {
-            store::write_atomic(&dir.join(RECORD_FILE), &record.encode_to_vec())
-        });
+        let saved = result
+            .as_ref()
+            .ok()
+            .map(|_| store::write_atomic(&dir.join(RECORD_FILE), &record.encode_to_vec()));
         if was_running && (!request.leave_paused || result.is_err()) {
             if let Err(e) = vmm_call(&api, vmm_request::Msg::Resume(Default::default())).await {
-                eprintln!("huskd: warning: VM {} stays paused after its snapshot: {e}", entry.id);
+                eprintln!(
+                    "huskd: warning: VM {} stays paused after its snapshot: {e}",
+                    entry.id
+                );
                 entry.update(|vm| vm.state = VmState::Paused as i32);
             }
         } else if was_running {
@@ -108,7 +113,9 @@ impl Daemon {
         }
         let done = result.map_err(|e| Status::internal(format!("SnapshotVm: husk-vmm: {e}")))?;
         if let Some(Err(e)) = saved {
-            return Err(Status::internal(format!("SnapshotVm: cannot write {RECORD_FILE}: {e}")));
+            return Err(Status::internal(format!(
+                "SnapshotVm: cannot write {RECORD_FILE}: {e}"
+            )));
         }
         Ok(SnapshotVmResponse {
             vm: Some(entry.snapshot()),
@@ -122,7 +129,10 @@ impl Daemon {
     pub async fn restore_vm(self: &Arc<Self>, request: RestoreVmRequest) -> Result<Vm, Status> {
         let dir = absolute_dir(&request.dir, "dir")?;
         let bytes = std::fs::read(dir.join(RECORD_FILE)).map_err(|e| {
-            Status::not_found(format!("dir: no snapshot in {} ({RECORD_FILE}: {e})", dir.display()))
+            Status::not_found(format!(
+                "dir: no snapshot in {} ({RECORD_FILE}: {e})",
+                dir.display()
+            ))
         })?;
         let source = Vm::decode(&bytes[..]).map_err(|e| {
             Status::invalid_argument(format!("dir: {RECORD_FILE} is not a VM record: {e}"))
@@ -207,11 +217,20 @@ impl Daemon {
         };
         let ticks = store::process_start_ticks(pid).unwrap_or(0);
         if let Err(e) = store::save_pid(&entry.dir, pid, ticks) {
-            eprintln!("huskd: warning: cannot save the pid of VM {}: {e}", entry.id);
+            eprintln!(
+                "huskd: warning: cannot save the pid of VM {}: {e}",
+                entry.id
+            );
         }
         let (tap_name, host_ip, guest_ip) = link
             .as_ref()
-            .map(|l| (l.tap_name.clone(), l.host_ip.to_string(), l.guest_ip.to_string()))
+            .map(|l| {
+                (
+                    l.tap_name.clone(),
+                    l.host_ip.to_string(),
+                    l.guest_ip.to_string(),
+                )
+            })
             .unwrap_or_default();
         drop(link);
         let state = if request.start_paused {
@@ -259,7 +278,10 @@ impl Daemon {
                 match agent_client::request(&socket, &message, Duration::from_secs(2)).await {
                     Ok(_) => return,
                     Err(e) if e.to_string().contains("guest agent:") => {
-                        eprintln!("huskd: warning: VM {}: cannot set the guest clock: {e}", entry.id);
+                        eprintln!(
+                            "huskd: warning: VM {}: cannot set the guest clock: {e}",
+                            entry.id
+                        );
                         return;
                     }
                     Err(_) => {}

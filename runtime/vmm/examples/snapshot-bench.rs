@@ -91,6 +91,7 @@ fn take(dir: &Path, mib: u64, touch_mib: u64) -> (f64, u64) {
         vmm_request::Msg::Snapshot(Snapshot {
             state_path: dir.join("vm.state").display().to_string(),
             mem_path: dir.join("vm.mem").display().to_string(),
+            diff: false,
         }),
     );
     let ms = t.elapsed().as_secs_f64() * 1e3;

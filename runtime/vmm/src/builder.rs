@@ -218,7 +218,11 @@ pub fn restore_vm(
     overrides: &RestoreOverrides,
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
-    let LoadedSnapshot { state, memory } = snapshot;
+    let LoadedSnapshot {
+        state,
+        memory,
+        base,
+    } = snapshot;
     let saved_devices: Vec<(String, Option<snapshot::state::DeviceBackend>)> = state
         .devices
         .iter()
@@ -278,6 +282,7 @@ pub fn restore_vm(
         },
     )?;
     let mut vmm = vmm;
+    vmm.set_memory_base(base);
     // The irqchip first: a device that interrupts while it is restored (vsock's
     // TRANSPORT_RESET) must reach the restored IOAPIC, not one about to be overwritten.
     vm_state::restore(vmm.vm().fd(), vm_state)?;

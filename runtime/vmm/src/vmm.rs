@@ -98,6 +98,8 @@ pub struct Vmm {
     start_paused: bool,
     /// Backend identity of each virtio device, in slot order (recorded in snapshots).
     device_backends: Vec<crate::snapshot::state::DeviceBackend>,
+    /// The full memory file guest memory maps (restored VMs), a base for diff snapshots.
+    memory_base: Option<crate::snapshot::diff::BaseRef>,
     vm: Vm,
     _kvm: Kvm,
 }
@@ -134,6 +136,7 @@ impl Vmm {
             mem_size: 0,
             start_paused: false,
             device_backends: Vec::new(),
+            memory_base: None,
             vm,
             _kvm: kvm,
         }
@@ -142,6 +145,11 @@ impl Vmm {
     /// Records the configured guest memory size (see the builder).
     pub(crate) fn set_mem_size(&mut self, bytes: u64) {
         self.mem_size = bytes;
+    }
+
+    /// Records the memory file guest memory maps (see the builder).
+    pub(crate) fn set_memory_base(&mut self, base: Option<crate::snapshot::diff::BaseRef>) {
+        self.memory_base = base;
     }
 
     /// Records the virtio devices' backends (see the builder).
@@ -218,6 +226,7 @@ impl Vmm {
             mem_size,
             start_paused,
             device_backends,
+            memory_base,
             vm,
             _kvm,
         } = self;
@@ -283,6 +292,7 @@ impl Vmm {
                             serial: serial.clone(),
                             mem_size,
                             device_backends: device_backends.clone(),
+                            memory_base: Mutex::new(memory_base.clone()),
                         },
                     },
                 );

@@ -63,6 +63,8 @@ pub struct SnapshotParts {
     pub mem_size: u64,
     /// Each virtio device's backend, in slot order.
     pub device_backends: Vec<crate::snapshot::state::DeviceBackend>,
+    /// The base of diff snapshots: the memory file guest RAM maps, or the last full snapshot.
+    pub memory_base: Mutex<Option<crate::snapshot::diff::BaseRef>>,
 }
 
 /// The `kind` the control protocol uses for a virtio device type.
@@ -150,7 +152,12 @@ impl VmControl for VmHandle {
             return Err(String::from("snapshot needs a state_path and a mem_path"));
         }
         let parts = &self.snapshot;
+        let mut base = parts
+            .memory_base
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let source = SaveSource {
+            base: base.as_ref(),
             vm: &parts.vm,
             gate: &self.gate,
             vcpus: &parts.vcpu_requests,
@@ -164,9 +171,17 @@ impl VmControl for VmHandle {
             &source,
             Path::new(&request.state_path),
             Path::new(&request.mem_path),
+            request.diff,
             &mut |_, _| {},
         )
         .map_err(|e| error_chain(&e))?;
+        // A VM whose RAM maps a file keeps diffing against it (pagemap finds its changes);
+        // otherwise the newest full snapshot becomes the base.
+        if !base.as_ref().is_some_and(|b| b.mapped) {
+            if let Some(new_base) = report.new_base.clone() {
+                *base = Some(new_base);
+            }
+        }
         log::info!("snapshot taken: {report:?}");
         Ok(SnapshotDone {
             state_bytes: report.state_bytes,

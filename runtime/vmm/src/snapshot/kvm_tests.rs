@@ -148,9 +148,19 @@ fn state_of(r: &mut Running) -> info::State {
 }
 
 fn snapshot(r: &mut Running, state: &Path, mem: &Path) -> Result<SnapshotDone, String> {
+    snapshot_with(r, state, mem, false)
+}
+
+fn snapshot_with(
+    r: &mut Running,
+    state: &Path,
+    mem: &Path,
+    diff: bool,
+) -> Result<SnapshotDone, String> {
     let msg = vmm_request::Msg::Snapshot(Snapshot {
         state_path: state.display().to_string(),
         mem_path: mem.display().to_string(),
+        diff,
     });
     call(&mut r.client, msg).map(|m| match m {
         vmm_response::Msg::Snapshot(done) => done,
@@ -376,4 +386,92 @@ fn damaged_or_mismatched_snapshots_are_refused_and_left_untouched() {
     // The originals still restore.
     let vmm = restore(&a_state, &a_mem, true);
     assert_eq!(vmm.vcpu_count(), 1);
+}
+
+/// Pauses `r`, takes a diff snapshot into `name`, returns the counters then and what it wrote.
+fn diff_of(r: &mut Running, dir: &Path, name: &str) -> (Vec<u64>, SnapshotDone) {
+    call(&mut r.client, vmm_request::Msg::Pause(Pause {})).unwrap();
+    let counts = counters(&r.mem, 2);
+    let (state, mem) = paths(dir, name);
+    let done = snapshot_with(r, &state, &mem, true).unwrap();
+    call(&mut r.client, vmm_request::Msg::Resume(Resume {})).unwrap();
+    (counts, done)
+}
+
+#[test]
+fn diff_snapshots_write_only_changed_pages_and_restore_layered() {
+    require_kvm!();
+    let dir = ScratchDir::new("snap-kvm-diff");
+    let (base_state, base_mem) = paths(dir.path(), "base");
+    let mut vm = start(counting_vm(2, 64), dir.path(), "origin");
+    wait_until("both vCPUs count", || {
+        counters(&vm.mem, 2)
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| c > seed(i as u8))
+    });
+    // No base yet: refused.
+    call(&mut vm.client, vmm_request::Msg::Pause(Pause {})).unwrap();
+    let (s, m) = paths(dir.path(), "nobase");
+    let e = snapshot_with(&mut vm, &s, &m, true).unwrap_err();
+    assert!(e.contains("needs a base"), "{e}");
+    let full = snapshot(&mut vm, &base_state, &base_mem).unwrap();
+    call(&mut vm.client, vmm_request::Msg::Resume(Resume {})).unwrap();
+
+    // Anonymous RAM: compared with the base file. Only the counters' page changed, plus a page
+    // the host writes meanwhile (as a device would).
+    vm.mem
+        .write_obj(0xd1ff_u64, GuestAddress(SENTINEL_ADDR + 0x10_0000))
+        .unwrap();
+    let (at_diff1, diff1) = diff_of(&mut vm, dir.path(), "diff1");
+    assert_eq!(diff1.memory_written, 2 * 4096, "{diff1:?} (full: {full:?})");
+    stop(vm);
+
+    // Restored from the diff: the base plus the diff's pages, exactly the memory at diff time.
+    let (d1_state, d1_mem) = paths(dir.path(), "diff1");
+    let mut restored = start(restore(&d1_state, &d1_mem, true), dir.path(), "r1");
+    assert_eq!(counters(&restored.mem, 2), at_diff1);
+    let host_write: u64 = restored
+        .mem
+        .read_obj(GuestAddress(SENTINEL_ADDR + 0x10_0000))
+        .unwrap();
+    assert_eq!(
+        host_write, 0xd1ff,
+        "a page written outside KVM is missing from the diff"
+    );
+    call(&mut restored.client, vmm_request::Msg::Resume(Resume {})).unwrap();
+    wait_until("the restored VM counts on", || {
+        counters(&restored.mem, 2)
+            .iter()
+            .zip(&at_diff1)
+            .all(|(now, then)| now > then)
+    });
+
+    // RAM mapped from the base: pagemap finds the changed pages (the layered diff's two, plus
+    // whatever ran since: the counters' page again).
+    let (at_diff2, diff2) = diff_of(&mut restored, dir.path(), "diff2");
+    assert_eq!(diff2.memory_written, 2 * 4096, "{diff2:?}");
+    stop(restored);
+    let (d2_state, d2_mem) = paths(dir.path(), "diff2");
+    let mut again = start(restore(&d2_state, &d2_mem, false), dir.path(), "r2");
+    wait_until("the second restore counts on", || {
+        counters(&again.mem, 2)
+            .iter()
+            .zip(&at_diff2)
+            .all(|(now, then)| now > then)
+    });
+    assert_eq!(state_of(&mut again), info::State::Running);
+    stop(again);
+
+    // A diff whose base changed is refused.
+    let loaded = read_state(&d2_state);
+    assert_eq!(
+        loaded.memory.as_ref().unwrap().base_path,
+        std::fs::canonicalize(&base_mem)
+            .unwrap()
+            .display()
+            .to_string()
+    );
+    std::fs::remove_file(&base_mem).unwrap();
+    assert!(super::load(&d2_state, &d2_mem).is_err());
 }

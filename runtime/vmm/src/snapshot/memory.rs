@@ -30,7 +30,7 @@ pub const MEM_MAGIC: [u8; 8] = *b"HUSKMEM1";
 pub const MEM_VERSION: u32 = 1;
 /// Size of the header page (RAM starts here, page aligned for mmap).
 pub const HEADER_SIZE: u64 = 4096;
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// Pages are examined and written in runs of up to this many bytes.
 const CHUNK: usize = 1 << 20;
 
@@ -97,10 +97,16 @@ pub fn new_id() -> [u8; 16] {
     id
 }
 
-fn header(id: &[u8; 16], total: u64) -> [u8; HEADER_SIZE as usize] {
+/// Header byte 12: what the file holds.
+pub const KIND_FULL: u8 = 0;
+/// A diff: only the pages that differ from a full file (see [`super::diff`]).
+pub const KIND_DIFF: u8 = 1;
+
+pub(crate) fn header(id: &[u8; 16], total: u64, kind: u8) -> [u8; HEADER_SIZE as usize] {
     let mut h = [0u8; HEADER_SIZE as usize];
     h[..8].copy_from_slice(&MEM_MAGIC);
     h[8..12].copy_from_slice(&MEM_VERSION.to_le_bytes());
+    h[12] = kind;
     h[16..32].copy_from_slice(id);
     h[32..40].copy_from_slice(&total.to_le_bytes());
     h
@@ -117,12 +123,23 @@ fn is_zero(bytes: &[u8]) -> bool {
 
 /// Writes the non-zero pages of `data` at `offset` in `file`; returns the bytes written.
 fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<u64> {
+    write_pages(file, data, offset, |_, page| !is_zero(page))
+}
+
+/// Writes the pages of `data` that `keep(index, page)` selects at `offset` in `file`, in runs;
+/// returns the bytes written.
+pub(crate) fn write_pages(
+    file: &File,
+    data: &[u8],
+    offset: u64,
+    mut keep: impl FnMut(usize, &[u8]) -> bool,
+) -> io::Result<u64> {
     let mut written = 0;
     let mut run: Option<usize> = None;
     let pages = data.len().div_ceil(PAGE);
     for page in 0..=pages {
         let start = page * PAGE;
-        let nonzero = page < pages && !is_zero(&data[start..(start + PAGE).min(data.len())]);
+        let nonzero = page < pages && keep(page, &data[start..(start + PAGE).min(data.len())]);
         match (run, nonzero) {
             (None, true) => run = Some(start),
             (Some(from), false) => {
@@ -170,7 +187,7 @@ pub fn write_memory_file(
         // Full size first: the holes are the zero pages.
         file.set_len(HEADER_SIZE + total)
             .map_err(io("cannot size", &tmp))?;
-        file.write_all_at(&header(id, total), 0)
+        file.write_all_at(&header(id, total, KIND_FULL), 0)
             .map_err(io("cannot write", &tmp))?;
         let mut regions = Vec::new();
         let (mut offset, mut written, mut done) = (HEADER_SIZE, 0u64, 0u64);
@@ -204,6 +221,7 @@ pub fn write_memory_file(
             id: id.to_vec(),
             regions,
             bytes_written: written,
+            ..Default::default()
         })
     })();
     if result.is_err() {
@@ -248,7 +266,7 @@ pub fn map_memory_file(
             io("cannot read")(e)
         }
     })?;
-    if h[..8] != MEM_MAGIC || h[8..12] != MEM_VERSION.to_le_bytes() {
+    if h[..8] != MEM_MAGIC || h[8..12] != MEM_VERSION.to_le_bytes() || h[12] != KIND_FULL {
         return Err(MemoryFileError::BadHeader(path.to_path_buf()));
     }
     if h[16..32] != state.id[..] {

@@ -14,6 +14,7 @@
 
 pub mod cpu_check;
 pub mod devices;
+pub mod diff;
 pub mod file;
 pub mod memory;
 pub mod state;
@@ -46,6 +47,9 @@ pub enum SnapshotError {
     /// The VM has devices whose backends were not recorded (built outside the builder).
     #[error("cannot snapshot virtio devices ({0}) whose backends are unknown")]
     UnsupportedDevices(String),
+    /// A diff needs a full snapshot to be relative to.
+    #[error("a diff snapshot needs a base: take a full snapshot of this VM first, or restore it from one")]
+    NoBase,
     /// Both files at one path.
     #[error("the state and memory files must be different paths")]
     SamePath,
@@ -84,6 +88,8 @@ pub struct SaveSource<'a> {
     pub device_backends: &'a [state::DeviceBackend],
     /// Guest memory size as configured.
     pub mem_size: u64,
+    /// The full memory file diffs are taken against, if any.
+    pub base: Option<&'a diff::BaseRef>,
 }
 
 /// What a snapshot wrote and how long it took.
@@ -101,6 +107,8 @@ pub struct SaveReport {
     pub memory_us: u64,
     /// Microseconds in all.
     pub total_us: u64,
+    /// For a full snapshot: the memory file just written, as a base for later diffs.
+    pub new_base: Option<diff::BaseRef>,
 }
 
 /// Reads every vCPU's state, each on its own (parked) thread.
@@ -134,9 +142,15 @@ pub fn save(
     src: &SaveSource<'_>,
     state_path: &Path,
     mem_path: &Path,
+    diff: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
+    let base = match (diff, src.base) {
+        (true, None) => return Err(SnapshotError::NoBase),
+        (true, Some(base)) => Some(base),
+        (false, _) => None,
+    };
     if src.devices.len() != src.device_backends.len() {
         return Err(SnapshotError::UnsupportedDevices(
             src.devices
@@ -181,7 +195,10 @@ pub fn save(
 
     let mem_started = Instant::now();
     let id = memory::new_id();
-    let memory = memory::write_memory_file(mem_path, src.vm.memory(), &id, progress)?;
+    let memory = match base {
+        Some(base) => diff::write_diff_file(mem_path, src.vm.memory(), &id, base)?,
+        None => memory::write_memory_file(mem_path, src.vm.memory(), &id, progress)?,
+    };
     let memory_us = mem_started.elapsed().as_micros() as u64;
     let memory_written = memory.bytes_written;
 
@@ -198,7 +215,18 @@ pub fn save(
     };
     let payload = snapshot.to_bytes();
     file::write(state_path, &payload)?;
+    let new_base = match base {
+        Some(_) => None,
+        None => std::fs::canonicalize(mem_path)
+            .ok()
+            .map(|path| diff::BaseRef {
+                path,
+                id: id.to_vec(),
+                mapped: false,
+            }),
+    };
     Ok(SaveReport {
+        new_base,
         state_bytes: file::encode(&[]).len() as u64 + payload.len() as u64,
         memory_bytes: guest_ram_bytes(src.vm.memory()),
         memory_written,
@@ -219,6 +247,8 @@ pub struct LoadedSnapshot {
     pub state: SnapshotState,
     /// Guest memory backed by the memory file, MAP_PRIVATE.
     pub memory: GuestMemoryMmap,
+    /// The full memory file guest memory maps (a base for diffs of the restored VM).
+    pub base: Option<diff::BaseRef>,
 }
 
 /// Reads and checks the state file and maps the memory file that belongs to it. Neither file
@@ -233,8 +263,39 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, Snapsh
             state::StateError::Missing("memory"),
         )
     })?;
-    let memory = memory::map_memory_file(mem_path, mem_state)?;
-    Ok(LoadedSnapshot { state, memory })
+    if mem_state.base_path.is_empty() {
+        let memory = memory::map_memory_file(mem_path, mem_state)?;
+        let base = std::fs::canonicalize(mem_path)
+            .ok()
+            .map(|path| diff::BaseRef {
+                path,
+                id: mem_state.id.clone(),
+                mapped: true,
+            });
+        return Ok(LoadedSnapshot {
+            state,
+            memory,
+            base,
+        });
+    }
+    // A diff: its base copy-on-write, then the diff's pages over it.
+    let base_path = PathBuf::from(&mem_state.base_path);
+    let base_state = state::MemoryState {
+        id: mem_state.base_id.clone(),
+        regions: mem_state.regions.clone(),
+        ..Default::default()
+    };
+    let memory = memory::map_memory_file(&base_path, &base_state)?;
+    diff::apply_diff(&memory, mem_path, mem_state)?;
+    Ok(LoadedSnapshot {
+        base: Some(diff::BaseRef {
+            path: base_path,
+            id: mem_state.base_id.clone(),
+            mapped: true,
+        }),
+        state,
+        memory,
+    })
 }
 
 #[cfg(test)]

@@ -343,6 +343,16 @@ pub struct MemoryState {
     /// Bytes of page data the memory file holds (all-zero pages are holes).
     #[prost(uint64, tag = "3")]
     pub bytes_written: u64,
+    /// For a diff snapshot: the full memory file the diff applies to (absolute path).
+    #[prost(string, tag = "4")]
+    pub base_path: String,
+    /// That file's snapshot id.
+    #[prost(bytes = "vec", tag = "5")]
+    pub base_id: Vec<u8>,
+    /// For a diff snapshot: one bit per page of guest RAM (regions in order, bit i of byte
+    /// i / 8 = page i), set for the pages the diff file holds.
+    #[prost(bytes = "vec", tag = "6")]
+    pub changed_pages: Vec<u8>,
 }
 
 /// One RAM region.
@@ -472,6 +482,7 @@ pub(crate) mod tests {
                     file_offset: 4096,
                 }],
                 bytes_written: 8192,
+                ..Default::default()
             }),
             serial: Some(SerialState {
                 line_control: 3,
