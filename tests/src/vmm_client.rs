@@ -88,12 +88,18 @@ impl VmmClient {
         }
     }
 
-    /// Writes a snapshot of the paused VM to `state` and `mem` (paths as husk-vmm sees them).
-    pub fn snapshot(&mut self, state: &Path, mem: &Path) -> Result<SnapshotDone, ClientError> {
+    /// Writes a snapshot of the paused VM to `state` and `mem` (paths as husk-vmm sees them);
+    /// with `diff`, only the pages that differ from the VM's base.
+    pub fn snapshot(
+        &mut self,
+        state: &Path,
+        mem: &Path,
+        diff: bool,
+    ) -> Result<SnapshotDone, ClientError> {
         let msg = vmm_request::Msg::Snapshot(Snapshot {
             state_path: state.display().to_string(),
             mem_path: mem.display().to_string(),
-            diff: false,
+            diff,
         });
         frame::write(&mut self.stream, &VmmRequest { msg: Some(msg) })?;
         let response: VmmResponse = frame::read(&mut self.stream)?.ok_or_else(|| {

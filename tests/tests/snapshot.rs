@@ -195,10 +195,10 @@ fn a_snapshot_restores_and_clones_with_the_guest_going_on_where_it_stopped() {
 
     // Snapshot: refused while running, taken while paused, then the origin is killed.
     let (state, mem) = (dir.path("vm.state"), dir.path("vm.mem"));
-    let e = client.snapshot(&state, &mem).unwrap_err();
+    let e = client.snapshot(&state, &mem, false).unwrap_err();
     assert!(e.to_string().contains("not paused"), "{e}");
     client.pause().unwrap();
-    let done = client.snapshot(&state, &mem).unwrap();
+    let done = client.snapshot(&state, &mem, false).unwrap();
     assert_eq!(client.describe().unwrap().state(), info::State::Paused);
     assert_eq!(done.memory_bytes, 256 << 20);
     assert!(
@@ -219,7 +219,27 @@ fn a_snapshot_restores_and_clones_with_the_guest_going_on_where_it_stopped() {
     assert_continues(&restored, last);
     restored.sh("echo written-after-restore | dd of=/dev/vda conv=fsync 2>/dev/null");
     assert!(disk_contains(&disk, "written-after-restore"));
+
+    // A diff snapshot of the restored VM holds only what changed since the full one, and a VM
+    // restored from it (base + diff) goes on from the diff's point.
+    let mut client = restored.client();
+    client.pause().unwrap();
+    let (state2, mem2) = (dir.path("diff.state"), dir.path("diff.mem"));
+    let diff = client.snapshot(&state2, &mem2, true).unwrap();
+    eprintln!("diff snapshot: {diff:?}");
+    assert!(
+        diff.memory_written < done.memory_written,
+        "the diff wrote {} bytes, the full snapshot {}",
+        diff.memory_written,
+        done.memory_written
+    );
+    let last2 = *restored.counts().last().unwrap();
+    assert!(last2 > last);
+    drop(client);
     drop(restored);
+    let from_diff = Vm::spawn(&dir, "fromdiff", &restore_args(&state2, &mem2, &disk));
+    assert_continues(&from_diff, last2);
+    drop(from_diff);
 
     // Three clones of the same snapshot at once, each with its own CID, socket and disk.
     let clones: Vec<(Vm, PathBuf)> = (0..3)

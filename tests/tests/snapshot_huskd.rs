@@ -47,6 +47,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
             vm: "origin".into(),
             dir: "relative/dir".into(),
             leave_paused: false,
+            diff: false,
         }))
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
@@ -71,6 +72,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
             vm: "origin".into(),
             dir: dir.display().to_string(),
             leave_paused: false,
+            diff: false,
         }))
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
@@ -106,10 +108,22 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // A diff snapshot of the copy (its RAM maps snap1's memory file) restores with both files.
+    sh(&huskd, "copy", "echo diff-marker > /tmp/marker2");
+    let dir2 = huskd.dir.join("snap2");
+    let out = huskd.husk(&["snapshot", "--diff", "copy", &dir2.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    let out = huskd.husk(&["restore", "--name", "copy2", &dir2.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    huskd.wait_agent("copy2", BOOT);
+    assert_eq!(
+        sh(&huskd, "copy2", "cat /tmp/marker /tmp/marker2"),
+        "snapshot-marker\ndiff-marker\n"
+    );
     // The origin's clock was not touched: it still runs in 2001.
     let origin_now: u64 = sh(&huskd, "origin", "date +%s").trim().parse().unwrap();
     assert!(origin_now < 1_100_000_000, "origin clock {origin_now}");
-    for vm in ["copy", "origin"] {
+    for vm in ["copy2", "copy", "origin"] {
         let out = huskd.husk(&["rm", "--force", vm]);
         assert_eq!(out.code(), Some(0), "{}", out.stderr());
     }

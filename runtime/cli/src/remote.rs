@@ -38,7 +38,7 @@ daemon commands (against huskd; --host ADDR or $HUSK_HOST, default unix:///run/h
   logs [-f] VM                       the VM's console output (-f: follow)
   pause VM / resume VM               stop and restart a VM's vCPUs
   events [VM]                        lifecycle events as they happen
-  snapshot [--leave-paused] VM DIR   write a snapshot of a running or paused VM into DIR
+  snapshot [--leave-paused] [--diff] VM DIR   snapshot a running or paused VM into DIR
   restore [--name N] [--mac M] [--disk P[:ro]]... [--label K=V]... [--paused] DIR
                                      a new VM from DIR, going on where the snapshot was taken";
 

@@ -53,19 +53,20 @@ fn absolute(path: &str) -> String {
         .unwrap_or_else(|_| path.to_string())
 }
 
-const SNAPSHOT_OPTS: &[Opt] = &[flag(&["--leave-paused"])];
+const SNAPSHOT_OPTS: &[Opt] = &[flag(&["--leave-paused"]), flag(&["--diff"])];
 
-/// `husk snapshot [--leave-paused] VM DIR`.
+/// `husk snapshot [--leave-paused] [--diff] VM DIR`.
 pub async fn snapshot(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
     let p = opts::parse(args, SNAPSHOT_OPTS, None)?;
     let [vm, dir] = p.positional.as_slice() else {
-        return Err("snapshot: usage: husk snapshot [--leave-paused] VM DIR".into());
+        return Err("snapshot: usage: husk snapshot [--leave-paused] [--diff] VM DIR".into());
     };
     let dir = absolute(dir);
     let request = SnapshotVmRequest {
         vm: vm.clone(),
         dir: dir.clone(),
         leave_paused: p.has("--leave-paused"),
+        diff: p.has("--diff"),
     };
     let tmp = Path::new(&dir).join("vm.mem.tmp");
     let done = with_progress("snapshot", &tmp, client.snapshot_vm(request))

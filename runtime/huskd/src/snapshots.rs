@@ -47,11 +47,15 @@ fn absolute_dir(dir: &str, what: &str) -> Result<PathBuf, Status> {
 }
 
 /// Asks the VMM to write its snapshot.
-async fn vmm_snapshot(api: &Path, dir: &Path) -> Result<husk_proto::vmm::SnapshotDone, String> {
+async fn vmm_snapshot(
+    api: &Path,
+    dir: &Path,
+    diff: bool,
+) -> Result<husk_proto::vmm::SnapshotDone, String> {
     let msg = vmm_request::Msg::Snapshot(Snapshot {
         state_path: dir.join(STATE_FILE).display().to_string(),
         mem_path: dir.join(MEM_FILE).display().to_string(),
-        diff: false,
+        diff,
     });
     let reply: VmmResponse =
         wire::request_reply(api, &VmmRequest { msg: Some(msg) }, SNAPSHOT_LIMIT)
@@ -93,7 +97,7 @@ impl Daemon {
                 .await
                 .map_err(|e| Status::internal(format!("SnapshotVm: cannot pause: {e}")))?;
         }
-        let result = vmm_snapshot(&api, &dir).await;
+        let result = vmm_snapshot(&api, &dir, request.diff).await;
         let record = entry.snapshot();
         let saved = result
             .as_ref()
@@ -111,7 +115,13 @@ impl Daemon {
             entry.update(|vm| vm.state = VmState::Paused as i32);
             self.emit(entry, event::Kind::Paused, None, String::new());
         }
-        let done = result.map_err(|e| Status::internal(format!("SnapshotVm: husk-vmm: {e}")))?;
+        let done = result.map_err(|e| {
+            if e.contains("needs a base") {
+                Status::failed_precondition(format!("SnapshotVm: {e}"))
+            } else {
+                Status::internal(format!("SnapshotVm: husk-vmm: {e}"))
+            }
+        })?;
         if let Some(Err(e)) = saved {
             return Err(Status::internal(format!(
                 "SnapshotVm: cannot write {RECORD_FILE}: {e}"
