@@ -9,12 +9,14 @@ use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootParamsInput};
 use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
-use crate::arch::x86_64::layout::{e820_map, low_ram_end, CMDLINE_START};
+use crate::arch::x86_64::layout::{e820_map, low_ram_end, ram_ranges, CMDLINE_START};
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{mptable, pvh};
 use crate::config::{build_cmdline, ConfigError, ConsoleConfig, NetConfig, TapSource, VmConfig};
@@ -236,6 +238,16 @@ pub fn restore_vm(
         .ok()
         .filter(|n| (1..=32).contains(n) && usize::from(*n) == state.vcpus.len())
         .ok_or(BuildError::Snapshot("the snapshot's vCPU count is invalid"))?;
+    // RAM must lie where this machine puts it for that size (never over the MMIO window).
+    let layout: Vec<(u64, u64)> = memory
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
+    if layout != ram_ranges(machine.mem_size) {
+        return Err(BuildError::Snapshot(
+            "the snapshot's memory layout does not match its memory size",
+        ));
+    }
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;

@@ -415,8 +415,15 @@ fn diff_snapshots_write_only_changed_pages_and_restore_layered() {
     let (s, m) = paths(dir.path(), "nobase");
     let e = snapshot_with(&mut vm, &s, &m, true).unwrap_err();
     assert!(e.contains("needs a base"), "{e}");
+    let at_full = counters(&vm.mem, 2);
     let full = snapshot(&mut vm, &base_state, &base_mem).unwrap();
     call(&mut vm.client, vmm_request::Msg::Resume(Resume {})).unwrap();
+    wait_until("the VM counts after the full snapshot", || {
+        counters(&vm.mem, 2)
+            .iter()
+            .zip(&at_full)
+            .all(|(now, then)| now > then)
+    });
 
     // Anonymous RAM: compared with the base file. Only the counters' page changed, plus a page
     // the host writes meanwhile (as a device would).

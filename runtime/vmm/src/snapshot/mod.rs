@@ -5,6 +5,8 @@
 //! - [`state`]: the payload (protobuf, no fds): machine, vCPUs, VM, memory map, serial;
 //! - [`vcpu_state`], [`vm_state`]: reading and writing KVM's vCPU and VM state;
 //! - [`memory`]: the sparse memory file, mapped back MAP_PRIVATE (lazy, copy-on-write);
+//! - [`diff`]: diff memory files (pages changed since a base) and layered restore;
+//! - [`devices`]: virtio backends (with restore overrides) and transport state;
 //! - [`cpu_check`]: refusing a host that lacks CPU features the guest used.
 //!
 //! Taking a snapshot ([`save`]) needs a paused VM: every vCPU is parked outside KVM_RUN and the
