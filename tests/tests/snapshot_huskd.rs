@@ -30,7 +30,9 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     require_guest_kvm();
     let vmm = bin("husk-vmm").display().to_string();
     let huskd = Huskd::start("snapshot", &["--vmm", &vmm]);
-    let created = huskd.husk(&["create", "--name", "origin", "--memory", "128", "--start"]);
+    let created = huskd.husk(&[
+        "create", "--name", "origin", "--memory", "128", "--net", "--start",
+    ]);
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     huskd.wait_agent("origin", BOOT);
     // A marker file, and a wall clock far in the past that only a correction can undo.
@@ -77,7 +79,15 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
 
-    let out = huskd.husk(&["restore", "--name", "copy", &dir.display().to_string()]);
+    const MAC: &str = "06:00:00:00:00:42";
+    let out = huskd.husk(&[
+        "restore",
+        "--name",
+        "copy",
+        "--mac",
+        MAC,
+        &dir.display().to_string(),
+    ]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     let copy = huskd.wait_agent("copy", BOOT);
     let origin = huskd.get("origin");
@@ -91,6 +101,24 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         sh(&huskd, "copy", "cat /tmp/marker").trim(),
         "snapshot-marker"
     );
+    // The copy has its own tap; huskd moves the guest's eth0 to the new MAC and addresses, and
+    // the network works over the restored virtio-net device.
+    let status = copy.status.clone().unwrap();
+    assert_ne!(status.tap, origin.status.as_ref().unwrap().tap);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sh(&huskd, "copy", "cat /sys/class/net/eth0/address").trim() != MAC {
+        assert!(
+            Instant::now() < deadline,
+            "the copy's eth0 kept its old MAC"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ping = sh(
+        &huskd,
+        "copy",
+        &format!("ping -c 1 -W 5 {}", status.host_ip),
+    );
+    assert!(ping.contains("1 packets received"), "{ping}");
     // huskd sets the restored guest's clock through the agent once it answers.
     let host_now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -242,6 +242,17 @@ impl Daemon {
                 )
             })
             .unwrap_or_default();
+        // The guest kept the snapshot's MAC and addresses: give it the new link's.
+        let net_script = link.as_ref().map(|l| {
+            let m = l.mac;
+            format!(
+                "ip link set dev eth0 down && \
+                 ip link set dev eth0 address {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} && \
+                 ip addr flush dev eth0 && ip addr add {}/30 dev eth0 && \
+                 ip link set dev eth0 up && ip route replace default via {}",
+                m[0], m[1], m[2], m[3], m[4], m[5], l.guest_ip, l.host_ip
+            )
+        });
         drop(link);
         let state = if request.start_paused {
             VmState::Paused
@@ -265,7 +276,9 @@ impl Daemon {
                 if let Some(ended) = ended {
                     let daemon = self.clone();
                     let entry = entry.clone();
-                    tokio::spawn(async move { daemon.correct_clock(&entry, ended).await });
+                    tokio::spawn(
+                        async move { daemon.after_restore(&entry, ended, net_script).await },
+                    );
                 }
             }
             _ => self.record_end(&entry, None, false),
@@ -273,9 +286,37 @@ impl Daemon {
         Ok(vm)
     }
 
-    /// Sets a restored guest's wall clock once its agent answers (the guest's clock stood still
-    /// while the snapshot lay on disk). Waits as long as the VM runs or is paused.
-    async fn correct_clock(&self, entry: &Arc<VmEntry>, ended: watch::Receiver<bool>) {
+    /// Once the restored guest's agent answers: sets its wall clock (it stood still while the
+    /// snapshot lay on disk) and, with a new tap, moves eth0 to the new MAC and addresses.
+    /// Waits as long as the VM runs or is paused.
+    async fn after_restore(
+        &self,
+        entry: &Arc<VmEntry>,
+        ended: watch::Receiver<bool>,
+        net_script: Option<String>,
+    ) {
+        if !self.correct_clock(entry, &ended).await {
+            return;
+        }
+        if let Some(script) = net_script {
+            let socket = entry.dir.join(store::VSOCK_SOCK);
+            let argv = vec!["sh".to_string(), "-c".to_string(), script];
+            match guest_run(&socket, argv, Duration::from_secs(30)).await {
+                Ok(0) => {}
+                Ok(code) => eprintln!(
+                    "huskd: warning: VM {}: reconfiguring eth0 after restore exited {code}",
+                    entry.id
+                ),
+                Err(e) => eprintln!(
+                    "huskd: warning: VM {}: cannot reconfigure eth0 after restore: {e}",
+                    entry.id
+                ),
+            }
+        }
+    }
+
+    /// Sets the guest's wall clock through the agent; false if the VM ended first.
+    async fn correct_clock(&self, entry: &Arc<VmEntry>, ended: &watch::Receiver<bool>) -> bool {
         let socket = entry.dir.join(store::VSOCK_SOCK);
         while !*ended.borrow() {
             if entry.state() == VmState::Running {
@@ -286,18 +327,44 @@ impl Daemon {
                     msg: Some(host_message::Msg::SetTime(SetTime { unix_ns: now_ns })),
                 };
                 match agent_client::request(&socket, &message, Duration::from_secs(2)).await {
-                    Ok(_) => return,
+                    Ok(_) => return true,
                     Err(e) if e.to_string().contains("guest agent:") => {
                         eprintln!(
                             "huskd: warning: VM {}: cannot set the guest clock: {e}",
                             entry.id
                         );
-                        return;
+                        return true;
                     }
                     Err(_) => {}
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+/// Runs `argv` in the guest through the agent; its exit code.
+async fn guest_run(socket: &Path, argv: Vec<String>, limit: Duration) -> std::io::Result<i32> {
+    use husk_proto::agent::{guest_message, Exec, GuestMessage};
+    let mut stream = agent_client::connect(socket, limit).await?;
+    let exec = HostMessage {
+        msg: Some(host_message::Msg::Exec(Exec {
+            argv,
+            ..Default::default()
+        })),
+    };
+    wire::write_frame(&mut stream, &exec).await?;
+    loop {
+        let reply: Option<GuestMessage> =
+            tokio::time::timeout(limit, wire::read_frame(&mut stream))
+                .await
+                .map_err(|_| std::io::Error::other("the guest command timed out"))??;
+        match reply.and_then(|r| r.msg) {
+            Some(guest_message::Msg::Exit(exit)) => return Ok(exit.code),
+            Some(guest_message::Msg::Error(e)) => return Err(std::io::Error::other(e)),
+            None => return Err(std::io::Error::other("the agent closed the connection")),
+            Some(_) => {}
         }
     }
 }
