@@ -247,3 +247,97 @@ pub fn apply_diff(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::memory::{map_memory_file, new_id, write_memory_file};
+    use crate::test_utils::ScratchDir;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn guest() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn a_diff_holds_the_changed_pages_even_zeroed_ones_and_layers_over_its_base() {
+        let dir = ScratchDir::new("diff");
+        let (base_path, diff_path) = (dir.path().join("base"), dir.path().join("diff"));
+        let mem = guest();
+        mem.write_obj(1u64, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(2u64, GuestAddress(0x5000)).unwrap();
+        let base_state = write_memory_file(&base_path, &mem, &new_id(), &mut |_, _| {}).unwrap();
+        let base = BaseRef {
+            path: base_path.clone(),
+            id: base_state.id.clone(),
+            mapped: false,
+        };
+        // One page changed, one zeroed, one newly touched.
+        mem.write_obj(10u64, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0u64, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(3u64, GuestAddress(0x7f_f000)).unwrap();
+        let diff = write_diff_file(&diff_path, &mem, &new_id(), &base).unwrap();
+        assert_eq!(diff.bytes_written, 3 * PAGE as u64);
+        assert_eq!(diff.base_id, base_state.id);
+
+        let restored = map_memory_file(&base_path, &base_state).unwrap();
+        apply_diff(&restored, &diff_path, &diff).unwrap();
+        for addr in [0x1000u64, 0x5000, 0x7f_f000, 0x9000] {
+            assert_eq!(
+                restored.read_obj::<u64>(GuestAddress(addr)).unwrap(),
+                mem.read_obj::<u64>(GuestAddress(addr)).unwrap(),
+                "page {addr:#x}"
+            );
+        }
+        // The base file is unchanged by the layering.
+        let again = map_memory_file(&base_path, &base_state).unwrap();
+        assert_eq!(again.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 1);
+    }
+
+    #[test]
+    fn damaged_or_misused_diffs_are_refused() {
+        let dir = ScratchDir::new("diff-bad");
+        let (base_path, diff_path) = (dir.path().join("base"), dir.path().join("diff"));
+        let mem = guest();
+        let base_state = write_memory_file(&base_path, &mem, &new_id(), &mut |_, _| {}).unwrap();
+        let base = BaseRef {
+            path: base_path.clone(),
+            id: base_state.id.clone(),
+            mapped: false,
+        };
+        let diff = write_diff_file(&diff_path, &mem, &new_id(), &base).unwrap();
+        let restored = map_memory_file(&base_path, &base_state).unwrap();
+
+        // A diff is never a full memory file.
+        let as_full = MemoryState {
+            id: diff.id.clone(),
+            regions: diff.regions.clone(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            map_memory_file(&diff_path, &as_full),
+            Err(MemoryFileError::BadHeader(_))
+        ));
+        let mut short_bitmap = diff.clone();
+        short_bitmap.changed_pages.pop();
+        assert!(apply_diff(&restored, &diff_path, &short_bitmap).is_err());
+        let mut other = diff.clone();
+        other.id = new_id().to_vec();
+        assert!(matches!(
+            apply_diff(&restored, &diff_path, &other),
+            Err(MemoryFileError::WrongSnapshot(_))
+        ));
+        let f = OpenOptions::new().write(true).open(&diff_path).unwrap();
+        f.set_len(HEADER_SIZE).unwrap();
+        assert!(matches!(
+            apply_diff(&restored, &diff_path, &diff),
+            Err(MemoryFileError::Length { .. })
+        ));
+        // A base that is not the one recorded.
+        let wrong_base = BaseRef {
+            id: new_id().to_vec(),
+            ..base
+        };
+        assert!(write_diff_file(&dir.path().join("d2"), &mem, &new_id(), &wrong_base).is_err());
+    }
+}
