@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use husk_proto::frame;
 use husk_proto::vmm::{
-    vmm_request, vmm_response, Describe, Info, Pause, Resume, Stop, VmmRequest, VmmResponse,
+    vmm_request, vmm_response, Describe, Info, Pause, Resume, Snapshot, SnapshotDone, Stop,
+    VmmRequest, VmmResponse,
 };
 
 /// How long a request may take before the client gives up.
@@ -81,7 +82,36 @@ impl VmmClient {
         match response.msg {
             Some(vmm_response::Msg::Info(info)) => Ok(info),
             Some(vmm_response::Msg::Error(message)) => Err(ClientError::Vmm(message)),
-            None => Err(ClientError::Vmm(String::from("empty response"))),
+            Some(vmm_response::Msg::Snapshot(_)) | None => {
+                Err(ClientError::Vmm(String::from("unexpected response")))
+            }
+        }
+    }
+
+    /// Writes a snapshot of the paused VM to `state` and `mem` (paths as husk-vmm sees them);
+    /// with `diff`, only the pages that differ from the VM's base.
+    pub fn snapshot(
+        &mut self,
+        state: &Path,
+        mem: &Path,
+        diff: bool,
+    ) -> Result<SnapshotDone, ClientError> {
+        let msg = vmm_request::Msg::Snapshot(Snapshot {
+            state_path: state.display().to_string(),
+            mem_path: mem.display().to_string(),
+            diff,
+        });
+        frame::write(&mut self.stream, &VmmRequest { msg: Some(msg) })?;
+        let response: VmmResponse = frame::read(&mut self.stream)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "husk-vmm closed the connection",
+            )
+        })?;
+        match response.msg {
+            Some(vmm_response::Msg::Snapshot(done)) => Ok(done),
+            Some(vmm_response::Msg::Error(message)) => Err(ClientError::Vmm(message)),
+            _ => Err(ClientError::Vmm(String::from("unexpected response"))),
         }
     }
 

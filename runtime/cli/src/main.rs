@@ -8,6 +8,7 @@ mod output;
 mod quick_launch;
 mod remote;
 mod run_args;
+mod snapshot_cmd;
 mod tty;
 
 fn usage() -> String {
@@ -61,7 +62,7 @@ fn main() {
         }
         Some(
             verb @ ("create" | "start" | "stop" | "rm" | "ps" | "inspect" | "exec" | "logs"
-            | "pause" | "resume" | "events"),
+            | "pause" | "resume" | "events" | "snapshot" | "restore"),
         ) => match remote::run_verb(&host, verb, &args[1..]) {
             Ok(code) => code,
             Err(e) => {

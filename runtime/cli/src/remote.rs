@@ -37,7 +37,10 @@ daemon commands (against huskd; --host ADDR or $HUSK_HOST, default unix:///run/h
   exec [-i] [-t] [--env K=V] [--workdir DIR] VM CMD ARGS...   run CMD in a running VM
   logs [-f] VM                       the VM's console output (-f: follow)
   pause VM / resume VM               stop and restart a VM's vCPUs
-  events [VM]                        lifecycle events as they happen";
+  events [VM]                        lifecycle events as they happen
+  snapshot [--leave-paused] [--diff] VM DIR   snapshot a running or paused VM into DIR
+  restore [--name N] [--mac M] [--disk P[:ro]]... [--label K=V]... [--paused] DIR
+                                     a new VM from DIR, going on where the snapshot was taken";
 
 /// Connects to huskd.
 pub async fn connect(host: &str) -> Result<HuskClient<Channel>, String> {
@@ -120,6 +123,8 @@ pub fn run_verb(host: &str, verb: &str, args: &[String]) -> Result<i32, String> 
                 .await
             }
             "events" => events(&mut client, args).await,
+            "snapshot" => crate::snapshot_cmd::snapshot(&mut client, args).await,
+            "restore" => crate::snapshot_cmd::restore(&mut client, args).await,
             other => Err(format!("unknown command {other:?}")),
         }
     })

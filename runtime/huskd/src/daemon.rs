@@ -25,6 +25,9 @@ use crate::validate::{self, Defaults};
 use crate::vmm_process::{self, Launch, ProcessHandle};
 use crate::wire;
 
+#[path = "snapshots.rs"]
+pub mod snapshots;
+
 /// Daemon-wide settings.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -374,6 +377,7 @@ impl Daemon {
             spec: &spec,
             vsock_cid: cid,
             link: link.as_ref(),
+            restore: None,
         };
         let pid = launch.spawn().map_err(Status::internal)?;
         let ticks = store::process_start_ticks(pid).unwrap_or(0);
@@ -691,7 +695,7 @@ async fn vmm_call(api: &Path, msg: vmm_request::Msg) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     match reply.msg {
         Some(vmm_response::Msg::Error(e)) => Err(e),
-        Some(vmm_response::Msg::Info(_)) => Ok(()),
+        Some(vmm_response::Msg::Info(_) | vmm_response::Msg::Snapshot(_)) => Ok(()),
         None => Err("empty reply".into()),
     }
 }

@@ -5,6 +5,7 @@
 mod agent_client;
 mod daemon;
 mod service;
+mod snapshot_files;
 mod store;
 mod validate;
 mod vmm_process;

@@ -9,8 +9,8 @@ use husk_proto::v1::husk_server::Husk;
 use husk_proto::v1::{
     exec_request, exec_response, ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse,
     Event, ExecExit, ExecRequest, ExecResponse, GetVmRequest, ListVmsRequest, ListVmsResponse,
-    PauseVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, StreamConsoleRequest, Vm,
-    WatchEventsRequest,
+    PauseVmRequest, RestoreVmRequest, ResumeVmRequest, SnapshotVmRequest, SnapshotVmResponse,
+    StartVmRequest, StopVmRequest, StreamConsoleRequest, Vm, WatchEventsRequest,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -98,6 +98,23 @@ impl Husk for HuskService {
     async fn resume_vm(&self, request: Request<ResumeVmRequest>) -> Result<Response<Vm>, Status> {
         let entry = self.daemon.resolve(&request.into_inner().vm)?;
         Ok(Response::new(self.daemon.set_paused(&entry, false).await?))
+    }
+
+    async fn snapshot_vm(
+        &self,
+        request: Request<SnapshotVmRequest>,
+    ) -> Result<Response<SnapshotVmResponse>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.snapshot_vm(&entry, &request).await?,
+        ))
+    }
+
+    async fn restore_vm(&self, request: Request<RestoreVmRequest>) -> Result<Response<Vm>, Status> {
+        Ok(Response::new(
+            self.daemon.restore_vm(request.into_inner()).await?,
+        ))
     }
 
     type WatchEventsStream = ResponseStream<Event>;

@@ -30,6 +30,8 @@ pub struct Launch<'a> {
     pub spec: &'a VmSpec,
     pub vsock_cid: u32,
     pub link: Option<&'a VmLink>,
+    /// Restore from this snapshot directory (and keep the VM paused) instead of booting.
+    pub restore: Option<(&'a Path, bool)>,
 }
 
 impl Launch<'_> {
@@ -77,10 +79,22 @@ impl Launch<'_> {
         let spec = self.spec;
         let dir = self.dir;
         let mut cmd = Command::new(self.vmm);
-        cmd.arg("--kernel").arg(&spec.kernel);
-        cmd.arg("--initrd").arg(&spec.initrd);
-        cmd.arg("--cpus").arg(spec.vcpus.to_string());
-        cmd.arg("--memory").arg(spec.memory_mib.to_string());
+        match self.restore {
+            // The machine comes from the snapshot; devices below replace its backends.
+            Some((snapshot, start_paused)) => {
+                cmd.arg("--restore-state").arg(snapshot.join("vm.state"));
+                cmd.arg("--restore-mem").arg(snapshot.join("vm.mem"));
+                if start_paused {
+                    cmd.arg("--start-paused");
+                }
+            }
+            None => {
+                cmd.arg("--kernel").arg(&spec.kernel);
+                cmd.arg("--initrd").arg(&spec.initrd);
+                cmd.arg("--cpus").arg(spec.vcpus.to_string());
+                cmd.arg("--memory").arg(spec.memory_mib.to_string());
+            }
+        }
         if !spec.rootfs.is_empty() {
             cmd.arg("--disk").arg(&spec.rootfs);
         }
@@ -101,7 +115,9 @@ impl Launch<'_> {
             .arg(format!("file:{}", dir.join(store::CONSOLE_LOG).display()));
         cmd.arg("--api-sock").arg(dir.join(store::API_SOCK));
         cmd.arg("--exit-report").arg(dir.join(store::EXIT_REPORT));
-        cmd.arg("--cmdline").arg(self.kernel_cmdline()?);
+        if self.restore.is_none() {
+            cmd.arg("--cmdline").arg(self.kernel_cmdline()?);
+        }
         Ok(cmd)
     }
 
@@ -130,14 +146,25 @@ impl Launch<'_> {
         }
         let mut fds: Vec<i32> = disks.iter().map(|f| f.as_raw_fd()).collect();
         fds.extend(self.link.map(|l| l.raw_fd()));
+        let files = match self.restore {
+            // The snapshot's files, and a diff's base (named in vm.base), read-only.
+            Some((snapshot, _)) => {
+                let mut files = vec![snapshot.join("vm.state"), snapshot.join("vm.mem")];
+                if let Ok(base) = std::fs::read_to_string(snapshot.join("vm.base")) {
+                    files.push(PathBuf::from(base.trim_end()));
+                }
+                files
+            }
+            None => vec![
+                self.spec.kernel.clone().into(),
+                self.spec.initrd.clone().into(),
+            ],
+        };
         let spec = JailSpec {
             id: self.id,
             uid: jail.uid,
             gid: jail.gid,
-            files: vec![
-                self.spec.kernel.clone().into(),
-                self.spec.initrd.clone().into(),
-            ],
+            files,
             dirs: vec![self.dir.join(store::VMM_DIR)],
             fds,
             cgroup: Vec::new(),
@@ -304,6 +331,7 @@ mod tests {
             spec: &spec,
             vsock_cid: 7,
             link: None,
+            restore: None,
         };
         let cmd = launch.command().unwrap();
         let args: Vec<String> = cmd
@@ -353,6 +381,7 @@ mod tests {
             spec: &spec,
             vsock_cid: 3,
             link: None,
+            restore: None,
         };
         let cmdline = launch.kernel_cmdline().unwrap();
         let decoded = BootSpec::from_cmdline(&cmdline).unwrap().unwrap();

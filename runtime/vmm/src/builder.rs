@@ -9,11 +9,14 @@ use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootParamsInput};
-use crate::arch::x86_64::layout::{e820_map, low_ram_end, CMDLINE_START};
+use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
+use crate::arch::x86_64::layout::{e820_map, low_ram_end, ram_ranges, CMDLINE_START};
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{mptable, pvh};
 use crate::config::{build_cmdline, ConfigError, ConsoleConfig, NetConfig, TapSource, VmConfig};
@@ -27,6 +30,12 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::virtio::{self as virtio_slots, VirtioAttachError, VirtioSlot};
 use crate::loader::{self, KernelEntry, LoaderError};
+use crate::snapshot::devices::{
+    specs_for_restore, transport_from_proto, DeviceSpec, RestoreOverrides,
+};
+use crate::snapshot::state::SerialState;
+use crate::snapshot::vcpu_state::cpuid_entries;
+use crate::snapshot::{self, cpu_check, vcpu_state, vm_state, LoadedSnapshot};
 use crate::stop::{StopError, StopState};
 use crate::vmm::Vmm;
 use crate::vstate::kvm::{is_pvm_host, open_kvm, KvmError};
@@ -96,6 +105,36 @@ pub enum BuildError {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Attach(#[from] VirtioAttachError),
+    /// The snapshot files could not be loaded.
+    #[error(transparent)]
+    LoadSnapshot(#[from] snapshot::SnapshotError),
+    /// The snapshot's contents do not make a VM.
+    #[error("cannot restore: {0}")]
+    Snapshot(&'static str),
+    /// A saved structure does not fit this KVM.
+    #[error("cannot restore")]
+    SnapshotState(#[source] snapshot::state::StateError),
+    /// The host CPU lacks features the snapshot used.
+    #[error("cannot restore here")]
+    CpuFeatures(#[from] cpu_check::MissingFeatures),
+    /// A vCPU's saved state was refused by KVM.
+    #[error("cannot restore")]
+    VcpuState(#[from] vcpu_state::VcpuStateError),
+    /// The VM's saved state was refused by KVM.
+    #[error("cannot restore the VM state")]
+    VmState(#[from] vm_state::VmStateError),
+    /// The snapshot's devices cannot be rebuilt as asked.
+    #[error("cannot restore the devices")]
+    Devices(#[from] snapshot::devices::DeviceStateError),
+    /// A device's transport state was refused.
+    #[error("cannot restore device {0}")]
+    DeviceState(
+        String,
+        #[source] husk_devices::virtio::mmio::TransportStateError,
+    ),
+    /// The saved UART state is invalid.
+    #[error("cannot restore the serial port: {0}")]
+    SerialState(String),
 }
 
 /// What the machine without a kernel needs.
@@ -115,8 +154,26 @@ pub struct BaseVmConfig {
 /// Builds the machine: memory, VM with irqchip and PIT, legacy devices on the port-I/O bus,
 /// and configured vCPUs. Nothing is loaded into memory and no vCPU has boot registers yet.
 pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
-    let stop = Arc::new(StopState::new()?);
     let memory = create_guest_memory(cfg.mem_size)?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    let num_cpus = cfg.vcpus;
+    build_machine(kvm, memory, cfg, None, |vcpu| {
+        vcpu.configure(&supported, num_cpus).map_err(Into::into)
+    })
+}
+
+/// What a fresh boot and a restore share: the VM over `memory`, the legacy devices (the UART
+/// in `serial` state when given), and `cfg.vcpus` vCPUs, each set up by `setup_vcpu`.
+fn build_machine(
+    kvm: Kvm,
+    memory: GuestMemoryMmap,
+    cfg: BaseVmConfig,
+    serial: Option<&SerialState>,
+    mut setup_vcpu: impl FnMut(&mut Vcpu) -> Result<(), BuildError>,
+) -> Result<Vmm, BuildError> {
+    let stop = Arc::new(StopState::new()?);
     let vm = Vm::new(&kvm, memory)?;
 
     let irq_event = |gsi: u32| -> Result<EventFd, BuildError> {
@@ -124,10 +181,11 @@ pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
         vm.register_irqfd(&evt, gsi)?;
         Ok(evt)
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq_event(SERIAL_IRQ)?,
-        cfg.console,
-    )));
+    let serial = Arc::new(Mutex::new(match serial {
+        None => SerialDevice::new(irq_event(SERIAL_IRQ)?, cfg.console),
+        Some(state) => SerialDevice::from_state(irq_event(SERIAL_IRQ)?, cfg.console, state)
+            .map_err(BuildError::SerialState)?,
+    }));
     let i8042 = Arc::new(Mutex::new(I8042::new(irq_event(KBD_IRQ)?, stop.clone())));
     let control = Arc::new(ControlState::default());
     let control_port = Arc::new(Mutex::new(ControlPort::new(
@@ -140,25 +198,150 @@ pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
     io_bus.insert(i8042, I8042_DATA_PORT, I8042_PORT_LEN)?;
     io_bus.insert(control_port, CONTROL_PORT_BASE, CONTROL_PORT_LEN)?;
 
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for index in 0..cfg.vcpus {
+        let mut vcpu = Vcpu::new(&vm, index)?;
+        setup_vcpu(&mut vcpu)?;
+        vcpus.push(vcpu);
+    }
+    let mut vmm = Vmm::new(kvm, vm, vcpus, io_bus, Bus::new(), serial, control, stop);
+    vmm.set_mem_size(cfg.mem_size);
+    Ok(vmm)
+}
+
+/// Builds a VM from a loaded snapshot: the same machine as a fresh boot over the snapshot's
+/// (privately mapped) memory, every vCPU and the VM put back in the saved state. Refuses a
+/// host whose CPU lacks features the guest used. The VM continues where it was paused once it
+/// runs (see [`Vmm::set_start_paused`] to keep it paused).
+pub fn restore_vm(
+    kvm: Kvm,
+    snapshot: LoadedSnapshot,
+    console: ConsoleOut,
+    overrides: &RestoreOverrides,
+    vmm_start: Instant,
+) -> Result<Vmm, BuildError> {
+    let LoadedSnapshot {
+        state,
+        memory,
+        base,
+    } = snapshot;
+    let saved_devices: Vec<(String, Option<snapshot::state::DeviceBackend>)> = state
+        .devices
+        .iter()
+        .map(|d| (d.name.clone(), d.backend.clone()))
+        .collect();
+    let specs = specs_for_restore(&saved_devices, overrides)?;
+    let machine = state.machine.as_ref().ok_or(BuildError::Snapshot(
+        "the snapshot has no machine description",
+    ))?;
+    let vcpu_count = u8::try_from(machine.vcpus)
+        .ok()
+        .filter(|n| (1..=32).contains(n) && usize::from(*n) == state.vcpus.len())
+        .ok_or(BuildError::Snapshot("the snapshot's vCPU count is invalid"))?;
+    // RAM must lie where this machine puts it for that size (never over the MMIO window).
+    let layout: Vec<(u64, u64)> = memory
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect();
+    if layout != ram_ranges(machine.mem_size) {
+        return Err(BuildError::Snapshot(
+            "the snapshot's memory layout does not match its memory size",
+        ));
+    }
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::SupportedCpuid)?;
-    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-    for index in 0..cfg.vcpus {
-        let vcpu = Vcpu::new(&vm, index)?;
-        vcpu.configure(&supported, cfg.vcpus)?;
-        vcpus.push(vcpu);
+    for (i, saved) in state.vcpus.iter().enumerate() {
+        if saved.index as usize != i {
+            return Err(BuildError::Snapshot(
+                "the snapshot's vCPUs are out of order",
+            ));
+        }
+        let mut host = supported.as_slice().to_vec();
+        normalize(
+            &mut host,
+            CpuTopology {
+                apic_id: i as u8,
+                num_cpus: vcpu_count,
+            },
+        );
+        let entries = cpuid_entries(saved).map_err(BuildError::SnapshotState)?;
+        cpu_check::check(&entries, &host)?;
     }
-    Ok(Vmm::new(
+    let vm_state = state
+        .vm
+        .as_ref()
+        .ok_or(BuildError::Snapshot("the snapshot has no VM state"))?;
+    log::debug!(
+        "restore: CPU checked at {} us",
+        vmm_start.elapsed().as_micros()
+    );
+    let vmm = build_machine(
         kvm,
-        vm,
-        vcpus,
-        io_bus,
-        Bus::new(),
-        serial,
-        control,
-        stop,
-    ))
+        memory,
+        BaseVmConfig {
+            mem_size: machine.mem_size,
+            vcpus: vcpu_count,
+            console,
+            report_boot_time: false,
+            vmm_start,
+        },
+        state.serial.as_ref(),
+        |vcpu| {
+            let saved = &state.vcpus[usize::from(vcpu.index)];
+            vcpu.cpuid = vcpu_state::restore(&vcpu.fd, saved)?;
+            Ok(())
+        },
+    )?;
+    let mut vmm = vmm;
+    vmm.set_memory_base(base);
+    // The irqchip first: a device that interrupts while it is restored (vsock's
+    // TRANSPORT_RESET) must reach the restored IOAPIC, not one about to be overwritten.
+    vm_state::restore(vmm.vm().fd(), vm_state)?;
+    let slots = attach_devices(&mut vmm, &specs)?;
+    for (slot, saved) in slots.iter().zip(&state.devices) {
+        let transport = saved
+            .transport
+            .as_ref()
+            .ok_or(BuildError::Snapshot("a device has no transport state"))?;
+        let transport = transport_from_proto(&saved.name, transport)?;
+        slot.transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .restore_state(&transport)
+            .map_err(|e| BuildError::DeviceState(slot.name.clone(), e))?;
+    }
+    vmm.set_devices(slots);
+    Ok(vmm)
+}
+
+/// Restores the snapshot in `state_path` + `mem_path` with the console `console` (the husk-vmm
+/// `--restore-state` path).
+pub fn build_from_snapshot(
+    state_path: &Path,
+    mem_path: &Path,
+    console: &ConsoleConfig,
+    overrides: &RestoreOverrides,
+    vmm_start: Instant,
+) -> Result<Vmm, BuildError> {
+    let snapshot = snapshot::load(state_path, mem_path)?;
+    log::debug!(
+        "restore: snapshot loaded at {} us",
+        vmm_start.elapsed().as_micros()
+    );
+    let kvm = open_kvm()?;
+    let (console, created) = open_console(console)?;
+    let result = restore_vm(kvm, snapshot, console, overrides, vmm_start);
+    log::debug!(
+        "restore: VM rebuilt at {} us",
+        vmm_start.elapsed().as_micros()
+    );
+    if result.is_err() {
+        if let Some(path) = created {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
 }
 
 /// Opens the console sink; returns it and, for a file the VMM created, its path (to remove it
@@ -208,7 +391,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
                 vmm_start,
             },
         )?;
-        let devices = attach_devices(&mut vmm, config)?;
+        let devices = attach_devices(&mut vmm, &device_specs(config))?;
         let params: Vec<String> = devices.iter().map(|d| d.cmdline.clone()).collect();
         let cmdline = build_cmdline(&params, &config.cmdline)?;
         vmm.set_devices(devices);
@@ -229,41 +412,54 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
     result
 }
 
-/// Creates the configured virtio devices and puts them in their slots: disks first (so the
-/// first disk is vda), then net, vsock and rng.
-fn attach_devices(vmm: &mut Vmm, config: &VmConfig) -> Result<Vec<VirtioSlot>, BuildError> {
+/// The virtio devices `config` asks for, in slot order: disks first (so the first disk is
+/// vda), then net, vsock and rng.
+fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
+    let mut specs: Vec<DeviceSpec> = config.disks.iter().cloned().map(DeviceSpec::Disk).collect();
+    specs.extend(config.net.clone().map(DeviceSpec::Net));
+    specs.extend(config.vsock.clone().map(DeviceSpec::Vsock));
+    if config.rng {
+        specs.push(DeviceSpec::Rng);
+    }
+    specs
+}
+
+/// Creates the virtio devices of `specs` and puts them in their slots, in order; records each
+/// one's backend identity for snapshots.
+fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>, BuildError> {
     use husk_devices::virtio::{block::Block, net::Net, rng, vsock::Vsock, VirtioDevice};
 
-    let mut wanted: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for (i, disk) in config.disks.iter().enumerate() {
-        let serial = format!("husk-disk{i}");
-        let block = Block::open(&disk.path, disk.read_only, &serial)
-            .map_err(|e| BuildError::Disk(disk.path.clone(), e))?;
-        wanted.push((format!("block{i}"), Box::new(block)));
-    }
-    if let Some(net) = &config.net {
-        wanted.push((
-            "net0".into(),
-            Box::new(Net::new(Box::new(open_tap(net)?), net.mac)),
-        ));
-    }
-    if let Some(vsock) = &config.vsock {
-        wanted.push((
-            "vsock0".into(),
-            Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?),
-        ));
-    }
-    if config.rng {
-        wanted.push((
-            "rng0".into(),
-            Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
-        ));
+    let (mut disks, mut wanted) = (0, Vec::<(String, Box<dyn VirtioDevice>)>::new());
+    for spec in specs {
+        wanted.push(match spec {
+            DeviceSpec::Disk(disk) => {
+                let i = disks;
+                disks += 1;
+                let serial = format!("husk-disk{i}");
+                let block = Block::open(&disk.path, disk.read_only, &serial)
+                    .map_err(|e| BuildError::Disk(disk.path.clone(), e))?;
+                (format!("block{i}"), Box::new(block))
+            }
+            DeviceSpec::Net(net) => (
+                "net0".into(),
+                Box::new(Net::new(Box::new(open_tap(net)?), net.mac)),
+            ),
+            DeviceSpec::Vsock(vsock) => (
+                "vsock0".into(),
+                Box::new(Vsock::new(vsock.cid, &vsock.uds_path)?),
+            ),
+            DeviceSpec::Rng => (
+                "rng0".into(),
+                Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
+            ),
+        });
     }
     let mut slots = Vec::with_capacity(wanted.len());
     for (index, (name, device)) in wanted.into_iter().enumerate() {
         let (vm, bus) = vmm.vm_and_mmio_bus();
         slots.push(virtio_slots::attach(vm, bus, index, name, device)?);
     }
+    vmm.set_device_backends(specs.iter().map(snapshot::devices::backend_of).collect());
     Ok(slots)
 }
 

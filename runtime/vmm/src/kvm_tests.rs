@@ -279,6 +279,7 @@ fn call(stream: &mut UnixStream, msg: vmm_request::Msg) -> Result<info::State, S
     {
         Some(vmm_response::Msg::Info(i)) => Ok(i.state()),
         Some(vmm_response::Msg::Error(e)) => Err(e),
+        Some(other) => panic!("unexpected response {other:?}"),
         None => panic!("no response"),
     }
 }

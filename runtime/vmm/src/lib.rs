@@ -15,6 +15,7 @@ pub mod loader;
 pub mod pause;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod stop;
 pub mod vmm;
 pub mod vstate;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use husk_proto::vmm::ExitReport;
 use husk_vmm::api::socket::ApiSocket;
-use husk_vmm::builder::build_microvm;
+use husk_vmm::builder::{build_from_snapshot, build_microvm};
 use husk_vmm::config::{
     ConsoleConfig, DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE,
     DEFAULT_MEM_MIB, DEFAULT_VCPUS,
@@ -20,6 +20,7 @@ use husk_vmm::config::{
 use husk_vmm::exit_report;
 use husk_vmm::seccomp::{self, Filters, Mode};
 use husk_vmm::signals;
+use husk_vmm::snapshot::devices::RestoreOverrides;
 use husk_vmm::stop::StopReason;
 use husk_vmm::vmm::{VmOutcome, EXIT_VMM_ERROR};
 
@@ -30,6 +31,9 @@ fn usage() -> String {
                 [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
                 [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
+       husk-vmm --restore-state PATH --restore-mem PATH [--start-paused]
+                [--console DEST] [--api-sock PATH] [--exit-report PATH]
+                [--disk PATH[:ro]]... [--net SPEC] [--vsock cid=N,path=PATH]
 
   --kernel PATH         guest kernel: ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH         initramfs
@@ -61,6 +65,13 @@ fn usage() -> String {
   --no-seccomp          same as --seccomp off
   --print-seccomp       print every thread's allowed syscalls and exit
   Files: PATH may be /proc/self/fd/N for an fd the parent passed (disks, console file)
+  --restore-state PATH  restore the VM saved in this snapshot state file (written by the
+                        control socket's snapshot request) instead of booting a kernel
+  --restore-mem PATH    the snapshot's memory file (mapped copy-on-write: never modified)
+  --start-paused        with --restore-*: keep the restored VM paused until a resume request
+                        With --restore-*, --disk (all disks, in order), --net and --vsock
+                        replace the snapshot's backends: a clone gets its own CID, tap, MAC
+                        and disks; other boot options are refused
   -h, --help            this text
 
 Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 143 after a stop
@@ -73,9 +84,18 @@ Environment: HUSK_LOG=error|warn|info|debug (default warn) for VMM diagnostics o
 /// What to run, and the process-level options around it.
 struct Options {
     vm: VmConfig,
+    restore: Option<Restore>,
     api_sock: Option<PathBuf>,
     exit_report: Option<PathBuf>,
     seccomp: Mode,
+}
+
+/// `--restore-state` / `--restore-mem` / `--start-paused`.
+#[derive(Debug, PartialEq)]
+struct Restore {
+    state: PathBuf,
+    mem: PathBuf,
+    start_paused: bool,
 }
 
 enum Command {
@@ -191,6 +211,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let mut config = VmConfig::new(PathBuf::new());
     let (mut api_sock, mut exit_report) = (None, None);
     let mut seccomp = Mode::default();
+    let (mut restore_state, mut restore_mem, mut start_paused) = (None, None, false);
+    let mut boot_options = Vec::new();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -210,6 +232,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 | "--api-sock"
                 | "--exit-report"
                 | "--seccomp"
+                | "--restore-state"
+                | "--restore-mem"
         );
         let value = if takes_value {
             match inline.or_else(|| args.next()) {
@@ -221,7 +245,26 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         } else {
             String::new()
         };
+        if !matches!(
+            flag.as_str(),
+            "--console"
+                | "--api-sock"
+                | "--exit-report"
+                | "--disk"
+                | "--net"
+                | "--vsock"
+                | "--restore-state"
+                | "--restore-mem"
+                | "--start-paused"
+                | "-h"
+                | "--help"
+        ) {
+            boot_options.push(flag.clone());
+        }
         match flag.as_str() {
+            "--restore-state" => restore_state = Some(PathBuf::from(value)),
+            "--restore-mem" => restore_mem = Some(PathBuf::from(value)),
+            "--start-paused" => start_paused = true,
             "--kernel" => kernel = Some(PathBuf::from(value)),
             "--initrd" => config.initrd = Some(PathBuf::from(value)),
             "--cmdline" => config.cmdline = value,
@@ -243,13 +286,34 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             other => return Err(format!("unknown argument '{other}' (see --help)")),
         }
     }
-    config.kernel = kernel.ok_or("--kernel is required (see --help)")?;
     let empty = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
-    if empty(&api_sock) || empty(&exit_report) {
-        return Err("--api-sock and --exit-report need a non-empty path".into());
+    if empty(&api_sock) || empty(&exit_report) || empty(&restore_state) || empty(&restore_mem) {
+        return Err("--api-sock, --exit-report and --restore-* need a non-empty path".into());
     }
+    let restore = match (restore_state, restore_mem) {
+        (Some(state), Some(mem)) => {
+            // The machine comes from the snapshot: boot options would be silently ignored.
+            if let Some(flag) = boot_options.first() {
+                return Err(format!("{flag} cannot be combined with --restore-state"));
+            }
+            Some(Restore {
+                state,
+                mem,
+                start_paused,
+            })
+        }
+        (None, None) if start_paused => {
+            return Err("--start-paused needs --restore-state and --restore-mem".into())
+        }
+        (None, None) => {
+            config.kernel = kernel.ok_or("--kernel is required (see --help)")?;
+            None
+        }
+        _ => return Err("--restore-state and --restore-mem go together".into()),
+    };
     Ok(Command::Run(Box::new(Options {
         vm: config,
+        restore,
         api_sock,
         exit_report,
         seccomp,
@@ -382,7 +446,23 @@ fn run(options: &Options, vmm_start: Instant) -> ExitReport {
 }
 
 fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, String> {
-    let mut vmm = build_microvm(&options.vm, vmm_start).map_err(|e| one_line(&e))?;
+    let mut vmm = match &options.restore {
+        None => build_microvm(&options.vm, vmm_start),
+        Some(r) => {
+            let overrides = RestoreOverrides {
+                vsock: options.vm.vsock.clone(),
+                net: options.vm.net.clone(),
+                disks: options.vm.disks.clone(),
+            };
+            build_from_snapshot(&r.state, &r.mem, &options.vm.console, &overrides, vmm_start).map(
+                |mut vmm| {
+                    vmm.set_start_paused(r.start_paused);
+                    vmm
+                },
+            )
+        }
+    }
+    .map_err(|e| one_line(&e))?;
     vmm.set_seccomp(Filters::new(options.seccomp).map_err(|e| one_line(&e))?);
     signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())
         .map_err(|e| one_line(&e))?;
@@ -471,6 +551,45 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--api-sock"]).is_err());
         assert!(parse(&["--kernel", "/k", "--api-sock="]).is_err());
         assert!(parse(&["--kernel", "/k", "--exit-report", ""]).is_err());
+    }
+
+    #[test]
+    fn parses_restore_and_refuses_boot_options_with_it() {
+        let Ok(Command::Run(o)) = parse(&[
+            "--restore-state",
+            "/s/vm.state",
+            "--restore-mem=/s/vm.mem",
+            "--start-paused",
+            "--api-sock",
+            "/run/a.sock",
+            "--console",
+            "none",
+        ]) else {
+            panic!("did not parse");
+        };
+        assert_eq!(
+            o.restore,
+            Some(Restore {
+                state: "/s/vm.state".into(),
+                mem: "/s/vm.mem".into(),
+                start_paused: true
+            })
+        );
+        assert_eq!(o.vm.console, ConsoleConfig::None);
+        let e = parse(&[
+            "--restore-state",
+            "/s",
+            "--restore-mem",
+            "/m",
+            "--cpus",
+            "2",
+        ])
+        .err()
+        .unwrap();
+        assert!(e.contains("--cpus cannot be combined"), "{e}");
+        assert!(parse(&["--restore-state", "/s"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--start-paused"]).is_err());
+        assert!(parse(&["--restore-state", "", "--restore-mem", "/m"]).is_err());
     }
 
     #[test]

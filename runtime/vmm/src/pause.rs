@@ -45,6 +45,8 @@ struct GateState {
     closed: bool,
     members: usize,
     parked: usize,
+    /// Bumped by [`PauseGate::poke`]: parked members look for work (snapshot requests).
+    pokes: u64,
 }
 
 /// The pause state of one VM, shared by its members and the control thread.
@@ -65,10 +67,52 @@ impl PauseGate {
                 closed: false,
                 members,
                 parked: 0,
+                pokes: 0,
             }),
             changed: Condvar::new(),
             requested: AtomicBool::new(false),
         }
+    }
+
+    /// A VM with `members` threads that starts paused: each member parks before its first unit
+    /// of work (a VM restored from a snapshot with "stay paused").
+    pub fn new_paused(members: usize) -> Self {
+        let gate = PauseGate::new(members);
+        gate.lock().paused = true;
+        gate.requested.store(true, Ordering::SeqCst);
+        gate
+    }
+
+    /// Waits until every member is parked (after [`new_paused`](Self::new_paused), members park
+    /// on their own schedule). False if the VM is not paused, is stopping, or `timeout` passed.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        loop {
+            if !s.paused || s.closed {
+                return false;
+            }
+            if s.parked >= s.members {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Wakes parked members so that they run their `serve` callback (see
+    /// [`park_serving`](Self::park_serving)); they stay parked.
+    pub fn poke(&self) {
+        let mut s = self.lock();
+        s.pokes = s.pokes.wrapping_add(1);
+        self.changed.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, GateState> {
@@ -87,13 +131,31 @@ impl PauseGate {
 
     /// A member parks until the VM resumes or the gate closes; returns at once otherwise.
     pub fn park(&self) {
+        self.park_serving(|| {});
+    }
+
+    /// [`park`](Self::park), running `serve` (without the gate's lock) once on parking and
+    /// again after every [`poke`](Self::poke): a parked vCPU thread answers state requests this
+    /// way. The member counts as parked throughout, so the VM stays paused.
+    pub fn park_serving(&self, mut serve: impl FnMut()) {
         let mut s = self.lock();
         if !s.paused || s.closed {
             return;
         }
         s.parked += 1;
         self.changed.notify_all();
+        let mut seen = s.pokes;
+        drop(s);
+        serve();
+        s = self.lock();
         while s.paused && !s.closed {
+            if s.pokes != seen {
+                seen = s.pokes;
+                drop(s);
+                serve();
+                s = self.lock();
+                continue;
+            }
             s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
         s.parked -= 1;
@@ -303,6 +365,36 @@ mod tests {
         ));
         assert!(wakes > 1, "the requester did not wake members again");
         assert!(!gate.is_paused() && !gate.pause_requested());
+    }
+
+    #[test]
+    fn parked_members_serve_pokes_and_a_gate_can_start_paused() {
+        let gate = Arc::new(PauseGate::new_paused(1));
+        assert!(gate.is_paused() && gate.pause_requested());
+        let served = Arc::new(AtomicU64::new(0));
+        let (g, n) = (gate.clone(), served.clone());
+        let t = std::thread::spawn(move || {
+            let _member = GateMember(&g);
+            g.park_serving(|| {
+                n.fetch_add(1, Ordering::SeqCst);
+            });
+        });
+        assert!(gate.wait_parked(LONG));
+        // Once on parking, once per poke; the member stays parked.
+        let deadline = Instant::now() + LONG;
+        while served.load(Ordering::SeqCst) < 1 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gate.poke();
+        while served.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "a poke was not served");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(gate.wait_parked(LONG));
+        gate.resume().unwrap();
+        t.join().unwrap();
+        assert!(!gate.wait_parked(Duration::from_millis(1)));
     }
 
     #[test]

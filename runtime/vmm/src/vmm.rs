@@ -4,7 +4,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::api::server::{ApiServer, ApiServerError, Limits};
 use crate::api::socket::ApiSocket;
-use crate::api::vm_handle::VmHandle;
+use crate::api::vm_handle::{SnapshotParts, VmHandle};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::control_port::ControlState;
 use crate::devices::legacy::serial::SerialDevice;
@@ -98,6 +98,14 @@ pub struct Vmm {
     devices: Vec<VirtioSlot>,
     /// Each thread installs its own filter from these (see [`crate::seccomp`]).
     seccomp: Arc<Filters>,
+    /// Guest memory as configured (recorded in snapshots).
+    mem_size: u64,
+    /// Start with every vCPU parked (a restored VM kept paused).
+    start_paused: bool,
+    /// Backend identity of each virtio device, in slot order (recorded in snapshots).
+    device_backends: Vec<crate::snapshot::state::DeviceBackend>,
+    /// The full memory file guest memory maps (restored VMs), a base for diff snapshots.
+    memory_base: Option<crate::snapshot::diff::BaseRef>,
     vm: Vm,
     _kvm: Kvm,
 }
@@ -132,9 +140,36 @@ impl Vmm {
             stop,
             devices: Vec::new(),
             seccomp: Arc::new(Filters::off()),
+            mem_size: 0,
+            start_paused: false,
+            device_backends: Vec::new(),
+            memory_base: None,
             vm,
             _kvm: kvm,
         }
+    }
+
+    /// Records the configured guest memory size (see the builder).
+    pub(crate) fn set_mem_size(&mut self, bytes: u64) {
+        self.mem_size = bytes;
+    }
+
+    /// Records the memory file guest memory maps (see the builder).
+    pub(crate) fn set_memory_base(&mut self, base: Option<crate::snapshot::diff::BaseRef>) {
+        self.memory_base = base;
+    }
+
+    /// Records the virtio devices' backends (see the builder).
+    pub(crate) fn set_device_backends(
+        &mut self,
+        backends: Vec<crate::snapshot::state::DeviceBackend>,
+    ) {
+        self.device_backends = backends;
+    }
+
+    /// Whether [`run`](Self::run) starts the VM paused (resumed later on the control socket).
+    pub fn set_start_paused(&mut self, paused: bool) {
+        self.start_paused = paused;
     }
 
     /// The VM and its MMIO bus, to attach devices before the VM runs.
@@ -201,12 +236,22 @@ impl Vmm {
             stop,
             devices,
             seccomp,
+            mem_size,
+            start_paused,
+            device_backends,
+            memory_base,
             vm,
             _kvm,
         } = self;
+        let vm = Arc::new(vm);
         let devices = Arc::new(devices);
         // Members: every vCPU thread and the event loop.
-        let gate = Arc::new(PauseGate::new(vcpus.len() + 1));
+        let members = vcpus.len() + 1;
+        let gate = Arc::new(if start_paused {
+            PauseGate::new_paused(members)
+        } else {
+            PauseGate::new(members)
+        });
         let event_loop = EventLoop::start(devices.clone(), gate.clone(), seccomp.clone())?;
         let ctx = VcpuContext {
             io_bus: Arc::new(io_bus),
@@ -218,15 +263,18 @@ impl Vmm {
         };
         let vcpu_count = vcpus.len();
         let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(vcpu_count);
+        let mut vcpu_requests = Vec::with_capacity(vcpu_count);
         let mut start_error = None;
         for vcpu in vcpus {
             let index = vcpu.index;
             let ctx = ctx.clone();
+            let (requests, inbox) = mpsc::channel();
+            vcpu_requests.push(requests);
             let seccomp = seccomp.clone();
             match std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || match seccomp.install(ThreadKind::Vcpu) {
-                    Ok(()) => run_vcpu(vcpu, ctx),
+                    Ok(()) => run_vcpu(vcpu, ctx, inbox),
                     Err(e) => {
                         ctx.pause.leave();
                         ctx.stop
@@ -257,6 +305,15 @@ impl Vmm {
                         control: control.clone(),
                         vcpus: vcpu_count as u32,
                         memory_mib,
+                        snapshot: SnapshotParts {
+                            vm: vm.clone(),
+                            vcpu_requests: std::mem::take(&mut vcpu_requests),
+                            msr_list: Arc::new(saveable_msr_list(&_kvm)),
+                            serial: serial.clone(),
+                            mem_size,
+                            device_backends: device_backends.clone(),
+                            memory_base: Mutex::new(memory_base.clone()),
+                        },
                     },
                 );
                 match handle.and_then(|h| {
@@ -327,6 +384,19 @@ impl Vmm {
             unhandled_mmio: counts(&ctx.mmio_bus),
             device_counters,
         })
+    }
+}
+
+/// The MSRs a snapshot tries to save: KVM's list for this host (empty if KVM cannot say, which
+/// a snapshot then reports as missing MSR state only through the restored guest's behaviour;
+/// KVM always answers on supported hosts).
+fn saveable_msr_list(kvm: &Kvm) -> Vec<u32> {
+    match kvm.get_msr_index_list() {
+        Ok(list) => list.as_slice().to_vec(),
+        Err(e) => {
+            log::warn!("cannot read KVM's MSR index list ({e}); snapshots will lack MSRs");
+            Vec::new()
+        }
     }
 }
 

@@ -91,6 +91,12 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets status bits saved in a snapshot, without raising the line (the restored irqchip
+    /// already holds the line's state).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
     /// The driver acknowledged these bits (InterruptACK).
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
@@ -199,6 +205,9 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop the queues and go back to the initial state.
     fn reset(&mut self);
+    /// The device was just re-activated from a snapshot (after [`VirtioDevice::activate`]):
+    /// tell the driver whatever it must learn (vsock: TRANSPORT_RESET). Nothing by default.
+    fn restored(&mut self) {}
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
 }

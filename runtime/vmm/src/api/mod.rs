@@ -12,7 +12,9 @@ pub mod server;
 pub mod socket;
 pub mod vm_handle;
 
-use husk_proto::vmm::{info, vmm_request, vmm_response, Info, VmmRequest, VmmResponse};
+use husk_proto::vmm::{
+    info, vmm_request, vmm_response, Info, Snapshot, SnapshotDone, VmmRequest, VmmResponse,
+};
 
 /// What the control socket can do to a VM. Errors are messages for the client.
 pub trait VmControl {
@@ -24,18 +26,30 @@ pub trait VmControl {
     fn resume(&self) -> Result<Info, String>;
     /// Asks the VM to stop; the VMM exits soon after.
     fn stop(&self) -> Info;
+    /// Writes a snapshot of the paused VM.
+    fn snapshot(&self, _request: &Snapshot) -> Result<SnapshotDone, String> {
+        Err(String::from("this VM cannot take snapshots"))
+    }
 }
 
 /// Answers one request.
 pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
     use vmm_request::Msg;
+    if let Some(Msg::Snapshot(snapshot)) = &request.msg {
+        return VmmResponse {
+            msg: Some(match vm.snapshot(snapshot) {
+                Ok(done) => vmm_response::Msg::Snapshot(done),
+                Err(message) => vmm_response::Msg::Error(message),
+            }),
+        };
+    }
     let result = match request.msg {
         Some(Msg::Describe(_)) => Ok(vm.describe()),
         Some(Msg::Pause(_)) => vm.pause(),
         Some(Msg::Resume(_)) => vm.resume(),
         Some(Msg::Stop(_)) => Ok(vm.stop()),
-        None => Err(String::from(
-            "empty or unknown request: expected describe, pause, resume or stop",
+        Some(Msg::Snapshot(_)) | None => Err(String::from(
+            "empty or unknown request: expected describe, pause, resume, stop or snapshot",
         )),
     };
     VmmResponse {
@@ -44,6 +58,18 @@ pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
             Err(message) => vmm_response::Msg::Error(message),
         }),
     }
+}
+
+/// An error and its causes on one line (`error: cause: cause`), for a client.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 /// A response carrying only an error message.
@@ -124,6 +150,7 @@ pub(crate) mod tests {
         match &response.msg {
             Some(vmm_response::Msg::Info(i)) => Ok(i.state()),
             Some(vmm_response::Msg::Error(e)) => Err(e.clone()),
+            Some(vmm_response::Msg::Snapshot(_)) => Err("a snapshot response".into()),
             None => Err("no message".into()),
         }
     }

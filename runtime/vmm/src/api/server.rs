@@ -327,6 +327,7 @@ mod tests {
         match msg {
             vmm_response::Msg::Info(i) => i.state(),
             vmm_response::Msg::Error(e) => panic!("error response: {e}"),
+            other => panic!("unexpected response {other:?}"),
         }
     }
 

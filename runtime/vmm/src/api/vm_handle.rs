@@ -1,19 +1,25 @@
 //! The running VM as the control socket sees it: its description (state, size, boot time,
 //! device counters) and the pause, resume and stop operations.
 
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_devices::virtio::device_id;
-use husk_proto::vmm::{DeviceCounters, Info};
+use husk_proto::vmm::{DeviceCounters, Info, Snapshot, SnapshotDone};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{state, VmControl};
+use super::{error_chain, state, VmControl};
 use crate::devices::legacy::control_port::ControlState;
+use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::VirtioSlot;
 use crate::pause::PauseGate;
 use crate::signals;
+use crate::snapshot::vcpu_state::VcpuRequest;
+use crate::snapshot::{self, SaveSource};
 use crate::stop::{StopReason, StopState};
+use crate::vstate::vm::Vm;
 
 /// Longest wait for every vCPU and the event loop to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,6 +45,26 @@ pub struct VmHandle {
     pub vcpus: u32,
     /// Guest memory size.
     pub memory_mib: u32,
+    /// What a snapshot reads.
+    pub snapshot: SnapshotParts,
+}
+
+/// The parts of a running VM a snapshot reads (see [`crate::snapshot::save`]).
+pub struct SnapshotParts {
+    /// The VM (fd and guest memory).
+    pub vm: Arc<Vm>,
+    /// One request channel per vCPU thread, in index order.
+    pub vcpu_requests: Vec<Sender<VcpuRequest>>,
+    /// MSRs to save.
+    pub msr_list: Arc<Vec<u32>>,
+    /// The UART.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// Configured guest memory size.
+    pub mem_size: u64,
+    /// Each virtio device's backend, in slot order.
+    pub device_backends: Vec<crate::snapshot::state::DeviceBackend>,
+    /// The base of diff snapshots: the memory file guest RAM maps, or the last full snapshot.
+    pub memory_base: Mutex<Option<crate::snapshot::diff::BaseRef>>,
 }
 
 /// The `kind` the control protocol uses for a virtio device type.
@@ -118,6 +144,58 @@ impl VmControl for VmHandle {
     fn stop(&self) -> Info {
         self.stop.request(StopReason::Requested);
         self.describe()
+    }
+
+    fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, String> {
+        self.stopping_error()?;
+        if request.state_path.is_empty() || request.mem_path.is_empty() {
+            return Err(String::from("snapshot needs a state_path and a mem_path"));
+        }
+        let parts = &self.snapshot;
+        let mut base = parts
+            .memory_base
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let source = SaveSource {
+            base: base.as_ref(),
+            vm: &parts.vm,
+            gate: &self.gate,
+            vcpus: &parts.vcpu_requests,
+            msr_list: parts.msr_list.clone(),
+            serial: &parts.serial,
+            devices: &self.devices,
+            device_backends: &parts.device_backends,
+            mem_size: parts.mem_size,
+        };
+        let base_path = match (request.diff, base.as_ref()) {
+            (true, Some(b)) => b.path.display().to_string(),
+            _ => String::new(),
+        };
+        let report = snapshot::save(
+            &source,
+            Path::new(&request.state_path),
+            Path::new(&request.mem_path),
+            request.diff,
+            &mut |_, _| {},
+        )
+        .map_err(|e| error_chain(&e))?;
+        // A VM whose RAM maps a file keeps diffing against it (pagemap finds its changes);
+        // otherwise the newest full snapshot becomes the base.
+        if !base.as_ref().is_some_and(|b| b.mapped) {
+            if let Some(new_base) = report.new_base.clone() {
+                *base = Some(new_base);
+            }
+        }
+        log::info!("snapshot taken: {report:?}");
+        Ok(SnapshotDone {
+            state_bytes: report.state_bytes,
+            memory_bytes: report.memory_bytes,
+            memory_written: report.memory_written,
+            state_us: report.state_us,
+            memory_us: report.memory_us,
+            total_us: report.total_us,
+            base_path,
+        })
     }
 }
 

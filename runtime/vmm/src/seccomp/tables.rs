@@ -6,13 +6,14 @@
 //! kill`, the default). Arguments are checked where a syscall is dangerous in general:
 //!
 //! - `ioctl`: only the listed request numbers (KVM_RUN for vCPUs, TUNSETOFFLOAD when the guest
-//!   negotiates net features, FIONBIO for vsock sockets);
+//!   negotiates net features, FIONBIO for vsock sockets, the KVM_GET_* state reads of a
+//!   snapshot; never a KVM_SET_*, which only restore makes, before the filters);
 //! - `mmap`/`mprotect`: never `PROT_EXEC` (no new code can be mapped);
 //! - `socket`: only non-blocking `AF_UNIX` stream sockets (vsock's guest-initiated connections);
 //! - `tgkill`: only threads of this process (the tgid is fixed when the filter is built);
-//! - no `clone`/`clone3`/`execve`/`open*` anywhere: every thread exists and every file is open
-//!   before the filters go on (the exit report's temporary file is created early, see
-//!   `host_files`).
+//! - no `clone`/`clone3`/`execve` anywhere, and no `open*` except `openat` on the control-socket
+//!   thread, which writes snapshots: every thread exists and every other file is open before the
+//!   filters go on (the exit report's temporary file is created early, see `host_files`).
 //!
 //! To extend (e.g. snapshot state ioctls from the control socket thread), add a [`Rule`] to
 //! the thread's table; `husk-vmm --print-seccomp` shows the result.
@@ -93,6 +94,24 @@ pub const TUNSETOFFLOAD: u32 = 0x4004_54d0;
 /// FIONBIO (asm-generic/ioctls.h): std's `set_nonblocking` on sockets.
 pub const FIONBIO: u32 = 0x5421;
 
+/// The state reads of a snapshot (linux/kvm.h; `_IOR`/`_IOWR(KVMIO, nr, struct)` with the
+/// struct's x86-64 size in bits 16..29). vCPU ioctls, made by each parked vCPU thread:
+const KVM_GET_REGS: u32 = 0x8090_ae81; // _IOR(0x81, kvm_regs: 144)
+const KVM_GET_SREGS: u32 = 0x8138_ae83; // _IOR(0x83, kvm_sregs: 312)
+const KVM_GET_MSRS: u32 = 0xc008_ae88; // _IOWR(0x88, kvm_msrs: 8)
+const KVM_GET_FPU: u32 = 0x81a0_ae8c; // _IOR(0x8c, kvm_fpu: 416)
+const KVM_GET_LAPIC: u32 = 0x8400_ae8e; // _IOR(0x8e, kvm_lapic_state: 1024)
+const KVM_GET_MP_STATE: u32 = 0x8004_ae98; // _IOR(0x98, kvm_mp_state: 4)
+const KVM_GET_VCPU_EVENTS: u32 = 0x8040_ae9f; // _IOR(0x9f, kvm_vcpu_events: 64)
+const KVM_GET_DEBUGREGS: u32 = 0x8080_aea1; // _IOR(0xa1, kvm_debugregs: 128)
+const KVM_GET_TSC_KHZ: u32 = 0xaea3; // _IO(0xa3)
+const KVM_GET_XSAVE: u32 = 0x9000_aea4; // _IOR(0xa4, kvm_xsave: 4096)
+const KVM_GET_XCRS: u32 = 0x8188_aea6; // _IOR(0xa6, kvm_xcrs: 392)
+/// VM ioctls, made by the control-socket thread:
+const KVM_GET_CLOCK: u32 = 0x8030_ae7c; // _IOR(0x7c, kvm_clock_data: 48)
+const KVM_GET_IRQCHIP: u32 = 0xc208_ae62; // _IOWR(0x62, kvm_irqchip: 520)
+const KVM_GET_PIT2: u32 = 0x8070_ae9f; // _IOR(0x9f, kvm_pit_state2: 112)
+
 use libc as l;
 
 /// Needed by every thread: logging to stderr and the stop signal handler (`write`), locks
@@ -158,10 +177,25 @@ const VCPU: &[Rule] = &[
     r(l::SYS_read, "read", Args::Any),
     // Serial output to a `--console unix:PATH` socket.
     r(l::SYS_sendto, "sendto", Args::Connected),
+    // KVM_RUN; the tap's offloads; a snapshot's state reads, made while the thread is parked.
     r(
         l::SYS_ioctl,
         "ioctl",
-        Args::Arg1(&[(KVM_RUN, "KVM_RUN"), (TUNSETOFFLOAD, "TUNSETOFFLOAD")]),
+        Args::Arg1(&[
+            (KVM_RUN, "KVM_RUN"),
+            (TUNSETOFFLOAD, "TUNSETOFFLOAD"),
+            (KVM_GET_REGS, "KVM_GET_REGS"),
+            (KVM_GET_SREGS, "KVM_GET_SREGS"),
+            (KVM_GET_MSRS, "KVM_GET_MSRS"),
+            (KVM_GET_FPU, "KVM_GET_FPU"),
+            (KVM_GET_LAPIC, "KVM_GET_LAPIC"),
+            (KVM_GET_MP_STATE, "KVM_GET_MP_STATE"),
+            (KVM_GET_VCPU_EVENTS, "KVM_GET_VCPU_EVENTS"),
+            (KVM_GET_DEBUGREGS, "KVM_GET_DEBUGREGS"),
+            (KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ"),
+            (KVM_GET_XSAVE, "KVM_GET_XSAVE"),
+            (KVM_GET_XCRS, "KVM_GET_XCRS"),
+        ]),
     ),
 ];
 
@@ -193,6 +227,33 @@ const API: &[Rule] = &[
     r(l::SYS_read, "read", Args::Any),
     r(l::SYS_recvfrom, "recvfrom", Args::Any),
     r(l::SYS_sendto, "sendto", Args::Connected),
+    // Snapshots (docs/snapshots.md): the VM-wide state reads, then the state and memory files.
+    // The only thread that opens files after set-up: it creates `PATH.tmp` files and reads
+    // /proc/self/pagemap and a diff's base. Under husk-jailer it sees only its jail (the VM's
+    // own directory), which is what bounds these paths; seccomp cannot check a path.
+    r(
+        l::SYS_ioctl,
+        "ioctl",
+        Args::Arg1(&[
+            (KVM_GET_CLOCK, "KVM_GET_CLOCK"),
+            (KVM_GET_IRQCHIP, "KVM_GET_IRQCHIP"),
+            (KVM_GET_PIT2, "KVM_GET_PIT2"),
+        ]),
+    ),
+    r(l::SYS_openat, "openat", Args::Any),
+    r(l::SYS_pread64, "pread64", Args::Any),
+    r(l::SYS_pwrite64, "pwrite64", Args::Any),
+    r(l::SYS_lseek, "lseek", Args::Any),
+    r(l::SYS_ftruncate, "ftruncate", Args::Any),
+    r(l::SYS_fsync, "fsync", Args::Any),
+    r(l::SYS_rename, "rename", Args::Any),
+    r(l::SYS_unlink, "unlink", Args::Any),
+    r(l::SYS_statx, "statx", Args::Any),
+    r(l::SYS_newfstatat, "newfstatat", Args::Any),
+    r(l::SYS_fstat, "fstat", Args::Any),
+    r(l::SYS_getcwd, "getcwd", Args::Any),
+    r(l::SYS_readlink, "readlink", Args::Any),
+    r(l::SYS_getrandom, "getrandom", Args::Any),
 ];
 
 /// The rules of `kind`'s filter, each syscall once (a syscall in two parts keeps the first).
@@ -218,6 +279,7 @@ mod tests {
 
     #[test]
     fn no_thread_may_create_processes_open_files_or_exec() {
+        // The one exception: the control-socket thread opens snapshot files (see API).
         let forbidden = [
             l::SYS_clone,
             l::SYS_clone3,
@@ -235,6 +297,9 @@ mod tests {
         ];
         for kind in ThreadKind::ALL {
             for rule in rules(kind) {
+                if kind == ThreadKind::Api && rule.nr == l::SYS_openat {
+                    continue;
+                }
                 assert!(
                     !forbidden.contains(&rule.nr),
                     "{} allows {}",

@@ -2,10 +2,11 @@
 //! turns KVM exits into bus accesses or stop requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_xcr, kvm_xcrs, CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH,
+    kvm_cpuid_entry2, kvm_xcr, kvm_xcrs, CpuId, KVM_EXIT_INTERNAL_ERROR, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -15,6 +16,7 @@ use crate::arch::x86_64::{lapic, msr, regs};
 use crate::devices::bus::Bus;
 use crate::pause::{GateMember, PauseGate};
 use crate::signals;
+use crate::snapshot::vcpu_state::VcpuRequest;
 use crate::stop::{StopReason, StopState};
 use crate::vstate::vm::Vm;
 
@@ -47,6 +49,9 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     /// Index, also the APIC id.
     pub index: u8,
+    /// The CPUID the VMM gave this vCPU (what a snapshot records: KVM_GET_CPUID2 need not
+    /// return it verbatim, e.g. under PVM).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
@@ -56,12 +61,16 @@ impl Vcpu {
             .fd()
             .create_vcpu(u64::from(index))
             .map_err(|e| VcpuError::Create(index, e))?;
-        Ok(Vcpu { fd, index })
+        Ok(Vcpu {
+            fd,
+            index,
+            cpuid: Vec::new(),
+        })
     }
 
     /// Gives the vCPU its CPUID (from `supported`, normalised for this vCPU), boot MSRs, FPU
     /// state and LAPIC virtual-wire setup.
-    pub fn configure(&self, supported: &CpuId, num_cpus: u8) -> Result<(), VcpuError> {
+    pub fn configure(&mut self, supported: &CpuId, num_cpus: u8) -> Result<(), VcpuError> {
         let i = self.index;
         let mut entries = supported.as_slice().to_vec();
         normalize(
@@ -78,6 +87,7 @@ impl Vcpu {
         if let Some(xcr0) = guest_xcr0(&entries) {
             self.preload_xcr0(xcr0);
         }
+        self.cpuid = entries;
         msr::setup_msrs(&self.fd).map_err(|e| VcpuError::Msr(i, e))?;
         regs::setup_fpu(&self.fd).map_err(|e| VcpuError::Regs(i, e))?;
         lapic::setup_lapic(&self.fd).map_err(|e| VcpuError::Lapic(i, e))
@@ -185,16 +195,20 @@ fn internal_error(vcpu: &mut Vcpu) -> StopReason {
     StopReason::Error(format!("vcpu{}: KVM internal error: {detail}", vcpu.index))
 }
 
-/// Runs `vcpu` until the VM stops, parking whenever the VM is paused. This is the body of thread
-/// `vcpu<N>`.
-pub fn run_vcpu(mut vcpu: Vcpu, ctx: VcpuContext) {
+/// Runs `vcpu` until the VM stops, parking whenever the VM is paused; while parked it serves
+/// `requests` (snapshot state reads). This is the body of thread `vcpu<N>`.
+pub fn run_vcpu(mut vcpu: Vcpu, ctx: VcpuContext, requests: Receiver<VcpuRequest>) {
     let _member = GateMember(&ctx.pause);
     signals::set_current_kvm_run(vcpu.fd.get_kvm_run());
     let index = vcpu.index;
     while !ctx.stop.is_stopping() {
         if ctx.pause.pause_requested() {
             // Outside KVM_RUN with the exit fully handled: nothing of this vCPU is in flight.
-            ctx.pause.park();
+            ctx.pause.park_serving(|| {
+                while let Ok(request) = requests.try_recv() {
+                    request.serve(&vcpu);
+                }
+            });
             continue;
         }
         let action = match vcpu.fd.run() {

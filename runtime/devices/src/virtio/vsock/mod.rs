@@ -179,6 +179,42 @@ impl Vsock {
     }
 }
 
+/// virtio_vsock_event.id of TRANSPORT_RESET (§5.10.6.6).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+impl Vsock {
+    /// Puts one TRANSPORT_RESET event in the driver's event queue and interrupts it.
+    fn send_transport_reset(&mut self) -> Result<(), DeviceError> {
+        let State::Active { ctx } = &mut self.state else {
+            return Ok(());
+        };
+        let broken = |_| DeviceError::BrokenQueue(EVENT_QUEUE);
+        let mem = &ctx.mem;
+        let Some(queue) = ctx.queues.get_mut(EVENT_QUEUE) else {
+            return Ok(());
+        };
+        let Some(chain) = queue.iter(mem).map_err(broken)?.next() else {
+            log::warn!("vsock: no event buffer for TRANSPORT_RESET");
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) => {
+                match std::io::Write::write_all(&mut w, &EVENT_TRANSPORT_RESET.to_le_bytes()) {
+                    Ok(()) => 4,
+                    Err(_) => 0,
+                }
+            }
+            Err(_) => 0,
+        };
+        queue.add_used(mem, head, written).map_err(broken)?;
+        if queue.needs_notification(mem).map_err(broken)? {
+            ctx.interrupt.signal_used_queue();
+        }
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
         device_id::VSOCK
@@ -235,6 +271,15 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.muxer.close_all();
         self.state = State::Inactive;
+    }
+    fn restored(&mut self) {
+        // The guest's connections belonged to the old VMM's host sockets, and its CID may have
+        // been overridden: TRANSPORT_RESET makes the driver drop every connection and re-read
+        // the CID from configuration space (§5.10.6.6).
+        if let Err(e) = self.send_transport_reset() {
+            log::warn!("vsock: cannot send TRANSPORT_RESET after restore: {e}");
+            self.counters.add(&self.counters.errors, 1);
+        }
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -1,0 +1,328 @@
+//! Virtio devices in a snapshot: their backend identity (disk path, tap, vsock CID and socket)
+//! with the overrides a restore may apply, and the transport state in protobuf form.
+
+use std::path::PathBuf;
+
+use husk_devices::virtio::mmio::MmioTransportState;
+
+use super::state::{
+    Backend, DeviceBackend, DiskBackend, NetBackend, QueueState, RngBackend, TransportState,
+    VsockBackend,
+};
+use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig};
+
+/// A virtio device to create: the same list drives a fresh boot and a restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// virtio-blk.
+    Disk(DiskConfig),
+    /// virtio-net.
+    Net(NetConfig),
+    /// virtio-vsock.
+    Vsock(VsockConfig),
+    /// virtio-rng.
+    Rng,
+}
+
+/// What a restore changes in the snapshot's devices, so that clones of one snapshot each get
+/// their own identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOverrides {
+    /// Replaces the vsock device's CID and host socket.
+    pub vsock: Option<VsockConfig>,
+    /// Replaces the net device's tap and MAC.
+    pub net: Option<NetConfig>,
+    /// Replaces the disks, in order (empty: keep them; otherwise one per disk).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// Why a snapshot's devices cannot be rebuilt.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceStateError {
+    /// A device without a known backend.
+    #[error("device {0} has no backend in the snapshot")]
+    NoBackend(String),
+    /// An override for a device the snapshot does not have.
+    #[error("the snapshot has no {0} device to override")]
+    NothingToOverride(&'static str),
+    /// Disk overrides must replace every disk.
+    #[error("the snapshot has {snapshot} disks but {given} disk overrides were given")]
+    DiskCount {
+        /// Disks in the snapshot.
+        snapshot: usize,
+        /// Overrides.
+        given: usize,
+    },
+    /// A damaged MAC.
+    #[error("device {0} has an invalid MAC address")]
+    Mac(String),
+    /// A queue field out of range.
+    #[error("device {0} has an invalid queue")]
+    Queue(String),
+}
+
+/// The backend identity of `spec`, as recorded in a snapshot.
+pub fn backend_of(spec: &DeviceSpec) -> DeviceBackend {
+    let backend = match spec {
+        DeviceSpec::Disk(d) => Backend::Disk(DiskBackend {
+            path: d.path.display().to_string(),
+            read_only: d.read_only,
+        }),
+        DeviceSpec::Net(n) => Backend::Net(NetBackend {
+            tap: match &n.tap {
+                TapSource::Name(name) | TapSource::Fd(_, name) => name.clone(),
+            },
+            mac: n.mac.to_vec(),
+        }),
+        DeviceSpec::Vsock(v) => Backend::Vsock(VsockBackend {
+            cid: v.cid,
+            uds_path: v.uds_path.display().to_string(),
+        }),
+        DeviceSpec::Rng => Backend::Rng(RngBackend {}),
+    };
+    DeviceBackend {
+        backend: Some(backend),
+    }
+}
+
+/// The devices to create for a restore: the snapshot's, with `overrides` applied. A tap given
+/// by fd at boot is reopened by name unless the override hands over a new one.
+pub fn specs_for_restore(
+    saved: &[(String, Option<DeviceBackend>)],
+    overrides: &RestoreOverrides,
+) -> Result<Vec<DeviceSpec>, DeviceStateError> {
+    let disk_count = saved
+        .iter()
+        .filter(|(_, b)| {
+            matches!(
+                b.as_ref().and_then(|b| b.backend.as_ref()),
+                Some(Backend::Disk(_))
+            )
+        })
+        .count();
+    if !overrides.disks.is_empty() && overrides.disks.len() != disk_count {
+        return Err(DeviceStateError::DiskCount {
+            snapshot: disk_count,
+            given: overrides.disks.len(),
+        });
+    }
+    let (mut disk_index, mut had_net, mut had_vsock) = (0, false, false);
+    let mut specs = Vec::with_capacity(saved.len());
+    for (name, backend) in saved {
+        let backend = backend
+            .as_ref()
+            .and_then(|b| b.backend.as_ref())
+            .ok_or_else(|| DeviceStateError::NoBackend(name.clone()))?;
+        specs.push(match backend {
+            Backend::Disk(d) => {
+                let spec = overrides
+                    .disks
+                    .get(disk_index)
+                    .cloned()
+                    .unwrap_or(DiskConfig {
+                        path: PathBuf::from(&d.path),
+                        read_only: d.read_only,
+                    });
+                disk_index += 1;
+                DeviceSpec::Disk(spec)
+            }
+            Backend::Net(n) => {
+                had_net = true;
+                match &overrides.net {
+                    Some(net) => DeviceSpec::Net(net.clone()),
+                    None => DeviceSpec::Net(NetConfig {
+                        tap: TapSource::Name(n.tap.clone()),
+                        mac: <[u8; 6]>::try_from(n.mac.as_slice())
+                            .map_err(|_| DeviceStateError::Mac(name.clone()))?,
+                    }),
+                }
+            }
+            Backend::Vsock(v) => {
+                had_vsock = true;
+                DeviceSpec::Vsock(overrides.vsock.clone().unwrap_or(VsockConfig {
+                    cid: v.cid,
+                    uds_path: PathBuf::from(&v.uds_path),
+                }))
+            }
+            Backend::Rng(_) => DeviceSpec::Rng,
+        });
+    }
+    if overrides.net.is_some() && !had_net {
+        return Err(DeviceStateError::NothingToOverride("net"));
+    }
+    if overrides.vsock.is_some() && !had_vsock {
+        return Err(DeviceStateError::NothingToOverride("vsock"));
+    }
+    Ok(specs)
+}
+
+/// A transport's state in protobuf form.
+pub fn transport_to_proto(s: &MmioTransportState) -> TransportState {
+    TransportState {
+        queues: s
+            .queues
+            .iter()
+            .map(|q| QueueState {
+                max_size: q.max_size.into(),
+                next_avail: q.next_avail.into(),
+                next_used: q.next_used.into(),
+                event_idx: q.event_idx_enabled,
+                size: q.size.into(),
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            })
+            .collect(),
+        queue_select: s.queue_select,
+        device_features_select: s.device_features_select,
+        driver_features_select: s.driver_features_select,
+        acked_features: s.acked_features,
+        status: s.status,
+        config_generation: s.config_generation,
+        lifecycle: s.lifecycle,
+        interrupt_status: s.interrupt_status,
+    }
+}
+
+/// A transport's state from protobuf form; 16-bit fields must fit.
+pub fn transport_from_proto(
+    name: &str,
+    s: &TransportState,
+) -> Result<MmioTransportState, DeviceStateError> {
+    let u16_of = |v: u32| u16::try_from(v).map_err(|_| DeviceStateError::Queue(name.into()));
+    let queues = s
+        .queues
+        .iter()
+        .map(|q| {
+            Ok(virtio_queue::QueueState {
+                max_size: u16_of(q.max_size)?,
+                next_avail: u16_of(q.next_avail)?,
+                next_used: u16_of(q.next_used)?,
+                event_idx_enabled: q.event_idx,
+                size: u16_of(q.size)?,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            })
+        })
+        .collect::<Result<Vec<_>, DeviceStateError>>()?;
+    Ok(MmioTransportState {
+        queues,
+        queue_select: s.queue_select,
+        device_features_select: s.device_features_select,
+        driver_features_select: s.driver_features_select,
+        acked_features: s.acked_features,
+        status: s.status,
+        config_generation: s.config_generation,
+        lifecycle: s.lifecycle,
+        interrupt_status: s.interrupt_status,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::state::tests::sample;
+
+    fn saved(specs: &[DeviceSpec]) -> Vec<(String, Option<DeviceBackend>)> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("dev{i}"), Some(backend_of(s))))
+            .collect()
+    }
+
+    fn boot_specs() -> Vec<DeviceSpec> {
+        vec![
+            DeviceSpec::Disk(DiskConfig {
+                path: "/img/root.ext4".into(),
+                read_only: false,
+            }),
+            DeviceSpec::Net(NetConfig {
+                tap: TapSource::Fd(5, "husk7".into()),
+                mac: [6, 0, 0, 0, 0, 7],
+            }),
+            DeviceSpec::Vsock(VsockConfig {
+                cid: 3,
+                uds_path: "/run/a.vsock".into(),
+            }),
+            DeviceSpec::Rng,
+        ]
+    }
+
+    #[test]
+    fn without_overrides_the_snapshot_devices_come_back() {
+        let specs = specs_for_restore(&saved(&boot_specs()), &RestoreOverrides::default()).unwrap();
+        let mut expect = boot_specs();
+        // A tap handed over by fd is reopened by its name.
+        expect[1] = DeviceSpec::Net(NetConfig {
+            tap: TapSource::Name("husk7".into()),
+            mac: [6, 0, 0, 0, 0, 7],
+        });
+        assert_eq!(specs, expect);
+    }
+
+    #[test]
+    fn overrides_replace_identities_and_must_fit() {
+        let vsock = VsockConfig {
+            cid: 42,
+            uds_path: "/run/clone.vsock".into(),
+        };
+        let net = NetConfig {
+            tap: TapSource::Name("clone0".into()),
+            mac: [6, 0, 0, 0, 0, 42],
+        };
+        let disk = DiskConfig {
+            path: "/img/clone.ext4".into(),
+            read_only: true,
+        };
+        let o = RestoreOverrides {
+            vsock: Some(vsock.clone()),
+            net: Some(net.clone()),
+            disks: vec![disk.clone()],
+        };
+        let specs = specs_for_restore(&saved(&boot_specs()), &o).unwrap();
+        assert_eq!(
+            specs,
+            vec![
+                DeviceSpec::Disk(disk.clone()),
+                DeviceSpec::Net(net),
+                DeviceSpec::Vsock(vsock.clone()),
+                DeviceSpec::Rng
+            ]
+        );
+        let two_disks = RestoreOverrides {
+            disks: vec![disk.clone(), disk],
+            ..Default::default()
+        };
+        assert!(matches!(
+            specs_for_restore(&saved(&boot_specs()), &two_disks),
+            Err(DeviceStateError::DiskCount {
+                snapshot: 1,
+                given: 2
+            })
+        ));
+        let vsock_only = RestoreOverrides {
+            vsock: Some(vsock),
+            ..Default::default()
+        };
+        assert_eq!(
+            specs_for_restore(&saved(&[DeviceSpec::Rng]), &vsock_only),
+            Err(DeviceStateError::NothingToOverride("vsock"))
+        );
+        assert!(specs_for_restore(&[("x".into(), None)], &RestoreOverrides::default()).is_err());
+    }
+
+    #[test]
+    fn transport_state_round_trips_and_bad_queues_are_refused() {
+        let proto = sample().devices[0].transport.clone().unwrap();
+        let state = transport_from_proto("vsock0", &proto).unwrap();
+        assert_eq!(state.queues[0].next_avail, 7);
+        assert_eq!(transport_to_proto(&state), proto);
+        let mut bad = proto;
+        bad.queues[0].size = 70_000;
+        assert!(transport_from_proto("vsock0", &bad).is_err());
+    }
+}
