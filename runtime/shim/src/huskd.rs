@@ -7,7 +7,8 @@
 
 use husk_proto::v1::husk_client::HuskClient;
 use husk_proto::v1::{
-    network, CreateVmRequest, DeleteVmRequest, GetVmRequest, Network, StopVmRequest, Vm, VmSpec,
+    network, CreateVmRequest, DeleteVmRequest, GetVmRequest, Network, StopVmRequest,
+    StreamConsoleRequest, Vm, VmSpec,
 };
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -114,6 +115,27 @@ pub async fn get_vm(client: &mut HuskClient<Channel>, vm: &str) -> Result<Vm, Hu
         .get_vm(GetVmRequest { vm: vm.into() })
         .await?
         .into_inner())
+}
+
+/// The last `lines` lines of the VM's console (for logs when something went wrong).
+pub async fn console_tail(client: &mut HuskClient<Channel>, vm: &str, lines: usize) -> String {
+    let Ok(response) = client
+        .stream_console(StreamConsoleRequest {
+            vm: vm.into(),
+            follow: false,
+        })
+        .await
+    else {
+        return String::new();
+    };
+    let mut stream = response.into_inner();
+    let mut data = Vec::new();
+    while let Some(Ok(chunk)) = tokio_stream::StreamExt::next(&mut stream).await {
+        data.extend_from_slice(&chunk.data);
+    }
+    let text = String::from_utf8_lossy(&data);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Stops the VM at once (the container's processes are already gone or must go).

@@ -83,7 +83,12 @@ pub fn start(args: &ShimArgs) -> Result<(), String> {
     // and use only the fd number copied before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, LISTENER_FD) < 0 {
+            // dup2 onto itself keeps FD_CLOEXEC: clear it by hand in that case.
+            if fd == LISTENER_FD {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, LISTENER_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             libc::setsid();

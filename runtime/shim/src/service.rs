@@ -358,10 +358,18 @@ impl Task for Service {
         let mut client = self.client().await?;
         let host_pid = self.pid_of(&p).await;
         let on_exit = self.on_exit(&req.id, &req.exec_id, host_pid, &vm);
-        let pid = p
-            .start(&mut client, &vm, on_exit)
-            .await
-            .map_err(process_err)?;
+        let pid = match p.start(&mut client, &vm, on_exit).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                // The guest's console says why a boot or an agent failed.
+                let console = huskd::console_tail(&mut client, &vm, 30).await;
+                log::error!(
+                    "container {}: start failed: {e}; VM console:\n{console}",
+                    req.id
+                );
+                return Err(process_err(e));
+            }
+        };
         let mut r = StartResponse::new();
         if req.exec_id.is_empty() {
             let mut e = TaskStart::new();
