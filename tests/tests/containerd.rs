@@ -28,10 +28,17 @@ struct Containerd {
 
 impl Containerd {
     fn start(tag: &str) -> Self {
+        let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self::start_in(tag, "native")
+    }
+
+    /// Starts containerd in /tmp/husk-ctrd-TAG-PID (kept if it exists: a test may have mounted
+    /// something there) and imports the test image with `snapshotter`.
+    fn start_in(tag: &str, snapshotter: &str) -> Self {
         let vmm = bin("husk-vmm").display().to_string();
         let huskd = Huskd::start(&format!("ctrd-{tag}"), &["--vmm", &vmm]);
         let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("c.sock");
         let config = format!(
@@ -88,7 +95,7 @@ impl Containerd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        me.import_image();
+        me.import_image(snapshotter);
         me
     }
 
@@ -131,13 +138,13 @@ impl Containerd {
         out.stdout()
     }
 
-    fn import_image(&self) {
+    fn import_image(&self, snapshotter: &str) {
         let tar = build_oci_image(&self.dir.join("image"));
         let out = self.ctr_ok(&[
             "image",
             "import",
             "--snapshotter",
-            "native",
+            snapshotter,
             tar.to_str().unwrap(),
         ]);
         assert!(
@@ -210,25 +217,37 @@ impl Containerd {
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Shims serving leftover tasks stop with their socket's owner gone only on Shutdown:
-        // end the ones of this containerd (found by their -address flag), never others.
+impl Containerd {
+    /// PIDs of the live shims of this containerd (found by their -address flag).
+    fn shims(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let text = String::from_utf8_lossy(&cmdline);
             if text.contains("containerd-shim-husk-v2")
                 && text.contains(&*self.socket.to_string_lossy())
             {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    // SAFETY: plain kill(2) of a process this test's containerd started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() {
+                    if process_alive(pid) {
+                        pids.push(pid as i32);
+                    }
                 }
             }
+        }
+        pids
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shims of tasks a failed test left behind: end them (only this containerd's).
+        for pid in self.shims() {
+            // SAFETY: plain kill(2) of a process this test's containerd started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         // Unmount whatever containerd left (native snapshots need none; be thorough).
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -239,6 +258,12 @@ impl Drop for Containerd {
                 }
             }
         }
+        // Innermost first did not matter with -l; the tmpfs root (overlay test) goes last.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join("root"))
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -460,6 +485,12 @@ fn exec_kill_and_delete_leave_nothing_behind() {
     assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
     assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
     assert_eq!(interfaces(), nets_before);
+    // The shim ended after containerd's Shutdown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctrd.shims().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ctrd.shims(), Vec::<i32>::new(), "shim still running");
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(
         !mounts.contains(&*ctrd.dir.to_string_lossy()),
@@ -502,5 +533,107 @@ fn a_killed_vmm_is_reported_as_an_exit() {
     );
     ctrd.ctr_ok(&["container", "delete", "dead1"]);
     assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// Stdin flows from `ctr run` through the FIFO into the process, and its end is an EOF.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn stdin_reaches_the_container_and_ends_with_eof() {
+    use std::io::Write;
+    require_guest_kvm();
+    let ctrd = Containerd::start("stdin");
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.socket)
+        .args([
+            "--namespace",
+            "husk",
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+        ])
+        .args(["--runtime", RUNTIME, IMAGE, "in1"])
+        .args([
+            "sh",
+            "-c",
+            "n=0; while read l; do n=$((n+1)); echo \"got:$l\"; done; echo lines:$n",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"alpha\nbeta\n").unwrap();
+    drop(stdin);
+    let deadline = Instant::now() + CTR_LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ctr run with stdin hung\n{}", ctrd.logs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["got:alpha", "got:beta", "lines:2"],
+        "stderr: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctrd.logs()
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// With containerd's default snapshotter (overlayfs, what Kubernetes nodes use) the rootfs
+/// arrives as overlay mounts: the shim mounts them for the copy and unmounts them after.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn the_overlayfs_snapshotter_works_and_leaves_no_mounts() {
+    require_guest_kvm();
+    // The testbed's root is itself an overlay, which cannot hold overlay upper directories:
+    // containerd's root goes on a tmpfs (created before containerd starts).
+    let tag = "overlay";
+    let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(dir.join("root"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ctrd = Containerd::start_in(tag, "overlayfs");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "ov1",
+        "sh",
+        "-c",
+        "echo overlay-ok > /tmp/x; cat /tmp/x; ls /bin/busybox",
+    ]);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{} {}\n{}",
+        out.stdout(),
+        out.stderr(),
+        ctrd.logs()
+    );
+    assert!(out.stdout().contains("overlay-ok"), "{}", out.stdout());
+    assert!(out.stdout().contains("/bin/busybox"), "{}", out.stdout());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let ours: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&*ctrd.dir.to_string_lossy()) && l.starts_with("overlay"))
+        .collect();
+    assert_eq!(ours, Vec::<&str>::new(), "overlay mounts left behind");
+    assert_eq!(ctrd.vm_count(), 0);
     assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
 }

@@ -5,6 +5,7 @@
 //! back. When the stream fails (the VMM died, huskd went away), the process is recorded as
 //! exited with status 255 and the reason is logged, so containerd never waits forever.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -61,6 +62,8 @@ pub struct Process {
     pub stdio: Stdio,
     status: watch::Sender<Status>,
     control: Mutex<Option<mpsc::Sender<ExecRequest>>>,
+    /// The stdin FIFO, opened when the process was defined; taken by the start.
+    stdin: Mutex<Option<OwnedFd>>,
 }
 
 /// What the pump reports once the process ended.
@@ -79,9 +82,10 @@ impl Process {
         Arc::new(Self {
             exec_id: exec_id.to_string(),
             spec,
-            stdio,
             status: watch::channel(Status::Created).0,
             control: Mutex::new(None),
+            stdin: Mutex::new(open_stdin(&stdio.stdin)),
+            stdio,
         })
     }
 
@@ -208,7 +212,8 @@ impl Process {
         };
         *self.control_lock() = Some(tx.clone());
         self.status.send_replace(Status::Running { pid });
-        start_stdin(&self.stdio.stdin, tx);
+        let fifo = self.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+        start_stdin(fifo, tx);
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let ended = this.pump(pid, responses).await;
@@ -290,49 +295,78 @@ async fn write_out(out: &mut Option<tokio::net::unix::pipe::Sender>, data: &[u8]
     }
 }
 
-/// Feeds the stdin FIFO into the stream on a thread (opening a FIFO for reading blocks until
-/// containerd opens its end); its end closes the process's stdin. No FIFO: stdin is closed at
-/// once, so a process reading it sees end of file, as with /dev/null.
-fn start_stdin(path: &str, tx: mpsc::Sender<ExecRequest>) {
-    let msg = |m| ExecRequest { msg: Some(m) };
+/// Opens the stdin FIFO for reading at once (Create/Exec time), without blocking: from then on
+/// a reader exists, so what containerd writes before the process starts waits in the pipe
+/// instead of being lost when its writer closes early.
+fn open_stdin(path: &str) -> Option<OwnedFd> {
     if path.is_empty() {
+        return None;
+    }
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => Some(OwnedFd::from(f)),
+        Err(e) => {
+            log::warn!("cannot open stdin FIFO {path}: {e}");
+            None
+        }
+    }
+}
+
+/// Feeds the stdin FIFO into the stream on a thread; the writer's close becomes the
+/// process's end of file. No FIFO: stdin is closed at once, as with /dev/null.
+///
+/// The FIFO was opened before any writer existed, so Linux reports it readable (POLLIN or
+/// POLLHUP) only once there is data or a writer came and went: a read of 0 after such a
+/// wake-up is the real end. The thread gives up once the exec stream is gone.
+fn start_stdin(fd: Option<OwnedFd>, tx: mpsc::Sender<ExecRequest>) {
+    let msg = |m| ExecRequest { msg: Some(m) };
+    let Some(fd) = fd else {
         let _ = tx.try_send(msg(exec_request::Msg::CloseStdin(true)));
         return;
-    }
-    let path = path.to_string();
+    };
     std::thread::spawn(move || {
-        use std::io::Read;
-        let Ok(mut fifo) = std::fs::OpenOptions::new().read(true).open(&path) else {
-            let _ = tx.blocking_send(msg(exec_request::Msg::CloseStdin(true)));
-            return;
-        };
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            match fifo.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(msg(exec_request::Msg::Stdin(buf[..n].to_vec())))
-                        .is_err()
-                    {
-                        return;
-                    }
+            if tx.is_closed() {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
+            if ready <= 0 {
+                continue; // timeout or EINTR: look at the stream again
+            }
+            // SAFETY: reads into a buffer we own, at most its length, from an fd we own.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                let chunk = buf[..n as usize].to_vec();
+                if tx
+                    .blocking_send(msg(exec_request::Msg::Stdin(chunk)))
+                    .is_err()
+                {
+                    return;
+                }
+            } else if n == 0 {
+                break;
+            } else {
+                let e = std::io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) {
+                    break;
                 }
             }
         }
         let _ = tx.blocking_send(msg(exec_request::Msg::CloseStdin(true)));
     });
-}
-
-/// Unblocks a stdin thread still waiting for containerd to open the FIFO's write end (the
-/// process ended first): opening the write end ourselves lets its open return.
-pub fn release_stdin(path: &str) {
-    if !path.is_empty() {
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path);
-    }
 }
 
 #[cfg(test)]
@@ -365,5 +399,50 @@ mod tests {
         assert!(!waiter.is_finished());
         p.mark_exited(3);
         assert_eq!(waiter.await.unwrap(), 3);
+    }
+
+    fn fifo(tag: &str) -> String {
+        let path =
+            std::env::temp_dir().join(format!("husk-shim-fifo-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        path.display().to_string()
+    }
+
+    #[tokio::test]
+    async fn stdin_written_and_closed_before_the_start_is_delivered_then_eof() {
+        let path = fifo("early");
+        let reader = open_stdin(&path);
+        assert!(reader.is_some());
+        // containerd writes and closes before the process starts.
+        let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut w, b"abc\n").unwrap();
+        drop(w);
+        let (tx, mut rx) = mpsc::channel(8);
+        start_stdin(reader, tx);
+        let first = rx.recv().await.unwrap().msg;
+        assert_eq!(first, Some(exec_request::Msg::Stdin(b"abc\n".to_vec())));
+        let second = rx.recv().await.unwrap().msg;
+        assert_eq!(second, Some(exec_request::Msg::CloseStdin(true)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_writer_yet_is_not_an_eof_and_no_fifo_is_one() {
+        let path = fifo("late");
+        let (tx, mut rx) = mpsc::channel(8);
+        start_stdin(open_stdin(&path), tx);
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(500), rx.recv()).await;
+        assert!(quiet.is_err(), "EOF before any writer: {quiet:?}");
+        drop(rx); // the stream ends: the thread gives up
+        let (tx, mut rx) = mpsc::channel(8);
+        start_stdin(None, tx);
+        assert_eq!(
+            rx.recv().await.unwrap().msg,
+            Some(exec_request::Msg::CloseStdin(true))
+        );
+        std::fs::remove_file(&path).unwrap();
     }
 }

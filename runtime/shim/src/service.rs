@@ -32,7 +32,7 @@ use crate::args::ShimArgs;
 use crate::events::{timestamp, Publisher};
 use crate::huskd::{self, HuskdError, VmPlan};
 use crate::oci;
-use crate::process::{self, Ended, Process, ProcessError, Status, Stdio};
+use crate::process::{Ended, Process, ProcessError, Status, Stdio};
 use crate::rootfs;
 
 /// The file in the bundle that tells `delete` (run after a shim died) what to clean up:
@@ -158,7 +158,6 @@ impl Service {
         let events = self.events.clone();
         let host = self.host.clone();
         let (id, exec_id, vm) = (id.to_string(), exec_id.to_string(), vm.to_string());
-        let container = Arc::clone(&self.container);
         move |ended: Ended| {
             if let Some(reason) = ended.lost.clone() {
                 let (host, vm, id, exec_id) =
@@ -195,15 +194,9 @@ impl Service {
             events.publish(&e);
             if exec_id.is_empty() {
                 tokio::spawn(async move {
+                    // Exec'd processes end with the VM (their streams report them).
                     if let Ok(mut c) = huskd::connect(&host).await {
                         let _ = huskd::stop_vm(&mut c, &vm).await;
-                    }
-                    // Processes whose streams did not see the stop are over all the same.
-                    if let Some(c) = container.lock().await.as_ref() {
-                        for p in c.execs.values() {
-                            process::release_stdin(&p.stdio.stdin);
-                        }
-                        process::release_stdin(&c.init.stdio.stdin);
                     }
                 });
             }
@@ -579,7 +572,6 @@ impl Task for Service {
                 let _ = std::fs::remove_dir(dir);
             }
             let _ = std::fs::remove_file(c.bundle.join(RECORD_FILE));
-            process::release_stdin(&c.init.stdio.stdin);
         }
         let mut e = TaskDelete::new();
         e.container_id = req.id.clone();
