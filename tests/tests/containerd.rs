@@ -36,6 +36,12 @@ impl Containerd {
     /// Starts containerd in /tmp/husk-ctrd-TAG-PID (kept if it exists: a test may have mounted
     /// something there) and imports the test image with `snapshotter`.
     fn start_in(tag: &str, snapshotter: &str) -> Self {
+        Self::start_with(tag, snapshotter, None)
+    }
+
+    /// As [`Self::start_in`]; `husk_host` replaces the fixture huskd's address in the shims'
+    /// environment.
+    fn start_with(tag: &str, snapshotter: &str, husk_host: Option<&str>) -> Self {
         let vmm = bin("husk-vmm").display().to_string();
         let huskd = Huskd::start(&format!("ctrd-{tag}"), &["--vmm", &vmm]);
         let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
@@ -70,7 +76,12 @@ impl Containerd {
             .arg("--log-level")
             .arg("debug")
             .env("PATH", path)
-            .env("HUSK_HOST", format!("unix://{}", huskd.socket.display()))
+            .env(
+                "HUSK_HOST",
+                husk_host
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("unix://{}", huskd.socket.display())),
+            )
             .env("HUSK_SHIM_STATE_DIR", dir.join("images"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -466,6 +477,14 @@ fn exec_kill_and_delete_leave_nothing_behind() {
     assert_eq!(ctrd.task_status("life1").as_deref(), Some("RUNNING"));
     let ps = ctrd.ctr_ok(&["task", "ps", "life1"]);
     assert!(ps.contains(&vmm_pid.to_string()), "{ps}");
+    // Pause and resume stop and restart the VM's vCPUs.
+    ctrd.ctr_ok(&["task", "pause", "life1"]);
+    assert_eq!(ctrd.task_status("life1").as_deref(), Some("PAUSED"));
+    ctrd.ctr_ok(&["task", "resume", "life1"]);
+    assert_eq!(ctrd.task_status("life1").as_deref(), Some("RUNNING"));
+    // Stats: the VMM's CPU time and resident memory, as cgroups v1 metrics.
+    let metrics = ctrd.ctr_ok(&["task", "metrics", "life1"]);
+    assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
     ctrd.ctr_ok(&["task", "kill", "--signal", "SIGTERM", "life1"]);
     ctrd.wait_status("life1", "STOPPED", Duration::from_secs(60));
     // `ctr task delete` reports the task's exit status: the trap's 42.
@@ -635,5 +654,96 @@ fn the_overlayfs_snapshotter_works_and_leaves_no_mounts() {
         .collect();
     assert_eq!(ours, Vec::<&str>::new(), "overlay mounts left behind");
     assert_eq!(ctrd.vm_count(), 0);
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// Without a reachable huskd, `ctr run` fails at once with a message that names the socket,
+/// and leaves no image behind. (No guest is booted: runs on any host with containerd.)
+#[test]
+fn without_huskd_ctr_run_fails_clearly() {
+    let dir = PathBuf::from(format!("/tmp/husk-ctrd-nohuskd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctrd = Containerd::start_with("nohuskd", "native", Some("unix:///nonexistent/huskd.sock"));
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "nh1",
+        "true",
+    ]);
+    assert_ne!(out.code(), Some(0), "{}", out.stdout());
+    assert!(
+        out.stderr()
+            .contains("cannot reach huskd at unix:///nonexistent/huskd.sock"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// A container on a pseudo-terminal (`ctr run -t`, itself under `script` for a terminal).
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_terminal_container_runs_on_a_pty() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("tty");
+    let inner = format!(
+        "ctr --address {} --namespace husk run -t --rm --snapshotter native --runtime {RUNTIME} \
+         {IMAGE} tty1 sh -c 'tty; echo tty-ok; exit 5'",
+        ctrd.socket.display()
+    );
+    let out = run_with_timeout(
+        Command::new("script").args(["-qec", &inner, "/dev/null"]),
+        CTR_LIMIT,
+    );
+    assert_eq!(
+        out.code(),
+        Some(5),
+        "{} {}\n{}",
+        out.stdout(),
+        out.stderr(),
+        ctrd.logs()
+    );
+    assert!(out.stdout().contains("/dev/pts/"), "{}", out.stdout());
+    assert!(out.stdout().contains("tty-ok"), "{}", out.stdout());
+}
+
+/// A shim that dies: containerd runs `containerd-shim-husk-v2 delete`, which removes the VM
+/// and the image.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_dead_shim_is_cleaned_up_by_the_delete_action() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("shimdead");
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "sd1",
+        "sleep",
+        "600",
+    ]);
+    ctrd.wait_status("sd1", "RUNNING", Duration::from_secs(120));
+    assert_eq!(ctrd.vm_count(), 1);
+    let shims = ctrd.shims();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // SAFETY: plain kill(2) of the shim this test's containerd started.
+    assert_eq!(unsafe { libc::kill(shims[0], libc::SIGKILL) }, 0);
+    // containerd notices the shim's end and cleans up through `delete`.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ctrd.vm_count() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.logs());
+    let _ = ctrd.ctr(&["task", "delete", "--force", "sd1"]);
+    ctrd.ctr_ok(&["container", "delete", "sd1"]);
     assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
 }

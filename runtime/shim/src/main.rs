@@ -17,6 +17,7 @@ mod oci;
 mod process;
 mod rootfs;
 mod service;
+mod stats;
 
 use std::process::ExitCode;
 

@@ -34,6 +34,7 @@ use crate::huskd::{self, HuskdError, VmPlan};
 use crate::oci;
 use crate::process::{Ended, Process, ProcessError, Status, Stdio};
 use crate::rootfs;
+use crate::stats;
 
 /// The file in the bundle that tells `delete` (run after a shim died) what to clean up:
 /// line 1 the VM name, line 2 the rootfs image.
@@ -608,11 +609,24 @@ impl Task for Service {
         Ok(Empty::new())
     }
 
-    async fn stats(&self, _ctx: &TtrpcContext, _req: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        Err(err(
-            Code::UNIMPLEMENTED,
-            "stats: not implemented by the husk shim",
-        ))
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let (pid, processes) = {
+            let guard = self.container.lock().await;
+            let c = guard
+                .as_ref()
+                .filter(|c| c.id == req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+            let running = std::iter::once(&c.init)
+                .chain(c.execs.values())
+                .filter(|p| matches!(p.status(), Status::Running { .. }))
+                .count();
+            (c.vmm_pid, running as u64)
+        };
+        let any = stats::vmm_metrics(pid, processes)
+            .map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;
+        let mut r = StatsResponse::new();
+        r.stats = MessageField::some(any);
+        Ok(r)
     }
 
     async fn update(&self, _ctx: &TtrpcContext, _req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
