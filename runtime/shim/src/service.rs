@@ -101,6 +101,25 @@ pub fn image_path(namespace: &str, id: &str) -> PathBuf {
     base.join(namespace).join(id).join("rootfs.ext4")
 }
 
+/// How long Start waits for a booting VM's guest agent: `$HUSK_SHIM_BOOT_TIMEOUT` seconds,
+/// default 300.
+fn boot_timeout() -> std::time::Duration {
+    let secs = std::env::var("HUSK_SHIM_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(300);
+    std::time::Duration::from_secs(secs)
+}
+
+async fn vm_running(
+    client: &mut husk_proto::v1::husk_client::HuskClient<tonic::transport::Channel>,
+    vm: &str,
+) -> bool {
+    huskd::get_vm(client, vm)
+        .await
+        .is_ok_and(|v| v.state == husk_proto::v1::VmState::Running as i32)
+}
+
 impl Service {
     pub fn new(args: ShimArgs, events: Publisher) -> Self {
         Self {
@@ -351,17 +370,33 @@ impl Task for Service {
         let (p, vm) = self.process(&req.id, &req.exec_id).await?;
         let mut client = self.client().await?;
         let host_pid = self.pid_of(&p).await;
-        let on_exit = self.on_exit(&req.id, &req.exec_id, host_pid, &vm);
-        let pid = match p.start(&mut client, &vm, on_exit).await {
-            Ok(pid) => pid,
-            Err(e) => {
-                // The guest's console says why a boot or an agent failed.
-                let console = huskd::console_tail(&mut client, &vm, 30).await;
-                log::error!(
-                    "container {}: start failed: {e}; VM console:\n{console}",
-                    req.id
-                );
-                return Err(process_err(e));
+        // huskd waits up to a minute for a booting guest's agent; a loaded host (or nested
+        // emulation) can take longer, so the shim keeps asking while the VM runs.
+        let deadline = std::time::Instant::now() + boot_timeout();
+        let pid = loop {
+            let on_exit = self.on_exit(&req.id, &req.exec_id, host_pid, &vm);
+            match p.start(&mut client, &vm, on_exit).await {
+                Ok(pid) => break pid,
+                Err(ProcessError::Exec(s))
+                    if s.code() == tonic::Code::Unavailable
+                        && std::time::Instant::now() < deadline
+                        && vm_running(&mut client, &vm).await =>
+                {
+                    log::info!(
+                        "container {}: the guest agent is not up yet ({}); still waiting",
+                        req.id,
+                        s.message()
+                    );
+                }
+                Err(e) => {
+                    // The guest's console says why a boot or an agent failed.
+                    let console = huskd::console_tail(&mut client, &vm, 30).await;
+                    log::error!(
+                        "container {}: start failed: {e}; VM console:\n{console}",
+                        req.id
+                    );
+                    return Err(process_err(e));
+                }
             }
         };
         let mut r = StartResponse::new();
