@@ -69,7 +69,13 @@ pub fn build(
         _ => {
             std::fs::create_dir_all(&root).map_err(RootfsError::Walk)?;
             for m in mounts {
-                mount(m, &root)?;
+                if let Err(e) = mount(m, &root) {
+                    // Undo the mounts made so far (stacked on the same target).
+                    for _ in 0..mounts.len() {
+                        unmount(&root);
+                    }
+                    return Err(e);
+                }
             }
             (root.clone(), true)
         }
@@ -242,6 +248,23 @@ mod tests {
             build(&dir, &[missing], "rootfs", &dir.join("other.ext4")),
             Err(RootfsError::NotADirectory(_))
         ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mount_that_fails_is_reported_and_nothing_stays_mounted() {
+        let dir = scratch("badmount");
+        let m = Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![format!("lowerdir={}", dir.join("missing").display())],
+            ..Default::default()
+        };
+        let err = build(&dir, &[m.clone(), m], "rootfs", &dir.join("x.ext4")).unwrap_err();
+        assert!(matches!(err, RootfsError::Mount { .. }), "{err}");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(&*dir.to_string_lossy()), "{mounts}");
+        assert!(!dir.join("x.ext4").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

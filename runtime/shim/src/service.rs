@@ -306,11 +306,13 @@ impl Task for Service {
         let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
         // A VM of that name is a leftover of an earlier shim of this container id.
         let _ = huskd::delete_vm(&mut client, &vm_name).await;
-        std::fs::write(
+        if let Err(e) = std::fs::write(
             bundle.join(RECORD_FILE),
             format!("{vm_name}\n{}\n", image.display()),
-        )
-        .map_err(|e| err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")))?;
+        ) {
+            rootfs::cleanup(&bundle, &image);
+            return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
+        }
         let plan = VmPlan {
             name: vm_name.clone(),
             rootfs_image: image.display().to_string(),
