@@ -685,15 +685,17 @@ fn without_huskd_ctr_run_fails_clearly() {
     assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
 }
 
-/// A container on a pseudo-terminal (`ctr run -t`, itself under `script` for a terminal).
+/// A container on a pseudo-terminal (`ctr run -t`, itself under `script` for a terminal) that
+/// takes ctr's terminal size.
 #[test]
 #[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
 fn a_terminal_container_runs_on_a_pty() {
     require_guest_kvm();
     let ctrd = Containerd::start("tty");
     let inner = format!(
-        "ctr --address {} --namespace husk run -t --rm --snapshotter native --runtime {RUNTIME} \
-         {IMAGE} tty1 sh -c 'tty; echo tty-ok; exit 5'",
+        "stty rows 33 cols 111; \
+         ctr --address {} --namespace husk run -t --rm --snapshotter native --runtime {RUNTIME} \
+         {IMAGE} tty1 sh -c 'tty; sleep 1; echo size:$(stty size); echo tty-ok; exit 5'",
         ctrd.socket.display()
     );
     let out = run_with_timeout(
@@ -710,6 +712,8 @@ fn a_terminal_container_runs_on_a_pty() {
     );
     assert!(out.stdout().contains("/dev/pts/"), "{}", out.stdout());
     assert!(out.stdout().contains("tty-ok"), "{}", out.stdout());
+    // ctr sent its terminal's size (ResizePty) once the process started.
+    assert!(out.stdout().contains("size:33 111"), "{}", out.stdout());
 }
 
 /// A shim that dies: containerd runs `containerd-shim-husk-v2 delete`, which removes the VM
