@@ -24,6 +24,16 @@ pub struct Launch {
     /// Make fd 0 the controlling terminal of the new session (failure is ignored: fd 0 may be
     /// no terminal).
     pub controlling_tty: bool,
+    /// Identity to switch to after the chroot (`None`: stay root).
+    pub user: Option<User>,
+}
+
+/// uid, primary gid and supplementary gids of a launched process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -53,6 +63,8 @@ impl Launch {
         let cwd = cstring(&self.cwd)?;
         let root = self.root.as_deref().map(cstring).transpose()?;
         let controlling_tty = self.controlling_tty;
+        let user = self.user.clone();
+        let groups: Vec<libc::gid_t> = user.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
         // SAFETY: the closure runs in the forked child before exec and only makes
         // async-signal-safe system calls on data prepared before the fork.
         unsafe {
@@ -67,6 +79,16 @@ impl Launch {
                 }
                 if libc::chdir(cwd.as_ptr()) != 0 {
                     return Err(io::Error::last_os_error());
+                }
+                // Groups first, then the gid, the uid last: each step needs the privilege
+                // that the next one gives up.
+                if let Some(user) = &user {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(user.gid) != 0
+                        || libc::setuid(user.uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 reset_signals();
                 libc::setsid();
@@ -190,5 +212,31 @@ mod tests {
         assert!(launch.command().unwrap().spawn().is_err());
         let empty = Launch::default();
         assert!(empty.command().is_err());
+    }
+
+    #[test]
+    fn the_child_runs_as_the_given_user_and_groups() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // switching users needs root; the agent always is
+        }
+        let launch = Launch {
+            argv: vec![
+                b"/bin/sh".to_vec(),
+                b"-c".to_vec(),
+                b"id -u; id -g; id -G".to_vec(),
+            ],
+            cwd: b"/".to_vec(),
+            user: Some(User {
+                uid: 1234,
+                gid: 2345,
+                groups: vec![2345, 3456],
+            }),
+            ..Launch::default()
+        };
+        let out = launch.command().unwrap().output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, ["1234", "2345", "2345 3456"], "{out:?}");
     }
 }

@@ -133,6 +133,7 @@ fn app_command(spec: &BootSpec, root: Option<&str>) -> io::Result<Command> {
         // Own session with the console as controlling terminal, so ^C typed on the console
         // reaches the application.
         controlling_tty: true,
+        user: None,
     }
     .command()
 }

@@ -18,7 +18,7 @@ use super::input::{self, InputEnd, Process};
 use super::sink::Sink;
 use super::{stdio, Agent};
 use crate::children::{Children, Spawned};
-use crate::launch::{Launch, DEFAULT_PATH};
+use crate::launch::{Launch, User, DEFAULT_PATH};
 
 /// Checks an exec request and turns it into a launch in `root`.
 pub fn plan(request: &Exec, root: Option<&[u8]>) -> Result<Launch, String> {
@@ -66,6 +66,11 @@ pub fn plan(request: &Exec, root: Option<&[u8]>) -> Result<Launch, String> {
         cwd: workdir.as_bytes().to_vec(),
         root: root.map(<[u8]>::to_vec),
         controlling_tty: request.tty,
+        user: request.user.as_ref().map(|u| User {
+            uid: u.uid,
+            gid: u.gid,
+            groups: u.additional_gids.clone(),
+        }),
     })
 }
 

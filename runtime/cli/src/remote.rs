@@ -370,6 +370,7 @@ async fn exec(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, 
         workdir: p.value("--workdir").unwrap_or_default().to_string(),
         tty,
         window,
+        user: None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<ExecRequest>(16);
     let msg = |m| ExecRequest { msg: Some(m) };

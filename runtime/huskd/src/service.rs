@@ -242,6 +242,11 @@ impl Husk for HuskService {
                 workdir: start.workdir.clone(),
                 tty: start.tty,
                 window,
+                user: start.user.as_ref().map(|u| agent::User {
+                    uid: u.uid,
+                    gid: u.gid,
+                    additional_gids: u.additional_gids.clone(),
+                }),
             })),
         };
         let first: GuestMessage = wire::exchange(&mut stream, &exec, Duration::from_secs(30))

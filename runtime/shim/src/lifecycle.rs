@@ -1,0 +1,237 @@
+//! The three ways containerd runs the shim binary: `start`, `delete`, and serve.
+//!
+//! `start` (containerd 1.6, runtime v2): binds the ttrpc socket, spawns the long-lived shim
+//! (this binary, no action, the listening socket as fd 3, its own session so that it outlives
+//! containerd restarts), writes the address to `address` in the bundle, prints it, and exits.
+//! A second `start` for the same container finds the socket answering and prints it again.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::shim_async::{create_task, Task};
+use containerd_shim_protos::ttrpc::asynchronous::Server;
+
+use crate::args::ShimArgs;
+use crate::events::{timestamp, Publisher};
+use crate::huskd;
+use crate::rootfs;
+use crate::service::{Service, RECORD_FILE};
+
+/// The fd on which the long-lived shim inherits its listening socket.
+const LISTENER_FD: i32 = 3;
+
+/// The shim's socket: `<containerd's socket dir>/s/husk-<hash>.sock`, where containerd keeps
+/// its own shims' sockets (`/run/containerd/s` by default); short enough for sun_path.
+pub fn socket_path(args: &ShimArgs) -> PathBuf {
+    let dir = Path::new(&args.address)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("/run/containerd"))
+        .join("s");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{}\0{}\0{}", args.address, args.namespace, args.id).bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    dir.join(format!("husk-{h:016x}.sock"))
+}
+
+pub fn start(args: &ShimArgs) -> Result<(), String> {
+    let path = socket_path(args);
+    let address = format!("unix://{}", path.display());
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        // A shim for this container already serves (containerd retried start).
+        print!("{address}");
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    // containerd 1.6 reads the shim's log from the `log` FIFO in the bundle; read-write so the
+    // open never blocks.
+    let log = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(args.bundle.join("log"))
+        .ok()
+        .map(|f| {
+            // SAFETY: fcntl on an fd we own; clears O_NONBLOCK so writes wait, not fail.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
+            Stdio::from(f)
+        })
+        .unwrap_or_else(Stdio::null);
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(args.serve_args())
+        .current_dir(&args.bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: runs in the child between fork and exec; dup2 and setsid are async-signal-safe
+    // and use only the fd number copied before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps FD_CLOEXEC: clear it by hand in that case.
+            if fd == LISTENER_FD {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, LISTENER_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot spawn the shim: {e}"))?;
+    drop(listener);
+    std::fs::write(args.bundle.join("address"), &address)
+        .map_err(|e| format!("writing the address file: {e}"))?;
+    // The child is not waited for: it is the long-lived shim (reparented once we exit).
+    let _ = child.id();
+    print!("{address}");
+    std::io::stdout().flush().map_err(|e| e.to_string())
+}
+
+/// `delete`: containerd cleans up after a shim that is gone. Removes the VM and the rootfs
+/// image named in the bundle's record, and prints a DeleteResponse (status 137, as a killed
+/// process).
+pub fn delete(args: &ShimArgs) -> Result<(), String> {
+    let record = std::fs::read_to_string(args.bundle.join(RECORD_FILE)).unwrap_or_default();
+    let mut lines = record.lines();
+    let vm = lines.next().map(str::to_string);
+    let image = lines.next().map(PathBuf::from);
+    if let Some(vm) = vm {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            match huskd::connect(&huskd::host()).await {
+                Ok(mut c) => {
+                    if let Err(e) = huskd::delete_vm(&mut c, &vm).await {
+                        eprintln!("containerd-shim-husk-v2 delete: VM {vm}: {e}");
+                    }
+                }
+                Err(e) => eprintln!("containerd-shim-husk-v2 delete: {e}"),
+            }
+        });
+    }
+    if let Some(image) = image {
+        rootfs::cleanup(&args.bundle, &image);
+        if let Some(dir) = image.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    let _ = std::fs::remove_file(args.bundle.join(RECORD_FILE));
+    let _ = std::fs::remove_file(socket_path(args));
+    let mut r = DeleteResponse::new();
+    r.exit_status = 128 + libc::SIGKILL as u32;
+    r.exited_at = timestamp(std::time::SystemTime::now());
+    let bytes = r.write_to_bytes().map_err(|e| e.to_string())?;
+    std::io::stdout()
+        .write_all(&bytes)
+        .and_then(|()| std::io::stdout().flush())
+        .map_err(|e| e.to_string())
+}
+
+struct StderrLogger {
+    debug: bool,
+}
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        self.debug || m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("husk-shim {}: {}", r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// The long-lived shim: serves the task API on the inherited socket until Shutdown.
+pub fn serve(args: &ShimArgs) -> Result<(), String> {
+    let logger = Box::leak(Box::new(StderrLogger { debug: args.debug }));
+    let _ = log::set_logger(logger);
+    log::set_max_level(log::LevelFilter::Debug);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("async runtime: {e}"))?;
+    runtime.block_on(async {
+        let events = Publisher::start(
+            args.namespace.clone(),
+            args.address.clone(),
+            args.publish_binary.clone(),
+        );
+        let service = Service::new(args.clone(), events);
+        let shutdown = Arc::clone(&service.shutdown);
+        let boxed: Box<dyn Task + Send + Sync> = Box::new(service);
+        let mut server = Server::new()
+            .add_listener(LISTENER_FD)
+            .map_err(|e| format!("ttrpc listener: {e}"))?
+            .set_domain_unix()
+            .register_service(create_task(Arc::new(boxed)));
+        server
+            .start()
+            .await
+            .map_err(|e| format!("ttrpc server: {e}"))?;
+        log::info!(
+            "serving container {} in namespace {}",
+            args.id,
+            args.namespace
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = shutdown.notified() => {}
+            _ = term.recv() => {}
+        }
+        // Let the Shutdown reply leave before the socket closes.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_file(socket_path(args));
+        Ok::<(), String>(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_live_beside_containerds_and_differ_per_container() {
+        let args = ShimArgs {
+            namespace: "default".into(),
+            id: "c1".into(),
+            address: "/run/containerd/containerd.sock".into(),
+            ..Default::default()
+        };
+        let a = socket_path(&args);
+        assert!(a.starts_with("/run/containerd/s/"), "{}", a.display());
+        assert!(a.as_os_str().len() < 100);
+        let b = socket_path(&ShimArgs {
+            id: "c2".into(),
+            ..args.clone()
+        });
+        assert_ne!(a, b);
+        assert_eq!(a, socket_path(&args));
+    }
+}

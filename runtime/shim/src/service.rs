@@ -1,0 +1,686 @@
+//! The ttrpc task service (`containerd.task.v2.Task`) for one container in one husk VM.
+//!
+//! Create builds the rootfs image and boots the VM (a huskd sandbox: no boot command); Start
+//! runs the OCI process through the guest agent (huskd Exec); execs are further Exec streams.
+//! The container's init process is reported with the VMM's host PID (what `ctr task ls` and
+//! host tools can look at); exec'd processes with their guest PIDs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest,
+    WaitRequest, WaitResponse,
+};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim_protos::protobuf::{EnumOrUnknown, MessageField};
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext, Code};
+use containerd_shim_protos::types::task::{ProcessInfo, Status as TaskStatus};
+use husk_proto::v1::{PauseVmRequest, ResumeVmRequest};
+use tokio::sync::{Mutex, Notify};
+
+use crate::args::ShimArgs;
+use crate::events::{timestamp, Publisher};
+use crate::huskd::{self, HuskdError, VmPlan};
+use crate::oci;
+use crate::process::{Ended, Process, ProcessError, Status, Stdio};
+use crate::rootfs;
+use crate::stats;
+
+/// The file in the bundle that tells `delete` (run after a shim died) what to clean up:
+/// line 1 the VM name, line 2 the rootfs image.
+pub const RECORD_FILE: &str = "husk-vm";
+
+fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn huskd_err(e: HuskdError) -> ttrpc::Error {
+    let code = match &e {
+        HuskdError::Unreachable { .. } => Code::UNAVAILABLE,
+        HuskdError::BadAddress(_) => Code::INVALID_ARGUMENT,
+        HuskdError::Call(s) => match s.code() {
+            tonic::Code::NotFound => Code::NOT_FOUND,
+            tonic::Code::InvalidArgument => Code::INVALID_ARGUMENT,
+            tonic::Code::FailedPrecondition => Code::FAILED_PRECONDITION,
+            tonic::Code::AlreadyExists => Code::ALREADY_EXISTS,
+            tonic::Code::ResourceExhausted => Code::RESOURCE_EXHAUSTED,
+            tonic::Code::Unavailable => Code::UNAVAILABLE,
+            _ => Code::INTERNAL,
+        },
+    };
+    err(code, e.to_string())
+}
+
+fn process_err(e: ProcessError) -> ttrpc::Error {
+    let code = match &e {
+        ProcessError::Finished => Code::NOT_FOUND,
+        ProcessError::AlreadyStarted | ProcessError::NotStarted => Code::FAILED_PRECONDITION,
+        ProcessError::Exec(s) if s.code() == tonic::Code::InvalidArgument => Code::INVALID_ARGUMENT,
+        ProcessError::Exec(_) | ProcessError::NoStart => Code::UNAVAILABLE,
+    };
+    err(code, e.to_string())
+}
+
+/// The container this shim serves.
+#[derive(Debug)]
+struct Container {
+    id: String,
+    bundle: PathBuf,
+    vm: String,
+    vmm_pid: u32,
+    image: PathBuf,
+    init: Arc<Process>,
+    execs: HashMap<String, Arc<Process>>,
+    paused: bool,
+}
+
+pub struct Service {
+    args: ShimArgs,
+    host: String,
+    events: Publisher,
+    container: Arc<Mutex<Option<Container>>>,
+    pub shutdown: Arc<Notify>,
+}
+
+/// Where rootfs images go: `$HUSK_SHIM_STATE_DIR` or /var/lib/husk/containerd, then
+/// `<namespace>/<id>/rootfs.ext4`. Not in the bundle: that is on containerd's tmpfs (/run).
+pub fn image_path(namespace: &str, id: &str) -> PathBuf {
+    let base = std::env::var_os("HUSK_SHIM_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/husk/containerd"));
+    base.join(namespace).join(id).join("rootfs.ext4")
+}
+
+/// How long Start waits for a booting VM's guest agent: `$HUSK_SHIM_BOOT_TIMEOUT` seconds,
+/// default 300.
+fn boot_timeout() -> std::time::Duration {
+    let secs = std::env::var("HUSK_SHIM_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(300);
+    std::time::Duration::from_secs(secs)
+}
+
+async fn vm_running(
+    client: &mut husk_proto::v1::husk_client::HuskClient<tonic::transport::Channel>,
+    vm: &str,
+) -> bool {
+    huskd::get_vm(client, vm)
+        .await
+        .is_ok_and(|v| v.state == husk_proto::v1::VmState::Running as i32)
+}
+
+impl Service {
+    pub fn new(args: ShimArgs, events: Publisher) -> Self {
+        Self {
+            args,
+            host: huskd::host(),
+            events,
+            container: Arc::new(Mutex::new(None)),
+            shutdown: Arc::new(Notify::new()),
+        }
+    }
+
+    async fn client(
+        &self,
+    ) -> ttrpc::Result<husk_proto::v1::husk_client::HuskClient<tonic::transport::Channel>> {
+        huskd::connect(&self.host).await.map_err(huskd_err)
+    }
+
+    /// The process named by `exec_id` (empty: init), with the container's VM name.
+    async fn process(&self, id: &str, exec_id: &str) -> ttrpc::Result<(Arc<Process>, String)> {
+        let guard = self.container.lock().await;
+        let c = guard
+            .as_ref()
+            .filter(|c| c.id == id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))?;
+        let p = if exec_id.is_empty() {
+            Arc::clone(&c.init)
+        } else {
+            Arc::clone(
+                c.execs
+                    .get(exec_id)
+                    .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} not found")))?,
+            )
+        };
+        Ok((p, c.vm.clone()))
+    }
+
+    /// The PID containerd sees for a process: the VMM's for init, the guest's for execs.
+    async fn pid_of(&self, p: &Process) -> u32 {
+        if p.exec_id.is_empty() {
+            return self
+                .container
+                .lock()
+                .await
+                .as_ref()
+                .map_or(0, |c| c.vmm_pid);
+        }
+        match p.status() {
+            Status::Running { pid } => pid,
+            _ => 0,
+        }
+    }
+
+    /// What happens when a process ended: the TaskExit event; for init also the VM's stop,
+    /// which ends every exec'd process with it (as a PID namespace's end would).
+    fn on_exit(&self, id: &str, exec_id: &str, pid: u32, vm: &str) -> impl FnOnce(Ended) + Send {
+        let events = self.events.clone();
+        let host = self.host.clone();
+        let (id, exec_id, vm) = (id.to_string(), exec_id.to_string(), vm.to_string());
+        move |ended: Ended| {
+            if let Some(reason) = ended.lost.clone() {
+                let (host, vm, id, exec_id) =
+                    (host.clone(), vm.clone(), id.clone(), exec_id.clone());
+                let status = ended.status;
+                tokio::spawn(async move {
+                    // huskd knows why the VM ended (e.g. the VMM was killed).
+                    let why = match huskd::connect(&host).await {
+                        Ok(mut c) => huskd::get_vm(&mut c, &vm)
+                            .await
+                            .ok()
+                            .and_then(|v| v.status)
+                            .map(|s| s.failure_reason)
+                            .unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    log::error!(
+                        "container {id} process {exec_id:?} lost ({reason}; VM: {why}); \
+                         reported as exited with status {status}"
+                    );
+                });
+            }
+            let mut e = TaskExit::new();
+            e.container_id = id.clone();
+            e.id = if exec_id.is_empty() {
+                id.clone()
+            } else {
+                exec_id.clone()
+            };
+            // init: the VMM's pid; an exec: its guest pid.
+            e.pid = if exec_id.is_empty() { pid } else { ended.pid };
+            e.exit_status = ended.status;
+            e.exited_at = timestamp(ended.at);
+            events.publish(&e);
+            if exec_id.is_empty() {
+                tokio::spawn(async move {
+                    // Exec'd processes end with the VM (their streams report them).
+                    if let Ok(mut c) = huskd::connect(&host).await {
+                        let _ = huskd::stop_vm(&mut c, &vm).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn state_of(
+        &self,
+        id: &str,
+        bundle: &str,
+        p: &Process,
+        pid: u32,
+        paused: bool,
+    ) -> StateResponse {
+        let mut r = StateResponse::new();
+        r.id = if p.exec_id.is_empty() {
+            id.to_string()
+        } else {
+            p.exec_id.clone()
+        };
+        r.exec_id = p.exec_id.clone();
+        r.bundle = bundle.to_string();
+        r.pid = pid;
+        r.stdin = p.stdio.stdin.clone();
+        r.stdout = p.stdio.stdout.clone();
+        r.stderr = p.stdio.stderr.clone();
+        r.terminal = p.stdio.terminal;
+        let status = match p.status() {
+            Status::Created => TaskStatus::CREATED,
+            Status::Running { .. } if paused => TaskStatus::PAUSED,
+            Status::Running { .. } => TaskStatus::RUNNING,
+            Status::Exited { status, at } => {
+                r.exit_status = status;
+                r.exited_at = timestamp(at);
+                TaskStatus::STOPPED
+            }
+        };
+        r.status = EnumOrUnknown::new(status);
+        r
+    }
+}
+
+#[async_trait]
+impl Task for Service {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> ttrpc::Result<CreateTaskResponse> {
+        if self.container.lock().await.is_some() {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                "this shim already runs a container (one container per husk VM)",
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(err(Code::UNIMPLEMENTED, "create from a checkpoint"));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec =
+            oci::Spec::load(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let process = spec
+            .process
+            .clone()
+            .filter(|p| p.args.first().is_some_and(|a| !a.is_empty()))
+            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json: process.args is empty"))?;
+        let mut client = self.client().await?;
+        let image = image_path(&self.args.namespace, &req.id);
+        let root_path = spec
+            .root
+            .as_ref()
+            .map(|r| r.path.clone())
+            .unwrap_or_default();
+        let (b, mounts, img) = (bundle.clone(), req.rootfs.clone(), image.clone());
+        let built =
+            tokio::task::spawn_blocking(move || rootfs::build(&b, &mounts, &root_path, &img))
+                .await
+                .map_err(|e| err(Code::INTERNAL, e.to_string()))?
+                .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
+        log::info!(
+            "container {}: rootfs image {} ({} bytes of files) in {:?}",
+            req.id,
+            built.image.display(),
+            built.bytes_copied,
+            built.took
+        );
+        let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
+        // A VM of that name is a leftover of an earlier shim of this container id.
+        let _ = huskd::delete_vm(&mut client, &vm_name).await;
+        if let Err(e) = std::fs::write(
+            bundle.join(RECORD_FILE),
+            format!("{vm_name}\n{}\n", image.display()),
+        ) {
+            rootfs::cleanup(&bundle, &image);
+            return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
+        }
+        let plan = VmPlan {
+            name: vm_name.clone(),
+            rootfs_image: image.display().to_string(),
+            memory_mib: spec.memory_mib(),
+            vcpus: spec.vcpus(),
+            labels: vec![
+                (
+                    "io.containerd.namespace".into(),
+                    self.args.namespace.clone(),
+                ),
+                ("io.containerd.id".into(), req.id.clone()),
+            ],
+        };
+        let vm = match huskd::create_vm(&mut client, &plan).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                rootfs::cleanup(&bundle, &image);
+                return Err(huskd_err(e));
+            }
+        };
+        let vmm_pid = vm.status.as_ref().map_or(0, |s| s.vmm_pid);
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let init = Process::new("", process, stdio);
+        *self.container.lock().await = Some(Container {
+            id: req.id.clone(),
+            bundle: bundle.clone(),
+            vm: vm_name,
+            vmm_pid,
+            image,
+            init,
+            execs: HashMap::new(),
+            paused: false,
+        });
+        let mut e = TaskCreate::new();
+        e.container_id = req.id.clone();
+        e.bundle = req.bundle.clone();
+        e.rootfs = req.rootfs.clone();
+        let mut io = TaskIO::new();
+        io.stdin = req.stdin;
+        io.stdout = req.stdout;
+        io.stderr = req.stderr;
+        io.terminal = req.terminal;
+        e.io = MessageField::some(io);
+        e.pid = vmm_pid;
+        self.events.publish(&e);
+        let mut r = CreateTaskResponse::new();
+        r.pid = vmm_pid;
+        Ok(r)
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
+        let (p, vm) = self.process(&req.id, &req.exec_id).await?;
+        let mut client = self.client().await?;
+        let host_pid = self.pid_of(&p).await;
+        // huskd waits up to a minute for a booting guest's agent; a loaded host (or nested
+        // emulation) can take longer, so the shim keeps asking while the VM runs.
+        let deadline = std::time::Instant::now() + boot_timeout();
+        let pid = loop {
+            let on_exit = self.on_exit(&req.id, &req.exec_id, host_pid, &vm);
+            match p.start(&mut client, &vm, on_exit).await {
+                Ok(pid) => break pid,
+                Err(ProcessError::Exec(s))
+                    if s.code() == tonic::Code::Unavailable
+                        && std::time::Instant::now() < deadline
+                        && vm_running(&mut client, &vm).await =>
+                {
+                    log::info!(
+                        "container {}: the guest agent is not up yet ({}); still waiting",
+                        req.id,
+                        s.message()
+                    );
+                }
+                Err(e) => {
+                    // The guest's console says why a boot or an agent failed.
+                    let console = huskd::console_tail(&mut client, &vm, 30).await;
+                    log::error!(
+                        "container {}: start failed: {e}; VM console:\n{console}",
+                        req.id
+                    );
+                    return Err(process_err(e));
+                }
+            }
+        };
+        let mut r = StartResponse::new();
+        if req.exec_id.is_empty() {
+            let mut e = TaskStart::new();
+            e.container_id = req.id.clone();
+            e.pid = host_pid;
+            self.events.publish(&e);
+            r.pid = host_pid;
+        } else {
+            let mut e = TaskExecStarted::new();
+            e.container_id = req.id.clone();
+            e.exec_id = req.exec_id.clone();
+            e.pid = pid;
+            self.events.publish(&e);
+            r.pid = pid;
+        }
+        Ok(r)
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
+        let (p, _) = self.process(&req.id, &req.exec_id).await?;
+        let pid = self.pid_of(&p).await;
+        let guard = self.container.lock().await;
+        let (bundle, paused) = guard
+            .as_ref()
+            .map(|c| (c.bundle.display().to_string(), c.paused))
+            .unwrap_or_default();
+        Ok(self.state_of(&req.id, &bundle, &p, pid, paused))
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
+        let (p, _) = self.process(&req.id, &req.exec_id).await?;
+        let (status, at) = p.wait().await;
+        let mut r = WaitResponse::new();
+        r.exit_status = status;
+        r.exited_at = timestamp(at);
+        Ok(r)
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
+        let (p, vm) = self.process(&req.id, &req.exec_id).await?;
+        if p.exec_id.is_empty() && p.status() == Status::Created {
+            // Never started: nothing runs in the VM yet; the process ends as if killed.
+            let pid = self.pid_of(&p).await;
+            if p.mark_exited(128 + req.signal) {
+                self.on_exit(&req.id, "", pid, &vm)(Ended {
+                    pid,
+                    status: 128 + req.signal,
+                    at: std::time::SystemTime::now(),
+                    lost: None,
+                });
+            }
+            return Ok(Empty::new());
+        }
+        p.signal(req.signal).map_err(process_err)?;
+        if req.all && p.exec_id.is_empty() {
+            let execs: Vec<Arc<Process>> = self
+                .container
+                .lock()
+                .await
+                .as_ref()
+                .map(|c| c.execs.values().cloned().collect())
+                .unwrap_or_default();
+            for e in execs {
+                let _ = e.signal(req.signal);
+            }
+        }
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        let spec = oci::Process::from_json(&req.spec.value)
+            .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut guard = self.container.lock().await;
+        let c = guard
+            .as_mut()
+            .filter(|c| c.id == req.id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        if matches!(c.init.status(), Status::Exited { .. }) {
+            return Err(err(Code::FAILED_PRECONDITION, "container is stopped"));
+        }
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(err(
+                Code::ALREADY_EXISTS,
+                format!("exec {} already exists", req.exec_id),
+            ));
+        }
+        let stdio = Stdio {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        c.execs
+            .insert(req.exec_id.clone(), Process::new(&req.exec_id, spec, stdio));
+        drop(guard);
+        let mut e = TaskExecAdded::new();
+        e.container_id = req.id;
+        e.exec_id = req.exec_id;
+        self.events.publish(&e);
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        let (p, _) = self.process(&req.id, &req.exec_id).await?;
+        p.resize(req.width, req.height).map_err(process_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        let (p, _) = self.process(&req.id, &req.exec_id).await?;
+        if req.stdin {
+            // A process that already ended has nothing to close.
+            let _ = p.close_stdin();
+        }
+        Ok(Empty::new())
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
+        let guard = self.container.lock().await;
+        let c = guard
+            .as_ref()
+            .filter(|c| c.id == req.id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+        let mut r = PidsResponse::new();
+        if matches!(c.init.status(), Status::Running { .. }) {
+            let mut info = ProcessInfo::new();
+            info.pid = c.vmm_pid;
+            r.processes.push(info);
+        }
+        for p in c.execs.values() {
+            if let Status::Running { pid } = p.status() {
+                let mut info = ProcessInfo::new();
+                info.pid = pid;
+                r.processes.push(info);
+            }
+        }
+        Ok(r)
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
+        let (_, vm) = self.process(&req.id, "").await?;
+        let mut client = self.client().await?;
+        client
+            .pause_vm(PauseVmRequest { vm })
+            .await
+            .map_err(|s| huskd_err(s.into()))?;
+        if let Some(c) = self.container.lock().await.as_mut() {
+            c.paused = true;
+        }
+        let mut e = TaskPaused::new();
+        e.container_id = req.id;
+        self.events.publish(&e);
+        Ok(Empty::new())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
+        let (_, vm) = self.process(&req.id, "").await?;
+        let mut client = self.client().await?;
+        client
+            .resume_vm(ResumeVmRequest { vm })
+            .await
+            .map_err(|s| huskd_err(s.into()))?;
+        if let Some(c) = self.container.lock().await.as_mut() {
+            c.paused = false;
+        }
+        let mut e = TaskResumed::new();
+        e.container_id = req.id;
+        self.events.publish(&e);
+        Ok(Empty::new())
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: DeleteRequest,
+    ) -> ttrpc::Result<DeleteResponse> {
+        let (p, vm) = self.process(&req.id, &req.exec_id).await?;
+        let pid = self.pid_of(&p).await;
+        let (status, at) = match p.status() {
+            Status::Exited { status, at } => (status, at),
+            Status::Created => (0, std::time::SystemTime::now()),
+            Status::Running { .. } => {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    "the process is running: kill it first",
+                ))
+            }
+        };
+        let mut r = DeleteResponse::new();
+        r.pid = pid;
+        r.exit_status = status;
+        r.exited_at = timestamp(at);
+        if !req.exec_id.is_empty() {
+            if let Some(c) = self.container.lock().await.as_mut() {
+                c.execs.remove(&req.exec_id);
+            }
+            return Ok(r);
+        }
+        let mut client = self.client().await?;
+        huskd::delete_vm(&mut client, &vm)
+            .await
+            .map_err(huskd_err)?;
+        let taken = self.container.lock().await.take();
+        if let Some(c) = taken {
+            rootfs::cleanup(&c.bundle, &c.image);
+            if let Some(dir) = c.image.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+            let _ = std::fs::remove_file(c.bundle.join(RECORD_FILE));
+        }
+        let mut e = TaskDelete::new();
+        e.container_id = req.id.clone();
+        e.id = req.id;
+        e.pid = pid;
+        e.exit_status = status;
+        e.exited_at = timestamp(at);
+        self.events.publish(&e);
+        Ok(r)
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> ttrpc::Result<ConnectResponse> {
+        let guard = self.container.lock().await;
+        let mut r = ConnectResponse::new();
+        r.shim_pid = std::process::id();
+        r.task_pid = guard
+            .as_ref()
+            .filter(|c| c.id == req.id)
+            .map_or(0, |c| c.vmm_pid);
+        r.version = env!("CARGO_PKG_VERSION").into();
+        Ok(r)
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        // A shim with a live container stays (unless told `now`): its VM would be orphaned.
+        if self.container.lock().await.is_some() && !req.now {
+            return Ok(Empty::new());
+        }
+        self.shutdown.notify_one();
+        Ok(Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        let (pid, processes) = {
+            let guard = self.container.lock().await;
+            let c = guard
+                .as_ref()
+                .filter(|c| c.id == req.id)
+                .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
+            let running = std::iter::once(&c.init)
+                .chain(c.execs.values())
+                .filter(|p| matches!(p.status(), Status::Running { .. }))
+                .count();
+            (c.vmm_pid, running as u64)
+        };
+        let any = stats::vmm_metrics(pid, processes)
+            .map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;
+        let mut r = StatsResponse::new();
+        r.stats = MessageField::some(any);
+        Ok(r)
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, _req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        Err(err(
+            Code::UNIMPLEMENTED,
+            "update: resources of a running husk VM are fixed",
+        ))
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: containerd_shim_protos::api::CheckpointTaskRequest,
+    ) -> ttrpc::Result<Empty> {
+        Err(err(
+            Code::UNIMPLEMENTED,
+            "checkpoint: not implemented by the husk shim",
+        ))
+    }
+}

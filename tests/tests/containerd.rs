@@ -1,0 +1,753 @@
+//! containerd-shim-husk-v2 with Debian's real containerd (1.6) and real guests (testbed).
+//!
+//! Each test starts its own containerd (temporary root, state and sockets; CRI off; the native
+//! snapshotter, since the testbed's root is an overlay) with the shim on its PATH and a huskd
+//! fixture behind `$HUSK_HOST`, imports a busybox OCI image that it builds itself (no
+//! registry), and drives everything with `ctr`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_proto::v1::ListVmsRequest;
+use husk_tests::huskd::Huskd;
+use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished};
+
+const IMAGE: &str = "docker.io/library/husk-busybox:test";
+const RUNTIME: &str = "io.containerd.husk.v2";
+const CTR_LIMIT: Duration = Duration::from_secs(240);
+
+/// A containerd of one test and the huskd its shims use.
+struct Containerd {
+    dir: PathBuf,
+    socket: PathBuf,
+    child: Option<Child>,
+    huskd: Huskd,
+}
+
+impl Containerd {
+    fn start(tag: &str) -> Self {
+        let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self::start_in(tag, "native")
+    }
+
+    /// Starts containerd in /tmp/husk-ctrd-TAG-PID (kept if it exists: a test may have mounted
+    /// something there) and imports the test image with `snapshotter`.
+    fn start_in(tag: &str, snapshotter: &str) -> Self {
+        Self::start_with(tag, snapshotter, None)
+    }
+
+    /// As [`Self::start_in`]; `husk_host` replaces the fixture huskd's address in the shims'
+    /// environment.
+    fn start_with(tag: &str, snapshotter: &str, husk_host: Option<&str>) -> Self {
+        let vmm = bin("husk-vmm").display().to_string();
+        let huskd = Huskd::start(&format!("ctrd-{tag}"), &["--vmm", &vmm]);
+        let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("c.sock");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\", \
+             \"io.containerd.snapshotter.v1.btrfs\", \"io.containerd.snapshotter.v1.zfs\", \
+             \"io.containerd.snapshotter.v1.devmapper\", \"io.containerd.snapshotter.v1.aufs\"]\n\
+             [grpc]\n  address = \"{sock}\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+        );
+        std::fs::write(dir.join("config.toml"), config).unwrap();
+        // containerd finds `containerd-shim-husk-v2` on its PATH; shims inherit its environment
+        // (HUSK_HOST, HUSK_SHIM_STATE_DIR).
+        let shim_dir = bin("containerd-shim-husk-v2")
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("--log-level")
+            .arg("debug")
+            .env("PATH", path)
+            .env(
+                "HUSK_HOST",
+                husk_host
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("unix://{}", huskd.socket.display())),
+            )
+            .env("HUSK_SHIM_STATE_DIR", dir.join("images"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian package containerd) must be installed: scripts/setup");
+        let me = Self {
+            dir,
+            socket,
+            child: Some(child),
+            huskd,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if me.ctr(&["version"]).code() == Some(0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer within 60 s:\n{}",
+                me.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        me.import_image(snapshotter);
+        me
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Both daemons' logs, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "containerd log (tail):\n{}\nhuskd log (tail):\n{}",
+            tail(&self.log(), 60),
+            tail(&self.huskd.log(), 30)
+        )
+    }
+
+    fn ctr(&self, args: &[&str]) -> Finished {
+        run_with_timeout(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .arg("--namespace")
+                .arg("husk")
+                .args(args),
+            CTR_LIMIT,
+        )
+    }
+
+    /// `ctr` that must succeed; returns its stdout.
+    fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "ctr {args:?} failed: {}\n{}\n{}",
+            out.stdout(),
+            out.stderr(),
+            self.logs()
+        );
+        out.stdout()
+    }
+
+    fn import_image(&self, snapshotter: &str) {
+        let tar = build_oci_image(&self.dir.join("image"));
+        let out = self.ctr_ok(&[
+            "image",
+            "import",
+            "--snapshotter",
+            snapshotter,
+            tar.to_str().unwrap(),
+        ]);
+        assert!(
+            self.ctr_ok(&["image", "ls", "-q"]).contains(IMAGE),
+            "import did not name the image {IMAGE}: {out}"
+        );
+    }
+
+    /// The STATUS column of `ctr task ls` for `id` (None: no such task).
+    fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.get(2).unwrap_or(&"").to_string())
+        })
+    }
+
+    /// The PID column of `ctr task ls` for `id` (the VMM's host PID).
+    fn task_pid(&self, id: &str) -> u32 {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines()
+            .skip(1)
+            .find_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                (cols.first() == Some(&id)).then(|| cols[1].parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no task {id}: {out}"))
+    }
+
+    fn wait_status(&self, id: &str, want: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = self.task_status(id);
+            if got.as_deref() == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} not {want} within {limit:?} (is {got:?})\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn vm_count(&self) -> usize {
+        let mut c = self.huskd.client();
+        self.huskd
+            .block_on(c.list_vms(ListVmsRequest::default()))
+            .unwrap()
+            .into_inner()
+            .vms
+            .len()
+    }
+
+    /// Image files the shim left under HUSK_SHIM_STATE_DIR.
+    fn leftover_images(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![self.dir.join("images")];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    found.push(e.path());
+                }
+            }
+        }
+        found
+    }
+}
+
+impl Containerd {
+    /// PIDs of the live shims of this containerd (found by their -address flag).
+    fn shims(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&cmdline);
+            if text.contains("containerd-shim-husk-v2")
+                && text.contains(&*self.socket.to_string_lossy())
+            {
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() {
+                    if process_alive(pid) {
+                        pids.push(pid as i32);
+                    }
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shims of tasks a failed test left behind: end them (only this containerd's).
+        for pid in self.shims() {
+            // SAFETY: plain kill(2) of a process this test's containerd started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // Unmount whatever containerd left (native snapshots need none; be thorough).
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for line in mounts.lines() {
+            if let Some(target) = line.split_whitespace().nth(1) {
+                if target.starts_with(&*self.dir.to_string_lossy()) {
+                    let _ = Command::new("umount").arg("-l").arg(target).status();
+                }
+            }
+        }
+        // Innermost first did not matter with -l; the tmpfs root (overlay test) goes last.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join("root"))
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Writes `data` as a blob of the OCI layout under `dir`; returns (digest, size).
+fn blob(dir: &Path, data: &[u8]) -> (String, usize) {
+    let tmp = dir.join("blob.tmp");
+    std::fs::write(&tmp, data).unwrap();
+    let out = Command::new("sha256sum").arg(&tmp).output().unwrap();
+    let hex = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    std::fs::rename(&tmp, dir.join("blobs/sha256").join(&hex)).unwrap();
+    (format!("sha256:{hex}"), data.len())
+}
+
+/// A one-layer OCI image (busybox-static and a few applet links) as an OCI archive.
+fn build_oci_image(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "tmp", "proc", "sys", "dev", "etc", "root"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .expect("/bin/busybox (busybox-static) is needed");
+    for applet in [
+        "sh", "echo", "cat", "sleep", "id", "pwd", "env", "ls", "true", "kill",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::create_dir_all(dir.join("layout/blobs/sha256")).unwrap();
+    let layout = dir.join("layout");
+    let layer_tar = dir.join("layer.tar");
+    let status = Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer_tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (layer, layer_size) = blob(&layout, &std::fs::read(&layer_tar).unwrap());
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"],"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{layer}"]}}}}"#
+    );
+    let (config_digest, config_size) = blob(&layout, config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{config_size}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":{layer_size}}}]}}"#
+    );
+    let (manifest_digest, manifest_size) = blob(&layout, manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{manifest_size},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{IMAGE}","org.opencontainers.image.ref.name":"test"}}}}]}}"#
+    );
+    std::fs::write(layout.join("index.json"), index).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let tar = dir.join("image.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tar)
+        .args(["oci-layout", "index.json", "blobs"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tar
+}
+
+fn interfaces() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn process_alive(pid: u32) -> bool {
+    // Zombies count as gone: their parent (huskd) reaps them.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// `ctr run --rm` prints the container's output and returns its exit code; the OCI env and
+/// cwd reach the process; afterwards no VM, image or shim is left.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn ctr_run_prints_output_and_returns_the_exit_code() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("run");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        "GREETING=hello-from-husk",
+        "--cwd",
+        "/tmp",
+        IMAGE,
+        "run1",
+        "sh",
+        "-c",
+        "echo \"$GREETING in $(pwd) as $(id -u)\"; echo to-stderr >&2; exit 7",
+    ]);
+    assert_eq!(
+        out.code(),
+        Some(7),
+        "stdout: {}\nstderr: {}\n{}",
+        out.stdout(),
+        out.stderr(),
+        ctrd.logs()
+    );
+    assert!(
+        out.stdout().contains("hello-from-husk in /tmp as 0"),
+        "stdout: {}\nstderr: {}",
+        out.stdout(),
+        out.stderr()
+    );
+    assert!(
+        out.stderr().contains("to-stderr"),
+        "stderr: {}",
+        out.stderr()
+    );
+    // --rm deleted task and container: the VM and its image are gone.
+    assert_eq!(ctrd.task_status("run1"), None);
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// A detached container: `ctr task exec` runs a second process (as another user), `ctr task
+/// ls` shows the state, `ctr task kill` delivers the signal, and `ctr task delete` leaves
+/// nothing behind (VMM, image, mounts, interfaces).
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn exec_kill_and_delete_leave_nothing_behind() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("life");
+    let nets_before = interfaces();
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "life1",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 42' TERM; while true; do sleep 1; done",
+    ]);
+    ctrd.wait_status("life1", "RUNNING", Duration::from_secs(120));
+    let vmm_pid = ctrd.task_pid("life1");
+    assert!(process_alive(vmm_pid), "the task's PID is the VMM's");
+    let exec = ctrd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "--user",
+        "1000:1000",
+        "--cwd",
+        "/tmp",
+        "life1",
+        "sh",
+        "-c",
+        "echo exec:$(id -u):$(id -g):$(pwd); exit 3",
+    ]);
+    assert_eq!(
+        exec.code(),
+        Some(3),
+        "stdout: {}\nstderr: {}\n{}",
+        exec.stdout(),
+        exec.stderr(),
+        ctrd.logs()
+    );
+    assert!(
+        exec.stdout().contains("exec:1000:1000:/tmp"),
+        "{}",
+        exec.stdout()
+    );
+    // The init process is still running and listed; the signal reaches its trap.
+    assert_eq!(ctrd.task_status("life1").as_deref(), Some("RUNNING"));
+    let ps = ctrd.ctr_ok(&["task", "ps", "life1"]);
+    assert!(ps.contains(&vmm_pid.to_string()), "{ps}");
+    // Pause and resume stop and restart the VM's vCPUs.
+    ctrd.ctr_ok(&["task", "pause", "life1"]);
+    assert_eq!(ctrd.task_status("life1").as_deref(), Some("PAUSED"));
+    ctrd.ctr_ok(&["task", "resume", "life1"]);
+    assert_eq!(ctrd.task_status("life1").as_deref(), Some("RUNNING"));
+    // Stats: the VMM's CPU time and resident memory, as cgroups v1 metrics.
+    let metrics = ctrd.ctr_ok(&["task", "metrics", "life1"]);
+    assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
+    ctrd.ctr_ok(&["task", "kill", "--signal", "SIGTERM", "life1"]);
+    ctrd.wait_status("life1", "STOPPED", Duration::from_secs(60));
+    // `ctr task delete` reports the task's exit status: the trap's 42.
+    let delete = ctrd.ctr(&["task", "delete", "life1"]);
+    assert_eq!(delete.code(), Some(0), "{}", delete.stderr());
+    assert!(
+        delete.stderr().contains("exit code 42"),
+        "{}",
+        delete.stderr()
+    );
+    ctrd.ctr_ok(&["container", "delete", "life1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while process_alive(vmm_pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!process_alive(vmm_pid), "the VMM outlived the task");
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+    assert_eq!(interfaces(), nets_before);
+    // The shim ended after containerd's Shutdown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctrd.shims().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ctrd.shims(), Vec::<i32>::new(), "shim still running");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&*ctrd.dir.to_string_lossy()),
+        "mounts left: {mounts}"
+    );
+}
+
+/// The exit status `ctr task wait` reports for a signal is exact, and a container whose VMM is
+/// killed is reported exited (status 255), not hung.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_killed_vmm_is_reported_as_an_exit() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("vmmkill");
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "dead1",
+        "sleep",
+        "600",
+    ]);
+    ctrd.wait_status("dead1", "RUNNING", Duration::from_secs(120));
+    let vmm_pid = ctrd.task_pid("dead1");
+    // SAFETY: plain kill(2) of the VMM this test's huskd started.
+    assert_eq!(unsafe { libc::kill(vmm_pid as i32, libc::SIGKILL) }, 0);
+    // Reported as exited (status 255), not hung.
+    ctrd.wait_status("dead1", "STOPPED", Duration::from_secs(60));
+    let delete = ctrd.ctr(&["task", "delete", "dead1"]);
+    assert_eq!(delete.code(), Some(0), "{}", delete.stderr());
+    assert!(
+        delete.stderr().contains("exit code 255"),
+        "{}\n{}",
+        delete.stderr(),
+        ctrd.logs()
+    );
+    ctrd.ctr_ok(&["container", "delete", "dead1"]);
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// Stdin flows from `ctr run` through the FIFO into the process, and its end is an EOF.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn stdin_reaches_the_container_and_ends_with_eof() {
+    use std::io::Write;
+    require_guest_kvm();
+    let ctrd = Containerd::start("stdin");
+    let mut child = Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.socket)
+        .args([
+            "--namespace",
+            "husk",
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+        ])
+        .args(["--runtime", RUNTIME, IMAGE, "in1"])
+        .args([
+            "sh",
+            "-c",
+            "n=0; while read l; do n=$((n+1)); echo \"got:$l\"; done; echo lines:$n",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"alpha\nbeta\n").unwrap();
+    drop(stdin);
+    let deadline = Instant::now() + CTR_LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ctr run with stdin hung\n{}", ctrd.logs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["got:alpha", "got:beta", "lines:2"],
+        "stderr: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctrd.logs()
+    );
+    assert_eq!(out.status.code(), Some(0));
+}
+
+/// With containerd's default snapshotter (overlayfs, what Kubernetes nodes use) the rootfs
+/// arrives as overlay mounts: the shim mounts them for the copy and unmounts them after.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn the_overlayfs_snapshotter_works_and_leaves_no_mounts() {
+    require_guest_kvm();
+    // The testbed's root is itself an overlay, which cannot hold overlay upper directories:
+    // containerd's root goes on a tmpfs (created before containerd starts).
+    let tag = "overlay";
+    let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(dir.join("root"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ctrd = Containerd::start_in(tag, "overlayfs");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "ov1",
+        "sh",
+        "-c",
+        "echo overlay-ok > /tmp/x; cat /tmp/x; ls /bin/busybox",
+    ]);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{} {}\n{}",
+        out.stdout(),
+        out.stderr(),
+        ctrd.logs()
+    );
+    assert!(out.stdout().contains("overlay-ok"), "{}", out.stdout());
+    assert!(out.stdout().contains("/bin/busybox"), "{}", out.stdout());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let ours: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&*ctrd.dir.to_string_lossy()) && l.starts_with("overlay"))
+        .collect();
+    assert_eq!(ours, Vec::<&str>::new(), "overlay mounts left behind");
+    assert_eq!(ctrd.vm_count(), 0);
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// Without a reachable huskd, `ctr run` fails at once with a message that names the socket,
+/// and leaves no image behind. (No guest is booted: runs on any host with containerd.)
+#[test]
+fn without_huskd_ctr_run_fails_clearly() {
+    let dir = PathBuf::from(format!("/tmp/husk-ctrd-nohuskd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ctrd = Containerd::start_with("nohuskd", "native", Some("unix:///nonexistent/huskd.sock"));
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "nh1",
+        "true",
+    ]);
+    assert_ne!(out.code(), Some(0), "{}", out.stdout());
+    assert!(
+        out.stderr()
+            .contains("cannot reach huskd at unix:///nonexistent/huskd.sock"),
+        "{}",
+        out.stderr()
+    );
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// A container on a pseudo-terminal (`ctr run -t`, itself under `script` for a terminal) that
+/// takes ctr's terminal size.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_terminal_container_runs_on_a_pty() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("tty");
+    let inner = format!(
+        "stty rows 33 cols 111; \
+         ctr --address {} --namespace husk run -t --rm --snapshotter native --runtime {RUNTIME} \
+         {IMAGE} tty1 sh -c 'tty; sleep 1; echo size:$(stty size); echo tty-ok; exit 5'",
+        ctrd.socket.display()
+    );
+    let out = run_with_timeout(
+        Command::new("script").args(["-qec", &inner, "/dev/null"]),
+        CTR_LIMIT,
+    );
+    assert_eq!(
+        out.code(),
+        Some(5),
+        "{} {}\n{}",
+        out.stdout(),
+        out.stderr(),
+        ctrd.logs()
+    );
+    assert!(out.stdout().contains("/dev/pts/"), "{}", out.stdout());
+    assert!(out.stdout().contains("tty-ok"), "{}", out.stdout());
+    // ctr sent its terminal's size (ResizePty) once the process started.
+    assert!(out.stdout().contains("size:33 111"), "{}", out.stdout());
+}
+
+/// A shim that dies: containerd runs `containerd-shim-husk-v2 delete`, which removes the VM
+/// and the image.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_dead_shim_is_cleaned_up_by_the_delete_action() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("shimdead");
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "sd1",
+        "sleep",
+        "600",
+    ]);
+    ctrd.wait_status("sd1", "RUNNING", Duration::from_secs(120));
+    assert_eq!(ctrd.vm_count(), 1);
+    let shims = ctrd.shims();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // SAFETY: plain kill(2) of the shim this test's containerd started.
+    assert_eq!(unsafe { libc::kill(shims[0], libc::SIGKILL) }, 0);
+    // containerd notices the shim's end and cleans up through `delete`.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ctrd.vm_count() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.logs());
+    let _ = ctrd.ctr(&["task", "delete", "--force", "sd1"]);
+    ctrd.ctr_ok(&["container", "delete", "sd1"]);
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
