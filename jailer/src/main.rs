@@ -219,6 +219,52 @@ fn c_string(s: impl AsRef<std::ffi::OsStr>) -> Result<CString, String> {
     CString::new(s.as_ref().as_bytes()).map_err(|_| String::from("argument contains NUL"))
 }
 
+/// The parent-death signal the caller asked for (`husk run` sets SIGKILL: a killed husk run
+/// must not leave its VM running). The kernel clears it when credentials change, so the jailer
+/// sets it again after dropping privileges, and exits if the parent is already gone.
+struct ParentDeath {
+    signal: libc::c_int,
+    parent: libc::pid_t,
+}
+
+impl ParentDeath {
+    fn record() -> Result<Self, String> {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which is live.
+        if unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) } != 0 {
+            return Err(errno("prctl(PR_GET_PDEATHSIG)"));
+        }
+        // SAFETY: getppid has no arguments.
+        let parent = unsafe { libc::getppid() };
+        Ok(Self { signal, parent })
+    }
+
+    /// `forked`: this is the child in a new PID namespace, whose parent is the jailer itself.
+    fn rearm(&self, forked: bool) -> Result<(), String> {
+        if self.signal == 0 {
+            return Ok(());
+        }
+        // SAFETY: prctl with integer arguments.
+        if unsafe {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                self.signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        } != 0
+        {
+            return Err(errno("prctl(PR_SET_PDEATHSIG)"));
+        }
+        // SAFETY: getppid has no arguments.
+        if !forked && unsafe { libc::getppid() } != self.parent {
+            return Err("the parent exited while the jail was being built".into());
+        }
+        Ok(())
+    }
+}
+
 fn run(j: &Jail) -> Result<(), StepError> {
     // SAFETY: geteuid has no arguments; umask takes a mode.
     if unsafe { libc::geteuid() } != 0 {
@@ -226,6 +272,7 @@ fn run(j: &Jail) -> Result<(), StepError> {
     }
     // SAFETY: as above.
     unsafe { libc::umask(0o022) };
+    let death_signal = ParentDeath::record().step("reading the parent-death signal")?;
     close_inherited_fds(&j.keep_fds).step("closing inherited fds")?;
     if !j.exec_file.is_file() {
         return Err(format!("{} is not a file", j.exec_file.display()))
@@ -273,7 +320,7 @@ fn run(j: &Jail) -> Result<(), StepError> {
         .map_err(|e| format!("{}: {e}", root.display()))
         .step("creating the jail directory")
         .and_then(|()| enter_cgroup(j))
-        .and_then(|()| jail_and_exec(j, &root, &libs, netns.as_ref(), &argv, &envp));
+        .and_then(|()| jail_and_exec(j, &root, &libs, netns.as_ref(), &argv, &envp, &death_signal));
     // Only reached on failure: undo what this run created, after leaving the VM's cgroup (its
     // removal kills what is in it). After a pivot_root the host's paths are gone: the
     // launcher's `--cleanup` removes the rest then.
@@ -301,6 +348,7 @@ fn jail_and_exec(
     netns: Option<&std::fs::File>,
     argv: &[CString],
     envp: &[CString],
+    death_signal: &ParentDeath,
 ) -> Result<(), StepError> {
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if j.new_pid_ns {
@@ -373,6 +421,9 @@ fn jail_and_exec(
         return Err(errno("prctl")).step("setting no_new_privs");
     }
     drop_privileges(j.uid, j.gid).step("dropping privileges")?;
+    death_signal
+        .rearm(j.new_pid_ns)
+        .step("re-arming the parent-death signal")?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();

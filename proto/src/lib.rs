@@ -2,6 +2,7 @@
 //!
 //! - [`v1`]: the public gRPC API of huskd (`husk.v1`); client and server with feature `grpc`.
 //! - [`agent`]: the guest agent protocol (`husk.agent.v1`), framed with [`frame`] over vsock.
+//! - `client` (feature `grpc`): connecting to huskd over `unix://` or `http://`.
 //! - [`vmm`]: the control protocol of one husk-vmm process (`husk.vmm.v1`), framed with
 //!   [`frame`] over a Unix socket.
 
@@ -33,3 +34,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/husk_descriptor.bin"));
 
 pub mod frame;
+
+#[cfg(feature = "grpc")]
+pub mod client;

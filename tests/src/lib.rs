@@ -85,8 +85,12 @@ impl Finished {
 
 /// Runs `cmd` to completion, killing it (and failing the test) after `limit`.
 pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
+    use std::os::unix::process::CommandExt;
     let start = Instant::now();
+    // Its own process group: on a time-out everything it started goes too (a VMM that outlived
+    // it would hold the output pipes open, and reading them would never end).
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -109,10 +113,13 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
             break status;
         }
         if start.elapsed() > limit {
+            // SAFETY: signals the process group this function created (its leader is `child`).
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.kill();
             let _ = child.wait();
-            let out = out_reader.join().unwrap_or_default();
-            let err = err_reader.join().unwrap_or_default();
+            // Whatever escaped the group may still hold the pipes: wait for the output only a
+            // little, then report with what there is.
+            let (out, err) = join_within(out_reader, err_reader, Duration::from_secs(10));
             panic!(
                 "{cmd:?} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
                 String::from_utf8_lossy(&out),
@@ -130,4 +137,83 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
         output,
         elapsed: start.elapsed(),
     }
+}
+
+/// Joins both reader threads if they finish within `grace`; empty output for one that does not.
+fn join_within(
+    out: std::thread::JoinHandle<Vec<u8>>,
+    err: std::thread::JoinHandle<Vec<u8>>,
+    grace: Duration,
+) -> (Vec<u8>, Vec<u8>) {
+    let deadline = Instant::now() + grace;
+    while !(out.is_finished() && err.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let take = |h: std::thread::JoinHandle<Vec<u8>>| {
+        if h.is_finished() {
+            h.join().unwrap_or_default()
+        } else {
+            b"(output still held open by a leftover process)".to_vec()
+        }
+    };
+    (take(out), take(err))
+}
+
+/// Starts `husk run OPTIONS -- sh -c SCRIPT` in its own process group (so a test can signal the
+/// whole run), stdout piped for [`wait_for_line`], stderr inherited.
+pub fn spawn_husk(options: &[&str], script: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    require_guest_kvm();
+    Command::new(bin("husk"))
+        .arg("run")
+        .args(options)
+        .args(["--", "sh", "-c", script])
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the child's stdout until a line contains `marker`; the rest is drained in the
+/// background so the guest never blocks on a full pipe. Panics with everything seen when the
+/// output ends first, or after `limit`.
+pub fn wait_for_line(child: &mut std::process::Child, marker: &str, limit: Duration) {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout must be piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = marker.to_string();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !sent && line.contains(&wanted) {
+                let _ = tx.send(Ok(()));
+                sent = true;
+            }
+            seen.push(line);
+        }
+        if !sent {
+            let _ = tx.send(Err(seen.join("\n")));
+        }
+    });
+    match rx.recv_timeout(limit) {
+        Ok(Ok(())) => {}
+        Ok(Err(out)) => panic!("the guest ended without printing {marker:?}:\n{out}"),
+        Err(_) => panic!("no {marker:?} from the guest within {limit:?}"),
+    }
+}
+
+/// The process `husk run` (pid) started: husk-vmm, or the jailer that execs it (same pid).
+pub fn husk_run_child_pid(husk: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{husk}/task/{husk}/children")).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .expect("husk run has no child process")
+        .parse()
+        .unwrap()
 }

@@ -5,12 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished};
+use husk_tests::{
+    bin, husk_run_child_pid as vmm_pid, require_guest_kvm, run_with_timeout, spawn_husk,
+    wait_for_line, Finished,
+};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -56,54 +58,6 @@ impl Drop for Scratch {
     }
 }
 
-/// Starts `husk run` in its own process group, stdout piped.
-fn spawn_husk(options: &[&str], script: &str) -> Child {
-    require_guest_kvm();
-    Command::new(bin("husk"))
-        .arg("run")
-        .args(options)
-        .args(["--", "sh", "-c", script])
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Reads the child's stdout until a line contains `marker` (the rest is drained in the
-/// background so the guest never blocks on a full pipe).
-fn wait_for_line(child: &mut Child, marker: &str) {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let marker = marker.to_string();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains(&marker) {
-                let _ = tx.send(Ok(()));
-            }
-            seen.push(line);
-        }
-        let _ = tx.send(Err(seen.join("\n")));
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(Ok(())) => {}
-        Ok(Err(output)) => panic!("the guest ended without printing the marker:\n{output}"),
-        Err(_) => panic!("no marker from the guest within {LIMIT:?}"),
-    }
-}
-
-/// The husk-vmm process that `husk run` (pid) started.
-fn vmm_pid(husk: u32) -> i32 {
-    let children = std::fs::read_to_string(format!("/proc/{husk}/task/{husk}/children")).unwrap();
-    children
-        .split_whitespace()
-        .next()
-        .expect("husk-vmm child")
-        .parse()
-        .unwrap()
-}
-
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -135,9 +89,9 @@ fn a_synced_write_is_on_the_host_image_after_the_vmm_is_killed() {
         &["--disk", &disk],
         "mount /dev/vda /mnt && echo durable-data-42 > /mnt/proof && sync && echo SYNCED; sleep 600",
     );
-    wait_for_line(&mut husk, "SYNCED");
+    wait_for_line(&mut husk, "SYNCED", LIMIT);
     // SAFETY: signalling the VMM process the test started (through husk).
-    unsafe { libc::kill(vmm_pid(husk.id()), libc::SIGKILL) };
+    unsafe { libc::kill(vmm_pid(husk.id()) as i32, libc::SIGKILL) };
     let status = wait_exit(&mut husk);
     assert_eq!(
         status.code(),
@@ -264,7 +218,7 @@ fn the_guest_pings_the_host_and_64_mib_cross_tcp_intact() {
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn no_tap_is_left_after_the_vmm_is_killed() {
     let mut husk = spawn_husk(&["--net"], "echo UP; sleep 600");
-    wait_for_line(&mut husk, "UP");
+    wait_for_line(&mut husk, "UP", LIMIT);
     let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
@@ -272,7 +226,7 @@ fn no_tap_is_left_after_the_vmm_is_killed() {
         .collect();
     assert_eq!(taps.len(), 1, "one tap while the VM runs: {taps:?}");
     // SAFETY: signalling the VMM process the test started (through husk).
-    unsafe { libc::kill(vmm_pid(husk.id()), libc::SIGKILL) };
+    unsafe { libc::kill(vmm_pid(husk.id()) as i32, libc::SIGKILL) };
     wait_exit(&mut husk);
     let gone = Instant::now() + Duration::from_secs(5);
     while Path::new("/sys/class/net").join(&taps[0]).exists() {
@@ -312,7 +266,7 @@ fn vsock_carries_data_both_ways() {
         &["--vsock", &uds_arg],
         "echo from-guest | husk-init vsock-cat 2 5000; echo; husk-init vsock-echo 6000",
     );
-    wait_for_line(&mut husk, "listening on port 6000");
+    wait_for_line(&mut husk, "listening on port 6000", LIMIT);
     let got = done_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the guest never connected to host port 5000");

@@ -9,12 +9,11 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use husk_tests::{bin, require_guest_kvm};
+use husk_tests::{husk_run_child_pid as vmm_pid, spawn_husk, wait_for_line};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const JAIL_BASE: &str = "/run/husk/jail";
@@ -38,48 +37,6 @@ impl Drop for Scratch {
     }
 }
 
-fn spawn_husk(options: &[&str], script: &str) -> Child {
-    require_guest_kvm();
-    Command::new(bin("husk"))
-        .arg("run")
-        .args(options)
-        .args(["--", "sh", "-c", script])
-        .process_group(0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
-/// Reads stdout until a line contains `marker`; the rest is drained in the background.
-fn wait_for_line(child: &mut Child, marker: &str) {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let wanted = marker.to_string();
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let mut seen = String::new();
-        let mut sent = false;
-        while reader.read_line(&mut line).unwrap_or(0) > 0 {
-            seen.push_str(&line);
-            if !sent && line.contains(&wanted) {
-                let _ = tx.send(Ok(()));
-                sent = true;
-            }
-            line.clear();
-        }
-        if !sent {
-            let _ = tx.send(Err(seen));
-        }
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(Ok(())) => {}
-        Ok(Err(out)) => panic!("the guest ended without printing {marker:?}:\n{out}"),
-        Err(_) => panic!("no {marker:?} from the guest within {LIMIT:?}"),
-    }
-}
-
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -89,17 +46,6 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
         assert!(Instant::now() < deadline, "husk run did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The VMM `husk run` (pid) started: the jailer execs it, so it is husk's child.
-fn vmm_pid(husk: u32) -> u32 {
-    let children = std::fs::read_to_string(format!("/proc/{husk}/task/{husk}/children")).unwrap();
-    children
-        .split_whitespace()
-        .next()
-        .expect("VMM child")
-        .parse()
-        .unwrap()
 }
 
 fn status_field(pid: u32, task: &str, field: &str) -> String {
@@ -176,7 +122,7 @@ fn a_jailed_filtered_vm_uses_block_net_and_vsock_and_sees_only_its_jail() {
          ping -c 1 -W 5 $HUSK_HOST_IP >/dev/null && echo PING-OK; \
          echo READY; husk-init vsock-echo 6000",
     );
-    wait_for_line(&mut husk, "READY");
+    wait_for_line(&mut husk, "READY", LIMIT);
     let pid = vmm_pid(husk.id());
     let id = format!("run-{}", husk.id());
 
@@ -267,7 +213,7 @@ fn net_works_in_the_jail_with_filters_on() {
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn a_vmm_killed_with_sigkill_leaves_no_jail_cgroup_or_mount() {
     let mut husk = spawn_husk(&[], "echo UP; sleep 600");
-    wait_for_line(&mut husk, "UP");
+    wait_for_line(&mut husk, "UP", LIMIT);
     let id = format!("run-{}", husk.id());
     assert!(
         Path::new(JAIL_BASE).join(&id).exists(),
@@ -284,7 +230,7 @@ fn a_vmm_killed_with_sigkill_leaves_no_jail_cgroup_or_mount() {
 fn memory_max_kills_the_over_limit_vmm_and_no_other() {
     // The bystander runs the whole time the other VM grows past its limit.
     let mut bystander = spawn_husk(&[], "echo UP; sleep 20; echo STILL-HERE");
-    wait_for_line(&mut bystander, "UP");
+    wait_for_line(&mut bystander, "UP", LIMIT);
     let mut greedy = spawn_husk(
         &["--memory", "512", "--cgroup", "memory.max=160M"],
         "echo FILLING; head -c 300000000 /dev/zero > /big; echo SURVIVED",

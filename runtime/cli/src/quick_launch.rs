@@ -128,6 +128,24 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         };
         cmd = jail::wrap(&j.jailer, &cmd, &spec);
     }
+    // A killed husk run takes its VM with it (husk-jailer re-arms this after its uid drop).
+    // SAFETY: runs in the child between fork and exec; prctl is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let spawned = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", vmm.display()));

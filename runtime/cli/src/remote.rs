@@ -11,10 +11,9 @@ use husk_proto::v1::{
     ExecStart, GetVmRequest, ListVmsRequest, Network, PauseVmRequest, ResumeVmRequest,
     StartVmRequest, StopVmRequest, StreamConsoleRequest, VmSpec, WatchEventsRequest, WindowSize,
 };
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::opts::{self, flag, value, Opt};
 use crate::output;
@@ -44,41 +43,14 @@ daemon commands (against huskd; --host ADDR or $HUSK_HOST, default unix:///run/h
 
 /// Connects to huskd.
 pub async fn connect(host: &str) -> Result<HuskClient<Channel>, String> {
-    let channel = if let Some(path) = host.strip_prefix("unix://") {
-        let path = path.to_string();
-        // The URI is required by the API but unused: every connection goes to the socket.
-        Endpoint::from_static("http://huskd.local")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(|e| format!("cannot reach huskd at {host}: {}", source_chain(&e)))?
-    } else if host.starts_with("http://") {
-        Endpoint::from_shared(host.to_string())
-            .map_err(|e| format!("--host {host:?}: {e}"))?
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach huskd at {host}: {}", source_chain(&e)))?
-    } else {
-        return Err(format!(
+    use husk_proto::client::{channel, ConnectError};
+    match channel(host).await {
+        Ok(channel) => Ok(HuskClient::new(channel)),
+        Err(ConnectError::BadAddress(_)) => Err(format!(
             "--host {host:?}: use unix:///path/to/huskd.sock or http://HOST:PORT"
-        ));
-    };
-    Ok(HuskClient::new(channel))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
+        )),
+        Err(e) => Err(e.to_string()),
     }
-    text
 }
 
 fn status_error(status: tonic::Status) -> String {

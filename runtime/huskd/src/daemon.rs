@@ -330,6 +330,19 @@ impl Daemon {
         Ok(entry)
     }
 
+    /// Starts the VM's husk-vmm and records its pid (with its start time, against pid reuse).
+    fn spawn_vmm(&self, entry: &VmEntry, launch: &Launch<'_>) -> Result<u32, String> {
+        let pid = launch.spawn()?;
+        let ticks = store::process_start_ticks(pid).unwrap_or(0);
+        if let Err(e) = store::save_pid(&entry.dir, pid, ticks) {
+            eprintln!(
+                "huskd: warning: cannot save the pid of VM {}: {e}",
+                entry.id
+            );
+        }
+        Ok(pid)
+    }
+
     /// Starts the VM's VMM: CREATED, STOPPED or FAILED -> RUNNING.
     pub async fn start(self: &Arc<Self>, entry: &Arc<VmEntry>) -> Result<Vm, Status> {
         let _op = entry.op.lock().await;
@@ -379,24 +392,8 @@ impl Daemon {
             link: link.as_ref(),
             restore: None,
         };
-        let pid = launch.spawn().map_err(Status::internal)?;
-        let ticks = store::process_start_ticks(pid).unwrap_or(0);
-        if let Err(e) = store::save_pid(&entry.dir, pid, ticks) {
-            eprintln!(
-                "huskd: warning: cannot save the pid of VM {}: {e}",
-                entry.id
-            );
-        }
-        let (tap, host_ip, guest_ip) = link
-            .as_ref()
-            .map(|l| {
-                (
-                    l.tap_name.clone(),
-                    l.host_ip.to_string(),
-                    l.guest_ip.to_string(),
-                )
-            })
-            .unwrap_or_default();
+        let pid = self.spawn_vmm(entry, &launch).map_err(Status::internal)?;
+        let (tap, host_ip, guest_ip) = link_addresses(link.as_ref());
         // husk-vmm holds the tap now: with huskd's copy closed, the tap lives as long as the VMM.
         drop(link);
         let vm = entry.update(|vm| {
@@ -676,6 +673,18 @@ impl Daemon {
 }
 
 /// ": <last line of vmm.log>", or nothing: the VMM's own words on why it ended.
+/// The tap's name and the link's host and guest addresses, for a VM's status (empty without).
+fn link_addresses(link: Option<&VmLink>) -> (String, String, String) {
+    link.map(|l| {
+        (
+            l.tap_name.clone(),
+            l.host_ip.to_string(),
+            l.guest_ip.to_string(),
+        )
+    })
+    .unwrap_or_default()
+}
+
 fn last_log_line(dir: &Path) -> String {
     let text = std::fs::read(dir.join(store::VMM_LOG)).unwrap_or_default();
     let tail = &text[text.len().saturating_sub(4096)..];

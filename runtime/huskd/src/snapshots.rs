@@ -273,30 +273,14 @@ impl Daemon {
             link: link.as_ref(),
             restore: Some((&dir, request.start_paused)),
         };
-        let pid = match launch.spawn() {
+        let pid = match self.spawn_vmm(&entry, &launch) {
             Ok(pid) => pid,
             Err(e) => {
                 let _ = self.delete(&entry, true).await;
                 return Err(Status::internal(e));
             }
         };
-        let ticks = store::process_start_ticks(pid).unwrap_or(0);
-        if let Err(e) = store::save_pid(&entry.dir, pid, ticks) {
-            eprintln!(
-                "huskd: warning: cannot save the pid of VM {}: {e}",
-                entry.id
-            );
-        }
-        let (tap_name, host_ip, guest_ip) = link
-            .as_ref()
-            .map(|l| {
-                (
-                    l.tap_name.clone(),
-                    l.host_ip.to_string(),
-                    l.guest_ip.to_string(),
-                )
-            })
-            .unwrap_or_default();
+        let (tap_name, host_ip, guest_ip) = super::link_addresses(link.as_ref());
         // The guest kept the snapshot's MAC and addresses: give it the new link's.
         let net_script = link.as_ref().map(|l| {
             let m = l.mac;

@@ -10,8 +10,7 @@ use husk_proto::v1::{
     network, CreateVmRequest, DeleteVmRequest, GetVmRequest, Network, StopVmRequest,
     StreamConsoleRequest, Vm, VmSpec,
 };
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// huskd's address when `$HUSK_HOST` is not set (the same default as the `husk` CLI).
 pub const DEFAULT_HOST: &str = "unix:///run/husk/huskd.sock";
@@ -36,43 +35,14 @@ pub fn host() -> String {
 }
 
 pub async fn connect(host: &str) -> Result<HuskClient<Channel>, HuskdError> {
-    let unreachable = |e: tonic::transport::Error| HuskdError::Unreachable {
-        host: host.to_string(),
-        message: source_chain(&e),
-    };
-    let channel = if let Some(path) = host.strip_prefix("unix://") {
-        let path = path.to_string();
-        // The URI is unused: every connection goes to the socket.
-        Endpoint::from_static("http://huskd.local")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(stream))
-                }
-            }))
-            .await
-            .map_err(unreachable)?
-    } else if host.starts_with("http://") {
-        Endpoint::from_shared(host.to_string())
-            .map_err(|_| HuskdError::BadAddress(host.to_string()))?
-            .connect()
-            .await
-            .map_err(unreachable)?
-    } else {
-        return Err(HuskdError::BadAddress(host.to_string()));
-    };
-    Ok(HuskClient::new(channel))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(&format!(": {s}"));
-        source = s.source();
+    use husk_proto::client::{channel, ConnectError};
+    match channel(host).await {
+        Ok(channel) => Ok(HuskClient::new(channel)),
+        Err(ConnectError::BadAddress(host)) => Err(HuskdError::BadAddress(host)),
+        Err(ConnectError::Unreachable { host, message }) => {
+            Err(HuskdError::Unreachable { host, message })
+        }
     }
-    text
 }
 
 /// What the VM of one container is made of.

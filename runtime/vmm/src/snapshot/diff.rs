@@ -14,7 +14,7 @@
 //! most the base and one diff. The page bitmap lives in the state file; the diff file has the
 //! full-file layout (header kind [`KIND_DIFF`]) with only the changed pages filled in.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -23,8 +23,8 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 
 use super::file::tmp_path;
 use super::memory::{
-    header, write_pages, MemoryFileError, HEADER_SIZE, KIND_DIFF, KIND_FULL, MEM_MAGIC,
-    MEM_VERSION, PAGE,
+    create_memory_file, io_err, write_pages, MemoryFileError, HEADER_SIZE, KIND_DIFF, KIND_FULL,
+    MEM_MAGIC, MEM_VERSION, PAGE,
 };
 use super::state::{MemoryRegionState, MemoryState};
 
@@ -37,14 +37,6 @@ pub struct BaseRef {
     pub id: Vec<u8>,
     /// Guest RAM is a MAP_PRIVATE mapping of this file (a restored VM): pagemap finds changes.
     pub mapped: bool,
-}
-
-fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> MemoryFileError + 'p {
-    move |source| MemoryFileError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Checks the header of `file` at `path`: magic, version, `kind`, `id` and RAM size `total`.
@@ -121,16 +113,7 @@ pub fn write_diff_file(
     };
     let tmp = tmp_path(path);
     let result = (|| {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err("cannot create", &tmp))?;
-        file.set_len(HEADER_SIZE + total)
-            .map_err(io_err("cannot size", &tmp))?;
-        file.write_all_at(&header(id, total, KIND_DIFF), 0)
-            .map_err(io_err("cannot write", &tmp))?;
+        let file = create_memory_file(&tmp, id, total, KIND_DIFF)?;
         let mut changed = vec![0u8; pages.div_ceil(8)];
         let (mut regions, mut offset, mut first, mut written) =
             (Vec::new(), HEADER_SIZE, 0usize, 0u64);
@@ -327,7 +310,10 @@ mod tests {
             apply_diff(&restored, &diff_path, &other),
             Err(MemoryFileError::WrongSnapshot(_))
         ));
-        let f = OpenOptions::new().write(true).open(&diff_path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&diff_path)
+            .unwrap();
         f.set_len(HEADER_SIZE).unwrap();
         assert!(matches!(
             apply_diff(&restored, &diff_path, &diff),

@@ -168,6 +168,39 @@ pub(crate) fn write_pages(
     Ok(written)
 }
 
+/// Wraps an I/O error on `path` with what was being done.
+pub(crate) fn io_err<'p>(
+    op: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(io::Error) -> MemoryFileError + 'p {
+    move |source| MemoryFileError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates (or truncates) `tmp` at its full size, holes only, with the header of a memory
+/// file of `kind` for `total` bytes of guest RAM: the holes are the zero pages.
+pub(crate) fn create_memory_file(
+    tmp: &Path,
+    id: &[u8; 16],
+    total: u64,
+    kind: u8,
+) -> Result<File, MemoryFileError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .map_err(io_err("cannot create", tmp))?;
+    file.set_len(HEADER_SIZE + total)
+        .map_err(io_err("cannot size", tmp))?;
+    file.write_all_at(&header(id, total, kind), 0)
+        .map_err(io_err("cannot write", tmp))?;
+    Ok(file)
+}
+
 /// Writes guest memory to `path` (through `PATH.tmp` + fsync + rename). `progress` is called
 /// with (bytes examined, total bytes). The caller guarantees nothing writes guest memory
 /// meanwhile (the VM is paused).
@@ -179,26 +212,8 @@ pub fn write_memory_file(
 ) -> Result<MemoryState, MemoryFileError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let tmp = tmp_path(path);
-    let io = |op, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| MemoryFileError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
     let result = (|| {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io("cannot create", &tmp))?;
-        // Full size first: the holes are the zero pages.
-        file.set_len(HEADER_SIZE + total)
-            .map_err(io("cannot size", &tmp))?;
-        file.write_all_at(&header(id, total, KIND_FULL), 0)
-            .map_err(io("cannot write", &tmp))?;
+        let file = create_memory_file(&tmp, id, total, KIND_FULL)?;
         let mut regions = Vec::new();
         let (mut offset, mut written, mut done) = (HEADER_SIZE, 0u64, 0u64);
         // Anonymous RAM that was never touched is zero: pagemap says so without faulting it in,
@@ -226,7 +241,7 @@ pub fn write_memory_file(
                 written += write_pages(&file, data, offset + chunk_start as u64, |i, page| {
                     (!known || present[i]) && !is_zero(page)
                 })
-                .map_err(io("cannot write", &tmp))?;
+                .map_err(io_err("cannot write", &tmp))?;
                 done += chunk_len as u64;
                 progress(done, total);
             }
@@ -237,8 +252,8 @@ pub fn write_memory_file(
             });
             offset += len as u64;
         }
-        file.sync_all().map_err(io("cannot sync", &tmp))?;
-        fs::rename(&tmp, path).map_err(io("cannot rename into place", path))?;
+        file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+        fs::rename(&tmp, path).map_err(io_err("cannot rename into place", path))?;
         Ok(MemoryState {
             id: id.to_vec(),
             regions,
