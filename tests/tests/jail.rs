@@ -227,6 +227,40 @@ fn a_vmm_killed_with_sigkill_leaves_no_jail_cgroup_or_mount() {
 
 #[test]
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn a_killed_husk_run_takes_its_vmm_along_and_the_next_run_sweeps_its_jail() {
+    let mut husk = spawn_husk(&[], "echo UP; sleep 600");
+    wait_for_line(&mut husk, "UP", LIMIT);
+    let id = format!("run-{}", husk.id());
+    let vmm = vmm_pid(husk.id());
+    // SAFETY: signalling the husk run the test started.
+    unsafe { libc::kill(husk.id() as i32, libc::SIGKILL) };
+    let _ = husk.wait();
+    // The VMM, reparented, got its parent-death signal (re-armed by the jailer after its uid
+    // drop): it is gone or a zombie waiting for its new parent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{vmm}/stat")).unwrap_or_default();
+        let alive = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'));
+        if !alive {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VMM {vmm} outlived its killed husk run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nobody cleaned the jail up; the next husk run does.
+    assert!(Path::new(JAIL_BASE).join(&id).exists());
+    let mut next = spawn_husk(&[], "true");
+    assert_eq!(wait_exit(&mut next).code(), Some(0));
+    assert_no_trace(&id);
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn memory_max_kills_the_over_limit_vmm_and_no_other() {
     // The bystander runs the whole time the other VM grows past its limit.
     let mut bystander = spawn_husk(&[], "echo UP; sleep 20; echo STILL-HERE");

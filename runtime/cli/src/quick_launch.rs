@@ -110,7 +110,10 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     if args.report_boot_time {
         cmd.arg("--report-boot-time");
     }
-    let jail_id = format!("run-{}", std::process::id());
+    let jail_id = jail::run_jail_id(std::process::id());
+    if let Some(j) = &jail_config {
+        jail::sweep_dead_runs(&j.jailer);
+    }
     if let Some(j) = &jail_config {
         use std::os::fd::AsRawFd;
         let spec = JailSpec {

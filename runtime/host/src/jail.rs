@@ -151,6 +151,36 @@ pub fn cleanup(jailer: &Path, id: &str) -> Result<(), String> {
     }
 }
 
+/// Where husk-jailer builds jails unless told otherwise (its `--chroot-base` default).
+pub const JAIL_BASE: &str = "/run/husk/jail";
+
+/// The jail id of the `husk run` with process id `pid`.
+pub fn run_jail_id(pid: u32) -> String {
+    format!("run-{pid}")
+}
+
+/// Removes the jails of `husk run` processes that no longer exist: a `husk run` killed with
+/// SIGKILL takes its VMM along (parent-death signal) but cannot clean its jail up itself. Its
+/// directory is empty and its cgroup holds nothing by then. Best effort: errors are ignored.
+pub fn sweep_dead_runs(jailer: &Path) {
+    let Ok(entries) = std::fs::read_dir(JAIL_BASE) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("run-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = cleanup(jailer, &run_jail_id(pid));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
