@@ -128,6 +128,10 @@ impl Daemon {
                 result = Err(e);
             }
         }
+        if let (Err(_), Some(staging)) = (&result, &staging) {
+            // What a failed snapshot left in the jail (a partial memory file can be large).
+            let _ = std::fs::remove_dir_all(staging);
+        }
         let record = entry.snapshot();
         let saved = result.as_ref().ok().map(|done| {
             // A diff names its base, which a restore must see (and a jail must mirror).
