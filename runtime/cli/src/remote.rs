@@ -137,10 +137,24 @@ const CREATE_OPTS: &[Opt] = &[
 ];
 
 /// A path as the daemon needs it: absolute (huskd does not share our working directory).
-fn absolute(path: &str) -> String {
+pub fn absolute(path: &str) -> String {
     std::path::absolute(path)
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| path.to_string())
+}
+
+/// A `--disk PATH[:ro]` value as the API's Disk, its path made absolute.
+pub fn disk_arg(value: &str) -> Disk {
+    match value.strip_suffix(":ro") {
+        Some(path) => Disk {
+            path: absolute(path),
+            read_only: true,
+        },
+        None => Disk {
+            path: absolute(value),
+            read_only: false,
+        },
+    }
 }
 
 /// Builds the VmSpec of `husk create` (also used by tests of the parser).
@@ -151,20 +165,7 @@ pub fn create_spec(args: &[String]) -> Result<(VmSpec, bool), String> {
             "unexpected argument {extra:?} (put the command after --)"
         ));
     }
-    let disks = p
-        .values("--disk")
-        .iter()
-        .map(|d| match d.strip_suffix(":ro") {
-            Some(path) => Disk {
-                path: absolute(path),
-                read_only: true,
-            },
-            None => Disk {
-                path: absolute(d),
-                read_only: false,
-            },
-        })
-        .collect();
+    let disks = p.values("--disk").iter().map(|d| disk_arg(d)).collect();
     let spec = VmSpec {
         name: p.value("--name").unwrap_or_default().to_string(),
         kernel: p.value("--kernel").map(absolute).unwrap_or_default(),

@@ -10,10 +10,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_proto::v1::husk_client::HuskClient;
-use husk_proto::v1::{Disk, RestoreVmRequest, SnapshotVmRequest};
+use husk_proto::v1::{RestoreVmRequest, SnapshotVmRequest};
 use tonic::transport::Channel;
 
 use crate::opts::{self, flag, value, Opt};
+use crate::remote::{absolute, disk_arg};
 use crate::tty::is_terminal;
 
 /// Renders the progress line until `work` finishes.
@@ -45,12 +46,6 @@ async fn with_progress<T>(
             }
         }
     }
-}
-
-fn absolute(path: &str) -> String {
-    std::path::absolute(path)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|_| path.to_string())
 }
 
 const SNAPSHOT_OPTS: &[Opt] = &[flag(&["--leave-paused"]), flag(&["--diff"])];
@@ -110,20 +105,7 @@ pub fn restore_request(args: &[String]) -> Result<RestoreVmRequest, String> {
         dir: absolute(dir),
         name: p.value("--name").unwrap_or_default().to_string(),
         mac: p.value("--mac").unwrap_or_default().to_string(),
-        disks: p
-            .values("--disk")
-            .iter()
-            .map(|d| match d.strip_suffix(":ro") {
-                Some(path) => Disk {
-                    path: absolute(path),
-                    read_only: true,
-                },
-                None => Disk {
-                    path: absolute(d),
-                    read_only: false,
-                },
-            })
-            .collect(),
+        disks: p.values("--disk").iter().map(|d| disk_arg(d)).collect(),
         start_paused: p.has("--paused"),
         labels: labels.into_iter().collect(),
     })
@@ -144,6 +126,7 @@ pub async fn restore(client: &mut HuskClient<Channel>, args: &[String]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_proto::v1::Disk;
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
