@@ -393,8 +393,16 @@ impl Task for Service {
                 Err(e) => {
                     // The guest's console says why a boot or an agent failed.
                     let console = huskd::console_tail(&mut client, &vm, 30).await;
+                    // A VMM that died before the guest wrote anything: huskd's reason (the
+                    // VMM's exit and the last line of its log) says why.
+                    let reason = huskd::get_vm(&mut client, &vm)
+                        .await
+                        .ok()
+                        .and_then(|v| v.status)
+                        .map(|s| s.failure_reason)
+                        .unwrap_or_default();
                     log::error!(
-                        "container {}: start failed: {e}; VM console:\n{console}",
+                        "container {}: start failed: {e}; VM failure: {reason}; VM console:\n{console}",
                         req.id
                     );
                     return Err(process_err(e));
