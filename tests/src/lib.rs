@@ -217,3 +217,36 @@ pub fn husk_run_child_pid(husk: u32) -> u32 {
         .parse()
         .unwrap()
 }
+
+/// Host-initiated vsock through a husk-vmm vsock socket `uds`: `CONNECT port`, send `payload`,
+/// close the sending half, and return everything the guest side sent back until it closed.
+pub fn vsock_exchange(uds: &std::path::Path, port: u32, payload: &[u8]) -> Vec<u8> {
+    use std::io::{BufRead, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(uds).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut ok = String::new();
+    reader.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "handshake answer {ok:?}");
+    conn.write_all(payload).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    reader.read_to_end(&mut answer).unwrap();
+    answer
+}
+
+/// The `husk.spec=` value (guest-init/src/spec.rs) that runs `sh -c SCRIPT` as the application.
+pub fn sh_boot_spec(script: &str) -> String {
+    husk_init::spec::BootSpec {
+        argv: ["sh", "-c", script]
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect(),
+        ..husk_init::spec::BootSpec::default()
+    }
+    .encode()
+    .unwrap()
+}

@@ -4,14 +4,14 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_tests::{
     bin, husk_run_child_pid as vmm_pid, require_guest_kvm, run_with_timeout, spawn_husk,
-    wait_for_line, Finished,
+    vsock_exchange, wait_for_line, Finished,
 };
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -239,7 +239,7 @@ fn no_tap_is_left_after_the_vmm_is_killed() {
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn vsock_carries_data_both_ways() {
     use std::io::Write;
-    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::os::unix::net::UnixListener;
 
     use std::os::unix::fs::PermissionsExt;
     let scratch = Scratch::new("vsock");
@@ -273,19 +273,10 @@ fn vsock_carries_data_both_ways() {
     assert_eq!(got, b"from-guest\n");
 
     // Host to guest: CONNECT to the guest's port 6000 through the device's socket.
-    let mut conn = UnixStream::connect(&uds).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    conn.write_all(b"CONNECT 6000\n").unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut ok = String::new();
-    reader.read_line(&mut ok).unwrap();
-    assert!(ok.starts_with("OK "), "handshake answer {ok:?}");
-    conn.write_all(b"ping over vsock").unwrap();
-    conn.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut echoed = Vec::new();
-    reader.read_to_end(&mut echoed).unwrap();
-    assert_eq!(echoed, b"ping over vsock");
+    assert_eq!(
+        vsock_exchange(&uds, 6000, b"ping over vsock"),
+        b"ping over vsock"
+    );
     let status = wait_exit(&mut husk);
     assert_eq!(status.code(), Some(0));
 }

@@ -6,14 +6,13 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use husk_tests::{husk_run_child_pid as vmm_pid, spawn_husk, wait_for_line};
+use husk_tests::{husk_run_child_pid as vmm_pid, spawn_husk, vsock_exchange, wait_for_line};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const JAIL_BASE: &str = "/run/husk/jail";
@@ -166,19 +165,10 @@ fn a_jailed_filtered_vm_uses_block_net_and_vsock_and_sees_only_its_jail() {
     }
 
     // vsock through the jail: the host connects to the guest's echo port.
-    let mut conn = UnixStream::connect(&uds).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    conn.write_all(b"CONNECT 6000\n").unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut ok = String::new();
-    reader.read_line(&mut ok).unwrap();
-    assert!(ok.starts_with("OK "), "handshake answer {ok:?}");
-    conn.write_all(b"through the jail").unwrap();
-    conn.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut echoed = Vec::new();
-    reader.read_to_end(&mut echoed).unwrap();
-    assert_eq!(echoed, b"through the jail");
+    assert_eq!(
+        vsock_exchange(&uds, 6000, b"through the jail"),
+        b"through the jail"
+    );
 
     let status = wait_exit(&mut husk);
     assert_eq!(status.code(), Some(0), "the guest ran to the end");

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_init::spec::{BootSpec, PARAM};
+use husk_init::spec::PARAM;
 use husk_proto::vmm::info;
 use husk_tests::agent::{exec_request, AgentClient};
 use husk_tests::vmm_client::VmmClient;
-use husk_tests::{artifact, bin, require_guest_kvm};
+use husk_tests::{artifact, bin, require_guest_kvm, sh_boot_spec};
 
 const LIMIT: Duration = Duration::from_secs(240);
 const DISK_BYTES: u64 = 1 << 20;
@@ -166,15 +166,7 @@ fn a_snapshot_restores_and_clones_with_the_guest_going_on_where_it_stopped() {
     std::fs::write(&disk, vec![0u8; DISK_BYTES as usize]).unwrap();
     let script = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; echo \"count $i\"; \
                   sleep 0.02; done";
-    let spec = BootSpec {
-        argv: ["sh", "-c", script]
-            .iter()
-            .map(|a| a.as_bytes().to_vec())
-            .collect(),
-        ..BootSpec::default()
-    }
-    .encode()
-    .unwrap();
+    let spec = sh_boot_spec(script);
     let origin = Vm::spawn(
         &dir,
         "origin",

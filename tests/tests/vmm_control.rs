@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_init::spec::{BootSpec, PARAM};
+use husk_init::spec::PARAM;
 use husk_proto::vmm::{info, ExitReport};
 use husk_tests::vmm_client::VmmClient;
-use husk_tests::{artifact, bin, require_guest_kvm};
+use husk_tests::{artifact, bin, require_guest_kvm, sh_boot_spec};
 use prost::Message;
 
 const LIMIT: Duration = Duration::from_secs(180);
@@ -67,15 +67,7 @@ fn pause_resume_describe_stop_and_exit_report_with_a_real_guest() {
     let api = scratch.0.join("api.sock");
     let report = scratch.0.join("exit-report");
     let script = "head -c 64 /dev/hwrng >/dev/null; while true; do echo tick; sleep 0.2; done";
-    let spec = BootSpec {
-        argv: ["sh", "-c", script]
-            .iter()
-            .map(|a| a.as_bytes().to_vec())
-            .collect(),
-        ..BootSpec::default()
-    }
-    .encode()
-    .unwrap();
+    let spec = sh_boot_spec(script);
     let mut vmm = Vmm(Command::new(bin("husk-vmm"))
         .arg("--kernel")
         .arg(artifact("kernel/vmlinux"))
@@ -181,15 +173,7 @@ fn the_exit_report_carries_the_guest_exit_code() {
     require_guest_kvm();
     let scratch = Scratch::new("vmm-exit-report");
     let report = scratch.0.join("exit-report");
-    let spec = BootSpec {
-        argv: ["sh", "-c", "exit 7"]
-            .iter()
-            .map(|a| a.as_bytes().to_vec())
-            .collect(),
-        ..BootSpec::default()
-    }
-    .encode()
-    .unwrap();
+    let spec = sh_boot_spec("exit 7");
     let finished = husk_tests::run_with_timeout(
         Command::new(bin("husk-vmm"))
             .arg("--kernel")
