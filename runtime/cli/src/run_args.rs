@@ -123,9 +123,9 @@ impl RunArgs {
         if !(1..=32).contains(&out.cpus) {
             return Err(format!("--cpus {} is out of range (1..32)", out.cpus));
         }
-        if !(64..=16384).contains(&out.memory_mib) {
+        if !(64..=262_144).contains(&out.memory_mib) {
             return Err(format!(
-                "--memory {} MiB is out of range (64..16384)",
+                "--memory {} MiB is out of range (64..262144)",
                 out.memory_mib
             ));
         }
@@ -191,6 +191,13 @@ mod tests {
         assert!(parse(&["--memory", "32", "true"])
             .unwrap_err()
             .contains("--memory 32 MiB"));
+        assert!(parse(&["--memory", "262145", "true"])
+            .unwrap_err()
+            .contains("out of range (64..262144)"));
+        assert_eq!(
+            parse(&["--memory", "262144", "true"]).map(|a| a.memory_mib),
+            Ok(262_144)
+        );
         assert!(parse(&["--memory", "lots", "true"])
             .unwrap_err()
             .contains("not a number"));

@@ -16,9 +16,12 @@ use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::api::socket::ApiSocket;
-use crate::arch::x86_64::layout::{MIB, PVH_INFO_START};
+use crate::arch::x86_64::layout::{
+    GIB, MIB, MMIO_GAP_END, MMIO_GAP_START, PDPTE_START, PVH_INFO_START,
+};
 use crate::arch::x86_64::regs::{setup_boot_vcpu, write_boot_tables, BootEntry};
 use crate::builder::{build_base_vm, BaseVmConfig};
+use crate::config::MAX_VCPUS;
 use crate::devices::bus::BusDevice;
 use crate::stop::{StopReason, StopState};
 use crate::test_utils::{require_kvm, ScratchDir, SharedBuf};
@@ -32,11 +35,15 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 const RESET: [u8; 5] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
 
 fn vmm(vcpus: u8, console: SharedBuf) -> Vmm {
+    vmm_with_memory(vcpus, 64 * MIB, console)
+}
+
+fn vmm_with_memory(vcpus: u8, mem_size: u64, console: SharedBuf) -> Vmm {
     let kvm = open_kvm().expect("open /dev/kvm");
     build_base_vm(
         kvm,
         BaseVmConfig {
-            mem_size: 64 * MIB,
+            mem_size,
             vcpus,
             console: Box::new(console),
             report_boot_time: false,
@@ -220,11 +227,21 @@ impl BusDevice for Rollcall {
 
 #[test]
 fn smp_every_vcpu_runs_on_its_own_thread() {
+    smp_rollcall(4);
+}
+
+#[test]
+fn smp_the_largest_vm_runs_all_32_vcpus() {
+    smp_rollcall(MAX_VCPUS);
+}
+
+/// Every one of `vcpus` vCPUs reports its index from its own thread, named after it.
+fn smp_rollcall(vcpus: u8) {
     require_kvm!();
-    let mut vmm = vmm(4, SharedBuf::default());
+    let mut vmm = vmm(vcpus, SharedBuf::default());
     let rollcall = Arc::new(Mutex::new(Rollcall {
         seen: Vec::new(),
-        expected: 4,
+        expected: usize::from(vcpus),
         stop: vmm.stop_state(),
     }));
     vmm.io_bus_mut().insert(rollcall.clone(), 0x700, 1).unwrap();
@@ -240,8 +257,46 @@ fn smp_every_vcpu_runs_on_its_own_thread() {
     assert_eq!(out.reason, StopReason::GuestReset);
     let mut seen = rollcall.lock().unwrap().seen.clone();
     seen.sort();
-    let expect: Vec<(u8, String)> = (0..4).map(|i| (i, format!("vcpu{i}"))).collect();
+    let expect: Vec<(u8, String)> = (0..vcpus).map(|i| (i, format!("vcpu{i}"))).collect();
     assert_eq!(seen, expect);
+}
+
+#[test]
+fn a_16_gib_guest_reaches_its_last_byte_above_the_mmio_gap() {
+    require_kvm!();
+    // 16 GiB of RAM: 3 GiB below the MMIO gap, the other 13 GiB from 4 GiB up to 17 GiB.
+    let mem_size = 16 * GIB;
+    let top = mem_size + (MMIO_GAP_END - MMIO_GAP_START);
+    let vmm = vmm_with_memory(1, mem_size, SharedBuf::default());
+    let last = top - 8;
+    let mut code = vec![0x48, 0xbb]; //        mov rbx, imm64 (the last 8 bytes of RAM)
+    code.extend_from_slice(&last.to_le_bytes());
+    code.extend_from_slice(&[
+        0xc6, 0x03, 0x5a, //       mov byte [rbx], 0x5a
+        0x8a, 0x03, //             mov al, [rbx]
+        0x66, 0xba, 0x01, 0x06, // mov dx, 0x601
+        0xee, //                   out dx, al      (exit code = what was read back)
+    ]);
+    code.extend_from_slice(&RESET);
+    load(&vmm, &code, long_mode());
+    // The boot identity map covers 4 GiB; map the GiB holding `last` with 2 MiB pages.
+    let mem = vmm.vm().memory();
+    let (gib, pd) = (last / GIB, 0x3_0000u64);
+    mem.write_obj(pd | 0x3, GuestAddress(PDPTE_START + gib * 8))
+        .unwrap();
+    for i in 0..512u64 {
+        mem.write_obj((gib * GIB + i * 2 * MIB) | 0x83, GuestAddress(pd + i * 8))
+            .unwrap();
+    }
+    let check = vmm.vm().memory().clone();
+    let out = run(vmm);
+    assert_eq!(out.reason, StopReason::GuestReset);
+    assert_eq!(out.exit_code, Some(0x5a));
+    assert_eq!(check.read_obj::<u8>(GuestAddress(last)).unwrap(), 0x5a);
+    assert!(
+        check.read_obj::<u8>(GuestAddress(top)).is_err(),
+        "RAM ends at {top:#x}"
+    );
 }
 
 #[test]
