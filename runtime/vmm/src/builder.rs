@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::boot_params::{self, BootParamsInput};
-use crate::arch::x86_64::cpuid::{normalize, CpuTopology};
+use crate::arch::x86_64::cpuid::{add_tsc_deadline_timer, normalize, CpuTopology};
 use crate::arch::x86_64::layout::{e820_map, low_ram_end, ram_ranges, CMDLINE_START};
 use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{mptable, pvh};
@@ -155,13 +155,23 @@ pub struct BaseVmConfig {
 /// and configured vCPUs. Nothing is loaded into memory and no vCPU has boot registers yet.
 pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
     let memory = create_guest_memory(cfg.mem_size)?;
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
+    let supported = supported_cpuid(&kvm)?;
     let num_cpus = cfg.vcpus;
     build_machine(kvm, memory, cfg, None, |vcpu| {
         vcpu.configure(&supported, num_cpus).map_err(Into::into)
     })
+}
+
+/// What this host's KVM can give a guest: KVM_GET_SUPPORTED_CPUID plus the features KVM
+/// reports as capabilities instead (the TSC-deadline timer).
+fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, BuildError> {
+    let mut supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::SupportedCpuid)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        add_tsc_deadline_timer(supported.as_mut_slice());
+    }
+    Ok(supported)
 }
 
 /// What a fresh boot and a restore share: the VM over `memory`, the legacy devices (the UART
@@ -248,9 +258,7 @@ pub fn restore_vm(
             "the snapshot's memory layout does not match its memory size",
         ));
     }
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::SupportedCpuid)?;
+    let supported = supported_cpuid(&kvm)?;
     for (i, saved) in state.vcpus.iter().enumerate() {
         if saved.index as usize != i {
             return Err(BuildError::Snapshot(
