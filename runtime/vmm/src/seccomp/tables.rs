@@ -177,6 +177,14 @@ const VCPU: &[Rule] = &[
     r(l::SYS_read, "read", Args::Any),
     // Serial output to a `--console unix:PATH` socket.
     r(l::SYS_sendto, "sendto", Args::Connected),
+    // A guest resetting its vsock device (an MMIO status write on this thread, e.g. as it shuts
+    // down) closes the device's host connections and takes them off the backend's epoll fd.
+    // Only EPOLL_CTL_DEL: adding fds stays with the event loop.
+    r(
+        l::SYS_epoll_ctl,
+        "epoll_ctl",
+        Args::Arg1(&[(l::EPOLL_CTL_DEL as u32, "EPOLL_CTL_DEL")]),
+    ),
     // KVM_RUN; the tap's offloads; a snapshot's state reads, made while the thread is parked.
     r(
         l::SYS_ioctl,
