@@ -365,17 +365,15 @@ mod tests {
     fn a_vcpu_thread_may_take_fds_off_an_epoll_but_not_add_them() {
         // The filter decides on the syscall number and op before the kernel looks at the fds,
         // so -1 (the call then fails with EBADF) is enough to see what gets through.
-        // SAFETY (both bodies): epoll_ctl on an invalid fd, with a valid event pointer or none.
-        let sig = in_filtered_child(ThreadKind::Vcpu, || unsafe {
-            libc::epoll_ctl(-1, libc::EPOLL_CTL_DEL, 0, std::ptr::null_mut());
+        let sig = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: epoll_ctl on an invalid fd; DEL takes no event.
+            unsafe { libc::epoll_ctl(-1, libc::EPOLL_CTL_DEL, 0, std::ptr::null_mut()) };
         });
-        assert_eq!(
-            sig, 0,
-            "a vsock device reset on a vCPU thread calls EPOLL_CTL_DEL"
-        );
-        let sig = in_filtered_child(ThreadKind::Vcpu, || unsafe {
+        assert_eq!(sig, 0, "a vsock reset on a vCPU thread calls EPOLL_CTL_DEL");
+        let sig = in_filtered_child(ThreadKind::Vcpu, || {
             let mut ev = libc::epoll_event { events: 0, u64: 0 };
-            libc::epoll_ctl(-1, libc::EPOLL_CTL_ADD, 0, &mut ev);
+            // SAFETY: epoll_ctl on an invalid fd with a valid event; the filter kills first.
+            unsafe { libc::epoll_ctl(-1, libc::EPOLL_CTL_ADD, 0, &mut ev) };
         });
         assert_eq!(sig, libc::SIGSYS);
     }
