@@ -21,7 +21,9 @@ pub struct Huskd {
 }
 
 impl Huskd {
-    /// Starts huskd with a fresh state directory under /tmp, named after `tag`.
+    /// Starts huskd with a fresh state directory under /tmp, named after `tag`. The daemon may
+    /// open files below that directory (`--allow-path`): tests put their disks, kernels and
+    /// snapshots there.
     pub fn start(tag: &str, extra_args: &[&str]) -> Self {
         let dir = PathBuf::from(format!("/tmp/husk-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -54,6 +56,8 @@ impl Huskd {
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(self.dir.join("state"))
+            .arg("--allow-path")
+            .arg(&self.dir)
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

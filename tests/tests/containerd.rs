@@ -43,9 +43,14 @@ impl Containerd {
     /// environment.
     fn start_with(tag: &str, snapshotter: &str, husk_host: Option<&str>) -> Self {
         let vmm = bin("husk-vmm").display().to_string();
-        let huskd = Huskd::start(&format!("ctrd-{tag}"), &["--vmm", &vmm]);
         let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // The shims' rootfs images (HUSK_SHIM_STATE_DIR) lie below the fixture's directory.
+        let allowed = dir.display().to_string();
+        let huskd = Huskd::start(
+            &format!("ctrd-{tag}"),
+            &["--vmm", &vmm, "--allow-path", &allowed],
+        );
         let socket = dir.join("c.sock");
         let config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\

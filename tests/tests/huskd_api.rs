@@ -55,6 +55,9 @@ fn bad_requests_get_precise_status_codes() {
         spec: Some(spec),
         start: false,
     };
+    // Paths below the fixture's directory are allowed (--allow-path): missing files there are
+    // INVALID_ARGUMENT.
+    let inside = |name: &str| huskd.dir.join(name).display().to_string();
     let bad_specs = [
         VmSpec {
             vcpus: 64,
@@ -65,11 +68,11 @@ fn bad_requests_get_precise_status_codes() {
             ..spec("a")
         },
         VmSpec {
-            kernel: "/nonexistent/vmlinux".into(),
+            kernel: inside("nonexistent/vmlinux"),
             ..spec("a")
         },
         VmSpec {
-            rootfs: "/nonexistent/root.ext4".into(),
+            rootfs: inside("nonexistent/root.ext4"),
             ..spec("a")
         },
         VmSpec {
@@ -80,6 +83,33 @@ fn bad_requests_get_precise_status_codes() {
     for bad in bad_specs {
         let got = code(huskd.block_on(c.create_vm(create(bad.clone()))));
         assert_eq!(got, Code::InvalidArgument, "{bad:?}");
+    }
+    // Host files outside what huskd may open are PERMISSION_DENIED, whatever their kind.
+    std::os::unix::fs::symlink("/etc/shadow", huskd.dir.join("shadow-link")).unwrap();
+    let outside = [
+        VmSpec {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..spec("a")
+        },
+        VmSpec {
+            disks: vec![husk_proto::v1::Disk {
+                path: "/etc/shadow".into(),
+                read_only: false,
+            }],
+            ..spec("a")
+        },
+        VmSpec {
+            rootfs: inside("shadow-link"),
+            ..spec("a")
+        },
+        VmSpec {
+            initrd: inside("../../etc/shadow"),
+            ..spec("a")
+        },
+    ];
+    for bad in outside {
+        let got = code(huskd.block_on(c.create_vm(create(bad.clone()))));
+        assert_eq!(got, Code::PermissionDenied, "{bad:?}");
     }
     let missing = huskd.block_on(c.create_vm(CreateVmRequest {
         spec: None,

@@ -169,6 +169,49 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
         assert_eq!(r.stdout, format!("out-{name}\ngot-ping\n"));
         assert_eq!(r.stderr, format!("err-{name}\n"));
     }
+    // Each VMM runs as its own uid: one VM's VMM user cannot reach another VM's sockets (the
+    // vsock socket leads to the guest agent, i.e. root in that guest), while its own work.
+    let uid = |name: &str| huskd.get(name).status.unwrap().jail_uid;
+    let (alpha_uid, beta_uid) = (uid("alpha"), uid("beta"));
+    assert!(alpha_uid >= 100_000 && beta_uid >= 100_000 && alpha_uid != beta_uid);
+    let connect_as = |uid: u32, vm: &str| {
+        use std::os::unix::process::CommandExt;
+        let socket = huskd.vm_dir(&huskd.get(vm).id).join("vmm/vsock.sock");
+        let script = format!(
+            "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); \
+             s.sendall(b'CONNECT 1024\\n'); print(s.recv(16))",
+            socket.display().to_string()
+        );
+        std::process::Command::new("python3")
+            .args(["-c", &script])
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    // vms/ is root's alone (0700): nobody else even reaches a VM's directory. Opened up to
+    // traversal for this check, the per-VM uid is the wall that remains.
+    let vms = huskd.state_dir().join("vms");
+    let set_mode = |mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&vms, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let closed = connect_as(alpha_uid, "alpha");
+    assert!(!closed.status.success(), "vms/ let a VMM user in: {closed:?}");
+    set_mode(0o711);
+    let across = connect_as(alpha_uid, "beta");
+    assert!(
+        !across.status.success()
+            && String::from_utf8_lossy(&across.stderr).contains("PermissionError"),
+        "alpha's VMM user reached beta's vsock socket: {across:?}"
+    );
+    let own = connect_as(beta_uid, "beta");
+    assert!(
+        own.status.success() && String::from_utf8_lossy(&own.stdout).contains("OK"),
+        "beta's VMM user cannot reach its own socket: {own:?}"
+    );
+    set_mode(0o700);
+
     // A command that does not exist is refused with a clear status.
     let missing = exec(&huskd, "beta", &["no-such-program"], b"")
         .err()

@@ -11,6 +11,7 @@ pub fn state_name(state: i32) -> &'static str {
         VmState::Stopping => "stopping",
         VmState::Stopped => "stopped",
         VmState::Failed => "failed",
+        VmState::Starting => "starting",
     }
 }
 

@@ -106,7 +106,16 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         cmd.arg("--vsock")
             .arg(format!("cid=3,path={}", path.display()));
     }
-    cmd.arg("--cmdline").arg(cmdline.join(" "));
+    // The application's argv and environment travel in the guest command line: through a
+    // pipe, so that they never show on husk-vmm's own command line.
+    let cmdline_fd = husk_host::process::cmdline_pipe(&cmdline.join(" "))
+        .map_err(|e| format!("cannot pass the guest command line: {e}"))?;
+    {
+        use std::os::fd::AsRawFd;
+        cmd.arg("--cmdline-file")
+            .arg(format!("/proc/self/fd/{}", cmdline_fd.as_raw_fd()));
+        husk_host::process::inherit_fd(&mut cmd, cmdline_fd.as_raw_fd());
+    }
     if args.report_boot_time {
         cmd.arg("--report-boot-time");
     }
@@ -126,8 +135,10 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
                 .iter()
                 .map(|l| l.raw_fd())
                 .chain(disk_files.iter().map(|f| f.as_raw_fd()))
+                .chain([cmdline_fd.as_raw_fd()])
                 .collect(),
             cgroup: args.cgroup.clone(),
+            rlimits: Vec::new(),
         };
         cmd = jail::wrap(&j.jailer, &cmd, &spec);
     }
@@ -155,6 +166,7 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     // husk-vmm holds the tap and disks now; with husk's copies closed, they go with the VMM.
     drop(link);
     drop(disk_files);
+    drop(cmdline_fd);
     let result = spawned.and_then(|child| wait(child, &vmm));
     if let Some(j) = &jail_config {
         if let Err(e) = jail::cleanup(&j.jailer, &jail_id) {

@@ -8,7 +8,7 @@ use std::io::Write;
 use husk_proto::v1::husk_client::HuskClient;
 use husk_proto::v1::{
     exec_request, exec_response, network, CreateVmRequest, DeleteVmRequest, Disk, ExecRequest,
-    ExecStart, GetVmRequest, ListVmsRequest, Network, PauseVmRequest, ResumeVmRequest,
+    ExecStart, GetVmRequest, Limits, ListVmsRequest, Network, PauseVmRequest, ResumeVmRequest,
     StartVmRequest, StopVmRequest, StreamConsoleRequest, VmSpec, WatchEventsRequest, WindowSize,
 };
 use tokio::io::AsyncReadExt;
@@ -28,6 +28,8 @@ daemon commands (against huskd; --host ADDR or $HUSK_HOST, default unix:///run/h
   create [OPTIONS] [-- CMD ARGS...]   record a VM (no CMD: a sandbox for exec); prints its id
          --name N --kernel P --initrd P --rootfs P --disk P[:ro] --net --mac M --cpus N
          --memory MIB --env K=V --workdir DIR --label K=V --cmdline STR --start
+         --cpu-limit MILLICORES --memory-limit MIB --pids-limit N  (host limits of the VMM;
+         default: from --cpus and --memory, see docs/security.md)
   start VM                           start a created or stopped VM
   stop [--timeout SECS] [--force] VM...   graceful stop (SIGTERM to the application), then kill
   rm [--force] VM...                 delete VMs (--force stops running ones first)
@@ -133,6 +135,9 @@ const CREATE_OPTS: &[Opt] = &[
     value(&["--workdir", "-w"]),
     value(&["--label", "-l"]),
     value(&["--cmdline"]),
+    value(&["--cpu-limit"]),
+    value(&["--memory-limit"]),
+    value(&["--pids-limit"]),
     flag(&["--start"]),
 ];
 
@@ -188,6 +193,13 @@ pub fn create_spec(args: &[String]) -> Result<(VmSpec, bool), String> {
         workdir: p.value("--workdir").unwrap_or_default().to_string(),
         labels: p.pairs("--label")?.into_iter().collect(),
         extra_cmdline: p.value("--cmdline").unwrap_or_default().to_string(),
+        // 0: huskd's default, computed from the shape (see Limits in husk.proto).
+        limits: Some(Limits {
+            cpu_millis: p.number("--cpu-limit", 0, 0..=u32::MAX)?,
+            memory_max_mib: p.number("--memory-limit", 0, 0..=u32::MAX)?,
+            pids_max: p.number("--pids-limit", 0, 0..=u32::MAX)?,
+            open_files: 0,
+        }),
     };
     Ok((spec, p.has("--start")))
 }

@@ -105,6 +105,8 @@ pub struct JailSpec<'a> {
     pub fds: Vec<i32>,
     /// `--cgroup FILE=VALUE` limits.
     pub cgroup: Vec<String>,
+    /// `--rlimit NAME=N` limits.
+    pub rlimits: Vec<String>,
 }
 
 /// The jailer command that runs `vmm` (a husk-vmm command with its arguments) in `spec`'s
@@ -125,6 +127,9 @@ pub fn wrap(jailer: &Path, vmm: &Command, spec: &JailSpec<'_>) -> Command {
     }
     for c in &spec.cgroup {
         cmd.arg("--cgroup").arg(c);
+    }
+    for r in &spec.rlimits {
+        cmd.arg("--rlimit").arg(r);
     }
     for fd in &spec.fds {
         cmd.arg("--keep-fd").arg(fd.to_string());
@@ -149,6 +154,26 @@ pub fn cleanup(jailer: &Path, id: &str) -> Result<(), String> {
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
+}
+
+/// The cgroup v2 controllers this host offers to husk's cgroups (those of the cgroup2 root,
+/// from /proc/self/mountinfo): a hybrid host that binds cpu, memory or pids to cgroup v1 offers
+/// none of them, and a limit through a missing controller would make every jail fail.
+pub fn cgroup_controllers() -> Vec<String> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mount = info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(left.split(' ').nth(4)?))
+    });
+    mount
+        .and_then(|m| std::fs::read_to_string(m.join("cgroup.controllers")).ok())
+        .map(|text| text.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Where husk-jailer builds jails unless told otherwise (its `--chroot-base` default).
@@ -197,6 +222,7 @@ mod tests {
             dirs: vec!["/s".into()],
             fds: vec![],
             cgroup: vec!["memory.max=1G".into()],
+            rlimits: vec!["nofile=64".into()],
         };
         let cmd = wrap(Path::new("/opt/husk/husk-jailer"), &vmm, &spec);
         let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
@@ -208,7 +234,7 @@ mod tests {
         let jail = args[..dash].join(" ");
         assert!(jail.starts_with("--id vm1 --exec-file /opt/husk/husk-vmm --uid 1000 --gid 1001"));
         assert!(
-            jail.contains("--file /k --dir /s --cgroup memory.max=1G"),
+            jail.contains("--file /k --dir /s --cgroup memory.max=1G --rlimit nofile=64"),
             "{jail}"
         );
     }

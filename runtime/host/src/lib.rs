@@ -2,7 +2,9 @@
 //! the VM's network link, where the VMM binary and default guest artifacts are, and the jail
 //! VMMs run in when the front end runs as root.
 
+pub mod confined;
 pub mod jail;
 pub mod net;
 pub mod paths;
+pub mod policy;
 pub mod process;

@@ -1,7 +1,7 @@
 //! Starting husk-vmm from a front end.
 
-use std::io;
-use std::os::fd::RawFd;
+use std::io::{self, Write};
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -17,4 +17,15 @@ pub fn inherit_fd(cmd: &mut Command, fd: RawFd) {
             Ok(())
         });
     }
+}
+
+/// A pipe holding `cmdline` (then closed for writing), for husk-vmm's
+/// `--cmdline-file /proc/self/fd/N`: the guest command line carries the application's argv and
+/// environment, which must not appear on any process's command line (`/proc/PID/cmdline` is
+/// readable by every local user). The caller passes the returned read end to the child.
+pub fn cmdline_pipe(cmdline: &str) -> io::Result<OwnedFd> {
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    // A command line is far below a pipe's 64 KiB buffer: the write never blocks.
+    std::fs::File::from(write).write_all(format!("{cmdline}\n").as_bytes())?;
+    Ok(read)
 }

@@ -1,23 +1,22 @@
 //! huskd's side of the guest agent protocol (husk.agent.v1) over husk-vmm's vsock socket.
 
 use std::io;
-use std::path::Path;
 use std::time::Duration;
 
 use husk_proto::agent::{self, guest_message, host_message, GuestMessage, HostMessage, AGENT_PORT};
 use tokio::net::UnixStream;
 
-use crate::wire;
+use crate::wire::{self, VmSocket};
 
 /// Connects to the agent.
-pub async fn connect(vsock_socket: &Path, limit: Duration) -> io::Result<UnixStream> {
+pub async fn connect(vsock_socket: &VmSocket, limit: Duration) -> io::Result<UnixStream> {
     wire::connect_vsock(vsock_socket, AGENT_PORT, limit).await
 }
 
 /// Sends one request that is answered by a single frame (`hello`, `shutdown`, `set_time`), and
 /// returns that frame; an `error` frame becomes an error.
 pub async fn request(
-    vsock_socket: &Path,
+    vsock_socket: &VmSocket,
     message: &HostMessage,
     limit: Duration,
 ) -> io::Result<GuestMessage> {
@@ -30,7 +29,7 @@ pub async fn request(
 }
 
 /// Checks that the agent answers and speaks our protocol version.
-pub async fn hello(vsock_socket: &Path, limit: Duration) -> io::Result<agent::Hello> {
+pub async fn hello(vsock_socket: &VmSocket, limit: Duration) -> io::Result<agent::Hello> {
     let message = HostMessage {
         msg: Some(host_message::Msg::Hello(agent::Hello {
             version: agent::PROTOCOL_VERSION,

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use husk_host::confined::Dir;
 use husk_host::net::VmLink;
+use husk_host::policy::{PathPolicy, PolicyError};
 use husk_proto::agent::{self, host_message, HostMessage};
 use husk_proto::v1::{event, network, Event, Vm, VmSpec, VmState, VmStatus};
 use husk_proto::vmm::{vmm_request, vmm_response, ExitReport, VmmRequest, VmmResponse};
@@ -22,8 +24,9 @@ use tonic::Status;
 use crate::agent_client;
 use crate::store;
 use crate::validate::{self, Defaults};
-use crate::vmm_process::{self, Launch, ProcessHandle};
-use crate::wire;
+pub use crate::vmm_process::LIMIT_CONTROLLERS;
+use crate::vmm_process::{self, Launch, ProcessHandle, RunFiles};
+use crate::wire::{self, VmSocket};
 
 #[path = "snapshots.rs"]
 pub mod snapshots;
@@ -38,6 +41,12 @@ pub struct DaemonConfig {
     pub max_vms: usize,
     /// How VMMs are jailed (None: started directly).
     pub jail: Option<husk_host::jail::JailConfig>,
+    /// The uids jailed VMMs run as: `(first, count)`, one per VM.
+    pub uid_range: (u32, u32),
+    /// Which host files callers may name.
+    pub policy: PathPolicy,
+    /// The cgroup v2 controllers the host offers for VM limits.
+    pub controllers: Vec<String>,
 }
 
 /// How long a graceful stop waits when the request gives no timeout.
@@ -94,6 +103,7 @@ fn state_name(state: VmState) -> &'static str {
         VmState::Stopping => "STOPPING",
         VmState::Stopped => "STOPPED",
         VmState::Failed => "FAILED",
+        VmState::Starting => "STARTING",
     }
 }
 
@@ -137,6 +147,30 @@ impl VmEntry {
         record.clone()
     }
 
+    /// The uid the VM's VMM runs as (huskd's own when VMMs are not jailed).
+    fn vmm_uid(&self) -> u32 {
+        match lock(&self.record).status.as_ref().map(|s| s.jail_uid) {
+            Some(uid) if uid != 0 => uid,
+            _ => rustix::process::geteuid().as_raw(),
+        }
+    }
+
+    /// The VMM's control socket.
+    fn api_socket(&self) -> VmSocket {
+        VmSocket {
+            path: self.dir.join(store::API_SOCK),
+            peer_uid: self.vmm_uid(),
+        }
+    }
+
+    /// The VMM's vsock socket (the guest agent's way in).
+    pub fn vsock_socket(&self) -> VmSocket {
+        VmSocket {
+            path: self.dir.join(store::VSOCK_SOCK),
+            peer_uid: self.vmm_uid(),
+        }
+    }
+
     fn status_mut(vm: &mut Vm) -> &mut VmStatus {
         vm.status.get_or_insert_with(Default::default)
     }
@@ -155,7 +189,7 @@ impl Daemon {
     /// that still runs is adopted, one that ended meanwhile is recorded as such.
     pub fn open(config: DaemonConfig) -> Result<Arc<Self>, String> {
         let vms_dir = store::vms_dir(&config.state_dir);
-        std::fs::create_dir_all(&vms_dir)
+        store::open_vms_dir(&config.state_dir)
             .map_err(|e| format!("cannot create {}: {e}", vms_dir.display()))?;
         let (events, _) = broadcast::channel(1024);
         let daemon = Arc::new(Self {
@@ -177,9 +211,10 @@ impl Daemon {
     fn adopt(self: &Arc<Self>, vm: Vm) {
         let id = vm.id.clone();
         let dir = store::vms_dir(&self.config.state_dir).join(&id);
+        let was = state_of(&vm);
         let was_live = matches!(
-            state_of(&vm),
-            VmState::Running | VmState::Paused | VmState::Stopping
+            was,
+            VmState::Running | VmState::Paused | VmState::Stopping | VmState::Starting
         );
         let entry = Arc::new(VmEntry {
             id: id.clone(),
@@ -202,20 +237,60 @@ impl Daemon {
                     entry.id,
                     live_pid.map_or(0, |p| p.0)
                 );
-                // A stop that was in progress when the previous huskd ended did not finish.
+                // A stop that was in progress when the previous huskd ended did not finish; a
+                // start that was recorded before its pid counts as done.
                 entry.update(|vm| {
-                    if state_of(vm) == VmState::Stopping {
+                    if matches!(state_of(vm), VmState::Stopping | VmState::Starting) {
                         vm.state = VmState::Running as i32;
                     }
                 });
+                // A snapshot the previous huskd did not finish: its staging goes, and the
+                // VMM's own word says whether the VM was left paused.
+                remove_staging(&entry.dir);
                 self.watch_run(&entry, live_pid.map_or(0, |p| p.0), handle);
+                let daemon = self.clone();
+                let entry = entry.clone();
+                tokio::spawn(async move { daemon.sync_pause_state(&entry).await });
             }
             None => {
-                // It ended while no huskd watched; a stop in progress counts as done.
+                // It ended while no huskd watched; a stop in progress counts as done. A VM
+                // left STARTING may have a VMM whose pid was never recorded: its jail's cgroup
+                // holds it, and record_end's cleanup kills it.
                 let stopping = entry.state() == VmState::Stopping;
                 self.record_end(&entry, None, stopping);
+                if was == VmState::Starting {
+                    entry.update(|vm| {
+                        let status = VmEntry::status_mut(vm);
+                        status.failure_reason = format!(
+                            "huskd ended while starting the VM ({})",
+                            status.failure_reason
+                        );
+                    });
+                }
             }
         }
+    }
+
+    /// Records PAUSED or RUNNING as the VMM reports it (after an adoption).
+    async fn sync_pause_state(&self, entry: &Arc<VmEntry>) {
+        let request = VmmRequest {
+            msg: Some(vmm_request::Msg::Describe(Default::default())),
+        };
+        let reply: Result<VmmResponse, _> =
+            wire::request_reply(&entry.api_socket(), &request, Duration::from_secs(5)).await;
+        let Ok(VmmResponse {
+            msg: Some(vmm_response::Msg::Info(info)),
+        }) = reply
+        else {
+            return;
+        };
+        let paused = info.state == husk_proto::vmm::info::State::Paused as i32;
+        let _op = entry.op.lock().await;
+        entry.update(|vm| match (state_of(vm), paused) {
+            (VmState::Running, true) => vm.state = VmState::Paused as i32,
+            (VmState::Paused, false) => vm.state = VmState::Running as i32,
+            _ => {}
+        });
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -272,7 +347,7 @@ impl Daemon {
             kernel: &self.config.default_kernel,
             initrd: &self.config.default_initrd,
         };
-        let mut spec = validate::normalize(spec, &defaults)?;
+        let mut spec = validate::normalize(spec, &defaults, &self.config.policy)?;
         let mut vms = lock(&self.vms);
         if vms.len() >= self.config.max_vms {
             return Err(Status::resource_exhausted(format!(
@@ -296,13 +371,28 @@ impl Daemon {
                 spec.name
             )));
         }
-        let used: Vec<u32> = vms
+        let statuses: Vec<VmStatus> = vms
             .values()
-            .filter_map(|e| lock(&e.record).status.as_ref().map(|s| s.vsock_cid))
+            .filter_map(|e| lock(&e.record).status.clone())
             .collect();
-        let cid = (3u32..).find(|c| !used.contains(c)).unwrap_or(3);
+        let used_cids: Vec<u32> = statuses.iter().map(|s| s.vsock_cid).collect();
+        let cid = (3u32..).find(|c| !used_cids.contains(c)).unwrap_or(3);
+        let jail_uid = match self.config.jail {
+            Some(_) => {
+                let used: Vec<u32> = statuses.iter().map(|s| s.jail_uid).collect();
+                allocate_uid(self.config.uid_range, &used).ok_or_else(|| {
+                    Status::resource_exhausted(format!(
+                        "every uid of huskd's --uid-range {}:{} belongs to a VM; delete some \
+                         or widen the range",
+                        self.config.uid_range.0, self.config.uid_range.1
+                    ))
+                })?
+            }
+            None => 0,
+        };
         let dir = store::vms_dir(&self.config.state_dir).join(&id);
-        std::fs::create_dir_all(&dir)
+        store::open_vms_dir(&self.config.state_dir)
+            .and_then(|vms_dir| vms_dir.create_subdir(&id, store::DIR_MODE, false))
             .map_err(|e| Status::internal(format!("cannot create {}: {e}", dir.display())))?;
         let vm = Vm {
             id: id.clone(),
@@ -312,6 +402,7 @@ impl Daemon {
                 created_unix_ms: now_ms(),
                 vsock_cid: cid,
                 console_log: dir.join(store::CONSOLE_LOG).display().to_string(),
+                jail_uid,
                 ..Default::default()
             }),
         };
@@ -330,6 +421,66 @@ impl Daemon {
         Ok(entry)
     }
 
+    /// Opens what one run of the VM's VMM needs, all by fd: kernel and initrd (for a boot),
+    /// disks under the path policy, and the console, exit report and log in huskd's own VM
+    /// directory. The `vmm/` directory is made anew, empty and owned by the VM's uid.
+    fn open_run_files(
+        &self,
+        entry: &VmEntry,
+        spec: &VmSpec,
+        boot: bool,
+    ) -> Result<RunFiles, Status> {
+        let policy = &self.config.policy;
+        let open = |what: &str, path: &str, write: bool| {
+            policy
+                .open_file(what, Path::new(path), write)
+                .map(|o| o.file)
+                .map_err(|e| policy_status(e, |m: String| Status::failed_precondition(m)))
+        };
+        let (kernel, initrd) = if boot {
+            (
+                Some(open("kernel", &spec.kernel, false)?),
+                Some(open("initrd", &spec.initrd, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        let mut disks = Vec::new();
+        if !spec.rootfs.is_empty() {
+            disks.push((open("rootfs", &spec.rootfs, true)?, false));
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let file = open(&format!("disks[{i}]"), &disk.path, !disk.read_only)?;
+            disks.push((file, disk.read_only));
+        }
+        let internal = |what: &str| {
+            let what = what.to_string();
+            move |e: std::io::Error| Status::internal(format!("{what}: {e}"))
+        };
+        let dir = Dir::open(&entry.dir).map_err(internal("the VM's directory"))?;
+        let vmm_dir = dir
+            .create_subdir(store::VMM_DIR, store::DIR_MODE, true)
+            .map_err(internal("the VMM's directory"))?;
+        let uid = entry.vmm_uid();
+        husk_host::confined::chown_fd(vmm_dir.fd(), uid, uid)
+            .map_err(internal("the VMM's directory"))?;
+        let console = dir
+            .create_file(store::CONSOLE_LOG, store::FILE_MODE, true, None)
+            .map_err(internal("the console log"))?;
+        let exit_report = dir
+            .create_file(store::EXIT_REPORT, store::FILE_MODE, false, None)
+            .map_err(internal("the exit report"))?;
+        let log = open_vmm_log(&dir).map_err(internal("vmm.log"))?;
+        Ok(RunFiles {
+            kernel,
+            initrd,
+            disks,
+            console,
+            exit_report,
+            log,
+        })
+    }
+
     /// Starts the VM's husk-vmm and records its pid (with its start time, against pid reuse).
     fn spawn_vmm(&self, entry: &VmEntry, launch: &Launch<'_>) -> Result<u32, String> {
         let pid = launch.spawn()?;
@@ -343,7 +494,7 @@ impl Daemon {
         Ok(pid)
     }
 
-    /// Starts the VM's VMM: CREATED, STOPPED or FAILED -> RUNNING.
+    /// Starts the VM's VMM: CREATED, STOPPED or FAILED -> STARTING -> RUNNING.
     pub async fn start(self: &Arc<Self>, entry: &Arc<VmEntry>) -> Result<Vm, Status> {
         let _op = entry.op.lock().await;
         if !matches!(
@@ -352,52 +503,85 @@ impl Daemon {
         ) {
             return Err(entry.wrong_state("StartVm"));
         }
-        let record = entry.snapshot();
-        let spec = record.spec.clone().unwrap_or_default();
-        for (what, path) in [("kernel", &spec.kernel), ("initrd", &spec.initrd)] {
-            husk_host::paths::require_file(Path::new(path), what, "")
-                .map_err(Status::failed_precondition)?;
-        }
+        let spec = entry.snapshot().spec.unwrap_or_default();
+        self.launch(entry, &spec, None).await
+    }
+
+    /// The one launch sequence of a boot (StartVm) and a restore (RestoreVm): files opened by
+    /// fd, the tap, STARTING recorded before the VMM exists (so that a huskd that dies in
+    /// between finds and cleans what it left), the spawn, then RUNNING (or PAUSED).
+    pub(crate) async fn launch(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        spec: &VmSpec,
+        restore: Option<vmm_process::Restore>,
+    ) -> Result<Vm, Status> {
+        let start_paused = restore.as_ref().is_some_and(|r| r.start_paused);
+        let is_restore = restore.is_some();
+        let files = self.open_run_files(entry, spec, restore.is_none())?;
         let net_mode = spec
             .network
             .as_ref()
             .and_then(|n| network::Mode::try_from(n.mode).ok())
             .unwrap_or(network::Mode::None);
-        let link = match net_mode {
+        let mut link = match net_mode {
             network::Mode::Tap => Some(VmLink::create().map_err(Status::unavailable)?),
             network::Mode::None => None,
         };
-        let link = match (link, spec.network.as_ref().map(|n| n.mac.as_str())) {
-            (Some(mut link), Some(mac)) if !mac.is_empty() => {
-                if let Some(mac) = validate::parse_mac(mac) {
-                    link.mac = mac;
-                }
-                Some(link)
-            }
-            (link, _) => link,
-        };
-        let cid = record.status.as_ref().map_or(3, |s| s.vsock_cid);
-        store::remove_run_files(&entry.dir);
-        let _ = std::fs::remove_file(entry.dir.join(store::EXIT_REPORT));
-        let owner = self.config.jail.as_ref().map(|j| (j.uid, j.gid));
-        vmm_process::reset_console_log(&entry.dir, owner)
-            .map_err(|e| Status::internal(format!("cannot create the console log: {e}")))?;
+        if let (Some(link), Some(mac)) = (
+            link.as_mut(),
+            spec.network
+                .as_ref()
+                .and_then(|n| validate::parse_mac(&n.mac)),
+        ) {
+            link.mac = mac;
+        }
+        let cid = entry.snapshot().status.as_ref().map_or(3, |s| s.vsock_cid);
+        entry.update(|vm| {
+            vm.state = VmState::Starting as i32;
+            VmEntry::status_mut(vm).failure_reason.clear();
+        });
         let launch = Launch {
             jail: self.config.jail.as_ref(),
+            controllers: &self.config.controllers,
+            uid: entry.vmm_uid(),
             id: &entry.id,
             vmm: &self.config.vmm,
             dir: &entry.dir,
-            spec: &spec,
+            spec,
+            limits: vmm_process::effective_limits(spec),
             vsock_cid: cid,
             link: link.as_ref(),
-            restore: None,
+            restore,
+            files,
         };
-        let pid = self.spawn_vmm(entry, &launch).map_err(Status::internal)?;
+        let pid = match self.spawn_vmm(entry, &launch) {
+            Ok(pid) => pid,
+            Err(e) => {
+                entry.update(|vm| {
+                    vm.state = VmState::Failed as i32;
+                    VmEntry::status_mut(vm).failure_reason = e.clone();
+                });
+                return Err(Status::internal(e));
+            }
+        };
         let (tap, host_ip, guest_ip) = link_addresses(link.as_ref());
-        // husk-vmm holds the tap now: with huskd's copy closed, the tap lives as long as the VMM.
+        // A restored guest kept the snapshot's MAC and addresses: it gets the new link's.
+        let net_script = link
+            .as_ref()
+            .filter(|_| is_restore)
+            .map(snapshots::net_script);
+        // husk-vmm holds the tap and files now: with huskd's copies closed, they live as long
+        // as the VMM.
+        drop(launch);
         drop(link);
+        let state = if start_paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         let vm = entry.update(|vm| {
-            vm.state = VmState::Running as i32;
+            vm.state = state as i32;
             let status = VmEntry::status_mut(vm);
             status.vmm_pid = pid;
             status.exit_code = None;
@@ -411,11 +595,21 @@ impl Daemon {
         });
         self.emit(entry, event::Kind::Started, None, String::new());
         match ProcessHandle::open(pid) {
-            Ok(Some(handle)) => self.watch_run(entry, pid, handle),
-            _ => {
-                // Gone already (it could not start): record how it ended.
-                self.record_end(entry, None, false);
+            Ok(Some(handle)) => {
+                self.watch_run(entry, pid, handle);
+                if is_restore {
+                    let ended = lock(&entry.run).as_ref().map(|r| r.ended.clone());
+                    if let Some(ended) = ended {
+                        let daemon = self.clone();
+                        let entry = entry.clone();
+                        tokio::spawn(async move {
+                            daemon.after_restore(&entry, ended, net_script).await
+                        });
+                    }
+                }
             }
+            // Gone already (it could not start): record how it ended.
+            _ => self.record_end(entry, None, false),
         }
         Ok(vm)
     }
@@ -444,7 +638,7 @@ impl Daemon {
 
     /// Tries the guest agent until it answers (AGENT_READY) or the VM ends.
     async fn await_agent(&self, entry: &Arc<VmEntry>, ended: watch::Receiver<bool>) {
-        let socket = entry.dir.join(store::VSOCK_SOCK);
+        let socket = entry.vsock_socket();
         let deadline = tokio::time::Instant::now() + AGENT_WAIT;
         while tokio::time::Instant::now() < deadline && !*ended.borrow() {
             if agent_client::hello(&socket, Duration::from_secs(2))
@@ -461,8 +655,13 @@ impl Daemon {
 
     /// Records how a VMM ended, from its exit report and wait status, and cleans its run files.
     fn record_end(&self, entry: &Arc<VmEntry>, wait_status: Option<i32>, stop_requested: bool) {
-        let report = std::fs::read(entry.dir.join(store::EXIT_REPORT))
+        // Written by the VMM into the file huskd gave it; empty when the VMM was killed first.
+        // Bounded and never through a link, like everything huskd reads of a VMM's.
+        let report = Dir::open(&entry.dir)
+            .and_then(|dir| dir.read_bounded(store::EXIT_REPORT, store::MAX_EXIT_REPORT))
             .ok()
+            .flatten()
+            .filter(|bytes| !bytes.is_empty())
             .and_then(|bytes| ExitReport::decode(&bytes[..]).ok());
         store::remove_run_files(&entry.dir);
         // The jail's cgroup (and anything left in it) and directory, also after a kill -9 or
@@ -549,7 +748,7 @@ impl Daemon {
         };
         run.stop_requested.store(true, Ordering::SeqCst);
         entry.update(|vm| vm.state = VmState::Stopping as i32);
-        let api = entry.dir.join(store::API_SOCK);
+        let api = entry.api_socket();
         let mut ended = run.ended.clone();
         let timeout = if timeout.is_zero() {
             DEFAULT_STOP_TIMEOUT
@@ -564,7 +763,7 @@ impl Daemon {
             let shutdown = HostMessage {
                 msg: Some(host_message::Msg::Shutdown(agent::Shutdown { signal: 0 })),
             };
-            let socket = entry.dir.join(store::VSOCK_SOCK);
+            let socket = entry.vsock_socket();
             if agent_client::request(&socket, &shutdown, Duration::from_secs(2))
                 .await
                 .is_ok()
@@ -612,7 +811,7 @@ impl Daemon {
         if entry.state() != need {
             return Err(entry.wrong_state(call));
         }
-        vmm_call(&entry.dir.join(store::API_SOCK), msg)
+        vmm_call(&entry.api_socket(), msg)
             .await
             .map_err(|e| Status::internal(format!("{call}: husk-vmm: {e}")))?;
         let vm = entry.update(|vm| vm.state = next as i32);
@@ -645,7 +844,7 @@ impl Daemon {
         &self,
         entry: &Arc<VmEntry>,
         limit: Duration,
-    ) -> Result<PathBuf, Status> {
+    ) -> Result<VmSocket, Status> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let vm = entry.snapshot();
@@ -653,7 +852,7 @@ impl Daemon {
                 return Err(entry.wrong_state("Exec"));
             }
             if vm.status.as_ref().is_some_and(|s| s.agent_ready) {
-                return Ok(entry.dir.join(store::VSOCK_SOCK));
+                return Ok(entry.vsock_socket());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::unavailable(format!(
@@ -686,9 +885,10 @@ fn link_addresses(link: Option<&VmLink>) -> (String, String, String) {
 }
 
 fn last_log_line(dir: &Path) -> String {
-    let text = std::fs::read(dir.join(store::VMM_LOG)).unwrap_or_default();
-    let tail = &text[text.len().saturating_sub(4096)..];
-    String::from_utf8_lossy(tail)
+    let tail = Dir::open(dir)
+        .and_then(|d| d.read_tail(store::VMM_LOG, 4096))
+        .unwrap_or_default();
+    String::from_utf8_lossy(&tail)
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
@@ -696,8 +896,55 @@ fn last_log_line(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The most `vmm.log` keeps across runs: past it, the log starts over at the next start (the
+/// VMM caps what it writes in one run itself).
+const VMM_LOG_KEEP: u64 = 1 << 20;
+
+/// Opens `vmm.log` for a new run (0600, appending; emptied first when it grew past
+/// [`VMM_LOG_KEEP`]).
+fn open_vmm_log(dir: &Dir) -> std::io::Result<std::fs::File> {
+    use rustix::fs::OFlags;
+    let log = dir.open_file(
+        store::VMM_LOG,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND,
+        store::FILE_MODE,
+    )?;
+    if log.metadata()?.len() > VMM_LOG_KEEP {
+        log.set_len(0)?;
+    }
+    Ok(log)
+}
+
+/// Removes a snapshot's staging directory from the VM's `vmm/` (an interrupted SnapshotVm).
+fn remove_staging(vm_dir: &Path) {
+    if let Ok(vmm) = Dir::open(vm_dir).and_then(|d| d.subdir(store::VMM_DIR)) {
+        let _ = vmm.remove_tree(crate::snapshot_files::STAGING_DIR);
+    }
+}
+
+/// The lowest uid of `range` (first, count) that no VM uses.
+pub fn allocate_uid(range: (u32, u32), used: &[u32]) -> Option<u32> {
+    let (first, count) = range;
+    (0..count)
+        .filter_map(|i| first.checked_add(i))
+        .find(|uid| !used.contains(uid))
+}
+
+/// The gRPC status for a path the policy refused: PERMISSION_DENIED for a path outside the
+/// allowed roots or through a link out of them, INVALID_ARGUMENT for a relative path or a file
+/// of the wrong kind, `missing` for a file that is not there.
+pub fn policy_status(e: PolicyError, missing: fn(String) -> Status) -> Status {
+    if e.is_denied() {
+        Status::permission_denied(e.to_string())
+    } else if e.is_not_found() {
+        missing(e.to_string())
+    } else {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
 /// One request to a VMM's control socket; an `error` reply becomes Err.
-async fn vmm_call(api: &Path, msg: vmm_request::Msg) -> Result<(), String> {
+async fn vmm_call(api: &VmSocket, msg: vmm_request::Msg) -> Result<(), String> {
     let reply: VmmResponse =
         wire::request_reply(api, &VmmRequest { msg: Some(msg) }, Duration::from_secs(5))
             .await

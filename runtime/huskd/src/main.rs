@@ -20,26 +20,36 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use daemon::{Daemon, DaemonConfig};
+use husk_host::policy::PathPolicy;
 use service::HuskService;
 
 const DEFAULT_SOCKET: &str = "/run/husk/huskd.sock";
 const DEFAULT_STATE_DIR: &str = "/run/husk";
 const DEFAULT_MAX_VMS: usize = 1024;
+/// Jailed VMMs' uids: above every system and regular user range, below the 2^31 of idmaps.
+const DEFAULT_UID_RANGE: (u32, u32) = (100_000, 65_536);
 
 const USAGE: &str = "\
-usage: huskd [--socket PATH] [--state-dir DIR] [--tcp ADDR:PORT] [--max-vms N]
+usage: huskd [--socket PATH] [--state-dir DIR] [--tcp 127.0.0.1:PORT] [--max-vms N]
              [--kernel PATH] [--initrd PATH] [--vmm PATH] [--no-jail]
+             [--allow-path DIR]... [--allow-file PATH]... [--uid-range FIRST:COUNT]
 
   --socket PATH     Unix socket to serve on, mode 0660 (default /run/husk/huskd.sock)
   --state-dir DIR   where VM records, consoles and VMM sockets live (default /run/husk)
-  --tcp ADDR:PORT   also serve on TCP (no authentication: bind to loopback or a trusted net)
+  --tcp ADDR:PORT   also serve on TCP, without authentication: loopback addresses only
   --max-vms N       VMs huskd holds at most, created or running (default 1024)
   --kernel PATH     default guest kernel (default $HUSK_HOME/kernel/vmlinux)
   --initrd PATH     default initramfs (default $HUSK_HOME/images/default.cpio.gz)
   --vmm PATH        husk-vmm binary (default: $HUSK_VMM, next to huskd, or on PATH)
+  --allow-path DIR  callers may name files (kernels, initrds, rootfs, disks) and snapshot
+                    directories below DIR; repeatable. Always allowed: $HUSK_HOME,
+                    /var/lib/husk and <state-dir>/snapshots. Nothing else is opened.
+  --allow-file PATH one more file callers may name, by this exact path (a block device as a
+                    disk, say); repeatable. The default kernel and initrd always are.
+  --uid-range F:N   jailed VMMs run each as its own uid (and gid) from F..F+N, held by a VM
+                    from create to delete (default 100000:65536)
   --no-jail         as root, start husk-vmm directly instead of through husk-jailer (for
-                    development). Jailed VMMs run as HUSK_JAIL_UID:HUSK_JAIL_GID (default
-                    65534); husk-jailer is $HUSK_JAILER, next to huskd, or on PATH
+                    development); husk-jailer is $HUSK_JAILER, next to huskd, or on PATH
 
 Serves husk.v1.Husk, grpc.health.v1.Health and gRPC server reflection.
 SIGINT/SIGTERM stop the daemon; running VMs keep running and are adopted by the next huskd.";
@@ -61,6 +71,9 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
     let mut initrd = None;
     let mut vmm = None;
     let mut no_jail = false;
+    let mut allow_paths = Vec::new();
+    let mut allow_files = Vec::new();
+    let mut uid_range = DEFAULT_UID_RANGE;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         if flag == "--no-jail" {
@@ -80,10 +93,25 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
             "--state-dir" => state_dir = value()?.into(),
             "--tcp" => {
                 let v = value()?;
-                tcp = Some(
-                    v.parse()
-                        .map_err(|_| format!("--tcp {v:?}: not ADDR:PORT"))?,
-                );
+                let addr: SocketAddr = v
+                    .parse()
+                    .map_err(|_| format!("--tcp {v:?}: not ADDR:PORT"))?;
+                // The API can create VMs with any allowed file and exec as root in every
+                // guest: without TLS and client certificates (not built yet), only callers on
+                // this host may reach it.
+                if !addr.ip().is_loopback() {
+                    return Err(format!(
+                        "--tcp {v}: not a loopback address; huskd's TCP listener has no \
+                         authentication, so it serves loopback only (127.0.0.1 or ::1)"
+                    ));
+                }
+                tcp = Some(addr);
+            }
+            "--allow-path" => allow_paths.push(absolute(value()?.into())?),
+            "--allow-file" => allow_files.push(absolute(value()?.into())?),
+            "--uid-range" => {
+                let v = value()?;
+                uid_range = parse_uid_range(&v)?;
             }
             "--max-vms" => {
                 let v = value()?;
@@ -100,28 +128,59 @@ fn parse_args(args: &[String]) -> Result<Option<Args>, String> {
         }
     }
     let default_from_home = |f: fn(&Path) -> PathBuf| home.as_ref().map(|h| f(h));
+    let state_dir = absolute(state_dir)?;
+    let default_kernel = match kernel {
+        Some(k) => absolute(k)?,
+        None => default_from_home(husk_host::paths::default_kernel)?,
+    };
+    let default_initrd = match initrd {
+        Some(i) => absolute(i)?,
+        None => default_from_home(husk_host::paths::default_initrd)?,
+    };
+    let snapshots = state_dir.join("snapshots");
+    std::fs::create_dir_all(&snapshots)
+        .map_err(|e| format!("cannot create {}: {e}", snapshots.display()))?;
+    allow_paths.extend(home.ok());
+    allow_paths.push(PathBuf::from("/var/lib/husk"));
+    allow_paths.push(snapshots);
+    allow_files.extend([default_kernel.clone(), default_initrd.clone()]);
+    let jail = husk_host::jail::config(no_jail)?;
+    let controllers = if jail.is_some() {
+        husk_host::jail::cgroup_controllers()
+    } else {
+        Vec::new()
+    };
     let config = DaemonConfig {
-        state_dir: absolute(state_dir)?,
+        state_dir,
         vmm: match vmm {
             Some(v) => absolute(v)?,
             None => husk_host::paths::vmm_binary()?,
         },
-        default_kernel: match kernel {
-            Some(k) => absolute(k)?,
-            None => default_from_home(husk_host::paths::default_kernel)?,
-        },
-        default_initrd: match initrd {
-            Some(i) => absolute(i)?,
-            None => default_from_home(husk_host::paths::default_initrd)?,
-        },
+        default_kernel,
+        default_initrd,
         max_vms,
-        jail: husk_host::jail::config(no_jail)?,
+        jail,
+        uid_range,
+        controllers,
+        policy: PathPolicy::new(&allow_paths, &allow_files),
     };
     Ok(Some(Args {
         socket,
         tcp,
         config,
     }))
+}
+
+/// `FIRST:COUNT`: a range of uids above the system's own, with room for at least one VM.
+fn parse_uid_range(v: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("--uid-range {v:?}: expected FIRST:COUNT, FIRST >= 1000, COUNT >= 1");
+    let (first, count) = v.split_once(':').ok_or_else(bad)?;
+    let first: u32 = first.parse().map_err(|_| bad())?;
+    let count: u32 = count.parse().map_err(|_| bad())?;
+    if first < 1000 || count == 0 || first.checked_add(count).is_none() {
+        return Err(bad());
+    }
+    Ok((first, count))
 }
 
 fn absolute(path: PathBuf) -> Result<PathBuf, String> {
@@ -145,7 +204,27 @@ fn bind_socket(path: &Path) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
+/// Says loudly which of the default VM limits this host cannot enforce.
+fn warn_about_missing_limits(config: &DaemonConfig) {
+    if config.jail.is_none() {
+        eprintln!(
+            "huskd: warning: VMMs are not jailed (--no-jail or not root): no per-VM uid, cgroup \
+             limits or rlimits"
+        );
+        return;
+    }
+    for controller in daemon::LIMIT_CONTROLLERS {
+        if !config.controllers.iter().any(|c| c == controller) {
+            eprintln!(
+                "huskd: warning: this host's cgroup v2 offers no {controller} controller: VMs run \
+                 without their {controller} limit (is it bound to cgroup v1?)"
+            );
+        }
+    }
+}
+
 async fn serve(args: Args) -> Result<(), String> {
+    warn_about_missing_limits(&args.config);
     let daemon = Daemon::open(args.config.clone())?;
     let listener = bind_socket(&args.socket)?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -268,6 +347,8 @@ mod tests {
             "--vmm",
             "/v",
             "--no-jail",
+            "--uid-range",
+            "200000:10",
         ]))
         .unwrap()
         .unwrap();
@@ -276,10 +357,16 @@ mod tests {
         assert_eq!(args.tcp, Some("127.0.0.1:7000".parse().unwrap()));
         assert_eq!(args.config.max_vms, 3);
         assert_eq!(args.config.vmm, PathBuf::from("/v"));
+        assert_eq!(args.config.uid_range, (200_000, 10));
         assert!(parse_args(&strings(&["--help"])).unwrap().is_none());
         for (bad, needle) in [
             (&["--max-vms", "0"][..], "--max-vms"),
             (&["--tcp", "nope"][..], "--tcp"),
+            (&["--tcp", "0.0.0.0:7000"][..], "loopback"),
+            (&["--tcp", "[::]:7000"][..], "loopback"),
+            (&["--uid-range", "0:10"][..], "--uid-range"),
+            (&["--uid-range", "100000:0"][..], "--uid-range"),
+            (&["--uid-range", "4294967295:2"][..], "--uid-range"),
             (&["--socket"][..], "needs a value"),
             (&["--frobnicate"][..], "unknown option"),
         ] {

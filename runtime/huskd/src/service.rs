@@ -12,7 +12,7 @@ use husk_proto::v1::{
     PauseVmRequest, RestoreVmRequest, ResumeVmRequest, SnapshotVmRequest, SnapshotVmResponse,
     StartVmRequest, StopVmRequest, StreamConsoleRequest, Vm, WatchEventsRequest,
 };
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -181,7 +181,17 @@ impl Husk for HuskService {
                 // Whether the VM was live before this read: if not, this read drains the rest.
                 let live = request.follow && daemon.is_live(&entry);
                 match file.read(&mut buf).await {
-                    Ok(0) if live => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Ok(0) if live => {
+                        // The VMM caps the console file by starting it over: follow it there.
+                        if let (Ok(at), Ok(meta)) =
+                            (file.stream_position().await, file.metadata().await)
+                        {
+                            if meta.len() < at {
+                                let _ = file.seek(std::io::SeekFrom::Start(0)).await;
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                     Ok(0) => return,
                     Ok(n) => {
                         let chunk = ConsoleChunk {

@@ -1,111 +1,119 @@
 //! What huskd keeps on disk, so that a restarted huskd finds its VMs again.
 //!
-//! `<state-dir>/vms/<id>/` holds, per VM:
-//! - `vm.pb`: the `husk.v1.Vm` record (prost), replaced atomically on every change;
+//! `<state-dir>/vms/` (mode 0700, root's) holds a directory per VM (mode 0700, huskd's own):
+//! - `vm.pb`: the `husk.v1.Vm` record (prost), replaced atomically on every change, mode 0600
+//!   (it holds the application's environment);
 //! - `vmm.pid`: `<pid> <start time in clock ticks>` of the running husk-vmm, so that a pid
 //!   reused by another process is never mistaken for the VMM;
-//! - `vmm.log`: the VMM's own diagnostics (its stdout and stderr);
-//! - `vmm/`: what the VMM itself writes, the only directory a jailed VMM can write to (it is
-//!   bind-mounted into its jail and owned by the jailed user): `console.log` (the guest
-//!   console), `api.sock`, `vsock.sock` and `exit.pb` (control socket, vsock socket, exit
-//!   report). The record and pid file stay out of the VMM's reach.
+//! - `vmm.log`: the VMM's own diagnostics (its stdout and stderr), 0600;
+//! - `console.log`: the guest console, 0600, and `exit.pb`, the VMM's exit report: huskd
+//!   creates both and passes them to the VMM as open fds, so the VMM writes them without being
+//!   able to replace them;
+//! - `vmm/`: the only directory a jailed VMM can write to (bind-mounted into its jail, owned by
+//!   the VM's own uid, 0700): `api.sock` and `vsock.sock` (control and vsock sockets) and a
+//!   snapshot's staging directory. huskd treats everything in it as hostile: it is recreated
+//!   empty at every start, sockets are checked for the answering uid (`wire::VmSocket`) and
+//!   files are opened without following links (`husk_host::confined`).
 
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use husk_host::confined::Dir;
 use husk_proto::v1::Vm;
 use prost::Message;
 
 pub const RECORD: &str = "vm.pb";
 pub const PID_FILE: &str = "vmm.pid";
 pub const VMM_LOG: &str = "vmm.log";
+pub const CONSOLE_LOG: &str = "console.log";
+pub const EXIT_REPORT: &str = "exit.pb";
 pub const VMM_DIR: &str = "vmm";
-pub const CONSOLE_LOG: &str = "vmm/console.log";
 pub const API_SOCK: &str = "vmm/api.sock";
 pub const VSOCK_SOCK: &str = "vmm/vsock.sock";
-pub const EXIT_REPORT: &str = "vmm/exit.pb";
+/// Mode of huskd's directories and files: only root reads VM records, consoles and logs.
+pub const DIR_MODE: u32 = 0o700;
+pub const FILE_MODE: u32 = 0o600;
+/// Longest VM record huskd reads back (a spec with a large environment is a few KiB).
+pub const MAX_RECORD: u64 = 1 << 20;
+/// Longest exit report huskd reads (a VMM writes a few hundred bytes).
+pub const MAX_EXIT_REPORT: u64 = 64 << 10;
 
 /// The directory of every VM under `state_dir`.
 pub fn vms_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("vms")
 }
 
-/// Writes `contents` to `path` atomically: a reader sees the old or the new file, never half.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_data()?;
-    fs::rename(&tmp, path)
+/// Creates `<state-dir>/vms` (0700) if needed and makes sure of its mode.
+pub fn open_vms_dir(state_dir: &Path) -> io::Result<Dir> {
+    std::fs::create_dir_all(state_dir)?;
+    let state = Dir::open(state_dir)?;
+    state.create_subdir("vms", DIR_MODE, false)
 }
 
-/// Saves a VM record into its directory.
+/// Saves a VM record into its directory (0600, atomically).
 pub fn save(dir: &Path, vm: &Vm) -> io::Result<()> {
-    write_atomic(&dir.join(RECORD), &vm.encode_to_vec())
+    Dir::open(dir)?.write_atomic(RECORD, &vm.encode_to_vec(), FILE_MODE)
 }
 
 /// Loads every VM record under `state_dir`; records that cannot be read are returned as
 /// errors naming their directory (huskd logs them and goes on).
 pub fn load_all(state_dir: &Path) -> io::Result<Vec<Result<Vm, String>>> {
-    let dir = vms_dir(state_dir);
-    let entries = match fs::read_dir(&dir) {
-        Ok(entries) => entries,
+    let vms = match Dir::open(&vms_dir(state_dir)) {
+        Ok(dir) => dir,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let mut vms = Vec::new();
-    for entry in entries {
-        let path = entry?.path();
-        let record = path.join(RECORD);
-        vms.push(
-            fs::read(&record)
+    let mut records = Vec::new();
+    for name in vms.entries()? {
+        let record = vms_dir(state_dir).join(&name).join(RECORD);
+        let bytes = vms
+            .subdir(&name)
+            .and_then(|dir| dir.read_bounded(RECORD, MAX_RECORD))
+            .and_then(|b| b.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound)));
+        records.push(
+            bytes
                 .map_err(|e| format!("{}: {e}", record.display()))
                 .and_then(|bytes| {
                     Vm::decode(&bytes[..]).map_err(|e| format!("{}: {e}", record.display()))
                 }),
         );
     }
-    Ok(vms)
+    Ok(records)
 }
 
 /// Records the running VMM's identity.
 pub fn save_pid(dir: &Path, pid: u32, start_ticks: u64) -> io::Result<()> {
-    write_atomic(
-        &dir.join(PID_FILE),
+    Dir::open(dir)?.write_atomic(
+        PID_FILE,
         format!("{pid} {start_ticks}\n").as_bytes(),
+        FILE_MODE,
     )
 }
 
 /// The recorded VMM identity, if any.
 pub fn load_pid(dir: &Path) -> Option<(u32, u64)> {
-    let text = fs::read_to_string(dir.join(PID_FILE)).ok()?;
+    let bytes = Dir::open(dir).ok()?.read_bounded(PID_FILE, 64).ok()??;
+    let text = String::from_utf8(bytes).ok()?;
     let mut fields = text.split_whitespace();
     Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
 /// Start time of process `pid` (field 22 of /proc/PID/stat), in clock ticks since boot.
 pub fn process_start_ticks(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Removes the per-run files a finished VMM leaves (its sockets and pid file).
+/// Removes the per-run files a finished VMM leaves: its pid file, and everything in `vmm/`
+/// (its sockets, a snapshot's staging), which is recreated empty at the next start.
 pub fn remove_run_files(dir: &Path) {
-    for name in [API_SOCK, VSOCK_SOCK, PID_FILE] {
-        let _ = fs::remove_file(dir.join(name));
-    }
-    // Guest-initiated vsock connections listen on `vsock.sock_<port>` (the host's side).
-    if let Ok(entries) = fs::read_dir(dir.join(VMM_DIR)) {
-        for entry in entries.flatten() {
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("vsock.sock_")
-            {
-                let _ = fs::remove_file(entry.path());
+    if let Ok(vm_dir) = Dir::open(dir) {
+        let _ = vm_dir.remove_file(PID_FILE);
+        if let Ok(vmm) = vm_dir.subdir(VMM_DIR) {
+            for name in vmm.entries().unwrap_or_default() {
+                let _ = vmm.remove_tree(&name);
             }
         }
     }
@@ -115,6 +123,7 @@ pub fn remove_run_files(dir: &Path) {
 mod tests {
     use super::*;
     use husk_proto::v1::{VmSpec, VmState};
+    use std::fs;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("huskd-store-{tag}-{}", std::process::id()));
@@ -142,6 +151,12 @@ mod tests {
         save(&good, &vm).unwrap();
         fs::write(bad.join(RECORD), b"\xff\xff\xff").unwrap();
         let mut loaded = load_all(&state).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(good.join(RECORD))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "records are for root's eyes only");
         loaded.sort_by_key(|r| r.is_err());
         assert_eq!(loaded[0].as_ref().unwrap(), &vm);
         assert!(loaded[1].as_ref().unwrap_err().contains("b/vm.pb"));

@@ -1,9 +1,11 @@
 //! Checks a VmSpec from a client and fills in defaults. Everything refused here is
-//! INVALID_ARGUMENT with a message that names the field.
+//! INVALID_ARGUMENT with a message that names the field, except a host file outside what the
+//! path policy allows, which is PERMISSION_DENIED.
 
 use std::path::Path;
 
-use husk_proto::v1::{network, Disk, VmSpec};
+use husk_host::policy::PathPolicy;
+use husk_proto::v1::{network, Disk, Limits, VmSpec};
 use tonic::Status;
 
 /// vCPU range, as husk-vmm accepts it.
@@ -22,14 +24,21 @@ pub struct Defaults<'a> {
 }
 
 /// Validates `spec` and returns it with defaults filled in (paths made absolute).
-pub fn normalize(mut spec: VmSpec, defaults: &Defaults<'_>) -> Result<VmSpec, Status> {
+pub fn normalize(
+    mut spec: VmSpec,
+    defaults: &Defaults<'_>,
+    policy: &PathPolicy,
+) -> Result<VmSpec, Status> {
     if !spec.name.is_empty() {
         check_name(&spec.name)?;
     }
-    spec.kernel = file_field("kernel", &spec.kernel, Some(defaults.kernel))?;
-    spec.initrd = file_field("initrd", &spec.initrd, Some(defaults.initrd))?;
+    let file = |field: &str, value: &str, default: Option<&Path>, write: bool| {
+        file_field(policy, field, value, default, write)
+    };
+    spec.kernel = file("kernel", &spec.kernel, Some(defaults.kernel), false)?;
+    spec.initrd = file("initrd", &spec.initrd, Some(defaults.initrd), false)?;
     if !spec.rootfs.is_empty() {
-        spec.rootfs = file_field("rootfs", &spec.rootfs, None)?;
+        spec.rootfs = file("rootfs", &spec.rootfs, None, true)?;
     }
     if spec.disks.len() > MAX_DISKS {
         return Err(invalid(format!(
@@ -39,7 +48,12 @@ pub fn normalize(mut spec: VmSpec, defaults: &Defaults<'_>) -> Result<VmSpec, St
     }
     for (i, disk) in spec.disks.iter_mut().enumerate() {
         *disk = Disk {
-            path: file_field(&format!("disks[{i}].path"), &disk.path, None)?,
+            path: file(
+                &format!("disks[{i}].path"),
+                &disk.path,
+                None,
+                !disk.read_only,
+            )?,
             read_only: disk.read_only,
         };
     }
@@ -88,6 +102,9 @@ pub fn normalize(mut spec: VmSpec, defaults: &Defaults<'_>) -> Result<VmSpec, St
     }
     if spec.extra_cmdline.contains('\0') || spec.extra_cmdline.contains('\n') {
         return Err(invalid("extra_cmdline: must be one line without NUL bytes"));
+    }
+    if let Some(limits) = &spec.limits {
+        check_limits(limits, spec.vcpus, spec.memory_mib)?;
     }
     let network = spec.network.get_or_insert_with(Default::default);
     if network::Mode::try_from(network.mode).is_err() {
@@ -141,7 +158,44 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
 }
 
-fn file_field(field: &str, value: &str, default: Option<&Path>) -> Result<String, Status> {
+/// Limits a spec sets must leave the VM room to run: memory_max_mib at least the guest's RAM,
+/// at least a tenth of a core, threads for every vCPU and the VMM's own.
+fn check_limits(limits: &Limits, vcpus: u32, memory_mib: u32) -> Result<(), Status> {
+    if limits.memory_max_mib != 0 && limits.memory_max_mib < memory_mib {
+        return Err(invalid(format!(
+            "limits.memory_max_mib: {} is below the guest's memory_mib {memory_mib}",
+            limits.memory_max_mib
+        )));
+    }
+    if limits.cpu_millis != 0 && limits.cpu_millis < 100 {
+        return Err(invalid(format!(
+            "limits.cpu_millis: {} is below 100 (a tenth of a core)",
+            limits.cpu_millis
+        )));
+    }
+    let threads = vcpus.saturating_add(4);
+    if limits.pids_max != 0 && limits.pids_max < threads {
+        return Err(invalid(format!(
+            "limits.pids_max: {} is below {threads} (the VMM's threads for {vcpus} vCPUs)",
+            limits.pids_max
+        )));
+    }
+    if limits.open_files != 0 && limits.open_files < 64 {
+        return Err(invalid(format!(
+            "limits.open_files: {} is below 64",
+            limits.open_files
+        )));
+    }
+    Ok(())
+}
+
+fn file_field(
+    policy: &PathPolicy,
+    field: &str,
+    value: &str,
+    default: Option<&Path>,
+    write: bool,
+) -> Result<String, Status> {
     let path = match (value.is_empty(), default) {
         (false, _) => Path::new(value),
         (true, Some(d)) => d,
@@ -159,7 +213,13 @@ fn file_field(field: &str, value: &str, default: Option<&Path>) -> Result<String
     } else {
         field.to_string()
     };
-    husk_host::paths::require_file(path, &what, "").map_err(invalid)?;
+    policy.check_file(&what, path, write).map_err(|e| {
+        if e.is_denied() {
+            Status::permission_denied(e.to_string())
+        } else {
+            invalid(e.to_string())
+        }
+    })?;
     Ok(path.display().to_string())
 }
 
@@ -172,25 +232,136 @@ mod tests {
     use super::*;
     use tonic::Code;
 
-    fn defaults() -> Defaults<'static> {
-        Defaults {
-            kernel: Path::new("/proc/self/status"),
-            initrd: Path::new("/proc/self/stat"),
+    /// A policy over a scratch root holding a kernel and an initrd (the daemon's defaults).
+    struct Fixture {
+        root: std::path::PathBuf,
+        policy: PathPolicy,
+    }
+
+    impl Fixture {
+        fn new(tag: &str) -> Self {
+            let root =
+                std::env::temp_dir().join(format!("huskd-validate-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(root.join("dir")).unwrap();
+            std::fs::write(root.join("vmlinux"), b"k").unwrap();
+            std::fs::write(root.join("initrd"), b"i").unwrap();
+            let policy = PathPolicy::new(std::slice::from_ref(&root), &[]);
+            Self { root, policy }
+        }
+
+        fn path(&self, name: &str) -> String {
+            self.root.join(name).display().to_string()
+        }
+
+        fn normalize(&self, spec: VmSpec) -> Result<VmSpec, Status> {
+            let (kernel, initrd) = (self.root.join("vmlinux"), self.root.join("initrd"));
+            let defaults = Defaults {
+                kernel: &kernel,
+                initrd: &initrd,
+            };
+            normalize(spec, &defaults, &self.policy)
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
         }
     }
 
     #[test]
     fn defaults_are_filled_in() {
-        let spec = normalize(VmSpec::default(), &defaults()).unwrap();
+        let f = Fixture::new("defaults");
+        let spec = f.normalize(VmSpec::default()).unwrap();
         assert_eq!(spec.vcpus, DEFAULT_VCPUS);
         assert_eq!(spec.memory_mib, DEFAULT_MEMORY_MIB);
-        assert_eq!(spec.kernel, "/proc/self/status");
-        assert_eq!(spec.initrd, "/proc/self/stat");
+        assert_eq!(spec.kernel, f.path("vmlinux"));
+        assert_eq!(spec.initrd, f.path("initrd"));
         assert!(spec.network.is_some());
     }
 
     #[test]
+    fn host_files_outside_the_policy_are_permission_denied() {
+        let f = Fixture::new("policy");
+        let link = f.root.join("shadow-link");
+        std::os::unix::fs::symlink("/etc/shadow", &link).unwrap();
+        for path in ["/etc/shadow", &link.display().to_string(), &f.path("../x")] {
+            for spec in [
+                VmSpec {
+                    kernel: path.to_string(),
+                    ..Default::default()
+                },
+                VmSpec {
+                    disks: vec![Disk {
+                        path: path.to_string(),
+                        read_only: true,
+                    }],
+                    ..Default::default()
+                },
+            ] {
+                let err = f.normalize(spec).unwrap_err();
+                assert_eq!(err.code(), Code::PermissionDenied, "{path}: {err:?}");
+                assert!(err.message().contains("--allow-path"), "{}", err.message());
+            }
+        }
+    }
+
+    #[test]
+    fn limits_that_leave_no_room_to_run_are_refused() {
+        let f = Fixture::new("limits");
+        let with = |limits: Limits| VmSpec {
+            memory_mib: 512,
+            vcpus: 2,
+            limits: Some(limits),
+            ..Default::default()
+        };
+        for (limits, needle) in [
+            (
+                Limits {
+                    memory_max_mib: 256,
+                    ..Default::default()
+                },
+                "memory_max_mib",
+            ),
+            (
+                Limits {
+                    cpu_millis: 10,
+                    ..Default::default()
+                },
+                "cpu_millis",
+            ),
+            (
+                Limits {
+                    pids_max: 3,
+                    ..Default::default()
+                },
+                "pids_max",
+            ),
+            (
+                Limits {
+                    open_files: 8,
+                    ..Default::default()
+                },
+                "open_files",
+            ),
+        ] {
+            let err = f.normalize(with(limits)).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().contains(needle), "{}", err.message());
+        }
+        assert!(f
+            .normalize(with(Limits {
+                memory_max_mib: 1024,
+                cpu_millis: 500,
+                ..Default::default()
+            }))
+            .is_ok());
+    }
+
+    #[test]
     fn every_bad_field_is_invalid_argument_naming_the_field() {
+        let f = Fixture::new("fields");
         let cases: Vec<(VmSpec, &str)> = vec![
             (
                 VmSpec {
@@ -208,7 +379,7 @@ mod tests {
             ),
             (
                 VmSpec {
-                    kernel: "/nonexistent/vmlinux".into(),
+                    kernel: f.path("nonexistent/vmlinux"),
                     ..Default::default()
                 },
                 "kernel",
@@ -222,14 +393,14 @@ mod tests {
             ),
             (
                 VmSpec {
-                    initrd: "/".into(),
+                    initrd: f.path("dir"),
                     ..Default::default()
                 },
-                "not a file",
+                "not a regular file",
             ),
             (
                 VmSpec {
-                    rootfs: "/nonexistent.ext4".into(),
+                    rootfs: f.path("nonexistent.ext4"),
                     ..Default::default()
                 },
                 "rootfs",
@@ -292,7 +463,7 @@ mod tests {
             (
                 VmSpec {
                     disks: vec![Disk {
-                        path: "/nonexistent.img".into(),
+                        path: f.path("nonexistent.img"),
                         read_only: false,
                     }],
                     ..Default::default()
@@ -301,7 +472,7 @@ mod tests {
             ),
         ];
         for (spec, needle) in cases {
-            let err = normalize(spec.clone(), &defaults()).unwrap_err();
+            let err = f.normalize(spec.clone()).unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{spec:?}");
             assert!(
                 err.message().contains(needle),

@@ -4,9 +4,9 @@
 //! it again through the pid file and watches it with a pidfd, which works for processes that
 //! are not its children.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,25 +14,108 @@ use std::process::{Command, Stdio};
 use husk_host::jail::{self, JailConfig, JailSpec};
 use husk_host::net::VmLink;
 use husk_init::spec::{BootSpec, PARAM};
-use husk_proto::v1::VmSpec;
+use husk_proto::v1::{Limits, VmSpec};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::store;
 
-/// Everything that goes into one VMM command line.
+/// The files huskd opened for one VMM run. Each reaches the VMM as an inherited fd
+/// (`/proc/self/fd/N`, see husk_devices::host_files), jailed or not: the VMM opens nothing by a
+/// path that a caller named or that another user could change.
+#[derive(Debug)]
+pub struct RunFiles {
+    /// Kernel and initramfs, opened under the path policy (None for a restore).
+    pub kernel: Option<File>,
+    pub initrd: Option<File>,
+    /// The rootfs (first) and the disks, with their read-only flag.
+    pub disks: Vec<(File, bool)>,
+    /// `console.log` and `exit.pb` in huskd's own VM directory.
+    pub console: File,
+    pub exit_report: File,
+    /// `vmm.log`: the VMM's stdout and stderr.
+    pub log: File,
+}
+
+/// A restore instead of a boot: the snapshot's files, checked under the path policy and
+/// mirrored read-only into the jail at these paths.
+#[derive(Debug)]
+pub struct Restore {
+    pub state: PathBuf,
+    pub mem: PathBuf,
+    /// A diff's base memory file.
+    pub base: Option<PathBuf>,
+    pub start_paused: bool,
+}
+
+/// Everything that goes into one VMM process.
 pub struct Launch<'a> {
     /// Jailed (through husk-jailer, with the VM id as jail id) or not.
     pub jail: Option<&'a JailConfig>,
+    /// The cgroup v2 controllers the host offers (see `husk_host::jail::cgroup_controllers`).
+    pub controllers: &'a [String],
+    /// Who the jailed VMM runs as (the VM's own uid and gid).
+    pub uid: u32,
     pub id: &'a str,
     pub vmm: &'a Path,
     pub dir: &'a Path,
     pub spec: &'a VmSpec,
+    pub limits: Limits,
     pub vsock_cid: u32,
     pub link: Option<&'a VmLink>,
-    /// Restore from this snapshot directory (and keep the VM paused) instead of booting.
-    pub restore: Option<(&'a Path, bool)>,
+    pub restore: Option<Restore>,
+    pub files: RunFiles,
 }
+
+fn fd_path(fd: RawFd) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+/// The default limits of a VM of `spec`, with the spec's own where it sets them (see
+/// `Limits` in husk.proto).
+pub fn effective_limits(spec: &VmSpec) -> Limits {
+    let given = spec.limits.unwrap_or_default();
+    let or = |v: u32, default: u32| if v == 0 { default } else { v };
+    Limits {
+        cpu_millis: or(
+            given.cpu_millis,
+            spec.vcpus.saturating_mul(1000).saturating_add(500),
+        ),
+        memory_max_mib: or(
+            given.memory_max_mib,
+            spec.memory_mib
+                .saturating_add(64)
+                .saturating_add(spec.memory_mib / 16),
+        ),
+        pids_max: or(given.pids_max, spec.vcpus.saturating_add(16)),
+        open_files: or(given.open_files, 4096),
+    }
+}
+
+/// The cgroup v2 settings and rlimits for `limits`, as husk-jailer takes them; a limit whose
+/// controller the host does not offer (`controllers`) is left out (huskd says so at start-up).
+pub fn jail_limits(limits: &Limits, controllers: &[String]) -> (Vec<String>, Vec<String>) {
+    const PERIOD_US: u64 = 100_000;
+    let quota = u64::from(limits.cpu_millis) * PERIOD_US / 1000;
+    let wanted = [
+        ("cpu", format!("cpu.max={quota} {PERIOD_US}")),
+        (
+            "memory",
+            format!("memory.max={}", u64::from(limits.memory_max_mib) << 20),
+        ),
+        ("pids", format!("pids.max={}", limits.pids_max)),
+    ];
+    let cgroup = wanted
+        .into_iter()
+        .filter(|(controller, _)| controllers.iter().any(|c| c == controller))
+        .map(|(_, setting)| setting)
+        .collect();
+    let rlimits = vec![format!("nofile={}", limits.open_files)];
+    (cgroup, rlimits)
+}
+
+/// The controllers whose limits huskd sets on every VM.
+pub const LIMIT_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
 
 impl Launch<'_> {
     /// The guest kernel command line: quiet, the root disk, the network, the user's extra
@@ -74,37 +157,53 @@ impl Launch<'_> {
         Ok(parts.join(" "))
     }
 
-    /// The husk-vmm command.
-    pub fn command(&self) -> Result<Command, String> {
+    /// Every fd the VMM inherits.
+    fn fds(&self, cmdline: Option<&OwnedFd>) -> Vec<RawFd> {
+        let f = &self.files;
+        let mut fds: Vec<RawFd> = [&f.kernel, &f.initrd]
+            .into_iter()
+            .flatten()
+            .map(|file| file.as_raw_fd())
+            .collect();
+        fds.extend(f.disks.iter().map(|(file, _)| file.as_raw_fd()));
+        fds.extend([f.console.as_raw_fd(), f.exit_report.as_raw_fd()]);
+        fds.extend(cmdline.map(|fd| fd.as_raw_fd()));
+        fds.extend(self.link.map(|l| l.raw_fd()));
+        fds
+    }
+
+    /// The husk-vmm command; `cmdline` is the pipe the guest command line is read from.
+    pub fn vmm_command(&self, cmdline: Option<&OwnedFd>) -> Command {
         let spec = self.spec;
         let dir = self.dir;
         let mut cmd = Command::new(self.vmm);
-        match self.restore {
+        match &self.restore {
             // The machine comes from the snapshot; devices below replace its backends.
-            Some((snapshot, start_paused)) => {
-                cmd.arg("--restore-state").arg(snapshot.join("vm.state"));
-                cmd.arg("--restore-mem").arg(snapshot.join("vm.mem"));
-                if start_paused {
+            Some(restore) => {
+                cmd.arg("--restore-state").arg(&restore.state);
+                cmd.arg("--restore-mem").arg(&restore.mem);
+                if restore.start_paused {
                     cmd.arg("--start-paused");
                 }
             }
             None => {
-                cmd.arg("--kernel").arg(&spec.kernel);
-                cmd.arg("--initrd").arg(&spec.initrd);
+                if let Some(kernel) = &self.files.kernel {
+                    cmd.arg("--kernel").arg(fd_path(kernel.as_raw_fd()));
+                }
+                if let Some(initrd) = &self.files.initrd {
+                    cmd.arg("--initrd").arg(fd_path(initrd.as_raw_fd()));
+                }
                 cmd.arg("--cpus").arg(spec.vcpus.to_string());
                 cmd.arg("--memory").arg(spec.memory_mib.to_string());
             }
         }
-        if !spec.rootfs.is_empty() {
-            cmd.arg("--disk").arg(&spec.rootfs);
-        }
-        for disk in &spec.disks {
-            let ro = if disk.read_only { ":ro" } else { "" };
-            cmd.arg("--disk").arg(format!("{}{ro}", disk.path));
+        for (disk, read_only) in &self.files.disks {
+            let ro = if *read_only { ":ro" } else { "" };
+            cmd.arg("--disk")
+                .arg(format!("{}{ro}", fd_path(disk.as_raw_fd())));
         }
         if let Some(link) = self.link {
             cmd.arg("--net").arg(link.vmm_arg());
-            husk_host::process::inherit_fd(&mut cmd, link.raw_fd());
         }
         cmd.arg("--vsock").arg(format!(
             "cid={},path={}",
@@ -112,83 +211,71 @@ impl Launch<'_> {
             dir.join(store::VSOCK_SOCK).display()
         ));
         cmd.arg("--console")
-            .arg(format!("file:{}", dir.join(store::CONSOLE_LOG).display()));
+            .arg(format!("file:{}", fd_path(self.files.console.as_raw_fd())));
         cmd.arg("--api-sock").arg(dir.join(store::API_SOCK));
-        cmd.arg("--exit-report").arg(dir.join(store::EXIT_REPORT));
-        if self.restore.is_none() {
-            cmd.arg("--cmdline").arg(self.kernel_cmdline()?);
+        cmd.arg("--exit-report")
+            .arg(fd_path(self.files.exit_report.as_raw_fd()));
+        if let Some(fd) = cmdline {
+            cmd.arg("--cmdline-file").arg(fd_path(fd.as_raw_fd()));
         }
-        Ok(cmd)
+        cmd
     }
 
-    /// The jailer command around [`command`](Self::command): kernel and initrd mirrored
-    /// read-only, the `vmm/` directory read-write, disks opened here and passed as fds (kept
-    /// open in `disks` until the spawn).
-    fn jailed(&self, jail: &JailConfig, disks: &mut Vec<File>) -> Result<Command, String> {
-        use std::os::fd::AsRawFd;
-        let direct = self.command()?;
-        let mut vmm = Command::new(direct.get_program());
-        let mut args = direct.get_args();
-        let mut files = Vec::new();
-        while let Some(arg) = args.next() {
-            vmm.arg(arg);
-            if arg == "--kernel" || arg == "--initrd" {
-                // Mirrored into the jail at the path the VMM is given.
-                let path = jail::normalize(Path::new(args.next().unwrap_or_default()));
-                vmm.arg(&path);
-                files.push(path);
-            } else if arg == "--disk" {
-                let spec = args.next().and_then(|a| a.to_str()).unwrap_or_default();
-                let (file, fd_arg) = jail::open_disk(spec)?;
-                disks.push(file);
-                vmm.arg(fd_arg);
+    /// The full command: husk-vmm, wrapped in husk-jailer when jailed (only the `vmm/`
+    /// directory is mirrored read-write, and a restore's snapshot files read-only).
+    pub fn command(&self, cmdline: Option<&OwnedFd>) -> Command {
+        let vmm = self.vmm_command(cmdline);
+        let fds = self.fds(cmdline);
+        let Some(jail) = self.jail else {
+            let mut cmd = vmm;
+            for fd in fds {
+                husk_host::process::inherit_fd(&mut cmd, fd);
             }
-        }
-        let mut fds: Vec<i32> = disks.iter().map(|f| f.as_raw_fd()).collect();
-        fds.extend(self.link.map(|l| l.raw_fd()));
-        let files = match self.restore {
-            // The snapshot's files, and a diff's base (named in vm.base), read-only.
-            Some((snapshot, _)) => {
-                let mut files = vec![snapshot.join("vm.state"), snapshot.join("vm.mem")];
-                if let Ok(base) = std::fs::read_to_string(snapshot.join("vm.base")) {
-                    files.push(PathBuf::from(base.trim_end()));
-                }
-                files
-            }
-            None => vec![
-                self.spec.kernel.clone().into(),
-                self.spec.initrd.clone().into(),
-            ],
+            return cmd;
         };
+        let files = match &self.restore {
+            Some(r) => [Some(&r.state), Some(&r.mem), r.base.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(|p| jail::normalize(p))
+                .collect(),
+            None => Vec::new(),
+        };
+        let (cgroup, rlimits) = jail_limits(&self.limits, self.controllers);
         let spec = JailSpec {
             id: self.id,
-            uid: jail.uid,
-            gid: jail.gid,
+            uid: self.uid,
+            gid: self.uid,
             files,
             dirs: vec![self.dir.join(store::VMM_DIR)],
             fds,
-            cgroup: Vec::new(),
+            cgroup,
+            rlimits,
         };
-        Ok(jail::wrap(&jail.jailer, &vmm, &spec))
+        jail::wrap(&jail.jailer, &vmm, &spec)
     }
 
-    /// Starts the VMM in its own session, with its stdout and stderr in `vmm.log`.
+    /// Starts the VMM in its own session, with its stdout and stderr in `vmm.log`. The guest
+    /// command line (with the application's argv and environment) goes through a pipe, never
+    /// onto a process command line where any local user could read it.
     pub fn spawn(&self) -> Result<u32, String> {
-        let mut disks = Vec::new();
-        let mut cmd = match self.jail {
-            Some(jail) => self.jailed(jail, &mut disks)?,
-            None => self.command()?,
+        let cmdline = match self.restore {
+            Some(_) => None,
+            None => Some(
+                husk_host::process::cmdline_pipe(&self.kernel_cmdline()?)
+                    .map_err(|e| format!("cannot pass the guest command line: {e}"))?,
+            ),
         };
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(store::VMM_LOG))
-            .map_err(|e| format!("cannot open vmm.log: {e}"))?;
+        let mut cmd = self.command(cmdline.as_ref());
+        let log = &self.files.log;
         let log2 = log
             .try_clone()
             .map_err(|e| format!("cannot open vmm.log: {e}"))?;
+        let log1 = log
+            .try_clone()
+            .map_err(|e| format!("cannot open vmm.log: {e}"))?;
         cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
+            .stdout(Stdio::from(log1))
             .stderr(Stdio::from(log2));
         // SAFETY: runs in the child between fork and exec; setsid is async-signal-safe.
         unsafe {
@@ -284,29 +371,40 @@ pub fn describe_wait_status(status: i32) -> String {
     }
 }
 
-/// Creates the `vmm/` directory (owned by `owner`, the jailed uid and gid, when given; mode
-/// 0700) and opens (and truncates) the console log of a new run in it.
-pub fn reset_console_log(dir: &Path, owner: Option<(u32, u32)>) -> io::Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let vmm_dir = dir.join(store::VMM_DIR);
-    std::fs::create_dir_all(&vmm_dir)?;
-    std::fs::set_permissions(&vmm_dir, std::fs::Permissions::from_mode(0o700))?;
-    let path = dir.join(store::CONSOLE_LOG);
-    File::create(&path)?;
-    if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(&vmm_dir, Some(uid), Some(gid))?;
-        std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
-    }
-    Ok(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use husk_proto::v1::Disk;
 
+    /// Run files over scratch files (their content does not matter to the command line).
+    fn run_files(tag: &str, disks: usize, boot: bool) -> (RunFiles, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("huskd-launch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| File::create(dir.join(name)).unwrap();
+        let files = RunFiles {
+            kernel: boot.then(|| file("k")),
+            initrd: boot.then(|| file("i")),
+            disks: (0..disks)
+                .map(|n| (file(&format!("d{n}")), n > 0))
+                .collect(),
+            console: file("console.log"),
+            exit_report: file("exit.pb"),
+            log: file("vmm.log"),
+        };
+        (files, dir)
+    }
+
+    fn args(cmd: &Command) -> String {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        args.join(" ")
+    }
+
     #[test]
-    fn command_line_carries_every_part_of_the_spec() {
+    fn every_file_reaches_the_vmm_as_an_fd_and_the_spec_only_through_the_pipe() {
         let spec = VmSpec {
             kernel: "/k".into(),
             initrd: "/i".into(),
@@ -317,75 +415,154 @@ mod tests {
             }],
             vcpus: 2,
             memory_mib: 512,
-            command: vec!["sh".into(), "-c".into(), "echo hi".into()],
-            env: [("A".to_string(), "1".to_string())].into(),
+            command: vec!["sh".into(), "-c".into(), "echo secret-arg".into()],
+            env: [("TOKEN".to_string(), "secret-env".to_string())].into(),
             workdir: "/srv".into(),
             extra_cmdline: "loglevel=3".into(),
             ..Default::default()
         };
+        let (files, scratch) = run_files("fds", 2, true);
+        let fd = |f: &File| f.as_raw_fd();
+        let (k, i, d0, d1) = (
+            fd(files.kernel.as_ref().unwrap()),
+            fd(files.initrd.as_ref().unwrap()),
+            fd(&files.disks[0].0),
+            fd(&files.disks[1].0),
+        );
+        let (console, exit) = (fd(&files.console), fd(&files.exit_report));
         let launch = Launch {
             jail: None,
+            controllers: &[],
+            uid: 0,
             id: "vm1",
             vmm: Path::new("/bin/husk-vmm"),
             dir: Path::new("/run/husk/vms/abc"),
             spec: &spec,
+            limits: effective_limits(&spec),
             vsock_cid: 7,
             link: None,
             restore: None,
+            files,
         };
-        let cmd = launch.command().unwrap();
-        let args: Vec<String> = cmd
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let joined = args.join(" ");
+        let cmdline = husk_host::process::cmdline_pipe(&launch.kernel_cmdline().unwrap()).unwrap();
+        let joined = args(&launch.command(Some(&cmdline)));
         for part in [
-            "--kernel /k",
-            "--initrd /i",
-            "--cpus 2",
-            "--memory 512",
-            "--disk /root.ext4 --disk /data.img:ro",
-            "--vsock cid=7,path=/run/husk/vms/abc/vmm/vsock.sock",
-            "--console file:/run/husk/vms/abc/vmm/console.log",
-            "--api-sock /run/husk/vms/abc/vmm/api.sock",
-            "--exit-report /run/husk/vms/abc/vmm/exit.pb",
+            format!("--kernel /proc/self/fd/{k}"),
+            format!("--initrd /proc/self/fd/{i}"),
+            "--cpus 2".into(),
+            "--memory 512".into(),
+            format!("--disk /proc/self/fd/{d0} --disk /proc/self/fd/{d1}:ro"),
+            "--vsock cid=7,path=/run/husk/vms/abc/vmm/vsock.sock".into(),
+            format!("--console file:/proc/self/fd/{console}"),
+            "--api-sock /run/husk/vms/abc/vmm/api.sock".into(),
+            format!("--exit-report /proc/self/fd/{exit}"),
+            format!("--cmdline-file /proc/self/fd/{}", cmdline.as_raw_fd()),
         ] {
-            assert!(joined.contains(part), "{part} missing from {joined}");
+            assert!(joined.contains(&part), "{part} missing from {joined}");
         }
-        let cmdline = args.last().unwrap();
+        for secret in ["secret-arg", "secret-env", "/root.ext4", "/data.img", "/k "] {
+            assert!(
+                !joined.contains(secret),
+                "{secret} on the command line: {joined}"
+            );
+        }
+        // What the VMM reads from the pipe is the whole guest command line.
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut File::from(cmdline), &mut text).unwrap();
         assert!(
-            cmdline.starts_with("quiet husk.root=/dev/vda loglevel=3 husk.spec="),
-            "{cmdline}"
+            text.starts_with("quiet husk.root=/dev/vda loglevel=3 husk.spec="),
+            "{text}"
         );
-        let decoded = BootSpec::from_cmdline(cmdline).unwrap().unwrap();
+        let decoded = BootSpec::from_cmdline(text.trim_end()).unwrap().unwrap();
         assert_eq!(
             decoded.argv,
-            vec![b"sh".to_vec(), b"-c".to_vec(), b"echo hi".to_vec()]
+            vec![b"sh".to_vec(), b"-c".to_vec(), b"echo secret-arg".to_vec()]
         );
-        assert_eq!(decoded.env, vec![b"A=1".to_vec()]);
+        assert_eq!(decoded.env, vec![b"TOKEN=secret-env".to_vec()]);
         assert_eq!(decoded.cwd, Some(b"/srv".to_vec()));
+        std::fs::remove_dir_all(scratch).unwrap();
     }
 
     #[test]
-    fn no_command_boots_a_sandbox_without_application_settings() {
+    fn a_jailed_launch_carries_the_vms_uid_limits_and_only_its_vmm_directory() {
         let spec = VmSpec {
-            env: [("A".to_string(), "1".to_string())].into(),
-            workdir: "/srv".into(),
+            vcpus: 2,
+            memory_mib: 1024,
             ..Default::default()
         };
+        let (files, scratch) = run_files("jail", 0, false);
+        let jail = JailConfig {
+            jailer: "/bin/husk-jailer".into(),
+            uid: 65534,
+            gid: 65534,
+        };
+        let controllers: Vec<String> = ["cpu", "memory", "pids", "io"].map(String::from).into();
         let launch = Launch {
-            jail: None,
+            jail: Some(&jail),
+            controllers: &controllers,
+            uid: 100_007,
             id: "vm1",
             vmm: Path::new("/bin/husk-vmm"),
             dir: Path::new("/run/husk/vms/abc"),
             spec: &spec,
+            limits: effective_limits(&spec),
             vsock_cid: 3,
             link: None,
-            restore: None,
+            restore: Some(Restore {
+                state: "/snap/vm.state".into(),
+                mem: "/snap/vm.mem".into(),
+                base: Some("/base/vm.mem".into()),
+                start_paused: true,
+            }),
+            files,
         };
-        let cmdline = launch.kernel_cmdline().unwrap();
-        let decoded = BootSpec::from_cmdline(&cmdline).unwrap().unwrap();
-        assert!(decoded.is_sandbox(), "{decoded:?}");
+        let joined = args(&launch.command(None));
+        for part in [
+            "--uid 100007 --gid 100007",
+            "--file /snap/vm.state --file /snap/vm.mem --file /base/vm.mem",
+            "--dir /run/husk/vms/abc/vmm --cgroup cpu.max=250000 100000",
+            "--cgroup memory.max=1207959552 --cgroup pids.max=18",
+            "--rlimit nofile=4096",
+            "--restore-state /snap/vm.state --restore-mem /snap/vm.mem --start-paused",
+        ] {
+            assert!(joined.contains(part), "{part} missing from {joined}");
+        }
+        assert!(!joined.contains("--kernel"), "{joined}");
+        std::fs::remove_dir_all(scratch).unwrap();
+    }
+
+    #[test]
+    fn limits_through_controllers_the_host_lacks_are_left_out() {
+        let limits = effective_limits(&VmSpec {
+            vcpus: 1,
+            memory_mib: 256,
+            ..Default::default()
+        });
+        let (cgroup, rlimits) = jail_limits(&limits, &["memory".to_string()]);
+        assert_eq!(
+            cgroup,
+            vec![format!("memory.max={}", (256 + 64 + 16) << 20)]
+        );
+        assert_eq!(rlimits, vec!["nofile=4096".to_string()]);
+        assert!(jail_limits(&limits, &[]).0.is_empty());
+    }
+
+    #[test]
+    fn limits_come_from_the_shape_unless_the_spec_sets_them() {
+        let spec = VmSpec {
+            vcpus: 4,
+            memory_mib: 2048,
+            limits: Some(Limits {
+                pids_max: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let limits = effective_limits(&spec);
+        assert_eq!(limits.cpu_millis, 4500);
+        assert_eq!(limits.memory_max_mib, 2048 + 64 + 128);
+        assert_eq!(limits.pids_max, 100);
+        assert_eq!(limits.open_files, 4096);
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! and the vsock handshake of husk-vmm's Unix socket.
 
 use std::io;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use husk_proto::frame;
@@ -37,11 +37,41 @@ pub async fn read_frame<M: Message + Default, R: AsyncReadExt + Unpin>(
     frame::decode(&body).map(Some)
 }
 
+/// A Unix socket a VMM serves. It lies in the VM's `vmm/` directory, which the VMM's own
+/// (unprivileged) user owns, so the last component of its path is the VMM's to change: a
+/// symlink there could point huskd at another VM's socket or at a host service. Every
+/// connection therefore checks who answers (SO_PEERCRED) before a byte is sent.
+#[derive(Debug, Clone)]
+pub struct VmSocket {
+    pub path: PathBuf,
+    /// The uid the VM's VMM runs as.
+    pub peer_uid: u32,
+}
+
+impl VmSocket {
+    /// Connects and checks that the VM's own VMM answered.
+    pub async fn connect(&self) -> io::Result<UnixStream> {
+        let stream = UnixStream::connect(&self.path).await?;
+        let peer = stream.peer_cred()?.uid();
+        if peer != self.peer_uid {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is served by uid {peer}, not by the VM's uid {}: refused",
+                    self.path.display(),
+                    self.peer_uid
+                ),
+            ));
+        }
+        Ok(stream)
+    }
+}
+
 /// Connects to guest vsock `port` through husk-vmm's vsock Unix socket at `uds`: sends
 /// `CONNECT <port>\n` and expects `OK <n>\n`. Fails when the guest does not listen (yet).
-pub async fn connect_vsock(uds: &Path, port: u32, limit: Duration) -> io::Result<UnixStream> {
+pub async fn connect_vsock(uds: &VmSocket, port: u32, limit: Duration) -> io::Result<UnixStream> {
     tokio::time::timeout(limit, async {
-        let mut stream = UnixStream::connect(uds).await?;
+        let mut stream = uds.connect().await?;
         stream
             .write_all(format!("CONNECT {port}\n").as_bytes())
             .await?;
@@ -78,12 +108,12 @@ pub async fn connect_vsock(uds: &Path, port: u32, limit: Duration) -> io::Result
 
 /// Sends one request over a fresh Unix connection and reads one reply, within `limit`.
 pub async fn request_reply<Q: Message, A: Message + Default>(
-    socket: &Path,
+    socket: &VmSocket,
     request: &Q,
     limit: Duration,
 ) -> io::Result<A> {
     tokio::time::timeout(limit, async {
-        let mut stream = UnixStream::connect(socket).await?;
+        let mut stream = socket.connect().await?;
         write_frame(&mut stream, request).await?;
         read_frame(&mut stream)
             .await?
@@ -141,6 +171,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("v.sock");
         let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(dir.join("other.sock"));
         let listener = tokio::net::UnixListener::bind(&path).unwrap();
         let server = tokio::spawn(async move {
             for reply in [&b"OK 1073741824\nhello"[..], &b""[..]] {
@@ -151,7 +182,11 @@ mod tests {
                 s.write_all(reply).await.unwrap();
             }
         });
-        let mut stream = connect_vsock(&path, 1024, Duration::from_secs(5))
+        let socket = VmSocket {
+            path: path.clone(),
+            peer_uid: rustix::process::geteuid().as_raw(),
+        };
+        let mut stream = connect_vsock(&socket, 1024, Duration::from_secs(5))
             .await
             .unwrap();
         let mut rest = [0u8; 5];
@@ -160,11 +195,20 @@ mod tests {
             &rest, b"hello",
             "bytes after the handshake line belong to the guest"
         );
-        let err = connect_vsock(&path, 1024, Duration::from_secs(5))
+        let err = connect_vsock(&socket, 1024, Duration::from_secs(5))
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
         server.await.unwrap();
+        // A socket served by another uid (a link planted by a VMM's user) is refused before
+        // anything is sent.
+        let _listener = tokio::net::UnixListener::bind(dir.join("other.sock")).unwrap();
+        let other = VmSocket {
+            path: dir.join("other.sock"),
+            peer_uid: socket.peer_uid + 1,
+        };
+        let err = other.connect().await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -21,6 +21,7 @@ use crate::arch::x86_64::regs::{self, BootEntry};
 use crate::arch::x86_64::{mptable, pvh};
 use crate::config::{build_cmdline, ConfigError, ConsoleConfig, NetConfig, TapSource, VmConfig};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::console_file::CappedFile;
 use crate::devices::legacy::control_port::{
     ControlPort, ControlState, CONTROL_PORT_BASE, CONTROL_PORT_LEN,
 };
@@ -329,6 +330,7 @@ pub fn build_from_snapshot(
     state_path: &Path,
     mem_path: &Path,
     console: &ConsoleConfig,
+    console_limit: u64,
     overrides: &RestoreOverrides,
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
@@ -338,7 +340,7 @@ pub fn build_from_snapshot(
         vmm_start.elapsed().as_micros()
     );
     let kvm = open_kvm()?;
-    let (console, created) = open_console(console)?;
+    let (console, created) = open_console(console, console_limit)?;
     let result = restore_vm(kvm, snapshot, console, overrides, vmm_start);
     log::debug!(
         "restore: VM rebuilt at {} us",
@@ -352,9 +354,12 @@ pub fn build_from_snapshot(
     result
 }
 
-/// Opens the console sink; returns it and, for a file the VMM created, its path (to remove it
-/// again if the build fails).
-fn open_console(console: &ConsoleConfig) -> Result<(ConsoleOut, Option<PathBuf>), BuildError> {
+/// Opens the console sink (a file capped at `limit` bytes, see [`CappedFile`]); returns it
+/// and, for a file the VMM created, its path (to remove it again if the build fails).
+fn open_console(
+    console: &ConsoleConfig,
+    limit: u64,
+) -> Result<(ConsoleOut, Option<PathBuf>), BuildError> {
     match console {
         ConsoleConfig::Stdout => Ok((Box::new(io::stdout()), None)),
         ConsoleConfig::None => Ok((Box::new(io::sink()), None)),
@@ -364,6 +369,7 @@ fn open_console(console: &ConsoleConfig) -> Result<(ConsoleOut, Option<PathBuf>)
             options.write(true).create(true).truncate(true);
             let file: File = husk_devices::host_files::open(path, &options, true)
                 .map_err(|e| BuildError::Console(path.clone(), e))?;
+            let file = CappedFile::new(file, limit);
             Ok((Box::new(file), (!existed).then(|| path.clone())))
         }
         ConsoleConfig::Unix(path) => {
@@ -387,7 +393,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
     if is_pvm_host() && !config.allow_pvm && !kernel.is_pvm_guest()? {
         return Err(BuildError::PvmHost);
     }
-    let (console, created) = open_console(&config.console)?;
+    let (console, created) = open_console(&config.console, config.console_limit)?;
     let result = (|| {
         let mut vmm = build_base_vm(
             kvm,

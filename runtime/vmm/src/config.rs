@@ -100,6 +100,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     /// Serial console destination.
     pub console: ConsoleConfig,
+    /// Most bytes a `file:` console holds before it is truncated (0: unlimited).
+    pub console_limit: u64,
     /// Print the guest-init time to stderr.
     pub report_boot_time: bool,
     /// Boot an ordinary kernel even on a PVM host.
@@ -124,6 +126,7 @@ impl VmConfig {
             vcpus: u64::from(DEFAULT_VCPUS),
             mem_mib: DEFAULT_MEM_MIB,
             console: ConsoleConfig::Stdout,
+            console_limit: crate::devices::legacy::console_file::DEFAULT_CONSOLE_LIMIT,
             report_boot_time: false,
             allow_pvm: false,
             disks: Vec::new(),

@@ -11,7 +11,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, PoisonError};
 use std::thread::JoinHandle;
 
-use husk_devices::virtio::BackendTrigger;
+use husk_devices::virtio::{BackendTrigger, QueueSet};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -156,6 +156,17 @@ fn run(
                 let _ = evt.read();
                 transport.notify(what as u32);
             }
+            requeue_unfinished(slot, transport.take_unfinished());
+        }
+    }
+}
+
+/// Work a device cut short at its budget is done on a later turn: its queue's eventfd (watched
+/// level-triggered) is signalled, so epoll reports it again after the events already ready.
+fn requeue_unfinished(slot: &VirtioSlot, unfinished: QueueSet) {
+    for q in unfinished.iter() {
+        if let Some(evt) = slot.queue_events.get(q) {
+            let _ = evt.write(1);
         }
     }
 }
@@ -328,5 +339,144 @@ mod tests {
         .unwrap();
         gate.close();
         event_loop.stop();
+    }
+
+    /// A device whose every queue call leaves work for `turns` more calls.
+    struct Budgeted {
+        calls: Arc<AtomicU32>,
+        turns: u32,
+        counters: DeviceCounters,
+    }
+
+    impl VirtioDevice for Budgeted {
+        fn device_type(&self) -> u32 {
+            device_id::BLOCK
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn offered_features(&self) -> u64 {
+            features::VERSION_1
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn activate(&mut self, _: ActivateContext) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn process_queue(&mut self, _: usize) -> Result<(), DeviceError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn take_unfinished(&mut self) -> QueueSet {
+            let mut set = QueueSet::default();
+            if self.turns > 0 {
+                self.turns -= 1;
+                set.insert(0);
+            }
+            set
+        }
+        fn reset(&mut self) {}
+        fn counters(&self) -> &DeviceCounters {
+            &self.counters
+        }
+    }
+
+    fn slot_for(device: Box<dyn VirtioDevice>, activated: bool) -> (VirtioSlot, EventFd) {
+        let mem =
+            husk_devices::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = Arc::new(VirtioInterrupt::new(Box::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )));
+        let backend_fd = device.backend_fd().map(|fd| (fd, device.backend_trigger()));
+        let queues = device.queue_max_sizes().len();
+        let mut transport = MmioTransport::new(device, mem, irq).unwrap();
+        if activated {
+            activate(&mut transport);
+        }
+        let queue_events: Vec<EventFd> = (0..queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let notify = queue_events[0].try_clone().unwrap();
+        let slot = VirtioSlot {
+            name: "test0".into(),
+            transport: Arc::new(Mutex::new(transport)),
+            queue_events,
+            backend_fd,
+            cmdline: String::new(),
+        };
+        (slot, notify)
+    }
+
+    #[test]
+    fn work_left_at_the_budget_is_finished_on_later_turns_without_a_new_kick() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let device = Budgeted {
+            calls: calls.clone(),
+            turns: 4,
+            counters: DeviceCounters::default(),
+        };
+        let (slot, notify) = slot_for(Box::new(device), true);
+        let gate = Arc::new(PauseGate::new(1));
+        let event_loop =
+            EventLoop::start(Arc::new(vec![slot]), gate, Arc::new(Filters::off())).unwrap();
+
+        notify.write(1).unwrap();
+        wait_for("the four follow-up turns", || {
+            calls.load(Ordering::SeqCst) == 5
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            5,
+            "no call once the work is done"
+        );
+        event_loop.stop();
+    }
+
+    /// CPU time the thread behind `handle` has used.
+    fn thread_cpu_time(handle: &JoinHandle<()>) -> Duration {
+        use std::os::unix::thread::JoinHandleExt;
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is alive (joined only later) and `clock` is a valid out pointer.
+        let rc = unsafe { libc::pthread_getcpuclockid(handle.as_pthread_t(), &mut clock) };
+        assert_eq!(rc, 0);
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid out pointer for the call.
+        assert_eq!(unsafe { libc::clock_gettime(clock, &mut ts) }, 0);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    #[test]
+    fn host_clients_of_an_inactive_vsock_device_cost_the_event_thread_no_cpu() {
+        let dir = std::env::temp_dir().join(format!("husk-evloop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("vsock");
+        let _ = std::fs::remove_file(&uds);
+        let device = husk_devices::virtio::vsock::Vsock::new(3, &uds).unwrap();
+        let (slot, _) = slot_for(Box::new(device), false);
+        let gate = Arc::new(PauseGate::new(1));
+        let event_loop =
+            EventLoop::start(Arc::new(vec![slot]), gate, Arc::new(Filters::off())).unwrap();
+
+        let start = thread_cpu_time(&event_loop.thread);
+        // Like huskd waiting for the guest agent: a connection every 10 ms, each left open.
+        let mut clients = Vec::new();
+        for _ in 0..30 {
+            clients.push(std::os::unix::net::UnixStream::connect(&uds).unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let used = thread_cpu_time(&event_loop.thread) - start;
+        eprintln!("event thread CPU over ~300 ms with clients of an inactive vsock: {used:?}");
+        assert!(
+            used < Duration::from_millis(60),
+            "the event thread spins: {used:?}"
+        );
+        event_loop.stop();
+        drop(clients);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -69,19 +69,32 @@ pub fn write(path: &Path, report: &ExitReport) -> io::Result<()> {
 #[derive(Debug)]
 pub struct Pending {
     file: std::fs::File,
-    tmp: PathBuf,
+    /// None: the launcher's file, written in place.
+    tmp: Option<PathBuf>,
     path: PathBuf,
 }
 
 impl Pending {
-    /// Creates `path` + ".tmp" (truncated) for the report to come.
+    /// Creates `path` + ".tmp" (truncated) for the report to come. `/proc/self/fd/N` names a
+    /// file the launcher opened and owns instead (huskd keeps it in a directory the VMM cannot
+    /// write): the report is written into that file in place, with no rename.
     pub fn create(path: &Path) -> io::Result<Self> {
+        if husk_devices::host_files::inherited_fd(path).is_some() {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true);
+            let file = husk_devices::host_files::open(path, &options, true)?;
+            return Ok(Pending {
+                file,
+                tmp: None,
+                path: path.to_path_buf(),
+            });
+        }
         let mut tmp = PathBuf::from(path);
         tmp.as_mut_os_string().push(".tmp");
         let file = std::fs::File::create(&tmp)?;
         Ok(Pending {
             file,
-            tmp,
+            tmp: Some(tmp),
             path: path.to_path_buf(),
         })
     }
@@ -91,15 +104,25 @@ impl Pending {
         &self.path
     }
 
-    /// Writes `report`, syncs it and renames the file into place (removed again on failure).
+    /// Writes `report`, syncs it and renames the file into place (removed again on failure);
+    /// an inherited file (empty, from the launcher) is written in place instead.
     pub fn finish(mut self, report: &ExitReport) -> io::Result<()> {
+        let bytes = report.encode_to_vec();
+        let Some(tmp) = self.tmp.take() else {
+            // The launcher hands over an empty file: plain writes (the main thread's seccomp
+            // list has write and fsync, not ftruncate) fill it from its start.
+            return self
+                .file
+                .write_all(&bytes)
+                .and_then(|()| self.file.sync_all());
+        };
         let result = self
             .file
-            .write_all(&report.encode_to_vec())
+            .write_all(&bytes)
             .and_then(|()| self.file.sync_all())
-            .and_then(|()| std::fs::rename(&self.tmp, &self.path));
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
         if result.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
+            let _ = std::fs::remove_file(&tmp);
         }
         result
     }
@@ -172,6 +195,24 @@ mod tests {
         pending.finish(&report).unwrap();
         assert_eq!(read(&path).unwrap(), report);
         assert!(!dir.path().join("exit.tmp").exists());
+    }
+
+    #[test]
+    fn a_report_into_an_inherited_fd_is_written_in_place_without_a_temporary_file() {
+        use std::os::fd::AsRawFd;
+        let dir = ScratchDir::new("exit-report-fd");
+        let path = dir.path().join("exit.pb");
+        let launcher_file = std::fs::File::create(&path).unwrap();
+        let named = PathBuf::from(format!("/proc/self/fd/{}", launcher_file.as_raw_fd()));
+        let pending = Pending::create(&named).unwrap();
+        let report = from_error(125, "in place");
+        pending.finish(&report).unwrap();
+        assert_eq!(read(&path).unwrap(), report);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no .tmp file"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod diag;
 pub mod event_loop;
 pub mod exit_report;
 pub mod loader;

@@ -103,8 +103,12 @@ pub struct LoadedKernel {
     pub initrd_limit: u64,
 }
 
+/// Opens a kernel or initramfs: a path, or `/proc/self/fd/N` for an fd the launcher opened
+/// (huskd opens them under its path policy and passes the fd, see husk_devices::host_files).
 fn open(path: &Path, not_found: fn(PathBuf) -> LoaderError) -> Result<File, LoaderError> {
-    File::open(path).map_err(|e| match e.kind() {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    husk_devices::host_files::open(path, &options, false).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => not_found(path.to_path_buf()),
         _ => LoaderError::Io(path.to_path_buf(), e),
     })

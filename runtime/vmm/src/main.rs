@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use husk_proto::vmm::ExitReport;
@@ -27,7 +27,8 @@ use husk_vmm::vmm::{VmOutcome, EXIT_VMM_ERROR};
 fn usage() -> String {
     format!(
         "usage: husk-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
-                [--console stdout|none|file:PATH|unix:PATH] [--report-boot-time] [--allow-pvm]
+                [--console stdout|none|file:PATH|unix:PATH] [--console-limit BYTES]
+                [--report-boot-time] [--allow-pvm]
                 [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
                 [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
@@ -39,10 +40,16 @@ fn usage() -> String {
   --initrd PATH         initramfs
   --cmdline STR         appended to the default command line:
                         {DEFAULT_CMDLINE}
+  --cmdline-file PATH   the same, read from a file or /proc/self/fd/N (a pipe the launcher
+                        filled): keeps the application's argv and environment, which travel
+                        on the guest command line, out of this process's own command line
   --cpus N              vCPUs, 1..=32 (default {DEFAULT_VCPUS})
   --memory MIB          guest memory in MiB, 64..=262144 (default {DEFAULT_MEM_MIB})
   --console DEST        serial console: stdout (default), none, file:PATH, or unix:PATH (a
                         connection to the Unix socket listening at PATH)
+  --console-limit BYTES most bytes a file: console holds (default 16777216, 16 MiB; 0:
+                        unlimited); past it the file is truncated to 0 and goes on after
+                        the line '[husk: console truncated after N bytes]'
   --report-boot-time    print 'husk-vmm: guest init after <N> us' when the guest init starts
   --allow-pvm           on a PVM host, boot a kernel that does not look PVM-enabled anyway
   --disk PATH[:ro]      virtio-blk disk on a raw image (repeatable; vda, vdb, ... in order)
@@ -77,7 +84,9 @@ fn usage() -> String {
 Exit status: the guest's exit code (port 0x601); 130/143 on SIGINT/SIGTERM; 143 after a stop
 request on the control socket; 125 on a VMM error or when the guest stopped without reporting an
 exit code.
-Environment: HUSK_LOG=error|warn|info|debug (default warn) for VMM diagnostics on stderr."
+Environment: HUSK_LOG=error|warn|info|debug (default warn) for VMM diagnostics on stderr.
+Diagnostics a guest can trigger are limited to 10 lines per second per kind (then 'N similar
+messages suppressed'), and all diagnostics to 4 MiB over the VMM's life."
     )
 }
 
@@ -102,6 +111,36 @@ enum Command {
     Run(Box<Options>),
     Help,
     PrintSeccomp,
+}
+
+/// The longest `--cmdline-file` read (x86 Linux takes 2 KiB of command line; room to spare).
+const MAX_CMDLINE_FILE: u64 = 64 * 1024;
+
+/// Reads `--cmdline-file`: one line, bounded; a trailing newline is dropped.
+fn read_cmdline_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    let file = husk_devices::host_files::open(path, &options, false)
+        .map_err(|e| format!("--cmdline-file {}: {e}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_CMDLINE_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("--cmdline-file {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_CMDLINE_FILE {
+        return Err(format!(
+            "--cmdline-file {}: longer than {MAX_CMDLINE_FILE} bytes",
+            path.display()
+        ));
+    }
+    let line = text.strip_suffix('\n').unwrap_or(&text);
+    if line.contains(['\n', '\0']) {
+        return Err(format!(
+            "--cmdline-file {}: must be one line without NUL bytes",
+            path.display()
+        ));
+    }
+    Ok(line.to_string())
 }
 
 fn parse_console(value: &str) -> Result<ConsoleConfig, String> {
@@ -223,9 +262,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--kernel"
                 | "--initrd"
                 | "--cmdline"
+                | "--cmdline-file"
                 | "--cpus"
                 | "--memory"
                 | "--console"
+                | "--console-limit"
                 | "--disk"
                 | "--net"
                 | "--vsock"
@@ -248,6 +289,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         if !matches!(
             flag.as_str(),
             "--console"
+                | "--console-limit"
                 | "--api-sock"
                 | "--exit-report"
                 | "--disk"
@@ -268,9 +310,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--kernel" => kernel = Some(PathBuf::from(value)),
             "--initrd" => config.initrd = Some(PathBuf::from(value)),
             "--cmdline" => config.cmdline = value,
+            "--cmdline-file" => config.cmdline = read_cmdline_file(Path::new(&value))?,
             "--cpus" => config.vcpus = parse_number("--cpus", &value)?,
             "--memory" => config.mem_mib = parse_number("--memory", &value)?,
             "--console" => config.console = parse_console(&value)?,
+            "--console-limit" => config.console_limit = parse_number("--console-limit", &value)?,
             "--report-boot-time" => config.report_boot_time = true,
             "--allow-pvm" => config.allow_pvm = true,
             "--disk" => config.disks.push(parse_disk(&value)),
@@ -329,11 +373,8 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            eprintln!(
-                "husk-vmm: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
+            let level = record.level().as_str().to_lowercase();
+            husk_vmm::diag::stderr_line(&format!("husk-vmm: {level}: {}", record.args()));
         }
     }
     fn flush(&self) {}
@@ -454,7 +495,9 @@ fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, Str
                 net: options.vm.net.clone(),
                 disks: options.vm.disks.clone(),
             };
-            build_from_snapshot(&r.state, &r.mem, &options.vm.console, &overrides, vmm_start).map(
+            let console = &options.vm.console;
+            let limit = options.vm.console_limit;
+            build_from_snapshot(&r.state, &r.mem, console, limit, &overrides, vmm_start).map(
                 |mut vmm| {
                     vmm.set_start_paused(r.start_paused);
                     vmm
@@ -535,6 +578,17 @@ mod tests {
             o.vm.console,
             ConsoleConfig::Unix(PathBuf::from("/run/c.sock"))
         );
+        let file = std::env::temp_dir().join(format!("husk-cmdline-{}", std::process::id()));
+        std::fs::write(&file, "quiet husk.spec=abc\n").unwrap();
+        let Ok(Command::Run(o)) =
+            parse(&["--kernel", "/k", "--cmdline-file", file.to_str().unwrap()])
+        else {
+            panic!("--cmdline-file did not parse");
+        };
+        assert_eq!(o.vm.cmdline, "quiet husk.spec=abc");
+        std::fs::write(&file, "two\nlines").unwrap();
+        assert!(parse(&["--kernel", "/k", "--cmdline-file", file.to_str().unwrap()]).is_err());
+        std::fs::remove_file(&file).unwrap();
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--report-boot-time=1"]).is_err());
         assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
@@ -636,5 +690,18 @@ mod tests {
             })
         );
         assert!(!c.rng);
+    }
+
+    #[test]
+    fn the_console_limit_defaults_to_16_mib_and_is_set_by_its_flag() {
+        let Ok(Command::Run(o)) = parse(&["--kernel", "/k"]) else {
+            panic!("did not parse");
+        };
+        assert_eq!(o.vm.console_limit, 16 * 1024 * 1024);
+        let Ok(Command::Run(o)) = parse(&["--kernel", "/k", "--console-limit", "0"]) else {
+            panic!("did not parse");
+        };
+        assert_eq!(o.vm.console_limit, 0);
+        assert!(parse(&["--kernel", "/k", "--console-limit", "lots"]).is_err());
     }
 }

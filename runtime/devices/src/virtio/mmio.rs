@@ -110,13 +110,26 @@ impl MmioTransport {
         matches!(self.lifecycle, Lifecycle::Active)
     }
 
-    /// The device's backend is ready (its [`VirtioDevice::backend_fd`] is readable).
+    /// The device's backend is ready (its [`VirtioDevice::backend_fd`] is readable). An
+    /// inactive device still drains it: a level-triggered fd left ready would spin the loop.
     pub fn process_backend(&mut self) {
         if !self.is_active() {
+            self.device.drain_backend();
             return;
         }
         if let Err(e) = self.device.process_backend() {
             self.fail(&e.to_string());
+        }
+    }
+
+    /// Queues whose work the device cut short at its budget (see
+    /// [`super::VirtioDevice::take_unfinished`]); empty unless the device is active.
+    pub fn take_unfinished(&mut self) -> super::QueueSet {
+        let unfinished = self.device.take_unfinished();
+        if self.is_active() {
+            unfinished
+        } else {
+            super::QueueSet::default()
         }
     }
 
@@ -326,7 +339,7 @@ impl MmioTransport {
 
     /// Marks the device as needing a reset and tells the driver (§2.1.2): the VMM keeps running.
     fn fail(&mut self, why: &str) {
-        log::warn!(
+        crate::warn_limited!(
             "virtio device {} needs reset: {why}",
             self.device.device_type()
         );

@@ -158,6 +158,37 @@ pub enum DeviceError {
     Backend(#[source] std::io::Error),
 }
 
+/// Most descriptor chains (or rx frames) a device serves per queue and per event-loop turn: a
+/// guest that keeps a queue full must not starve the other devices or the control path. What
+/// is left over is reported by [`VirtioDevice::take_unfinished`] and served on a later turn.
+pub const WORK_BUDGET: usize = 64;
+
+/// A set of queue indices (bit `i` is queue `i`; devices have far fewer than 64 queues).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueSet(u64);
+
+impl QueueSet {
+    /// Adds queue `index` (indices past 63 are ignored: no device has that many queues).
+    pub fn insert(&mut self, index: usize) {
+        if index < 64 {
+            self.0 |= 1 << index;
+        }
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        index < 64 && self.0 & (1 << index) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+
+    /// The queue indices in the set, in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..64).filter(|i| self.contains(*i))
+    }
+}
+
 /// How the VMM's event loop watches a device's backend fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendTrigger {
@@ -203,6 +234,17 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// The backend fd is ready while the device is not active (before DRIVER_OK, after a reset,
+    /// or while it needs a reset): drop what cannot be served, so that the fd stops being
+    /// ready. A device with a [`BackendTrigger::Level`] fd must implement it, or the event loop
+    /// spins; an edge-triggered fd needs nothing (the default).
+    fn drain_backend(&mut self) {}
+    /// Queues whose work was cut short by [`WORK_BUDGET`] since the last call (the set is then
+    /// cleared): the event loop runs [`VirtioDevice::process_queue`] for them again on its next
+    /// turn, after the other ready events.
+    fn take_unfinished(&mut self) -> QueueSet {
+        QueueSet::default()
+    }
     /// The driver reset the device: drop the queues and go back to the initial state.
     fn reset(&mut self);
     /// The device was just re-activated from a snapshot (after [`VirtioDevice::activate`]):
@@ -241,6 +283,18 @@ mod tests {
         assert_eq!(buf, [0; 4]);
         read_config_bytes(&config, u64::MAX, &mut buf);
         assert_eq!(buf, [0; 4]);
+    }
+
+    #[test]
+    fn queue_sets_hold_small_indices_and_ignore_impossible_ones() {
+        let mut set = QueueSet::default();
+        assert!(set.is_empty());
+        set.insert(0);
+        set.insert(2);
+        set.insert(64);
+        set.insert(usize::MAX);
+        assert!(set.contains(2) && !set.contains(1) && !set.contains(64));
+        assert_eq!(set.iter().collect::<Vec<_>>(), [0, 2]);
     }
 
     #[test]

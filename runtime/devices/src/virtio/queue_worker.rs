@@ -10,6 +10,15 @@ use crate::GuestMemoryMmap;
 /// A chain as a device handler receives it.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 
+/// How far a bounded walk of a queue got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Every available chain was served; the driver will notify when it adds more.
+    Idle,
+    /// The budget ran out with chains still available: call again (on a later turn).
+    More,
+}
+
 /// Serves every available chain of `queue` (number `index`) with `handle`, which returns how
 /// many bytes it wrote into the chain's buffers. A driver that corrupts the ring indices gets
 /// [`DeviceError::BrokenQueue`] (the transport then marks the device NEEDS_RESET).
@@ -18,28 +27,111 @@ pub fn serve_queue(
     index: usize,
     mem: &GuestMemoryMmap,
     interrupt: &VirtioInterrupt,
-    mut handle: impl FnMut(Chain<'_>) -> u32,
+    handle: impl FnMut(Chain<'_>) -> u32,
 ) -> Result<(), DeviceError> {
+    serve_queue_bounded(queue, index, mem, interrupt, usize::MAX, handle).map(|_| ())
+}
+
+/// [`serve_queue`] that stops after `budget` chains. On [`Progress::More`] notifications stay
+/// disabled (the device comes back by itself) and the chains served so far are signalled.
+pub fn serve_queue_bounded(
+    queue: &mut Queue,
+    index: usize,
+    mem: &GuestMemoryMmap,
+    interrupt: &VirtioInterrupt,
+    budget: usize,
+    mut handle: impl FnMut(Chain<'_>) -> u32,
+) -> Result<Progress, DeviceError> {
     let broken = |_| DeviceError::BrokenQueue(index);
-    let mut served = false;
-    loop {
+    let mut served = 0usize;
+    let progress = 'walk: loop {
         queue.disable_notification(mem).map_err(broken)?;
         loop {
+            if served >= budget {
+                // Only "more" if a chain really waits: an exact fit ends idle.
+                if !has_available(queue, mem).map_err(broken)? {
+                    break;
+                }
+                break 'walk Progress::More;
+            }
             // iter() fails when the available index runs more than a ring ahead: a broken driver.
             let chain = queue.iter(mem).map_err(broken)?.next();
             let Some(chain) = chain else { break };
             let head = chain.head_index();
             let written = handle(chain);
             queue.add_used(mem, head, written).map_err(broken)?;
-            served = true;
+            served += 1;
         }
         // Re-enable and re-check: a chain that arrived meanwhile would otherwise wait forever.
         if !queue.enable_notification(mem).map_err(broken)? {
-            break;
+            break Progress::Idle;
         }
-    }
-    if served && queue.needs_notification(mem).map_err(broken)? {
+    };
+    if served > 0 && queue.needs_notification(mem).map_err(broken)? {
         interrupt.signal_used_queue();
     }
-    Ok(())
+    Ok(progress)
+}
+
+/// Whether the driver made chains available that the device has not taken yet.
+pub fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+    let idx = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    Ok(idx.0 != queue.next_avail())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::virtio::test_utils::{guest_memory, CountingLine, Driver};
+
+    fn fill(driver: &mut Driver<'_>, chains: usize) {
+        for _ in 0..chains {
+            driver.chain(&[(&[], 16, true)]);
+        }
+    }
+
+    #[test]
+    fn one_turn_stops_at_the_budget_and_says_more_work_is_left() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        fill(&mut driver, 10);
+        let mut queue = driver.queue();
+        let irq = VirtioInterrupt::new(Box::new(CountingLine::default()));
+        let progress = serve_queue_bounded(&mut queue, 0, &mem, &irq, 4, |_| 1).unwrap();
+        assert_eq!(progress, Progress::More);
+        assert_eq!(driver.used().len(), 4);
+    }
+
+    #[test]
+    fn a_queue_longer_than_the_budget_is_served_completely_across_turns() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        fill(&mut driver, 10);
+        let mut queue = driver.queue();
+        let line = CountingLine::default();
+        let irq = VirtioInterrupt::new(Box::new(line.clone()));
+        let mut turns = Vec::new();
+        loop {
+            let progress = serve_queue_bounded(&mut queue, 0, &mem, &irq, 4, |_| 1).unwrap();
+            turns.push(driver.used().len());
+            if progress == Progress::Idle {
+                break;
+            }
+        }
+        assert_eq!(turns, [4, 8, 10]);
+        assert_eq!(line.0.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_queue_that_exactly_fills_the_budget_ends_idle() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        fill(&mut driver, 4);
+        let mut queue = driver.queue();
+        let irq = VirtioInterrupt::new(Box::new(CountingLine::default()));
+        let progress = serve_queue_bounded(&mut queue, 0, &mem, &irq, 4, |_| 1).unwrap();
+        assert_eq!(progress, Progress::Idle);
+        assert!(!has_available(&queue, &mem).unwrap());
+    }
 }

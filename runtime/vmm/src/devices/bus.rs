@@ -95,7 +95,7 @@ impl Bus {
             None => {
                 data.fill(0xff);
                 self.unhandled.reads.fetch_add(1, Ordering::Relaxed);
-                log::debug!("unhandled read of {} bytes at {addr:#x}", data.len());
+                husk_devices::debug_limited!("unhandled read of {} bytes at {addr:#x}", data.len());
                 false
             }
         }
@@ -111,7 +111,7 @@ impl Bus {
             }
             None => {
                 self.unhandled.writes.fetch_add(1, Ordering::Relaxed);
-                log::debug!("unhandled write of {data:02x?} at {addr:#x}");
+                husk_devices::debug_limited!("unhandled write of {data:02x?} at {addr:#x}");
                 false
             }
         }

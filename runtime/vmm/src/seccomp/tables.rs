@@ -177,6 +177,9 @@ const VCPU: &[Rule] = &[
     r(l::SYS_read, "read", Args::Any),
     // Serial output to a `--console unix:PATH` socket.
     r(l::SYS_sendto, "sendto", Args::Connected),
+    // A `--console file:PATH` at its size limit is truncated and rewound (console_file.rs).
+    r(l::SYS_ftruncate, "ftruncate", Args::Any),
+    r(l::SYS_lseek, "lseek", Args::Any),
     // A guest resetting its vsock device (an MMIO status write on this thread, e.g. as it shuts
     // down) closes the device's host connections and takes them off the backend's epoll fd.
     // Only EPOLL_CTL_DEL: adding fds stays with the event loop.

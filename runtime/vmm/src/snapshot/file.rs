@@ -28,8 +28,10 @@ pub const MAGIC: [u8; 8] = *b"HUSKSNAP";
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 24;
 const TRAILER_LEN: usize = 4;
-/// Refuse absurd payload lengths before allocating (a state file is a few KiB per vCPU).
-pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// Largest payload read or written. The largest husk writes is about 9 MiB: the changed-page
+/// bitmap of a diff of the largest guest (256 GiB / 4 KiB pages / 8 = 8 MiB) plus some 16 KiB
+/// per vCPU. Anything longer is refused before a byte of it is read.
+pub const MAX_PAYLOAD: u64 = 16 << 20;
 
 /// Why a state file was refused or could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,16 @@ pub enum FileError {
         expected: u64,
         /// Real length.
         actual: u64,
+    },
+    /// Larger than any state file husk writes.
+    #[error("{path} is {size} bytes, over the {limit}-byte limit of a snapshot state file")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit (header, [`MAX_PAYLOAD`] and checksum).
+        limit: u64,
     },
     /// The checksum does not match.
     #[error("{path} is corrupted (CRC-32 {stored:#010x} stored, {computed:#010x} computed)")]
@@ -200,17 +212,22 @@ pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
             source,
         }
     };
-    let mut f = File::open(path).map_err(io("cannot open"))?;
+    let f = File::open(path).map_err(io("cannot open"))?;
     let size = f.metadata().map_err(io("cannot stat"))?.len();
-    if size > MAX_PAYLOAD + (HEADER_LEN + TRAILER_LEN) as u64 {
-        return Err(FileError::Length {
+    let limit = MAX_PAYLOAD + (HEADER_LEN + TRAILER_LEN) as u64;
+    if size > limit {
+        return Err(FileError::TooLarge {
             path: path.to_path_buf(),
-            expected: MAX_PAYLOAD,
-            actual: size,
+            size,
+            limit,
         });
     }
+    // `take`: a file that is not what its size says (one still growing, a device, a FIFO)
+    // cannot make this read more than the limit.
     let mut bytes = Vec::with_capacity(size as usize);
-    f.read_to_end(&mut bytes).map_err(io("cannot read"))?;
+    f.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io("cannot read"))?;
     decode(path, &bytes).map(<[u8]>::to_vec)
 }
 
@@ -286,6 +303,23 @@ mod tests {
         let mut image = encode(b"x");
         image[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(decode(p(), &image), Err(FileError::Length { .. })));
+    }
+
+    #[test]
+    fn a_file_larger_than_its_size_says_is_read_only_up_to_the_limit() {
+        // /dev/zero has size 0 and never ends.
+        let e = read(Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, FileError::BadMagic(_)), "{e}");
+    }
+
+    #[test]
+    fn a_state_file_over_the_size_limit_is_refused_before_it_is_read() {
+        let dir = crate::test_utils::ScratchDir::new("snapbig");
+        let path = dir.path().join("vm.state");
+        let f = File::create(&path).unwrap();
+        f.set_len(MAX_PAYLOAD + 29).unwrap();
+        let e = read(&path).unwrap_err();
+        assert!(matches!(e, FileError::TooLarge { .. }), "{e}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! - [`file`]: the state file container (magic, version, length, CRC-32), refusing anything
 //!   truncated, corrupted or foreign before decoding;
 //! - [`state`]: the payload (protobuf, no fds): machine, vCPUs, VM, memory map, serial;
+//! - [`bounds`]: limits on the payload's repeated fields, checked on the raw bytes before
+//!   decoding, so a crafted state file cannot make decoding allocate gigabytes;
 //! - [`vcpu_state`], [`vm_state`]: reading and writing KVM's vCPU and VM state;
 //! - [`memory`]: the sparse memory file, mapped back MAP_PRIVATE (lazy, copy-on-write);
 //! - [`diff`]: diff memory files (pages changed since a base) and layered restore;
@@ -14,6 +16,7 @@
 //! vCPU's state is read on its own thread (a request served while parked). Restoring is in
 //! [`crate::builder::restore_vm`], the one place besides the fresh boot that wires a VM.
 
+pub mod bounds;
 pub mod cpu_check;
 pub mod devices;
 pub mod diff;

@@ -27,6 +27,9 @@ pub enum StateError {
     /// A required part is absent.
     #[error("the snapshot has no {0}")]
     Missing(&'static str),
+    /// More of something than husk ever writes (checked before decoding).
+    #[error(transparent)]
+    Bounds(#[from] super::bounds::BoundsError),
 }
 
 /// Plain KVM ABI structs: integers and arrays of integers only, for which every bit pattern is a
@@ -410,8 +413,11 @@ impl SnapshotState {
         self.encode_to_vec()
     }
 
-    /// Decodes and checks that every required part is present.
+    /// Decodes and checks that every required part is present. The raw bytes are checked
+    /// against [`super::bounds`] first, so a crafted payload cannot make decoding allocate
+    /// more than a few times its own size.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        super::bounds::check(bytes)?;
         let s = SnapshotState::decode(bytes).map_err(StateError::Decode)?;
         let machine = s.machine.as_ref().ok_or(StateError::Missing("machine"))?;
         s.vm.as_ref().ok_or(StateError::Missing("VM state"))?;

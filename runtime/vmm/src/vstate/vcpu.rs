@@ -163,7 +163,7 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, index: u8) -> ExitAction {
             KVM_SYSTEM_EVENT_SHUTDOWN => ExitAction::Stop(StopReason::GuestShutdown),
             KVM_SYSTEM_EVENT_CRASH => ExitAction::Stop(StopReason::GuestCrash),
             other => {
-                log::warn!("vcpu{index}: ignoring system event {other}");
+                husk_devices::warn_limited!("vcpu{index}: ignoring system event {other}");
                 ExitAction::Continue
             }
         },

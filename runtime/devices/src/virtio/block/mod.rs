@@ -10,8 +10,11 @@ use std::path::Path;
 use backend::{DiskBackend, RawFile};
 use request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
 
-use super::queue_worker::serve_queue;
-use super::{device_id, features, ActivateContext, DeviceCounters, DeviceError, VirtioDevice};
+use super::queue_worker::{serve_queue_bounded, Progress};
+use super::{
+    device_id, features, ActivateContext, DeviceCounters, DeviceError, QueueSet, VirtioDevice,
+    WORK_BUDGET,
+};
 
 /// Feature bits (§5.2.3).
 mod feature {
@@ -41,6 +44,8 @@ pub struct Block {
     config: [u8; 60],
     state: State,
     counters: DeviceCounters,
+    /// Queues left with work when the budget ran out.
+    unfinished: QueueSet,
 }
 
 impl Block {
@@ -69,6 +74,7 @@ impl Block {
             limits,
             state: State::Inactive,
             counters: DeviceCounters::default(),
+            unfinished: QueueSet::default(),
         }
     }
 
@@ -130,12 +136,21 @@ impl VirtioDevice for Block {
         };
         let (disk, limits, counters, mem) =
             (self.disk.as_ref(), &self.limits, &self.counters, &ctx.mem);
-        serve_queue(queue, index, mem, &ctx.interrupt, |chain| {
-            request::serve(chain, mem, disk, limits, counters)
-        })
+        let progress =
+            serve_queue_bounded(queue, index, mem, &ctx.interrupt, WORK_BUDGET, |chain| {
+                request::serve(chain, mem, disk, limits, counters)
+            })?;
+        if progress == Progress::More {
+            self.unfinished.insert(index);
+        }
+        Ok(())
+    }
+    fn take_unfinished(&mut self) -> QueueSet {
+        std::mem::take(&mut self.unfinished)
     }
     fn reset(&mut self) {
         self.state = State::Inactive;
+        self.unfinished = QueueSet::default();
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -10,8 +10,11 @@ use std::io;
 use tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::queue_worker::serve_queue;
-use super::{device_id, features, ActivateContext, DeviceCounters, DeviceError, VirtioDevice};
+use super::queue_worker::{serve_queue_bounded, Progress};
+use super::{
+    device_id, features, ActivateContext, DeviceCounters, DeviceError, QueueSet, VirtioDevice,
+    WORK_BUDGET,
+};
 use crate::GuestMemoryMmap;
 
 /// Feature bits (§5.1.3).
@@ -52,6 +55,8 @@ pub struct Net {
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     counters: DeviceCounters,
+    /// Queues left with work when the budget ran out.
+    unfinished: QueueSet,
 }
 
 impl Net {
@@ -67,6 +72,7 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: vec![0; MAX_FRAME],
             counters: DeviceCounters::default(),
+            unfinished: QueueSet::default(),
         }
     }
 
@@ -83,7 +89,7 @@ impl Net {
             &self.counters,
             &ctx.mem,
         );
-        serve_queue(queue, TX, mem, &ctx.interrupt, |chain| {
+        let progress = serve_queue_bounded(queue, TX, mem, &ctx.interrupt, WORK_BUDGET, |chain| {
             match read_frame(chain, mem, buf) {
                 Some(len) => match backend.send(&buf[..len]) {
                     Ok(()) => {
@@ -96,10 +102,15 @@ impl Net {
                 None => counters.add(&counters.errors, 1),
             }
             0
-        })
+        })?;
+        if progress == Progress::More {
+            self.unfinished.insert(TX);
+        }
+        Ok(())
     }
 
-    /// Moves frames from the backend into guest rx buffers until one side runs dry.
+    /// Moves frames from the backend into guest rx buffers until one side runs dry, or until
+    /// [`WORK_BUDGET`] frames (the rest is left for the next turn).
     fn process_rx(&mut self) -> Result<(), DeviceError> {
         let State::Active { ctx, mergeable } = &mut self.state else {
             return Ok(());
@@ -109,27 +120,27 @@ impl Net {
         };
         let mem = &ctx.mem;
         let mut delivered = false;
-        loop {
+        // Every attempt counts, failed reads and retries included: nothing loops unbounded.
+        let mut out_of_budget = true;
+        for _ in 0..WORK_BUDGET {
             let len = match self.rx_pending.take() {
                 Some(len) => len,
-                None => match self.backend.recv(&mut self.rx_buf) {
-                    Ok(len) if len >= VNET_HDR_LEN => len,
-                    Ok(_) => {
+                None => match read_frame_from(self.backend.as_mut(), &mut self.rx_buf) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => {
                         self.counters.add(&self.counters.errors, 1);
                         continue;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        out_of_budget = false;
+                        break;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(DeviceError::Backend(e)),
                 },
             };
-            match deliver(
-                queue,
-                mem,
-                &mut self.rx_buf[..len],
-                *mergeable,
-                &self.counters,
-            )? {
+            let frame = &mut self.rx_buf[..len];
+            match deliver(queue, mem, frame, *mergeable, &self.counters)? {
                 Delivery::Done => delivered = true,
                 Delivery::Dropped => {}
                 Delivery::NoBuffers => {
@@ -138,9 +149,14 @@ impl Net {
                     if !wait_for_more_buffers(queue, mem)? {
                         continue;
                     }
+                    out_of_budget = false;
                     break;
                 }
             }
+        }
+        if out_of_budget {
+            // Frames may be left on the tap, and its edge-triggered event will not come again.
+            self.unfinished.insert(RX);
         }
         if delivered
             && queue
@@ -193,14 +209,62 @@ fn read_frame(
     Some(len)
 }
 
+/// Reads one frame from `backend` into `buf` (sized for the largest frame): `Ok(None)` for a
+/// frame the device cannot use (shorter than the virtio-net header, or a backend claiming more
+/// bytes than the buffer holds), which is dropped.
+fn read_frame_from(backend: &mut dyn NetBackend, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let len = backend.recv(buf)?;
+    Ok((VNET_HDR_LEN..=buf.len()).contains(&len).then_some(len))
+}
+
 enum Delivery {
     Done,
     Dropped,
     NoBuffers,
 }
 
+/// Chains taken from the rx queue for one frame, not yet on the used ring. Chains the device
+/// cannot write into are held back too once a usable one was taken, so that a rollback can
+/// give every position back (a used entry cannot be taken back) and so that their empty used
+/// entries come after the frame's (a mergeable frame's buffers must be consecutive).
+struct Gathered<'a> {
+    usable: Vec<(u16, virtio_queue::Writer<'a>)>,
+    unusable: Vec<u16>,
+    capacity: usize,
+}
+
+impl Gathered<'_> {
+    fn taken(&self) -> usize {
+        self.usable.len() + self.unusable.len()
+    }
+
+    /// Puts every chain back on the available ring (nothing was written into any).
+    fn roll_back(self, queue: &mut Queue) {
+        for _ in 0..self.taken() {
+            queue.go_to_previous_position();
+        }
+    }
+
+    /// Returns the unusable chains empty, each counted as an error.
+    fn release_unusable(
+        unusable: Vec<u16>,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        counters: &DeviceCounters,
+    ) -> Result<(), DeviceError> {
+        for head in unusable {
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|_| DeviceError::BrokenQueue(RX))?;
+            counters.add(&counters.errors, 1);
+        }
+        Ok(())
+    }
+}
+
 /// Puts one frame into the rx queue: several chains when `mergeable` (num_buffers says how
-/// many), else one chain that must hold it whole.
+/// many), else one chain that must hold it whole. A frame that even the whole ring cannot hold
+/// is dropped: waiting for buffers would stall rx forever, as the driver has no room left.
 fn deliver(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
@@ -209,53 +273,77 @@ fn deliver(
     counters: &DeviceCounters,
 ) -> Result<Delivery, DeviceError> {
     let broken = |_| DeviceError::BrokenQueue(RX);
-    let mut chains = Vec::new();
-    let mut capacity = 0usize;
-    while capacity < frame.len() {
+    let mut got = Gathered {
+        usable: Vec::new(),
+        unusable: Vec::new(),
+        capacity: 0,
+    };
+    while got.capacity < frame.len() {
         let Some(chain) = queue.iter(mem).map_err(broken)?.next() else {
-            // Not enough buffers yet: put back what we took; the frame waits.
-            for _ in 0..chains.len() {
-                queue.go_to_previous_position();
+            let ring_full = got.taken() >= usize::from(queue.size());
+            got.roll_back(queue);
+            if ring_full {
+                counters.add(&counters.errors, 1);
+                return Ok(Delivery::Dropped);
             }
             return Ok(Delivery::NoBuffers);
         };
         let head = chain.head_index();
         match chain.writer(mem) {
             Ok(w) if w.available_bytes() > 0 => {
-                capacity += w.available_bytes();
-                chains.push((head, w));
+                got.capacity = got.capacity.saturating_add(w.available_bytes());
+                got.usable.push((head, w));
             }
-            // A chain we cannot write into goes back empty, and counts as an error.
-            _ => {
-                queue.add_used(mem, head, 0).map_err(broken)?;
-                counters.add(&counters.errors, 1);
+            // Nothing taken before it: it can go back empty at once.
+            _ if got.usable.is_empty() => {
+                Gathered::release_unusable(vec![head], queue, mem, counters)?;
             }
+            _ => got.unusable.push(head),
         }
-        if !mergeable && capacity < frame.len() && !chains.is_empty() {
+        if !mergeable && got.capacity < frame.len() && !got.usable.is_empty() {
             // Without mergeable buffers one chain must hold the frame: drop it.
-            for (head, _) in chains {
+            for (head, _) in got.usable {
                 queue.add_used(mem, head, 0).map_err(broken)?;
             }
+            Gathered::release_unusable(got.unusable, queue, mem, counters)?;
             counters.add(&counters.errors, 1);
             return Ok(Delivery::Dropped);
         }
     }
-    // num_buffers: bytes 10..12 of virtio_net_hdr_v1 (§5.1.6).
+    write_frame(queue, mem, frame, got.usable, counters)?;
+    Gathered::release_unusable(got.unusable, queue, mem, counters)?;
+    Ok(Delivery::Done)
+}
+
+/// Writes `frame` across `chains` (which hold it) and puts them on the used ring, setting
+/// num_buffers: bytes 10..12 of virtio_net_hdr_v1 (§5.1.6).
+fn write_frame(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    chains: Vec<(u16, virtio_queue::Writer<'_>)>,
+    counters: &DeviceCounters,
+) -> Result<(), DeviceError> {
     let n = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-    frame[10..12].copy_from_slice(&n.to_le_bytes());
+    if let Some(num_buffers) = frame.get_mut(10..12) {
+        num_buffers.copy_from_slice(&n.to_le_bytes());
+    }
     let mut offset = 0;
     for (head, mut writer) in chains {
-        let take = writer.available_bytes().min(frame.len() - offset);
-        let ok = io::Write::write_all(&mut writer, &frame[offset..offset + take]).is_ok();
-        if !ok {
+        let rest = frame.get(offset..).unwrap_or_default();
+        let take = writer.available_bytes().min(rest.len());
+        if io::Write::write_all(&mut writer, &rest[..take]).is_err() {
             counters.add(&counters.errors, 1);
         }
         offset += take;
-        queue.add_used(mem, head, take as u32).map_err(broken)?;
+        let len = u32::try_from(take).unwrap_or(u32::MAX);
+        queue
+            .add_used(mem, head, len)
+            .map_err(|_| DeviceError::BrokenQueue(RX))?;
     }
     counters.add(&counters.requests, 1);
     counters.add(&counters.bytes_written, frame.len() as u64);
-    Ok(Delivery::Done)
+    Ok(())
 }
 
 impl VirtioDevice for Net {
@@ -317,9 +405,13 @@ impl VirtioDevice for Net {
     fn process_backend(&mut self) -> Result<(), DeviceError> {
         self.process_rx()
     }
+    fn take_unfinished(&mut self) -> QueueSet {
+        std::mem::take(&mut self.unfinished)
+    }
     fn reset(&mut self) {
         self.state = State::Inactive;
         self.rx_pending = None;
+        self.unfinished = QueueSet::default();
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -232,3 +232,127 @@ fn a_real_tap_is_created_configured_and_gone_when_closed() {
         "a non-persistent tap disappears with its last fd"
     );
 }
+
+#[test]
+fn an_unwritable_chain_between_usable_ones_is_returned_once_after_a_rollback() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    rx.chain(&[(&[], 1024, true)]);
+    rx.raw_chain(&[(0x4_0000, 1024, 0, 0)]); // read-only: the device cannot use it
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+    wire.0.lock().unwrap().to_guest.push_back(frame(1500, 4));
+    net.process_backend().unwrap();
+    assert!(rx.used().is_empty(), "the frame waits, nothing is used yet");
+
+    rx.chain(&[(&[], 1024, true)]);
+    net.process_queue(RX).unwrap();
+
+    let used = rx.used();
+    assert_eq!(used, vec![(0, 1024), (2, 476), (1, 0)]);
+    assert_eq!(net.counters().snapshot().errors, 1);
+}
+
+#[test]
+fn a_frame_the_whole_ring_cannot_hold_is_dropped_and_rx_goes_on() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 4);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    for _ in 0..4 {
+        rx.chain(&[(&[], 100, true)]);
+    }
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+    wire.0
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend([frame(1000, 1), frame(50, 2)]);
+
+    net.process_backend().unwrap();
+
+    assert_eq!(
+        rx.used(),
+        vec![(0, 50)],
+        "the big frame dropped, the next delivered"
+    );
+    assert_eq!(net.counters().snapshot().errors, 1);
+}
+
+/// A backend that lies: it claims frames longer than the buffer it was given, or empty ones.
+struct LyingBackend(usize);
+
+impl NetBackend for LyingBackend {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        Ok(buf.len() + self.0)
+    }
+    fn send(&mut self, _: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_offloads(&mut self, _: u32) -> io::Result<()> {
+        Ok(())
+    }
+    fn fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+}
+
+#[test]
+fn a_backend_claiming_more_than_the_buffer_is_dropped_and_cannot_hold_the_device() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    rx.chain(&[(&[], 2048, true)]);
+    let mut net = Net::new(Box::new(LyingBackend(10)), [2, 0, 0, 0, 0, 1]);
+    let ctx = activate_ctx(&mem, vec![rx.queue(), tx.queue()], CountingLine::default());
+    // Activation reads the backend: it must return although the backend never runs dry.
+    net.activate(ctx).unwrap();
+    assert!(rx.used().is_empty());
+    assert_eq!(net.counters().snapshot().errors, WORK_BUDGET as u64);
+    assert!(net.take_unfinished().contains(RX), "comes back next turn");
+}
+
+#[test]
+fn rx_stops_at_the_budget_and_finishes_on_later_turns() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 128);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    let frames = WORK_BUDGET + 10;
+    for _ in 0..frames {
+        rx.chain(&[(&[], 256, true)]);
+    }
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+    wire.0
+        .lock()
+        .unwrap()
+        .to_guest
+        .extend((0..frames).map(|i| frame(100, i as u8)));
+
+    net.process_backend().unwrap();
+    assert_eq!(rx.used().len(), WORK_BUDGET);
+    let unfinished = net.take_unfinished();
+    assert!(unfinished.contains(RX));
+    assert!(net.take_unfinished().is_empty(), "taking clears the set");
+
+    net.process_queue(RX).unwrap();
+    assert_eq!(rx.used().len(), frames);
+    assert!(net.take_unfinished().is_empty());
+}
+
+#[test]
+fn tx_stops_at_the_budget_and_finishes_on_later_turns() {
+    let mem = guest_memory();
+    let rx = Driver::new(&mem, 16);
+    let mut tx = Driver::new_at(&mem, 128, 0x8000, 0x2_0000);
+    let frames = WORK_BUDGET + 5;
+    for i in 0..frames {
+        tx.chain(&[(&frame(60, i as u8), 60, false)]);
+    }
+    let (mut net, wire, _) = active_net(&mem, rx.queue(), tx.queue(), MRG);
+
+    net.process_queue(TX).unwrap();
+    assert_eq!(wire.0.lock().unwrap().from_guest.len(), WORK_BUDGET);
+    assert!(net.take_unfinished().contains(TX));
+    net.process_queue(TX).unwrap();
+    assert_eq!(wire.0.lock().unwrap().from_guest.len(), frames);
+    assert!(net.take_unfinished().is_empty());
+}

@@ -5,8 +5,11 @@ use std::io::Write;
 
 use virtio_queue::Queue;
 
-use super::queue_worker::{serve_queue, Chain};
-use super::{device_id, features, ActivateContext, DeviceCounters, DeviceError, VirtioDevice};
+use super::queue_worker::{serve_queue_bounded, Chain, Progress};
+use super::{
+    device_id, features, ActivateContext, DeviceCounters, DeviceError, QueueSet, VirtioDevice,
+    WORK_BUDGET,
+};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes served per request: a guest cannot make the VMM generate unbounded entropy in one go.
@@ -50,6 +53,8 @@ pub struct Rng {
     source: Box<dyn EntropySource>,
     state: State,
     counters: DeviceCounters,
+    /// Queues left with work when the budget ran out.
+    unfinished: QueueSet,
 }
 
 impl Rng {
@@ -58,6 +63,7 @@ impl Rng {
             source,
             state: State::Inactive,
             counters: DeviceCounters::default(),
+            unfinished: QueueSet::default(),
         }
     }
 
@@ -111,12 +117,22 @@ impl VirtioDevice for Rng {
             return Ok(());
         };
         let (source, counters) = (self.source.as_mut(), &self.counters);
-        serve_queue(queue, index, &ctx.mem, &ctx.interrupt, |chain| {
-            Self::serve(source, counters, &ctx.mem, chain)
-        })
+        let mem = &ctx.mem;
+        let progress =
+            serve_queue_bounded(queue, index, mem, &ctx.interrupt, WORK_BUDGET, |chain| {
+                Self::serve(source, counters, mem, chain)
+            })?;
+        if progress == Progress::More {
+            self.unfinished.insert(index);
+        }
+        Ok(())
+    }
+    fn take_unfinished(&mut self) -> QueueSet {
+        std::mem::take(&mut self.unfinished)
     }
     fn reset(&mut self) {
         self.state = State::Inactive;
+        self.unfinished = QueueSet::default();
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -188,7 +188,7 @@ impl Connection {
         }
         let held = self.out_buf.len() - self.preamble_left;
         if held + payload.len() > CONN_BUF_SIZE as usize {
-            log::warn!("vsock: guest port {} overran its credit", self.guest_port);
+            crate::warn_limited!("vsock: guest port {} overran its credit", self.guest_port);
             return Verdict::Reset;
         }
         self.out_buf.extend(payload);

@@ -30,8 +30,11 @@ use std::path::Path;
 
 use virtio_queue::{QueueOwnedT, QueueT};
 
-use super::queue_worker::serve_queue;
-use super::{device_id, features, ActivateContext, DeviceCounters, DeviceError, VirtioDevice};
+use super::queue_worker::{serve_queue_bounded, Progress};
+use super::{
+    device_id, features, ActivateContext, DeviceCounters, DeviceError, QueueSet, VirtioDevice,
+    WORK_BUDGET,
+};
 use muxer::Muxer;
 use packet::HDR_LEN;
 use unix_backend::UnixBackend;
@@ -67,6 +70,8 @@ pub struct Vsock {
     muxer: Muxer,
     state: State,
     counters: DeviceCounters,
+    /// Queues left with work when the budget ran out.
+    unfinished: QueueSet,
 }
 
 impl Vsock {
@@ -83,6 +88,7 @@ impl Vsock {
             muxer: Muxer::new(guest_cid, backend),
             state: State::Inactive,
             counters: DeviceCounters::default(),
+            unfinished: QueueSet::default(),
         })
     }
 
@@ -96,27 +102,31 @@ impl Vsock {
         self.muxer.backend().handshake_count()
     }
 
-    /// Fills the guest's rx buffers with whatever the muxer has for it, and interrupts the
-    /// guest if it asked to be.
+    /// Fills the guest's rx buffers with whatever the muxer has for it (at most [`WORK_BUDGET`]
+    /// packets), and interrupts the guest if it asked to be. [`Progress::More`] when the budget
+    /// ran out: the rest waits for the next turn.
     fn deliver_rx(
         ctx: &mut ActivateContext,
         muxer: &mut Muxer,
         counters: &DeviceCounters,
-    ) -> Result<(), DeviceError> {
+    ) -> Result<Progress, DeviceError> {
         let broken = |_| DeviceError::BrokenQueue(RX_QUEUE);
         let mem = &ctx.mem;
         let Some(queue) = ctx.queues.get_mut(RX_QUEUE) else {
-            return Ok(());
+            return Ok(Progress::Idle);
         };
-        let mut used = false;
-        loop {
+        let mut used = 0usize;
+        let progress = loop {
+            if used >= WORK_BUDGET {
+                break Progress::More;
+            }
             let chain = queue.iter(mem).map_err(broken)?.next();
             let Some(chain) = chain else {
                 // Out of buffers: ask to be told of new ones, unless some just arrived.
                 if queue.enable_notification(mem).map_err(broken)? {
                     continue;
                 }
-                break;
+                break Progress::Idle;
             };
             let head = chain.head_index();
             let written = match packet::rx_capacity(&chain, mem) {
@@ -129,7 +139,7 @@ impl Vsock {
                     let Some((hdr, len)) = muxer.next_rx(room) else {
                         // Nothing to send: leave the buffer for later.
                         queue.go_to_previous_position();
-                        break;
+                        break Progress::Idle;
                     };
                     match packet::write_rx(chain, mem, &hdr, &muxer.scratch()[..len]) {
                         Ok(n) => {
@@ -138,7 +148,7 @@ impl Vsock {
                             n
                         }
                         Err(e) => {
-                            log::warn!("vsock: cannot write an rx packet: {e}");
+                            crate::warn_limited!("vsock: cannot write an rx packet: {e}");
                             counters.add(&counters.errors, 1);
                             muxer.rx_lost(&hdr);
                             0
@@ -147,24 +157,24 @@ impl Vsock {
                 }
             };
             queue.add_used(mem, head, written).map_err(broken)?;
-            used = true;
-        }
-        if used && queue.needs_notification(mem).map_err(broken)? {
+            used += 1;
+        };
+        if used > 0 && queue.needs_notification(mem).map_err(broken)? {
             ctx.interrupt.signal_used_queue();
         }
-        Ok(())
+        Ok(progress)
     }
 
     fn process_tx(
         ctx: &mut ActivateContext,
         muxer: &mut Muxer,
         counters: &DeviceCounters,
-    ) -> Result<(), DeviceError> {
+    ) -> Result<Progress, DeviceError> {
         let mem = &ctx.mem;
         let Some(queue) = ctx.queues.get_mut(TX_QUEUE) else {
-            return Ok(());
+            return Ok(Progress::Idle);
         };
-        serve_queue(queue, TX_QUEUE, mem, &ctx.interrupt, |chain| {
+        serve_queue_bounded(queue, TX_QUEUE, mem, &ctx.interrupt, WORK_BUDGET, |chain| {
             match packet::read_tx(chain, mem) {
                 Ok(pkt) => {
                     counters.add(&counters.requests, 1);
@@ -237,17 +247,20 @@ impl VirtioDevice for Vsock {
             return Ok(());
         };
         let (muxer, counters) = (&mut self.muxer, &self.counters);
-        match index {
-            RX_QUEUE => Self::deliver_rx(ctx, muxer, counters),
-            TX_QUEUE => {
-                Self::process_tx(ctx, muxer, counters)?;
-                // Answers (RESPONSE, RST, credit) and data unblocked by new credit.
-                Self::deliver_rx(ctx, muxer, counters)
-            }
-            // The event queue's buffers wait for a TRANSPORT_RESET that only restore sends.
-            EVENT_QUEUE => Ok(()),
-            _ => Ok(()), // the transport only notifies queues that exist
+        if index == TX_QUEUE && Self::process_tx(ctx, muxer, counters)? == Progress::More {
+            self.unfinished.insert(TX_QUEUE);
         }
+        // rx: new buffers; tx: answers (RESPONSE, RST, credit) and data unblocked by credit.
+        // The event queue's buffers wait for a TRANSPORT_RESET that only restore sends.
+        if matches!(index, RX_QUEUE | TX_QUEUE)
+            && Self::deliver_rx(ctx, muxer, counters)? == Progress::More
+        {
+            self.unfinished.insert(RX_QUEUE);
+        }
+        Ok(())
+    }
+    fn take_unfinished(&mut self) -> QueueSet {
+        std::mem::take(&mut self.unfinished)
     }
     fn backend_fd(&self) -> Option<RawFd> {
         Some(self.muxer.backend().epoll_fd())
@@ -263,14 +276,30 @@ impl VirtioDevice for Vsock {
             self.counters.add(&self.counters.errors, 1);
             return Err(DeviceError::Backend(e));
         }
-        match &mut self.state {
-            State::Active { ctx } => Self::deliver_rx(ctx, &mut self.muxer, &self.counters),
-            State::Inactive => Ok(()),
+        let State::Active { ctx } = &mut self.state else {
+            return Ok(());
+        };
+        if Self::deliver_rx(ctx, &mut self.muxer, &self.counters)? == Progress::More {
+            self.unfinished.insert(RX_QUEUE);
+        }
+        Ok(())
+    }
+    fn drain_backend(&mut self) {
+        // Accept-and-close rather than stop watching the listener until activation: a client
+        // (huskd polls every 100 ms for the agent) learns at once that nobody is there instead
+        // of hanging in the backlog, no stale clients pile up for the guest to be offered
+        // later, and nothing must be re-armed on activation. Events of live connections (a
+        // device that needs a reset) are taken too: they are edge-triggered, so taking them
+        // is what stops the epoll fd from being ready.
+        if let Err(e) = self.muxer.process_host(false) {
+            self.counters.add(&self.counters.errors, 1);
+            crate::warn_limited!("vsock: cannot drain the host sockets: {e}");
         }
     }
     fn reset(&mut self) {
         self.muxer.close_all();
         self.state = State::Inactive;
+        self.unfinished = QueueSet::default();
     }
     fn restored(&mut self) {
         // The guest's connections belonged to the old VMM's host sockets, and its CID may have

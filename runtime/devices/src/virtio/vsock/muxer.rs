@@ -79,7 +79,7 @@ impl Muxer {
         if hdr.src_cid != self.guest_cid {
             // Spoofing another CID: drop without an answer, it would go nowhere sensible.
             counters.add(&counters.errors, 1);
-            log::warn!(
+            crate::warn_limited!(
                 "vsock: guest packet with source CID {} dropped",
                 hdr.src_cid
             );
@@ -125,7 +125,7 @@ impl Muxer {
     /// The guest connects to host port `dst_port`: to `<uds_path>_<port>`.
     fn connect_guest(&mut self, req: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            log::warn!("vsock: connection limit reached, guest request refused");
+            crate::warn_limited!("vsock: connection limit reached, guest request refused");
             self.push_reset(req.reset_reply());
             return;
         }
@@ -145,7 +145,7 @@ impl Muxer {
                 self.conns.insert(key, conn);
             }
             Err(e) => {
-                log::warn!("vsock: cannot watch a host socket: {e}");
+                crate::warn_limited!("vsock: cannot watch a host socket: {e}");
                 self.push_reset(req.reset_reply());
             }
         }
@@ -154,7 +154,7 @@ impl Muxer {
     /// A host client asked for guest port `port`.
     fn connect_host(&mut self, stream: UnixStream, token: u64, port: u32) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            log::warn!("vsock: connection limit reached, host client refused");
+            crate::warn_limited!("vsock: connection limit reached, host client refused");
             self.backend.deregister(&stream);
             return;
         }

@@ -542,3 +542,94 @@ fn rx_buffers_too_small_for_a_header_are_returned_and_counted() {
     let rst = g.expect(&mut dev, op::RST);
     assert_eq!(rst.dst_port, 1);
 }
+
+/// Runs a loop like the VMM's event loop on `fd` (level-triggered) for `window`, calling
+/// `serve` on each wake-up; returns how many wake-ups there were.
+fn wakeups_over(fd: RawFd, window: std::time::Duration, mut serve: impl FnMut()) -> usize {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let epoll = Epoll::new().unwrap();
+    let event = EpollEvent::new(EventSet::IN, 0);
+    epoll.ctl(ControlOperation::Add, fd, event).unwrap();
+    let mut events = [EpollEvent::default(); 4];
+    let deadline = std::time::Instant::now() + window;
+    let mut wakeups = 0;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let timeout = left.as_millis().clamp(1, 50) as i32;
+        if epoll.wait(timeout, &mut events).unwrap() > 0 {
+            wakeups += 1;
+            serve();
+        }
+    }
+    wakeups
+}
+
+const WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+
+#[test]
+fn a_client_of_a_device_the_driver_never_started_wakes_the_loop_once_not_forever() {
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::test_utils::CountingLine;
+    use crate::virtio::VirtioInterrupt;
+    let _s = serial();
+    let (dir, mem) = (TempDir::new(), memory());
+    let dev = new_device(&dir);
+    let fd = dev.backend_fd().unwrap();
+    let irq = std::sync::Arc::new(VirtioInterrupt::new(Box::new(CountingLine::default())));
+    let mut transport = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 1024\n").unwrap();
+
+    let wakeups = wakeups_over(fd, WINDOW, || transport.process_backend());
+
+    assert!(wakeups <= 2, "{wakeups} wake-ups: the loop spins");
+    assert!(closed(&mut c), "the client is turned away at once");
+}
+
+#[test]
+fn a_client_after_a_device_reset_wakes_the_loop_once_not_forever() {
+    let _s = serial();
+    let (dir, mem) = (TempDir::new(), memory());
+    let mut dev = new_device(&dir);
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev, &mem);
+    dev.reset();
+    let fd = dev.backend_fd().unwrap();
+    let mut c = client(&dir);
+
+    let wakeups = wakeups_over(fd, WINDOW, || dev.drain_backend());
+
+    assert!(wakeups <= 2, "{wakeups} wake-ups: the loop spins");
+    assert!(closed(&mut c));
+}
+
+#[test]
+fn a_flood_of_clients_against_an_inactive_device_is_turned_away_in_bounded_batches() {
+    let _s = serial();
+    let dir = TempDir::new();
+    let mut dev = new_device(&dir);
+    let fd = dev.backend_fd().unwrap();
+    let mut clients: Vec<std::os::unix::net::UnixStream> = (0..100).map(|_| client(&dir)).collect();
+
+    let wakeups = wakeups_over(fd, WINDOW, || dev.drain_backend());
+
+    assert!((1..=4).contains(&wakeups), "{wakeups} wake-ups");
+    assert!(clients.iter_mut().all(closed));
+}
+
+#[test]
+fn host_data_waiting_for_rx_buffers_does_not_wake_the_loop_again() {
+    let _s = serial();
+    let (dir, mem) = (TempDir::new(), memory());
+    let mut dev = new_device(&dir);
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev, &mem);
+    let (mut c, _) = host_connect(&mut dev, &mut g, &dir, 52);
+    g.rx_target = 0; // the guest stops posting rx buffers
+    c.write_all(&pattern(64 * 1024, 3)).unwrap();
+    let fd = dev.backend_fd().unwrap();
+
+    let wakeups = wakeups_over(fd, WINDOW, || dev.process_backend().unwrap());
+
+    assert!(wakeups <= 2, "{wakeups} wake-ups: the loop spins");
+    assert_eq!(dev.connection_count(), 1);
+}

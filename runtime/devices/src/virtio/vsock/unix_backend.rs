@@ -29,6 +29,8 @@ pub const MAX_HANDSHAKES: usize = 64;
 const MAX_LINE: usize = 32;
 /// Events taken per epoll_wait.
 const EVENT_BATCH: usize = 64;
+/// Clients accepted per listener event: a client flood cannot hold the event loop.
+const ACCEPT_BUDGET: usize = 64;
 
 /// Why the Unix backend could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,12 @@ pub enum UnixBackendError {
     #[error("cannot listen on vsock socket {0}")]
     Bind(PathBuf, #[source] io::Error),
 }
+
+/// Every socket is watched edge-triggered for these.
+const SOCKET_EVENTS: EventSet = EventSet::IN
+    .union(EventSet::OUT)
+    .union(EventSet::READ_HANG_UP)
+    .union(EventSet::EDGE_TRIGGERED);
 
 /// Readiness of one registered socket.
 #[derive(Debug, Clone, Copy)]
@@ -104,10 +112,21 @@ impl UnixBackend {
     }
 
     fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let events =
-            EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(SOCKET_EVENTS, token),
+        )
+    }
+
+    /// Re-arms the edge-triggered listener: EPOLL_CTL_MOD reports it again if clients are still
+    /// queued, so clients left by [`ACCEPT_BUDGET`] get their turn on the next call.
+    fn rearm_listener(&self) {
+        let event = EpollEvent::new(SOCKET_EVENTS, LISTENER_TOKEN);
+        let fd = self.listener.as_raw_fd();
+        if let Err(e) = self.epoll.ctl(ControlOperation::Modify, fd, event) {
+            crate::warn_limited!("vsock: cannot re-arm the listener: {e}");
+        }
     }
 
     /// Registers a connection's socket and returns its token.
@@ -172,7 +191,7 @@ impl UnixBackend {
                     }
                 }
                 None => {
-                    log::warn!("vsock: host client sent a bad handshake line");
+                    crate::warn_limited!("vsock: host client sent a bad handshake line");
                     self.deregister(&hs.stream);
                 }
             },
@@ -181,20 +200,26 @@ impl UnixBackend {
         Serviced::Done
     }
 
-    /// Accepts every pending client (edge-triggered: until EAGAIN). While the device is not
-    /// active, clients are closed at once: there is no guest to connect them to.
+    /// Accepts pending clients (edge-triggered: until EAGAIN, or [`ACCEPT_BUDGET`] and a
+    /// re-arm). While the device is not active, clients are closed at once: there is no guest
+    /// to connect them to.
     fn accept_all(&mut self, accepting: bool) {
+        let mut accepted = 0;
         loop {
+            if accepted >= ACCEPT_BUDGET {
+                return self.rearm_listener();
+            }
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
                     // EMFILE and friends: the client stays queued until the next edge.
-                    log::warn!("vsock: cannot accept a host client: {e}");
+                    crate::warn_limited!("vsock: cannot accept a host client: {e}");
                     return;
                 }
             };
+            accepted += 1;
             if !accepting || stream.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -211,7 +236,7 @@ impl UnixBackend {
                     };
                     self.handshakes.insert(token, hs);
                 }
-                Err(e) => log::warn!("vsock: cannot watch a host client: {e}"),
+                Err(e) => crate::warn_limited!("vsock: cannot watch a host client: {e}"),
             }
         }
     }

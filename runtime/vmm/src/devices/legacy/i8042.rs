@@ -131,7 +131,7 @@ impl I8042 {
     fn raise_kbd_irq(&self) {
         if self.ctr & CTR_KBD_INT != 0 && !self.output.is_empty() {
             if let Err(e) = self.kbd_irq.write(1) {
-                log::warn!("i8042: cannot raise IRQ 1: {e}");
+                husk_devices::warn_limited!("i8042: cannot raise IRQ 1: {e}");
             }
         }
     }

@@ -137,7 +137,7 @@ impl BusDevice for SerialDevice {
         if let (Ok(off), [b]) = (u8::try_from(offset), data) {
             if u64::from(off) < SERIAL_PORT_LEN {
                 if let Err(e) = self.serial.write(off, *b) {
-                    log::warn!("serial write failed: {e:?}");
+                    husk_devices::warn_limited!("serial write failed: {e:?}");
                 }
             }
         }
