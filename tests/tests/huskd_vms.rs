@@ -197,7 +197,10 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
         std::fs::set_permissions(&vms, std::fs::Permissions::from_mode(mode)).unwrap();
     };
     let closed = connect_as(alpha_uid, "alpha");
-    assert!(!closed.status.success(), "vms/ let a VMM user in: {closed:?}");
+    assert!(
+        !closed.status.success(),
+        "vms/ let a VMM user in: {closed:?}"
+    );
     set_mode(0o711);
     let across = connect_as(alpha_uid, "beta");
     assert!(
