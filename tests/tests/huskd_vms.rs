@@ -189,12 +189,15 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
             .output()
             .unwrap()
     };
-    // vms/ is root's alone (0700): nobody else even reaches a VM's directory. Opened up to
+    // vms/ and each VM's directory are root's alone (0700): nobody else even reaches a VM's
+    // sockets (a jailed VMM sees its own `vmm/` through its jail's bind mount). Opened up to
     // traversal for this check, the per-VM uid is the wall that remains.
     let vms = huskd.state_dir().join("vms");
     let set_mode = |mode: u32| {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&vms, std::fs::Permissions::from_mode(mode)).unwrap();
+        for dir in [vms.clone(), vms.join(&ids[0]), vms.join(&ids[1])] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
     };
     let closed = connect_as(alpha_uid, "alpha");
     assert!(
@@ -293,10 +296,29 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
         );
     }
 
-    // Restart huskd: gamma still runs, is adopted and stays controllable.
+    // Restart huskd: gamma still runs, is adopted and stays controllable. The huskd that
+    // ends is caught in the middle of a snapshot: gamma's VMM paused, a staging directory
+    // written, the record still saying RUNNING. The next huskd records what the VMM says
+    // (PAUSED) and removes the staging.
     let gamma_pid = huskd.get("gamma").status.unwrap().vmm_pid;
+    huskd.kill_daemon();
+    let gamma_vmm = huskd.vm_dir(&ids[2]).join("vmm");
+    husk_tests::vmm_client::VmmClient::connect(&gamma_vmm.join("api.sock"))
+        .unwrap()
+        .pause()
+        .unwrap();
+    std::fs::create_dir_all(gamma_vmm.join("snapshot")).unwrap();
+    std::fs::write(gamma_vmm.join("snapshot/vm.mem"), b"partial").unwrap();
     huskd.restart();
+    huskd.wait_state("gamma", VmState::Paused, Duration::from_secs(20));
+    assert!(
+        !gamma_vmm.join("snapshot").exists(),
+        "the interrupted snapshot's staging was left"
+    );
     let mut client = huskd.client();
+    huskd
+        .block_on(client.resume_vm(husk_proto::v1::ResumeVmRequest { vm: "gamma".into() }))
+        .unwrap();
     let gamma = huskd.wait_agent("gamma", Duration::from_secs(30));
     assert_eq!(gamma.state, VmState::Running as i32);
     assert_eq!(

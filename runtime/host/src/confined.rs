@@ -14,6 +14,10 @@ use std::path::{Component, Path};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags, ResolveFlags};
 
+/// How deep [`Dir::remove_tree`] goes: a VMM's directory holds sockets and one staging
+/// directory, so anything deeper was made to hurt.
+pub const MAX_TREE_DEPTH: usize = 16;
+
 /// An open directory: every operation is relative to it.
 #[derive(Debug)]
 pub struct Dir {
@@ -246,8 +250,13 @@ impl Dir {
     }
 
     /// Removes `name` whatever it is, a directory tree included, never following a symlink;
-    /// a missing entry is fine.
+    /// a missing entry is fine. A tree deeper than [`MAX_TREE_DEPTH`] is refused: whoever made
+    /// it (a VMM's user, in its own directory) does not get to exhaust huskd's stack or fds.
     pub fn remove_tree(&self, name: &str) -> io::Result<()> {
+        self.remove_tree_at(name, 0)
+    }
+
+    fn remove_tree_at(&self, name: &str, depth: usize) -> io::Result<()> {
         let name_path = entry(name)?;
         match rfs::unlinkat(&self.fd, name_path, AtFlags::empty()) {
             Ok(()) => return Ok(()),
@@ -255,9 +264,15 @@ impl Dir {
             Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::PERM => {}
             Err(e) => return Err(e.into()),
         }
+        if depth >= MAX_TREE_DEPTH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name}: directories nested deeper than {MAX_TREE_DEPTH}: not removed"),
+            ));
+        }
         let sub = self.subdir(name)?;
         for child in sub.entries()? {
-            sub.remove_tree(&child)?;
+            sub.remove_tree_at(&child, depth + 1)?;
         }
         drop(sub);
         match rfs::unlinkat(&self.fd, name_path, AtFlags::REMOVEDIR) {
@@ -437,6 +452,12 @@ mod tests {
         assert!(outside.join("keep").exists());
         dir.remove_tree("t").unwrap();
         assert!(dir.remove_tree("../x").is_err(), "only plain names");
+        let deep: std::path::PathBuf = (0..MAX_TREE_DEPTH + 2).map(|_| "d").collect();
+        std::fs::create_dir_all(base.join("deep").join(&deep)).unwrap();
+        assert!(
+            dir.remove_tree("deep").is_err(),
+            "too deep is refused, not recursed into"
+        );
         std::fs::remove_dir_all(&base).unwrap();
     }
 

@@ -832,7 +832,10 @@ impl Daemon {
             _ => {}
         }
         lock(&self.vms).remove(&entry.id);
-        if let Err(e) = std::fs::remove_dir_all(&entry.dir) {
+        // Never through a link, and never deeper than a VMM's directory can honestly be.
+        let removed =
+            store::open_vms_dir(&self.config.state_dir).and_then(|vms| vms.remove_tree(&entry.id));
+        if let Err(e) = removed {
             eprintln!("huskd: warning: cannot remove {}: {e}", entry.dir.display());
         }
         self.emit(entry, event::Kind::Deleted, None, String::new());

@@ -60,6 +60,16 @@ pub fn move_out(vm_dir: &Path, to: &Dir, vmm_uid: u32, names: &[&str]) -> io::Re
     Ok(())
 }
 
+/// Gives the files an unjailed VMM wrote into `dir` mode 0600, through fds opened without
+/// following links.
+pub fn seal(dir: &Dir, names: &[&str]) -> io::Result<()> {
+    for name in names {
+        let file = dir.open_file(name, OFlags::RDONLY, 0)?;
+        rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(store::FILE_MODE))?;
+    }
+    Ok(())
+}
+
 /// Copies `input` into `to/name` through `name.tmp` (created exclusively, 0600), data extents
 /// only (holes stay holes), synced, then renamed into place without replacing anything.
 fn copy_sparse(input: &File, to: &Dir, name: &str) -> io::Result<()> {

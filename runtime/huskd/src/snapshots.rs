@@ -111,29 +111,48 @@ impl Daemon {
             .create_dir("dir", &path)
             .map_err(dir_status)?;
         let api = entry.api_socket();
-        // The VMM (jailed or not) writes into a staging directory of its own `vmm/`; huskd then
-        // moves the files out without following anything the VMM could have planted there.
+        // A jailed VMM writes into a staging directory of its own `vmm/` (all its jail lets it
+        // write); huskd then moves the files out without following anything the VMM could have
+        // planted there. An unjailed VMM is root like huskd: it writes straight into the
+        // directory huskd opened, named through huskd's own fd (no rename of a path component
+        // can redirect that), and its memory file stays where later diffs look for their base.
         let vmm_uid = entry.vmm_uid();
         let staging_path = entry
             .dir
             .join(store::VMM_DIR)
             .join(snapshot_files::STAGING_DIR);
-        snapshot_files::prepare_staging(&entry.dir, vmm_uid).map_err(|e| {
-            Status::internal(format!(
-                "SnapshotVm: cannot prepare the staging directory: {e}"
+        let jailed = self.config.jail.is_some();
+        let write_to = if jailed {
+            snapshot_files::prepare_staging(&entry.dir, vmm_uid).map_err(|e| {
+                Status::internal(format!(
+                    "SnapshotVm: cannot prepare the staging directory: {e}"
+                ))
+            })?;
+            staging_path.clone()
+        } else {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                target.fd().as_raw_fd()
             ))
-        })?;
+        };
         if was_running {
             vmm_call(&api, vmm_request::Msg::Pause(Default::default()))
                 .await
                 .map_err(|e| Status::internal(format!("SnapshotVm: cannot pause: {e}")))?;
         }
-        let mut result = vmm_snapshot(&api, &staging_path, request.diff).await;
+        let mut result = vmm_snapshot(&api, &write_to, request.diff).await;
         if result.is_ok() {
             let vm_dir = entry.dir.clone();
             let moved = tokio::task::spawn_blocking(move || {
-                snapshot_files::move_out(&vm_dir, &target, vmm_uid, &[STATE_FILE, MEM_FILE])
-                    .map(|()| target)
+                let files = [STATE_FILE, MEM_FILE];
+                if jailed {
+                    snapshot_files::move_out(&vm_dir, &target, vmm_uid, &files)
+                } else {
+                    snapshot_files::seal(&target, &files)
+                }
+                .map(|()| target)
             })
             .await
             .map_err(|e| e.to_string())
@@ -221,17 +240,16 @@ impl Daemon {
         let source = Vm::decode(&bytes[..]).map_err(|e| {
             Status::invalid_argument(format!("dir: {RECORD_FILE} is not a VM record: {e}"))
         })?;
-        for file in [STATE_FILE, MEM_FILE] {
-            check_snapshot_file(&dir, &path, file)?;
-        }
+        let state = open_snapshot_file(&dir, &path, STATE_FILE)?;
+        let mem = open_snapshot_file(&dir, &path, MEM_FILE)?;
         let base = match dir.read_bounded(BASE_FILE, 4096) {
             Ok(None) => None,
             Ok(Some(text)) => {
                 let base = PathBuf::from(String::from_utf8_lossy(&text).trim_end());
-                policy
-                    .check_file("vm.base", &base, false)
+                let opened = policy
+                    .open_file("vm.base", &base, false)
                     .map_err(|e| policy_status(e, |m: String| Status::failed_precondition(m)))?;
-                Some(base)
+                Some(opened.file)
             }
             Err(e) => return Err(Status::invalid_argument(format!("dir: {BASE_FILE}: {e}"))),
         };
@@ -240,12 +258,17 @@ impl Daemon {
         let spec = entry.snapshot().spec.unwrap_or_default();
         let lexical = husk_host::jail::normalize(&path);
         let restore = Restore {
-            state: lexical.join(STATE_FILE),
-            mem: lexical.join(MEM_FILE),
+            state,
+            mem,
+            mem_name: lexical.join(MEM_FILE),
             base,
             start_paused: request.start_paused,
         };
-        match self.launch(&entry, &spec, Some(restore)).await {
+        let launched = {
+            let _op = entry.op.lock().await;
+            self.launch(&entry, &spec, Some(restore)).await
+        };
+        match launched {
             Ok(vm) => Ok(vm),
             Err(status) => {
                 let _ = self.delete(&entry, true).await;
@@ -312,10 +335,10 @@ impl Daemon {
     }
 }
 
-/// Checks that a snapshot file is a regular file in the directory (never a link).
-fn check_snapshot_file(dir: &Dir, path: &Path, name: &str) -> Result<(), Status> {
+/// Opens a snapshot file: a regular file in the directory, never through a link.
+fn open_snapshot_file(dir: &Dir, path: &Path, name: &str) -> Result<std::fs::File, Status> {
     match dir.open_file(name, rustix::fs::OFlags::RDONLY, 0) {
-        Ok(_) => Ok(()),
+        Ok(file) => Ok(file),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Status::not_found(format!(
             "dir: {} lacks {name}",
             path.display()

@@ -37,14 +37,16 @@ pub struct RunFiles {
     pub log: File,
 }
 
-/// A restore instead of a boot: the snapshot's files, checked under the path policy and
-/// mirrored read-only into the jail at these paths.
+/// A restore instead of a boot: the snapshot's files, opened by huskd (the directory under the
+/// path policy, its files never through a link) and passed as fds like everything else.
 #[derive(Debug)]
 pub struct Restore {
-    pub state: PathBuf,
-    pub mem: PathBuf,
+    pub state: File,
+    pub mem: File,
+    /// The memory file's host path: the base the restored VM's later diffs record.
+    pub mem_name: PathBuf,
     /// A diff's base memory file.
-    pub base: Option<PathBuf>,
+    pub base: Option<File>,
     pub start_paused: bool,
 }
 
@@ -167,6 +169,10 @@ impl Launch<'_> {
             .collect();
         fds.extend(f.disks.iter().map(|(file, _)| file.as_raw_fd()));
         fds.extend([f.console.as_raw_fd(), f.exit_report.as_raw_fd()]);
+        if let Some(r) = &self.restore {
+            fds.extend([r.state.as_raw_fd(), r.mem.as_raw_fd()]);
+            fds.extend(r.base.as_ref().map(|b| b.as_raw_fd()));
+        }
         fds.extend(cmdline.map(|fd| fd.as_raw_fd()));
         fds.extend(self.link.map(|l| l.raw_fd()));
         fds
@@ -180,8 +186,14 @@ impl Launch<'_> {
         match &self.restore {
             // The machine comes from the snapshot; devices below replace its backends.
             Some(restore) => {
-                cmd.arg("--restore-state").arg(&restore.state);
-                cmd.arg("--restore-mem").arg(&restore.mem);
+                cmd.arg("--restore-state")
+                    .arg(fd_path(restore.state.as_raw_fd()));
+                cmd.arg("--restore-mem")
+                    .arg(fd_path(restore.mem.as_raw_fd()));
+                cmd.arg("--restore-mem-name").arg(&restore.mem_name);
+                if let Some(base) = &restore.base {
+                    cmd.arg("--restore-base").arg(fd_path(base.as_raw_fd()));
+                }
                 if restore.start_paused {
                     cmd.arg("--start-paused");
                 }
@@ -222,7 +234,7 @@ impl Launch<'_> {
     }
 
     /// The full command: husk-vmm, wrapped in husk-jailer when jailed (only the `vmm/`
-    /// directory is mirrored read-write, and a restore's snapshot files read-only).
+    /// directory is mirrored, read-write; every file comes as an fd).
     pub fn command(&self, cmdline: Option<&OwnedFd>) -> Command {
         let vmm = self.vmm_command(cmdline);
         let fds = self.fds(cmdline);
@@ -233,20 +245,12 @@ impl Launch<'_> {
             }
             return cmd;
         };
-        let files = match &self.restore {
-            Some(r) => [Some(&r.state), Some(&r.mem), r.base.as_ref()]
-                .into_iter()
-                .flatten()
-                .map(|p| jail::normalize(p))
-                .collect(),
-            None => Vec::new(),
-        };
         let (cgroup, rlimits) = jail_limits(&self.limits, self.controllers);
         let spec = JailSpec {
             id: self.id,
             uid: self.uid,
             gid: self.uid,
-            files,
+            files: Vec::new(),
             dirs: vec![self.dir.join(store::VMM_DIR)],
             fds,
             cgroup,
@@ -491,6 +495,7 @@ mod tests {
             ..Default::default()
         };
         let (files, scratch) = run_files("jail", 0, false);
+        let file = |name: &str| File::create(scratch.join(name)).unwrap();
         let jail = JailConfig {
             jailer: "/bin/husk-jailer".into(),
             uid: 65534,
@@ -509,9 +514,10 @@ mod tests {
             vsock_cid: 3,
             link: None,
             restore: Some(Restore {
-                state: "/snap/vm.state".into(),
-                mem: "/snap/vm.mem".into(),
-                base: Some("/base/vm.mem".into()),
+                state: file("vm.state"),
+                mem: file("vm.mem"),
+                mem_name: "/snap/vm.mem".into(),
+                base: Some(file("base.mem")),
                 start_paused: true,
             }),
             files,
@@ -519,15 +525,23 @@ mod tests {
         let joined = args(&launch.command(None));
         for part in [
             "--uid 100007 --gid 100007",
-            "--file /snap/vm.state --file /snap/vm.mem --file /base/vm.mem",
-            "--dir /run/husk/vms/abc/vmm --cgroup cpu.max=250000 100000",
+            "--gid 100007 --dir /run/husk/vms/abc/vmm --cgroup cpu.max=250000 100000",
             "--cgroup memory.max=1207959552 --cgroup pids.max=18",
             "--rlimit nofile=4096",
-            "--restore-state /snap/vm.state --restore-mem /snap/vm.mem --start-paused",
+            "--restore-mem-name /snap/vm.mem --restore-base /proc/self/fd/",
+            "--start-paused",
         ] {
             assert!(joined.contains(part), "{part} missing from {joined}");
         }
         assert!(!joined.contains("--kernel"), "{joined}");
+        assert!(
+            !joined.contains("--file"),
+            "nothing mirrored by path: {joined}"
+        );
+        let r = launch.restore.as_ref().unwrap();
+        for fd in [r.state.as_raw_fd(), r.mem.as_raw_fd()] {
+            assert!(joined.contains(&format!("--keep-fd {fd}")), "{joined}");
+        }
         std::fs::remove_dir_all(scratch).unwrap();
     }
 

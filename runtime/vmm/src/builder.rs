@@ -329,12 +329,13 @@ pub fn restore_vm(
 pub fn build_from_snapshot(
     state_path: &Path,
     mem_path: &Path,
+    names: &snapshot::LoadNames,
     console: &ConsoleConfig,
     console_limit: u64,
     overrides: &RestoreOverrides,
     vmm_start: Instant,
 ) -> Result<Vmm, BuildError> {
-    let snapshot = snapshot::load(state_path, mem_path)?;
+    let snapshot = snapshot::load(state_path, mem_path, names)?;
     log::debug!(
         "restore: snapshot loaded at {} us",
         vmm_start.elapsed().as_micros()

@@ -71,10 +71,15 @@ fn usage() -> String {
                         ENOSYS: for debugging), log (allowed, logged by the kernel), off
   --no-seccomp          same as --seccomp off
   --print-seccomp       print every thread's allowed syscalls and exit
-  Files: PATH may be /proc/self/fd/N for an fd the parent passed (disks, console file)
+  Files: PATH may be /proc/self/fd/N for an fd the parent passed (kernel, initrd, disks,
+  console file, exit report, --cmdline-file, the --restore-* files)
   --restore-state PATH  restore the VM saved in this snapshot state file (written by the
                         control socket's snapshot request) instead of booting a kernel
   --restore-mem PATH    the snapshot's memory file (mapped copy-on-write: never modified)
+  --restore-mem-name P  with --restore-mem /proc/self/fd/N: the memory file's host path, which
+                        the restored VM's later diff snapshots record as their base
+  --restore-base PATH   for a diff snapshot: open this base memory file (an fd) instead of
+                        the path the state records (which is still recorded as the base)
   --start-paused        with --restore-*: keep the restored VM paused until a resume request
                         With --restore-*, --disk (all disks, in order), --net and --vsock
                         replace the snapshot's backends: a clone gets its own CID, tap, MAC
@@ -104,6 +109,8 @@ struct Options {
 struct Restore {
     state: PathBuf,
     mem: PathBuf,
+    /// `--restore-mem-name` / `--restore-base` (see snapshot::LoadNames).
+    names: husk_vmm::snapshot::LoadNames,
     start_paused: bool,
 }
 
@@ -251,6 +258,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     let (mut api_sock, mut exit_report) = (None, None);
     let mut seccomp = Mode::default();
     let (mut restore_state, mut restore_mem, mut start_paused) = (None, None, false);
+    let mut names = husk_vmm::snapshot::LoadNames::default();
     let mut boot_options = Vec::new();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -275,6 +283,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 | "--seccomp"
                 | "--restore-state"
                 | "--restore-mem"
+                | "--restore-mem-name"
+                | "--restore-base"
         );
         let value = if takes_value {
             match inline.or_else(|| args.next()) {
@@ -297,6 +307,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
                 | "--vsock"
                 | "--restore-state"
                 | "--restore-mem"
+                | "--restore-mem-name"
+                | "--restore-base"
                 | "--start-paused"
                 | "-h"
                 | "--help"
@@ -305,6 +317,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
         }
         match flag.as_str() {
             "--restore-state" => restore_state = Some(PathBuf::from(value)),
+            "--restore-mem-name" => names.mem_name = Some(PathBuf::from(value)),
+            "--restore-base" => names.base = Some(PathBuf::from(value)),
             "--restore-mem" => restore_mem = Some(PathBuf::from(value)),
             "--start-paused" => start_paused = true,
             "--kernel" => kernel = Some(PathBuf::from(value)),
@@ -343,6 +357,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             Some(Restore {
                 state,
                 mem,
+                names,
                 start_paused,
             })
         }
@@ -497,7 +512,8 @@ fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, Str
             };
             let console = &options.vm.console;
             let limit = options.vm.console_limit;
-            build_from_snapshot(&r.state, &r.mem, console, limit, &overrides, vmm_start).map(
+            let (state, mem) = (&r.state, &r.mem);
+            build_from_snapshot(state, mem, &r.names, console, limit, &overrides, vmm_start).map(
                 |mut vmm| {
                     vmm.set_start_paused(r.start_paused);
                     vmm
@@ -613,6 +629,10 @@ mod tests {
             "--restore-state",
             "/s/vm.state",
             "--restore-mem=/s/vm.mem",
+            "--restore-mem-name",
+            "/snaps/a/vm.mem",
+            "--restore-base",
+            "/proc/self/fd/9",
             "--start-paused",
             "--api-sock",
             "/run/a.sock",
@@ -626,6 +646,10 @@ mod tests {
             Some(Restore {
                 state: "/s/vm.state".into(),
                 mem: "/s/vm.mem".into(),
+                names: husk_vmm::snapshot::LoadNames {
+                    mem_name: Some("/snaps/a/vm.mem".into()),
+                    base: Some("/proc/self/fd/9".into()),
+                },
                 start_paused: true
             })
         );

@@ -31,13 +31,42 @@ use super::state::{MemoryRegionState, MemoryState};
 /// The full memory file a diff is taken against.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BaseRef {
-    /// Absolute path.
+    /// Absolute path: the name a diff records (and a restore of the diff opens).
     pub path: PathBuf,
+    /// The file itself, already open, when the VMM cannot open `path` (a jailed VMM restored
+    /// from fds): diffs read the base through it.
+    pub handle: Option<BaseHandle>,
     /// Its snapshot id.
     pub id: Vec<u8>,
     /// Guest RAM is a MAP_PRIVATE mapping of this file (a restored VM): pagemap finds changes.
     pub mapped: bool,
 }
+
+/// An open base memory file, shared by the restored VM's later diffs.
+#[derive(Clone, Debug)]
+pub struct BaseHandle(std::sync::Arc<File>);
+
+impl BaseHandle {
+    pub fn new(file: File) -> Self {
+        Self(std::sync::Arc::new(file))
+    }
+
+    /// A fresh fd on the file, positioned at its start.
+    fn reopen(&self) -> io::Result<File> {
+        use std::io::{Seek, SeekFrom};
+        let mut file = self.0.try_clone()?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(file)
+    }
+}
+
+impl PartialEq for BaseHandle {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for BaseHandle {}
 
 /// Checks the header of `file` at `path`: magic, version, `kind`, `id` and RAM size `total`.
 fn check_header(
@@ -102,7 +131,11 @@ pub fn write_diff_file(
 ) -> Result<MemoryState, MemoryFileError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let pages = (total / PAGE as u64) as usize;
-    let mut base_file = File::open(&base.path).map_err(io_err("cannot open", &base.path))?;
+    let mut base_file = match &base.handle {
+        Some(handle) => handle.reopen(),
+        None => File::open(&base.path),
+    }
+    .map_err(io_err("cannot open", &base.path))?;
     check_header(&mut base_file, &base.path, KIND_FULL, &base.id, total)?;
     // Without /proc (a jail may lack it) a mapped base is compared page by page instead: the
     // same result, at the cost of reading both.
@@ -191,7 +224,7 @@ pub fn apply_diff(
             state.changed_pages.len()
         )));
     }
-    let mut file = File::open(path).map_err(io_err("cannot open", path))?;
+    let mut file = super::file::open_input(path).map_err(io_err("cannot open", path))?;
     check_header(&mut file, path, KIND_DIFF, &state.id, total)?;
     let actual = file.metadata().map_err(io_err("cannot stat", path))?.len();
     if actual != HEADER_SIZE + total {
@@ -251,6 +284,7 @@ mod tests {
         mem.write_obj(2u64, GuestAddress(0x5000)).unwrap();
         let base_state = write_memory_file(&base_path, &mem, &new_id(), &mut |_, _| {}).unwrap();
         let base = BaseRef {
+            handle: None,
             path: base_path.clone(),
             id: base_state.id.clone(),
             mapped: false,
@@ -284,6 +318,7 @@ mod tests {
         let mem = guest();
         let base_state = write_memory_file(&base_path, &mem, &new_id(), &mut |_, _| {}).unwrap();
         let base = BaseRef {
+            handle: None,
             path: base_path.clone(),
             id: base_state.id.clone(),
             mapped: false,

@@ -203,6 +203,15 @@ pub fn write(path: &Path, payload: &[u8]) -> Result<(), FileError> {
     result
 }
 
+/// Opens a snapshot file for reading: a path, or `/proc/self/fd/N` for an fd the launcher
+/// opened (huskd passes a restore's files so; the jailed VMM's user could not open them, 0600
+/// and root's, and no path of them is mirrored into its jail).
+pub fn open_input(path: &Path) -> io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    husk_devices::host_files::open(path, &options, false)
+}
+
 /// Reads and checks the state file at `path`; returns its payload.
 pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
     let io = |op| {
@@ -212,7 +221,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>, FileError> {
             source,
         }
     };
-    let f = File::open(path).map_err(io("cannot open"))?;
+    let f = open_input(path).map_err(io("cannot open"))?;
     let size = f.metadata().map_err(io("cannot stat"))?.len();
     let limit = MAX_PAYLOAD + (HEADER_LEN + TRAILER_LEN) as u64;
     if size > limit {

@@ -181,7 +181,7 @@ fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn restore(state: &Path, mem: &Path, paused: bool) -> Vmm {
-    let loaded = super::load(state, mem).expect("load snapshot");
+    let loaded = super::load(state, mem, &Default::default()).expect("load snapshot");
     let mut vmm = restore_vm(
         open_kvm().unwrap(),
         loaded,
@@ -325,7 +325,7 @@ fn a_restored_vm_continues_exactly_and_clones_run_side_by_side() {
         assert_eq!(stop(clone).reason, StopReason::Requested);
     }
     // The memory file itself never changed.
-    let fresh = super::load(&state_path, &mem_path).unwrap();
+    let fresh = super::load(&state_path, &mem_path, &Default::default()).unwrap();
     assert_eq!(counters(&fresh.memory, 2), saved);
     let own: u64 = fresh
         .memory
@@ -348,7 +348,7 @@ fn damaged_or_mismatched_snapshots_are_refused_and_left_untouched() {
     };
     let (a_state, a_mem) = snap("a");
     let (_, b_mem) = snap("b");
-    let err = |state: &Path, mem: &Path| match super::load(state, mem) {
+    let err = |state: &Path, mem: &Path| match super::load(state, mem, &Default::default()) {
         Ok(_) => panic!("{} + {} was accepted", state.display(), mem.display()),
         Err(e) => crate::api::error_chain(&e),
     };
@@ -480,5 +480,86 @@ fn diff_snapshots_write_only_changed_pages_and_restore_layered() {
             .to_string()
     );
     std::fs::remove_file(&base_mem).unwrap();
-    assert!(super::load(&d2_state, &d2_mem).is_err());
+    assert!(super::load(&d2_state, &d2_mem, &Default::default()).is_err());
+}
+
+/// Restores from fds the launcher opened (`/proc/self/fd/N`), with `names`.
+fn restore_from_fds(state: &Path, mem: &Path, names: &super::LoadNames) -> Vmm {
+    let loaded = super::load(state, mem, names).expect("load snapshot from fds");
+    let mut vmm = restore_vm(
+        open_kvm().unwrap(),
+        loaded,
+        Box::new(SharedBuf::default()),
+        &Default::default(),
+        Instant::now(),
+    )
+    .expect("restore");
+    vmm.set_start_paused(true);
+    vmm
+}
+
+fn fd_path(file: &std::fs::File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+#[test]
+fn a_restore_from_fds_takes_diffs_through_its_open_base_and_records_the_given_name() {
+    require_kvm!();
+    let dir = ScratchDir::new("snap-kvm-fds");
+    let (full_state, full_mem) = paths(dir.path(), "full");
+    let mut vm = start(counting_vm(1, 64), dir.path(), "origin");
+    wait_until("the vCPU counts", || counters(&vm.mem, 1)[0] > seed(0));
+    call(&mut vm.client, vmm_request::Msg::Pause(Pause {})).unwrap();
+    snapshot(&mut vm, &full_state, &full_mem).unwrap();
+    stop(vm);
+
+    // What huskd does: it opens the files and passes fds, naming the memory file as it is on
+    // the host. The path the VMM was given is then gone (a jail has no such path): diffs must
+    // read the base through the open file.
+    let state_file = std::fs::File::open(&full_state).unwrap();
+    let mem_file = std::fs::File::open(&full_mem).unwrap();
+    let moved = dir.path().join("moved.mem");
+    std::fs::rename(&full_mem, &moved).unwrap();
+    let names = super::LoadNames {
+        mem_name: Some(moved.clone()),
+        base: None,
+    };
+    let mut restored = start(
+        restore_from_fds(&fd_path(&state_file), &fd_path(&mem_file), &names),
+        dir.path(),
+        "fromfds",
+    );
+    let at_restore = counters(&restored.mem, 1);
+    call(&mut restored.client, vmm_request::Msg::Resume(Resume {})).unwrap();
+    wait_until("the restored VM counts on", || {
+        counters(&restored.mem, 1)[0] > at_restore[0]
+    });
+    let (at_diff, diff) = diff_of(&mut restored, dir.path(), "diff");
+    assert!(diff.memory_written > 0, "{diff:?}");
+    stop(restored);
+    let (diff_state, diff_mem) = paths(dir.path(), "diff");
+    assert_eq!(
+        read_state(&diff_state).memory.unwrap().base_path,
+        moved.display().to_string(),
+        "the diff records the name it was given for its base"
+    );
+
+    // The diff restored with its base passed as an fd too.
+    let base_file = std::fs::File::open(&moved).unwrap();
+    let diff_state_file = std::fs::File::open(&diff_state).unwrap();
+    let diff_mem_file = std::fs::File::open(&diff_mem).unwrap();
+    let names = super::LoadNames {
+        mem_name: None,
+        base: Some(fd_path(&base_file)),
+    };
+    let mut again = start(
+        restore_from_fds(&fd_path(&diff_state_file), &fd_path(&diff_mem_file), &names),
+        dir.path(),
+        "again",
+    );
+    assert_eq!(counters(&again.mem, 2), at_diff);
+    call(&mut again.client, vmm_request::Msg::Resume(Resume {})).unwrap();
+    assert_eq!(state_of(&mut again), info::State::Running);
+    stop(again);
 }

@@ -294,7 +294,7 @@ pub fn map_memory_file(
             .checked_add(r.len)
             .ok_or_else(|| MemoryFileError::Layout("regions overflow".into()))?;
     }
-    let mut file = File::open(path).map_err(io("cannot open"))?;
+    let mut file = super::file::open_input(path).map_err(io("cannot open"))?;
     let mut h = [0u8; 40];
     file.read_exact(&mut h).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {

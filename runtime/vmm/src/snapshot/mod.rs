@@ -225,6 +225,7 @@ pub fn save(
         None => std::fs::canonicalize(mem_path)
             .ok()
             .map(|path| diff::BaseRef {
+                handle: None,
                 path,
                 id: id.to_vec(),
                 mapped: false,
@@ -256,9 +257,25 @@ pub struct LoadedSnapshot {
     pub base: Option<diff::BaseRef>,
 }
 
+/// Where a restore's files are when the VMM is given fds (`/proc/self/fd/N`) rather than
+/// paths it can open: the names to record, and the base to open instead of the one the state
+/// names.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadNames {
+    /// The memory file's host path, recorded as the base of the restored VM's later diffs
+    /// (default: the memory file's own path, canonicalized).
+    pub mem_name: Option<PathBuf>,
+    /// For a diff: the base memory file to open (default: the path its state records).
+    pub base: Option<PathBuf>,
+}
+
 /// Reads and checks the state file and maps the memory file that belongs to it. Neither file
 /// is modified, whatever is wrong with them.
-pub fn load(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
+pub fn load(
+    state_path: &Path,
+    mem_path: &Path,
+    names: &LoadNames,
+) -> Result<LoadedSnapshot, SnapshotError> {
     let payload = file::read(state_path)?;
     let state = SnapshotState::from_bytes(&payload)
         .map_err(|e| SnapshotError::State(state_path.to_path_buf(), e))?;
@@ -268,15 +285,19 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, Snapsh
             state::StateError::Missing("memory"),
         )
     })?;
+    let handle = |path: &Path| file::open_input(path).ok().map(diff::BaseHandle::new);
     if mem_state.base_path.is_empty() {
         let memory = memory::map_memory_file(mem_path, mem_state)?;
-        let base = std::fs::canonicalize(mem_path)
-            .ok()
-            .map(|path| diff::BaseRef {
-                path,
-                id: mem_state.id.clone(),
-                mapped: true,
-            });
+        let name = names
+            .mem_name
+            .clone()
+            .or_else(|| std::fs::canonicalize(mem_path).ok());
+        let base = name.map(|path| diff::BaseRef {
+            handle: handle(mem_path),
+            path,
+            id: mem_state.id.clone(),
+            mapped: true,
+        });
         return Ok(LoadedSnapshot {
             state,
             memory,
@@ -285,15 +306,17 @@ pub fn load(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, Snapsh
     }
     // A diff: its base copy-on-write, then the diff's pages over it.
     let base_path = PathBuf::from(&mem_state.base_path);
+    let base_open = names.base.clone().unwrap_or_else(|| base_path.clone());
     let base_state = state::MemoryState {
         id: mem_state.base_id.clone(),
         regions: mem_state.regions.clone(),
         ..Default::default()
     };
-    let memory = memory::map_memory_file(&base_path, &base_state)?;
+    let memory = memory::map_memory_file(&base_open, &base_state)?;
     diff::apply_diff(&memory, mem_path, mem_state)?;
     Ok(LoadedSnapshot {
         base: Some(diff::BaseRef {
+            handle: handle(&base_open),
             path: base_path,
             id: mem_state.base_id.clone(),
             mapped: true,
