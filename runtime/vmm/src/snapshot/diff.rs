@@ -15,7 +15,7 @@
 //! full-file layout (header kind [`KIND_DIFF`]) with only the changed pages filled in.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -51,12 +51,9 @@ impl BaseHandle {
         Self(std::sync::Arc::new(file))
     }
 
-    /// A fresh fd on the file, positioned at its start.
-    fn reopen(&self) -> io::Result<File> {
-        use std::io::{Seek, SeekFrom};
-        let mut file = self.0.try_clone()?;
-        file.seek(SeekFrom::Start(0))?;
-        Ok(file)
+    /// The open file (read it with preads only: the fd is shared).
+    fn file(&self) -> &File {
+        &self.0
     }
 }
 
@@ -70,14 +67,15 @@ impl Eq for BaseHandle {}
 
 /// Checks the header of `file` at `path`: magic, version, `kind`, `id` and RAM size `total`.
 fn check_header(
-    file: &mut File,
+    file: &File,
     path: &Path,
     kind: u8,
     id: &[u8],
     total: u64,
 ) -> Result<(), MemoryFileError> {
+    // pread, not read: a shared base file's offset is never moved.
     let mut h = [0u8; 40];
-    file.read_exact(&mut h)
+    file.read_exact_at(&mut h, 0)
         .map_err(|_| MemoryFileError::BadHeader(path.to_path_buf()))?;
     if h[..8] != MEM_MAGIC || h[8..12] != MEM_VERSION.to_le_bytes() || h[12] != kind {
         return Err(MemoryFileError::BadHeader(path.to_path_buf()));
@@ -131,12 +129,17 @@ pub fn write_diff_file(
 ) -> Result<MemoryState, MemoryFileError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     let pages = (total / PAGE as u64) as usize;
-    let mut base_file = match &base.handle {
-        Some(handle) => handle.reopen(),
-        None => File::open(&base.path),
-    }
-    .map_err(io_err("cannot open", &base.path))?;
-    check_header(&mut base_file, &base.path, KIND_FULL, &base.id, total)?;
+    // The restored VM's own open base when it has one (no dup: the vmm-api thread's seccomp
+    // list has no fcntl(F_DUPFD); reads are preads), else the file at its path.
+    let opened;
+    let base_file = match &base.handle {
+        Some(handle) => handle.file(),
+        None => {
+            opened = File::open(&base.path).map_err(io_err("cannot open", &base.path))?;
+            &opened
+        }
+    };
+    check_header(base_file, &base.path, KIND_FULL, &base.id, total)?;
     // Without /proc (a jail may lack it) a mapped base is compared page by page instead: the
     // same result, at the cost of reading both.
     let pagemap = if base.mapped {
@@ -224,8 +227,8 @@ pub fn apply_diff(
             state.changed_pages.len()
         )));
     }
-    let mut file = super::file::open_input(path).map_err(io_err("cannot open", path))?;
-    check_header(&mut file, path, KIND_DIFF, &state.id, total)?;
+    let file = super::file::open_input(path).map_err(io_err("cannot open", path))?;
+    check_header(&file, path, KIND_DIFF, &state.id, total)?;
     let actual = file.metadata().map_err(io_err("cannot stat", path))?.len();
     if actual != HEADER_SIZE + total {
         return Err(MemoryFileError::Length {
