@@ -7,9 +7,11 @@ mod daemon;
 mod service;
 mod snapshot_files;
 mod store;
-mod validate;
 mod vmm_process;
 mod wire;
+
+// Request validation lives in the library (fuzzed there); `crate::validate` stays its name.
+use huskd::validate;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
