@@ -183,27 +183,12 @@ pub fn transport(device: Box<dyn VirtioDevice>, mem: &GuestMemoryMmap) -> MmioTr
         .unwrap_or_else(|e| panic!("cannot build the transport: {e}"))
 }
 
-/// virtio-mmio register offsets (virtio 1.2, 4.2.2).
+/// virtio-mmio register offsets: the device model's own, plus the configuration space and
+/// the list of every register a driver may touch.
 pub mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub use husk_devices::virtio::mmio::reg::*;
+
+    /// Where the device's configuration space starts.
     pub const CONFIG: u64 = 0x100;
     /// Every register, for inputs that pick one by index.
     pub const ALL: [u64; 27] = [

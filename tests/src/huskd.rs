@@ -43,6 +43,22 @@ impl Huskd {
         daemon
     }
 
+    /// A daemon whose default kernel is plain text, so that every VMM it starts fails at once,
+    /// after huskd has done all its own work around it: for tests of huskd that need no guest.
+    /// The kernel and initrd lie in a directory of their own, outside the fixture's.
+    pub fn start_with_broken_kernel(tag: &str, extra_args: &[&str]) -> Self {
+        let files = PathBuf::from(format!("/tmp/husk-test-files-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&files).unwrap();
+        std::fs::write(files.join("not-a-kernel"), b"plain text, not a kernel").unwrap();
+        std::fs::write(files.join("initrd"), b"").unwrap();
+        let kernel = files.join("not-a-kernel").display().to_string();
+        let initrd = files.join("initrd").display().to_string();
+        let vmm = bin("husk-vmm").display().to_string();
+        let mut args = vec!["--kernel", &kernel, "--initrd", &initrd, "--vmm", &vmm];
+        args.extend_from_slice(extra_args);
+        Self::start(tag, &args)
+    }
+
     /// (Re)starts the daemon process on the same state directory and waits for its socket.
     pub fn restart(&mut self) {
         self.kill_daemon();

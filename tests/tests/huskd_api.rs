@@ -15,17 +15,7 @@ use tonic::Code;
 
 /// A daemon whose default kernel is a file that is not a kernel: every start fails in husk-vmm.
 fn daemon(tag: &str, extra: &[&str]) -> Huskd {
-    let files =
-        std::path::PathBuf::from(format!("/tmp/husk-test-files-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("not-a-kernel"), b"plain text, not a kernel").unwrap();
-    std::fs::write(files.join("initrd"), b"").unwrap();
-    let kernel = files.join("not-a-kernel").display().to_string();
-    let initrd = files.join("initrd").display().to_string();
-    let vmm = bin("husk-vmm").display().to_string();
-    let mut args = vec!["--kernel", &kernel, "--initrd", &initrd, "--vmm", &vmm];
-    args.extend_from_slice(extra);
-    Huskd::start(tag, &args)
+    Huskd::start_with_broken_kernel(tag, extra)
 }
 
 /// The status code of a call's result (Ok for success); a failure must carry a message.

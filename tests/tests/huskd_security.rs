@@ -26,22 +26,9 @@ fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// A daemon whose default kernel is plain text (every start fails in husk-vmm), its files in
-/// a directory of their own outside the fixture's.
+/// A daemon whose default kernel is plain text: every start fails in husk-vmm.
 fn daemon(tag: &str, extra: &[&str]) -> Huskd {
-    let files = PathBuf::from(format!(
-        "/tmp/husk-test-secfiles-{tag}-{}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("not-a-kernel"), b"plain text, not a kernel").unwrap();
-    std::fs::write(files.join("initrd"), b"").unwrap();
-    let kernel = files.join("not-a-kernel").display().to_string();
-    let initrd = files.join("initrd").display().to_string();
-    let vmm = bin("husk-vmm").display().to_string();
-    let mut args = vec!["--kernel", &kernel, "--initrd", &initrd, "--vmm", &vmm];
-    args.extend_from_slice(extra);
-    Huskd::start(tag, &args)
+    Huskd::start_with_broken_kernel(tag, extra)
 }
 
 fn create(huskd: &Huskd, spec: VmSpec, start: bool) -> Result<Vm, tonic::Status> {

@@ -17,7 +17,9 @@ const VERSION_MODERN: u32 = 2;
 const VENDOR_ID: u32 = 0x4b53_5548; // "HUSK"
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
-mod reg {
+/// Register offsets of the virtio-mmio transport (virtio 1.2, 4.2.2): public for drivers written
+/// against this device model (fuzz targets, tests).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

@@ -181,7 +181,12 @@ fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn restore(state: &Path, mem: &Path, paused: bool) -> Vmm {
-    let loaded = super::load(state, mem, &Default::default()).expect("load snapshot");
+    restore_with(state, mem, &Default::default(), paused)
+}
+
+/// Restores with `names` (fds the launcher opened, see super::LoadNames).
+fn restore_with(state: &Path, mem: &Path, names: &super::LoadNames, paused: bool) -> Vmm {
+    let loaded = super::load(state, mem, names).expect("load snapshot");
     let mut vmm = restore_vm(
         open_kvm().unwrap(),
         loaded,
@@ -483,21 +488,6 @@ fn diff_snapshots_write_only_changed_pages_and_restore_layered() {
     assert!(super::load(&d2_state, &d2_mem, &Default::default()).is_err());
 }
 
-/// Restores from fds the launcher opened (`/proc/self/fd/N`), with `names`.
-fn restore_from_fds(state: &Path, mem: &Path, names: &super::LoadNames) -> Vmm {
-    let loaded = super::load(state, mem, names).expect("load snapshot from fds");
-    let mut vmm = restore_vm(
-        open_kvm().unwrap(),
-        loaded,
-        Box::new(SharedBuf::default()),
-        &Default::default(),
-        Instant::now(),
-    )
-    .expect("restore");
-    vmm.set_start_paused(true);
-    vmm
-}
-
 fn fd_path(file: &std::fs::File) -> PathBuf {
     use std::os::fd::AsRawFd;
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
@@ -526,7 +516,7 @@ fn a_restore_from_fds_takes_diffs_through_its_open_base_and_records_the_given_na
         base: None,
     };
     let mut restored = start(
-        restore_from_fds(&fd_path(&state_file), &fd_path(&mem_file), &names),
+        restore_with(&fd_path(&state_file), &fd_path(&mem_file), &names, true),
         dir.path(),
         "fromfds",
     );
@@ -554,7 +544,12 @@ fn a_restore_from_fds_takes_diffs_through_its_open_base_and_records_the_given_na
         base: Some(fd_path(&base_file)),
     };
     let mut again = start(
-        restore_from_fds(&fd_path(&diff_state_file), &fd_path(&diff_mem_file), &names),
+        restore_with(
+            &fd_path(&diff_state_file),
+            &fd_path(&diff_mem_file),
+            &names,
+            true,
+        ),
         dir.path(),
         "again",
     );
