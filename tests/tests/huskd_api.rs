@@ -263,6 +263,61 @@ fn health_and_reflection_are_served() {
     );
 }
 
+/// Reflection lists every served service and describes each (health included), as grpcurl
+/// asks it: list, then file_containing_symbol.
+#[test]
+fn reflection_lists_and_describes_every_service() {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let huskd = daemon("reflection", &[]);
+    let client = ServerReflectionClient::new(huskd.channel());
+    let ask = |request: MessageRequest| {
+        let mut client = client.clone();
+        huskd.block_on(async move {
+            let outbound = tokio_stream::iter(vec![ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            }]);
+            let mut replies = client
+                .server_reflection_info(outbound)
+                .await
+                .unwrap()
+                .into_inner();
+            replies
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .message_response
+                .unwrap()
+        })
+    };
+    let MessageResponse::ListServicesResponse(list) =
+        ask(MessageRequest::ListServices(String::new()))
+    else {
+        panic!("no service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["husk.v1.Husk", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} not listed: {names:?}"
+        );
+        match ask(MessageRequest::FileContainingSymbol(service.into())) {
+            MessageResponse::FileDescriptorResponse(files) => {
+                assert!(
+                    !files.file_descriptor_proto.is_empty(),
+                    "{service}: no descriptor"
+                )
+            }
+            other => panic!("{service} not described: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn the_cli_prints_tables_json_and_gives_errors_non_zero_codes() {
     let huskd = daemon("cli", &[]);

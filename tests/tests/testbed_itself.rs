@@ -31,3 +31,33 @@ fn host_files_are_visible_at_their_host_paths() {
     let text = std::fs::read_to_string(&me).unwrap_or_else(|e| panic!("{}: {e}", me.display()));
     assert!(text.contains("name = \"husk-tests\""));
 }
+
+/// The testbed runs a command with exactly the arguments it was given: newlines, quotes, `$`,
+/// backslashes and empty words arrive unchanged in L1 (whose POSIX sh runs the command line).
+/// Runs on the host: it starts the testbed itself (an L1, or directly where VT-x/AMD-V exists).
+#[test]
+fn the_testbed_passes_any_argument_vector_unchanged() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let args = [
+        "plain",
+        "two words",
+        "multi\nline\nscript",
+        "it's",
+        "$HOME and `date` and $(id)",
+        "back\\slash",
+        "",
+        "tab\there",
+    ];
+    let out = std::process::Command::new(repo.join("scripts/testbed"))
+        .args(["--timeout", "120", "--", "printf", "[%s]\n"])
+        .args(args)
+        .output()
+        .expect("scripts/testbed runs");
+    assert!(
+        out.status.success(),
+        "scripts/testbed failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: String = args.iter().map(|a| format!("[{a}]\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+}

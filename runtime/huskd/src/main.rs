@@ -233,13 +233,16 @@ async fn serve(args: Args) -> Result<(), String> {
     health_reporter
         .set_serving::<HuskServer<HuskService>>()
         .await;
-    // Both reflection versions: grpcurl and grpcio's tools still ask v1alpha.
+    // Both reflection versions (grpcurl and grpcio's tools still ask v1alpha), each describing
+    // every service served: husk.v1.Husk and grpc.health.v1.Health.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(husk_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| format!("reflection: {e}"))?;
     let reflection_alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(husk_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| format!("reflection: {e}"))?;
     let husk = HuskServer::new(HuskService::new(daemon));
