@@ -182,3 +182,40 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         assert_eq!(out.code(), Some(0), "{}", out.stderr());
     }
 }
+
+/// Without a jail (huskd --no-jail, or huskd not run as root) the VMM writes a snapshot straight
+/// into the directory huskd opened (through huskd's own fd), so a freshly booted VM takes diffs
+/// against its last full snapshot, and a VM restored from such a diff goes on from it.
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn an_unjailed_vm_takes_diffs_against_its_own_full_snapshot() {
+    require_guest_kvm();
+    let vmm = bin("husk-vmm").display().to_string();
+    let huskd = Huskd::start("snapnojail", &["--vmm", &vmm, "--no-jail"]);
+    let created = huskd.husk(&["create", "--name", "box", "--memory", "128", "--start"]);
+    assert_eq!(created.code(), Some(0), "{}", created.stderr());
+    huskd.wait_agent("box", BOOT);
+    let (full, diff) = (huskd.dir.join("full"), huskd.dir.join("diff"));
+    let out = huskd.husk(&["snapshot", "box", &full.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    sh(&huskd, "box", "echo after-the-full-snapshot > /tmp/marker");
+    let out = huskd.husk(&["snapshot", "--diff", "box", &diff.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    let base = std::fs::read_to_string(diff.join("vm.base")).unwrap();
+    assert_eq!(base, full.join("vm.mem").display().to_string());
+    for file in ["vm.state", "vm.mem", "vm.pb", "vm.base"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(diff.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let out = huskd.husk(&["restore", "--name", "copy", &diff.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    huskd.wait_agent("copy", BOOT);
+    assert_eq!(
+        sh(&huskd, "copy", "cat /tmp/marker"),
+        "after-the-full-snapshot\n"
+    );
+}
