@@ -151,43 +151,44 @@ fn records_logs_and_directories_are_private_and_each_vm_has_its_own_uid() {
         );
     }
     let uid_of = |vm: &Vm| huskd.get(&vm.id).status.unwrap().jail_uid;
-    if is_root() {
-        let (ua, ub, uc) = (uid_of(&a), uid_of(&b), uid_of(&c));
-        assert!(
-            ua >= 100_000 && ub >= 100_000 && uc >= 100_000,
-            "{ua} {ub} {uc}"
-        );
-        assert!(
-            ua != ub && ub != uc && ua != uc,
-            "shared uids: {ua} {ub} {uc}"
-        );
-        let vmm_dir = std::fs::metadata(dir.join("vmm")).unwrap();
-        assert_eq!((vmm_dir.uid(), vmm_dir.mode() & 0o777), (ua, 0o700));
-        // Another VM's uid (and any other unprivileged user) can read neither the record,
-        // with its environment, nor the VMM's directory.
-        for path in [huskd.vm_dir(&c.id).join("vm.pb"), dir.join("vmm")] {
-            let out = Command::new("ls")
-                .arg(&path)
-                .uid(ub)
-                .gid(ub)
-                .output()
-                .unwrap();
-            assert!(!out.status.success(), "uid {ub} reached {}", path.display());
-        }
-        // A deleted VM's uid goes back to the pool; a live VM's never does.
-        let mut client = huskd.client();
-        huskd
-            .block_on(client.delete_vm(DeleteVmRequest {
-                vm: "a".into(),
-                force: true,
-            }))
+    // Per-VM uids need the jail, which needs root: not root, this test cannot check them and
+    // fails instead of passing without having looked.
+    assert!(
+        is_root(),
+        "run as root (as scripts/test and CI do): huskd jails VMMs, each as its own uid, only then"
+    );
+    let (ua, ub, uc) = (uid_of(&a), uid_of(&b), uid_of(&c));
+    assert!(
+        ua >= 100_000 && ub >= 100_000 && uc >= 100_000,
+        "{ua} {ub} {uc}"
+    );
+    assert!(
+        ua != ub && ub != uc && ua != uc,
+        "shared uids: {ua} {ub} {uc}"
+    );
+    let vmm_dir = std::fs::metadata(dir.join("vmm")).unwrap();
+    assert_eq!((vmm_dir.uid(), vmm_dir.mode() & 0o777), (ua, 0o700));
+    // Another VM's uid (and any other unprivileged user) can read neither the record,
+    // with its environment, nor the VMM's directory.
+    for path in [huskd.vm_dir(&c.id).join("vm.pb"), dir.join("vmm")] {
+        let out = Command::new("ls")
+            .arg(&path)
+            .uid(ub)
+            .gid(ub)
+            .output()
             .unwrap();
-        let d = create(&huskd, named("d"), false).unwrap();
-        assert_eq!(uid_of(&d), ua, "the lowest free uid is the deleted VM's");
-    } else {
-        eprintln!("not root: VMMs are not jailed, per-VM uids not checked");
-        assert_eq!(uid_of(&a), 0);
+        assert!(!out.status.success(), "uid {ub} reached {}", path.display());
     }
+    // A deleted VM's uid goes back to the pool; a live VM's never does.
+    let mut client = huskd.client();
+    huskd
+        .block_on(client.delete_vm(DeleteVmRequest {
+            vm: "a".into(),
+            force: true,
+        }))
+        .unwrap();
+    let d = create(&huskd, named("d"), false).unwrap();
+    assert_eq!(uid_of(&d), ua, "the lowest free uid is the deleted VM's");
 }
 
 #[test]

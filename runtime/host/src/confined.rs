@@ -68,12 +68,10 @@ fn entry(name: &str) -> io::Result<&Path> {
     }
 }
 
-/// Whether an error means "a symlink was in the way" (O_NOFOLLOW or RESOLVE_* refusals).
+/// Whether an error means "a symlink was in the way": O_NOFOLLOW's ELOOP, or RESOLVE_BENEATH's
+/// EXDEV for a path that would leave its directory.
 pub fn is_symlink_refusal(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR)
-    )
+    matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV))
 }
 
 impl Dir {

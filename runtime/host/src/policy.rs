@@ -221,7 +221,7 @@ impl PathPolicy {
             }
         }
         let e = last.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound));
-        if crate::confined::is_symlink_refusal(&e) && e.raw_os_error() != Some(libc::ENOTDIR) {
+        if crate::confined::is_symlink_refusal(&e) {
             return Err(self.not_allowed(what, path));
         }
         Err(PolicyError::Io {

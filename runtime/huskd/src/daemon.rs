@@ -246,7 +246,7 @@ impl Daemon {
                 });
                 // A snapshot the previous huskd did not finish: its staging goes, and the
                 // VMM's own word says whether the VM was left paused.
-                remove_staging(&entry.dir);
+                crate::snapshot_files::remove_staging(&entry.dir);
                 self.watch_run(&entry, live_pid.map_or(0, |p| p.0), handle);
                 let daemon = self.clone();
                 let entry = entry.clone();
@@ -916,13 +916,6 @@ fn open_vmm_log(dir: &Dir) -> std::io::Result<std::fs::File> {
         log.set_len(0)?;
     }
     Ok(log)
-}
-
-/// Removes a snapshot's staging directory from the VM's `vmm/` (an interrupted SnapshotVm).
-fn remove_staging(vm_dir: &Path) {
-    if let Ok(vmm) = Dir::open(vm_dir).and_then(|d| d.subdir(store::VMM_DIR)) {
-        let _ = vmm.remove_tree(crate::snapshot_files::STAGING_DIR);
-    }
 }
 
 /// The lowest uid of `range` (first, count) that no VM uses.

@@ -41,6 +41,18 @@ pub const BASE_FILE: &str = "vm.base";
 /// Longest a snapshot may take (a large guest's memory file is written meanwhile).
 const SNAPSHOT_LIMIT: Duration = Duration::from_secs(600);
 
+/// The request's snapshot directory, which must be an absolute path (huskd does not share the
+/// caller's working directory).
+fn absolute_dir(dir: &str) -> Result<PathBuf, Status> {
+    let path = PathBuf::from(dir);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "dir: an absolute directory is needed, got {dir:?}"
+        )));
+    }
+    Ok(path)
+}
+
 /// The status for a snapshot directory the policy refused.
 fn dir_status(e: PolicyError) -> Status {
     match &e {
@@ -92,13 +104,7 @@ impl Daemon {
         entry: &Arc<VmEntry>,
         request: &SnapshotVmRequest,
     ) -> Result<SnapshotVmResponse, Status> {
-        let path = PathBuf::from(&request.dir);
-        if !path.is_absolute() {
-            return Err(Status::invalid_argument(format!(
-                "dir: an absolute directory is needed, got {:?}",
-                request.dir
-            )));
-        }
+        let path = absolute_dir(&request.dir)?;
         let _op = entry.op.lock().await;
         let was_running = match entry.state() {
             VmState::Running => true,
@@ -219,13 +225,7 @@ impl Daemon {
 
     /// RestoreVm (see husk.proto).
     pub async fn restore_vm(self: &Arc<Self>, request: RestoreVmRequest) -> Result<Vm, Status> {
-        let path = PathBuf::from(&request.dir);
-        if !path.is_absolute() {
-            return Err(Status::invalid_argument(format!(
-                "dir: an absolute directory is needed, got {:?}",
-                request.dir
-            )));
-        }
+        let path = absolute_dir(&request.dir)?;
         let policy = &self.config.policy;
         let dir = policy.open_dir("dir", &path).map_err(dir_status)?;
         let bytes = dir

@@ -189,11 +189,13 @@ mod tests {
     const LONG: Duration = Duration::from_secs(10);
 
     /// Counts queue notifications and backend wake-ups; its backend is an eventfd watched
-    /// edge-triggered, like a tap.
+    /// edge-triggered, like a tap. Each queue call leaves work over (as a device at its budget
+    /// does) for `unfinished_turns` more calls.
     struct Counting {
         queue_calls: Arc<AtomicU32>,
         backend_calls: Arc<AtomicU32>,
         backend: EventFd,
+        unfinished_turns: u32,
         counters: DeviceCounters,
     }
 
@@ -227,6 +229,14 @@ mod tests {
             let _ = self.backend.read();
             self.backend_calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
+        }
+        fn take_unfinished(&mut self) -> QueueSet {
+            let mut set = QueueSet::default();
+            if self.unfinished_turns > 0 {
+                self.unfinished_turns -= 1;
+                set.insert(0);
+            }
+            set
         }
         fn reset(&mut self) {}
         fn counters(&self) -> &DeviceCounters {
@@ -277,6 +287,7 @@ mod tests {
             queue_calls: queue_calls.clone(),
             backend_calls: backend_calls.clone(),
             backend,
+            unfinished_turns: 0,
             counters: DeviceCounters::default(),
         };
         let mem =
@@ -341,47 +352,6 @@ mod tests {
         event_loop.stop();
     }
 
-    /// A device whose every queue call leaves work for `turns` more calls.
-    struct Budgeted {
-        calls: Arc<AtomicU32>,
-        turns: u32,
-        counters: DeviceCounters,
-    }
-
-    impl VirtioDevice for Budgeted {
-        fn device_type(&self) -> u32 {
-            device_id::BLOCK
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16]
-        }
-        fn offered_features(&self) -> u64 {
-            features::VERSION_1
-        }
-        fn read_config(&self, _: u64, data: &mut [u8]) {
-            data.fill(0);
-        }
-        fn activate(&mut self, _: ActivateContext) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn process_queue(&mut self, _: usize) -> Result<(), DeviceError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        fn take_unfinished(&mut self) -> QueueSet {
-            let mut set = QueueSet::default();
-            if self.turns > 0 {
-                self.turns -= 1;
-                set.insert(0);
-            }
-            set
-        }
-        fn reset(&mut self) {}
-        fn counters(&self) -> &DeviceCounters {
-            &self.counters
-        }
-    }
-
     fn slot_for(device: Box<dyn VirtioDevice>, activated: bool) -> (VirtioSlot, EventFd) {
         let mem =
             husk_devices::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
@@ -411,9 +381,11 @@ mod tests {
     #[test]
     fn work_left_at_the_budget_is_finished_on_later_turns_without_a_new_kick() {
         let calls = Arc::new(AtomicU32::new(0));
-        let device = Budgeted {
-            calls: calls.clone(),
-            turns: 4,
+        let device = Counting {
+            queue_calls: calls.clone(),
+            backend_calls: Arc::new(AtomicU32::new(0)),
+            backend: EventFd::new(EFD_NONBLOCK).unwrap(),
+            unfinished_turns: 4,
             counters: DeviceCounters::default(),
         };
         let (slot, notify) = slot_for(Box::new(device), true);
