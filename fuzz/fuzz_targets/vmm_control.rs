@@ -12,7 +12,8 @@ use std::time::Instant;
 use husk_proto::frame;
 use husk_proto::vmm::{Info, Snapshot, SnapshotDone, VmmRequest, VmmResponse};
 use husk_vmm::api::frame_reader::{FrameReader, Progress};
-use husk_vmm::api::{handle_request, state, VmControl};
+use husk_vmm::api::{handle_request, state, ControlError, VmControl};
+use husk_vmm::snapshot::SnapshotError;
 use libfuzzer_sys::fuzz_target;
 
 /// A VM that only keeps its state, with the rules of the real one.
@@ -31,16 +32,16 @@ impl VmControl for StandIn {
             ..Default::default()
         }
     }
-    fn pause(&self) -> Result<Info, String> {
+    fn pause(&self) -> Result<Info, ControlError> {
         if self.stopping.get() {
-            return Err("the VM is stopping".into());
+            return Err(ControlError::Stopping);
         }
         self.paused.set(true);
         Ok(self.describe())
     }
-    fn resume(&self) -> Result<Info, String> {
+    fn resume(&self) -> Result<Info, ControlError> {
         if self.stopping.get() {
-            return Err("the VM is stopping".into());
+            return Err(ControlError::Stopping);
         }
         self.paused.set(false);
         Ok(self.describe())
@@ -49,9 +50,9 @@ impl VmControl for StandIn {
         self.stopping.set(true);
         self.describe()
     }
-    fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, String> {
+    fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, ControlError> {
         if !self.paused.get() {
-            return Err("the VM is not paused".into());
+            return Err(SnapshotError::NotPaused.into());
         }
         Ok(SnapshotDone {
             base_path: request.state_path.clone(),

@@ -20,6 +20,10 @@ use std::process::Command;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 
+use rustix::process::{wait, RawPid, WaitOptions, WaitStatus};
+
+use crate::signals;
+
 /// How a child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
@@ -31,11 +35,11 @@ pub enum ExitStatus {
 
 impl ExitStatus {
     /// Decodes a `waitpid` status (only exits and deaths are ever asked for).
-    pub fn from_wait(status: libc::c_int) -> Self {
-        if libc::WIFSIGNALED(status) {
-            Self::Signaled(libc::WTERMSIG(status))
-        } else {
-            Self::Exited(libc::WEXITSTATUS(status))
+    pub fn from_wait(status: WaitStatus) -> Self {
+        match status.terminating_signal() {
+            Some(sig) => Self::Signaled(sig),
+            // WEXITSTATUS.
+            None => Self::Exited((status.as_raw() >> 8) & 0xff),
         }
     }
 
@@ -59,7 +63,7 @@ impl ExitStatus {
 /// A registered child: its pid and where its exit status arrives.
 #[derive(Debug)]
 pub struct Spawned {
-    pub pid: libc::pid_t,
+    pub pid: RawPid,
     pub exit: Receiver<ExitStatus>,
 }
 
@@ -68,15 +72,15 @@ pub struct Spawned {
 enum App {
     /// Not started yet; a signal asked for meanwhile is delivered once it starts.
     NotYet {
-        pending: Option<libc::c_int>,
+        pending: Option<i32>,
     },
-    Running(libc::pid_t),
+    Running(RawPid),
     Gone,
 }
 
 #[derive(Debug)]
 struct State {
-    waiting: HashMap<libc::pid_t, SyncSender<ExitStatus>>,
+    waiting: HashMap<RawPid, SyncSender<ExitStatus>>,
     app: App,
 }
 
@@ -126,8 +130,7 @@ impl Children {
 
     fn spawn_locked(state: &mut State, cmd: &mut Command) -> io::Result<Spawned> {
         let child = cmd.spawn()?;
-        let pid =
-            libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
+        let pid = RawPid::try_from(child.id()).map_err(|_| io::Error::other("pid out of range"))?;
         // The Child handle is dropped without waiting: the registry's reaper collects it.
         drop(child);
         let (tx, exit) = sync_channel(1);
@@ -148,8 +151,8 @@ impl Children {
             Ok(s) => {
                 state.app = App::Running(s.pid);
                 if let Some(sig) = pending {
-                    // SAFETY: signalling our own registered, unreaped child.
-                    unsafe { libc::kill(s.pid, sig) };
+                    // Our own registered, unreaped child.
+                    let _ = signals::send(s.pid, sig);
                 }
             }
             Err(_) => state.app = App::Gone,
@@ -158,7 +161,7 @@ impl Children {
     }
 
     /// Signals the application (see [`AppSignal`]).
-    pub fn signal_app(&self, sig: libc::c_int) -> AppSignal {
+    pub fn signal_app(&self, sig: i32) -> AppSignal {
         let mut state = self.lock();
         match state.app {
             App::NotYet { .. } => {
@@ -166,9 +169,9 @@ impl Children {
                 AppSignal::Deferred
             }
             App::Running(pid) => {
-                // SAFETY: the app is registered and unreaped (the reaper marks it Gone under
-                // this lock), so the pid is still the app's.
-                unsafe { libc::kill(pid, sig) };
+                // The app is registered and unreaped (the reaper marks it Gone under this
+                // lock), so the pid is still the app's.
+                let _ = signals::send(pid, sig);
                 AppSignal::Sent
             }
             App::Gone => AppSignal::Gone,
@@ -177,19 +180,16 @@ impl Children {
 
     /// Sends `sig` to a registered child that has not been reaped yet; with `group`, to its
     /// process group too (the child leads one: it called setsid). False when it is gone.
-    pub fn signal(&self, pid: libc::pid_t, sig: libc::c_int, group: bool) -> bool {
+    pub fn signal(&self, pid: RawPid, sig: i32, group: bool) -> bool {
         let state = self.lock();
         if !state.waiting.contains_key(&pid) {
             return false;
         }
-        // SAFETY: the pid is registered and unreaped, so it (and the group it leads) is still
-        // ours; kill has no memory effects.
-        unsafe {
-            if group {
-                libc::kill(-pid, sig);
-            }
-            libc::kill(pid, sig);
+        // The pid is registered and unreaped, so it (and the group it leads) is still ours.
+        if group {
+            let _ = signals::send(-pid, sig);
         }
+        let _ = signals::send(pid, sig);
         true
     }
 
@@ -197,14 +197,11 @@ impl Children {
     /// statuses of registered ones; orphans' statuses are dropped.
     pub fn reap_any(&self) {
         let mut state = self.lock();
-        loop {
-            let mut status = 0;
-            // SAFETY: status is a valid out-pointer; WNOHANG never blocks.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                return;
-            }
-            Self::deliver(&mut state, pid, ExitStatus::from_wait(status));
+        // Nothing left to reap (None) or no children at all (ECHILD) ends the loop. `wait` is
+        // waitpid(-1): any child. (rustix's `waitpid(None)` is waitpid(0), this process group
+        // only, which misses every child here: each leads its own session.)
+        while let Ok(Some((pid, status))) = wait(WaitOptions::NOHANG) {
+            Self::deliver(&mut state, pid.as_raw_pid(), ExitStatus::from_wait(status));
         }
     }
 
@@ -213,17 +210,20 @@ impl Children {
     #[cfg(test)]
     pub fn reap_registered(&self) {
         let mut state = self.lock();
-        let pids: Vec<libc::pid_t> = state.waiting.keys().copied().collect();
+        let pids: Vec<RawPid> = state.waiting.keys().copied().collect();
         for pid in pids {
-            let mut status = 0;
-            // SAFETY: status is a valid out-pointer; WNOHANG never blocks.
-            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            let Some(child) = rustix::process::Pid::from_raw(pid) else {
+                continue;
+            };
+            if let Ok(Some((_, status))) =
+                rustix::process::waitpid(Some(child), WaitOptions::NOHANG)
+            {
                 Self::deliver(&mut state, pid, ExitStatus::from_wait(status));
             }
         }
     }
 
-    fn deliver(state: &mut State, pid: libc::pid_t, status: ExitStatus) {
+    fn deliver(state: &mut State, pid: RawPid, status: ExitStatus) {
         if let Some(tx) = state.waiting.remove(&pid) {
             // The one slot is free (one status per pid); a receiver that went away is fine.
             let _ = tx.try_send(status);
@@ -243,7 +243,10 @@ impl Children {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::process::Signal;
     use std::time::Duration;
+
+    const SIGTERM: i32 = Signal::TERM.as_raw();
 
     fn sh(script: &str) -> Command {
         let mut cmd = Command::new("/bin/sh");
@@ -266,8 +269,11 @@ mod tests {
     fn exit_statuses_follow_shell_conventions() {
         assert_eq!(ExitStatus::Exited(7).code(), 7);
         assert_eq!(ExitStatus::Exited(7).signal(), 0);
-        assert_eq!(ExitStatus::Signaled(libc::SIGTERM).code(), 143);
-        assert_eq!(ExitStatus::Signaled(libc::SIGKILL).signal(), libc::SIGKILL);
+        assert_eq!(ExitStatus::Signaled(SIGTERM).code(), 143);
+        assert_eq!(
+            ExitStatus::Signaled(Signal::KILL.as_raw()).signal(),
+            Signal::KILL.as_raw()
+        );
     }
 
     #[test]
@@ -293,13 +299,10 @@ mod tests {
     fn signals_reach_live_children_only() {
         let children = Children::new();
         let spawned = children.spawn(&mut sh("sleep 30")).unwrap();
-        assert!(children.signal(spawned.pid, libc::SIGTERM, false));
-        assert_eq!(
-            wait(&children, &spawned),
-            ExitStatus::Signaled(libc::SIGTERM)
-        );
+        assert!(children.signal(spawned.pid, SIGTERM, false));
+        assert_eq!(wait(&children, &spawned), ExitStatus::Signaled(SIGTERM));
         assert!(
-            !children.signal(spawned.pid, libc::SIGTERM, false),
+            !children.signal(spawned.pid, SIGTERM, false),
             "a reaped pid must not be signalled (it may be reused)"
         );
     }
@@ -317,17 +320,20 @@ mod tests {
     #[test]
     fn a_signal_for_the_app_before_it_starts_is_delivered_when_it_does() {
         let children = Children::new();
-        assert_eq!(children.signal_app(libc::SIGTERM), AppSignal::Deferred);
+        assert_eq!(children.signal_app(SIGTERM), AppSignal::Deferred);
         let app = children.spawn_app(&mut sh("sleep 30")).unwrap();
-        assert_eq!(wait(&children, &app), ExitStatus::Signaled(libc::SIGTERM));
-        assert_eq!(children.signal_app(libc::SIGTERM), AppSignal::Gone);
+        assert_eq!(wait(&children, &app), ExitStatus::Signaled(SIGTERM));
+        assert_eq!(children.signal_app(SIGTERM), AppSignal::Gone);
     }
 
     #[test]
     fn a_running_app_is_signalled_directly() {
         let children = Children::new();
         let app = children.spawn_app(&mut sh("sleep 30")).unwrap();
-        assert_eq!(children.signal_app(libc::SIGUSR1), AppSignal::Sent);
-        assert_eq!(wait(&children, &app), ExitStatus::Signaled(libc::SIGUSR1));
+        assert_eq!(children.signal_app(Signal::USR1.as_raw()), AppSignal::Sent);
+        assert_eq!(
+            wait(&children, &app),
+            ExitStatus::Signaled(Signal::USR1.as_raw())
+        );
     }
 }

@@ -12,8 +12,10 @@ pub struct ControlPort {
 impl ControlPort {
     /// Asks the kernel for access to the control ports.
     pub fn open() -> std::io::Result<Self> {
+        // Both ports, from the one definition the VMM uses too (husk_init's constants).
+        let ports = u64::from(CONTROL_PORT_EXIT_CODE - CONTROL_PORT_BOOT) + 1;
         // SAFETY: ioperm only changes this process's I/O permission bitmap.
-        let rc = unsafe { libc::ioperm(u64::from(CONTROL_PORT_BOOT), 2, 1) };
+        let rc = unsafe { libc::ioperm(u64::from(CONTROL_PORT_BOOT), ports, 1) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -7,6 +7,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
+use rustix::process::{Gid, Uid};
+
+use crate::signals;
+
 /// `PATH` of every process PID 1 starts.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -64,61 +68,40 @@ impl Launch {
         let root = self.root.as_deref().map(cstring).transpose()?;
         let controlling_tty = self.controlling_tty;
         let user = self.user.clone();
-        let groups: Vec<libc::gid_t> = user.as_ref().map(|u| u.groups.clone()).unwrap_or_default();
+        let groups: Vec<Gid> = user
+            .as_ref()
+            .map(|u| u.groups.iter().map(|&g| Gid::from_raw(g)).collect())
+            .unwrap_or_default();
         // SAFETY: the closure runs in the forked child before exec and only makes
-        // async-signal-safe system calls on data prepared before the fork.
+        // async-signal-safe system calls on data prepared before the fork (rustix's calls are
+        // system calls on the given C strings; nothing allocates).
         unsafe {
             cmd.pre_exec(move || {
                 // chroot and the working directory here, not with current_dir: both must be
                 // resolved inside the new root. std looks the program up in PATH after this, so
                 // inside the root too.
                 if let Some(root) = &root {
-                    if libc::chroot(root.as_ptr()) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
+                    rustix::process::chroot(root.as_c_str())?;
                 }
-                if libc::chdir(cwd.as_ptr()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                rustix::process::chdir(cwd.as_c_str())?;
                 // Groups first, then the gid, the uid last: each step needs the privilege
-                // that the next one gives up.
+                // that the next one gives up. The child has one thread, so the per-thread
+                // credential calls change the whole process.
                 if let Some(user) = &user {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                        || libc::setgid(user.gid) != 0
-                        || libc::setuid(user.uid) != 0
-                    {
-                        return Err(io::Error::last_os_error());
-                    }
+                    rustix::thread::set_thread_groups(&groups)?;
+                    rustix::thread::set_thread_gid(Gid::from_raw(user.gid))?;
+                    rustix::thread::set_thread_uid(Uid::from_raw(user.uid))?;
                 }
-                reset_signals();
-                libc::setsid();
+                // The child between fork and exec, as reset_for_child requires.
+                signals::reset_for_child();
+                let _ = rustix::process::setsid();
                 if controlling_tty {
-                    libc::ioctl(0, libc::TIOCSCTTY as _, 0);
+                    let _ = rustix::process::ioctl_tiocsctty(rustix::stdio::stdin());
                 }
                 Ok(())
             });
         }
         Ok(cmd)
-    }
-}
-
-/// Gives the child what a process expects from its parent: default dispositions and an empty
-/// mask (PID 1 blocks every signal and std ignores SIGPIPE; both would be inherited).
-///
-/// # Safety
-/// Only for the child between fork and exec: it changes the whole process's signal state.
-unsafe fn reset_signals() {
-    for sig in 1..libc::SIGRTMIN() {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            // SAFETY: installing SIG_DFL runs no code; signal() is async-signal-safe.
-            unsafe { libc::signal(sig, libc::SIG_DFL) };
-        }
-    }
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; only our mask changes.
-    unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     }
 }
 
@@ -155,16 +138,13 @@ mod tests {
 
     #[test]
     fn the_child_has_an_empty_signal_mask_and_its_own_session() {
-        // Block a signal here, as PID 1 does for all: the child must not inherit it.
-        // SAFETY: changes only this test thread's mask; restored below.
-        let old = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGUSR2);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            old
-        };
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+        // Block a signal here, as PID 1 does for all: the child must not inherit it (changes
+        // only this test thread's mask; restored below).
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGUSR2);
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)).unwrap();
         // The launched program reads its own mask: a shell reading its own would race with the
         // shell's fork of the next command (dash blocks every signal around fork).
         let mask = Launch {
@@ -189,8 +169,7 @@ mod tests {
         };
         let mask_out = mask.command().unwrap().output();
         let session_out = session.command().unwrap().output();
-        // SAFETY: restores this thread's mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None).unwrap();
         let text = String::from_utf8_lossy(&mask_out.unwrap().stdout).into_owned();
         assert!(
             text.contains("SigBlk:\t0000000000000000"),
@@ -216,8 +195,7 @@ mod tests {
 
     #[test]
     fn the_child_runs_as_the_given_user_and_groups() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return; // switching users needs root; the agent always is
         }
         let launch = Launch {

@@ -16,6 +16,7 @@ mod control_port;
 mod launch;
 mod mounts;
 mod rootfs;
+mod signals;
 mod supervisor;
 mod vsock;
 mod vsock_tool;
@@ -55,27 +56,25 @@ fn main() {
     let children = Arc::new(children::Children::new());
     let exit = match read_spec() {
         Ok((spec, root)) => run(&spec, root.as_deref(), &children),
-        Err(message) => {
-            eprintln!("husk-init: {message}");
+        Err(e) => {
+            eprintln!("husk-init: {}", chain(&e));
             supervisor::AppExit::NotStarted(125)
         }
     };
 
     supervisor::stop_everything_else(Duration::from_secs(2), &children);
-    // SAFETY: sync and tcdrain have no memory-safety preconditions; tcdrain waits until the
-    // console has sent what the application wrote, so no output is lost to the reset.
-    unsafe {
-        libc::sync();
-        libc::tcdrain(1);
-    }
+    // tcdrain waits until the console has sent what the application wrote, so no output is
+    // lost to the reset.
+    rustix::fs::sync();
+    let _ = rustix::termios::tcdrain(rustix::stdio::stdout());
     if let Some(port) = &control {
         port.report_exit_code(exit.code());
     }
     // The application's output is complete: keep the kernel's shutdown lines ("reboot:
     // Restarting system") out of it by silencing the console now (console_loglevel 0).
     let _ = std::fs::write("/proc/sys/kernel/printk", "0");
-    // SAFETY: reboot is PID 1's to call; the VMM turns the reset into the end of the VM.
-    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // RB_AUTOBOOT: the VMM turns the reset into the end of the VM.
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
     // Only reached if reboot failed: halt here rather than return (PID 1 exiting panics the kernel).
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -118,13 +117,34 @@ fn run(
     supervisor::run(spec, root, children)
 }
 
+/// Why PID 1 has no application to run.
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot read /proc/cmdline")]
+    Cmdline(#[source] std::io::Error),
+    #[error(transparent)]
+    Spec(#[from] husk_init::spec::SpecError),
+    #[error(transparent)]
+    Root(#[from] rootfs::RootError),
+}
+
+/// `e` and its sources, "outer: inner: ...".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 /// The application to run and, with `husk.root=`, the root it runs in (mounted here).
-fn read_spec() -> Result<(BootSpec, Option<String>), String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline")
-        .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+fn read_spec() -> Result<(BootSpec, Option<String>), StartError> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(StartError::Cmdline)?;
     let spec = match BootSpec::from_cmdline(&cmdline) {
         Some(Ok(spec)) => spec,
-        Some(Err(e)) => return Err(e.to_string()),
+        Some(Err(e)) => return Err(e.into()),
         None => BootSpec {
             argv: vec![b"/bin/sh".to_vec()],
             ..BootSpec::default()
@@ -142,21 +162,27 @@ fn read_spec() -> Result<(BootSpec, Option<String>), String> {
 
 /// Sets `lo` up, as every application expects 127.0.0.1 to work.
 fn bring_up_loopback() {
-    // SAFETY: a datagram socket used only for interface ioctls, closed below; ifreq is plain
-    // data, its name is NUL-terminated.
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    use std::os::fd::AsRawFd;
+    // A datagram socket only for the interface ioctls (rustix wraps neither of them).
+    let Ok(sock) = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    ) else {
+        return;
+    };
+    // SAFETY: ifreq is plain data (all-zero is valid); its name is NUL-terminated ("lo" and
+    // zeros); both ioctls read or write one ifreq that outlives them, on a socket we own.
     unsafe {
-        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if sock < 0 {
-            return;
-        }
         let mut req: libc::ifreq = std::mem::zeroed();
         for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
             *dst = *src as libc::c_char;
         }
-        if libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) == 0 {
             req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req);
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req);
         }
-        libc::close(sock);
     }
 }

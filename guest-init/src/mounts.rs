@@ -1,17 +1,22 @@
 //! The filesystems every guest needs before the application runs, and a console on fds 0..2.
 
-use std::ffi::CString;
+use std::ffi::CStr;
 use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mount::MountFlags;
 
 struct Mount {
     source: &'static str,
     target: &'static str,
     fstype: &'static str,
-    flags: libc::c_ulong,
-    data: &'static str,
+    flags: MountFlags,
+    data: &'static CStr,
 }
 
-const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+const NOSUID_NODEV: MountFlags = MountFlags::NOSUID.union(MountFlags::NODEV);
 
 /// In mount order: /dev before /dev/pts, and so on.
 const MOUNTS: &[Mount] = &[
@@ -19,57 +24,57 @@ const MOUNTS: &[Mount] = &[
         source: "proc",
         target: "/proc",
         fstype: "proc",
-        flags: NOSUID_NODEV | libc::MS_NOEXEC,
-        data: "",
+        flags: NOSUID_NODEV.union(MountFlags::NOEXEC),
+        data: c"",
     },
     Mount {
         source: "sysfs",
         target: "/sys",
         fstype: "sysfs",
-        flags: NOSUID_NODEV | libc::MS_NOEXEC,
-        data: "",
+        flags: NOSUID_NODEV.union(MountFlags::NOEXEC),
+        data: c"",
     },
     Mount {
         source: "devtmpfs",
         target: "/dev",
         fstype: "devtmpfs",
-        flags: libc::MS_NOSUID,
-        data: "mode=0755",
+        flags: MountFlags::NOSUID,
+        data: c"mode=0755",
     },
     Mount {
         source: "devpts",
         target: "/dev/pts",
         fstype: "devpts",
-        flags: libc::MS_NOSUID | libc::MS_NOEXEC,
-        data: "gid=5,mode=620,ptmxmode=666",
+        flags: MountFlags::NOSUID.union(MountFlags::NOEXEC),
+        data: c"gid=5,mode=620,ptmxmode=666",
     },
     Mount {
         source: "tmpfs",
         target: "/dev/shm",
         fstype: "tmpfs",
         flags: NOSUID_NODEV,
-        data: "mode=1777",
+        data: c"mode=1777",
     },
     Mount {
         source: "tmpfs",
         target: "/tmp",
         fstype: "tmpfs",
         flags: NOSUID_NODEV,
-        data: "mode=1777",
+        data: c"mode=1777",
     },
     Mount {
         source: "tmpfs",
         target: "/run",
         fstype: "tmpfs",
         flags: NOSUID_NODEV,
-        data: "mode=0755",
+        data: c"mode=0755",
     },
     Mount {
         source: "cgroup2",
         target: "/sys/fs/cgroup",
         fstype: "cgroup2",
-        flags: NOSUID_NODEV | libc::MS_NOEXEC,
-        data: "",
+        flags: NOSUID_NODEV.union(MountFlags::NOEXEC),
+        data: c"",
     },
 ];
 
@@ -88,48 +93,67 @@ pub fn mount_standard_filesystems() -> Vec<String> {
 
 fn mount_one(m: &Mount) -> io::Result<()> {
     std::fs::create_dir_all(m.target)?;
-    let c = |s: &str| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
-    let (source, target, fstype, data) = (c(m.source)?, c(m.target)?, c(m.fstype)?, c(m.data)?);
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            m.flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    match io::Error::last_os_error() {
-        e if e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
-        e => Err(e),
+    match rustix::mount::mount(m.source, m.target, m.fstype, m.flags, m.data) {
+        Ok(()) | Err(Errno::BUSY) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Makes sure fds 0, 1 and 2 are the console. The kernel opens /dev/console for PID 1 only if
 /// the root filesystem has that node; an initramfs built without root privileges does not.
 pub fn ensure_console_stdio() {
-    // SAFETY: F_GETFD on a possibly closed fd only reads the fd table.
-    let stdio_open = (0..3).all(|fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+    use rustix::stdio;
+    // F_GETFD on a closed fd fails with EBADF: it only reads the fd table.
+    let stdio_open = [stdio::stdin(), stdio::stdout(), stdio::stderr()]
+        .into_iter()
+        .all(|fd| rustix::io::fcntl_getfd(fd).is_ok());
     if stdio_open {
         return;
     }
-    // SAFETY: the path is a valid NUL-terminated string.
-    let fd = unsafe { libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
-    if fd < 0 {
+    // No O_CLOEXEC, as before: the copies on 0..2 are what every process inherits.
+    let Ok(console) = rustix::fs::open(
+        c"/dev/console",
+        OFlags::RDWR | OFlags::NOCTTY,
+        Mode::empty(),
+    ) else {
         return;
+    };
+    // dup2 onto each of 0..2 that the console fd is not itself (rustix skips that case).
+    let _ = stdio::dup2_stdin(&console);
+    let _ = stdio::dup2_stdout(&console);
+    let _ = stdio::dup2_stderr(&console);
+    // The console fd may itself be one of 0..2 (the lowest free fd): that one must stay open.
+    if console.as_raw_fd() <= 2 {
+        let _ = console.into_raw_fd();
     }
-    for target in 0..3 {
-        if fd != target {
-            // SAFETY: fd is open; dup2 replaces target atomically.
-            unsafe { libc::dup2(fd, target) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mount_keeps_the_flags_and_data_it_had_with_libc() {
+        let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+        let expected: [(&str, libc::c_ulong, &str); 8] = [
+            ("/proc", nosuid_nodev | libc::MS_NOEXEC, ""),
+            ("/sys", nosuid_nodev | libc::MS_NOEXEC, ""),
+            ("/dev", libc::MS_NOSUID, "mode=0755"),
+            (
+                "/dev/pts",
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                "gid=5,mode=620,ptmxmode=666",
+            ),
+            ("/dev/shm", nosuid_nodev, "mode=1777"),
+            ("/tmp", nosuid_nodev, "mode=1777"),
+            ("/run", nosuid_nodev, "mode=0755"),
+            ("/sys/fs/cgroup", nosuid_nodev | libc::MS_NOEXEC, ""),
+        ];
+        assert_eq!(MOUNTS.len(), expected.len());
+        for (m, (target, flags, data)) in MOUNTS.iter().zip(expected) {
+            assert_eq!(m.target, target);
+            assert_eq!(libc::c_ulong::from(m.flags.bits()), flags, "{target}");
+            assert_eq!(m.data.to_str(), Ok(data), "{target}");
         }
-    }
-    if fd > 2 {
-        // SAFETY: fd is ours and no longer needed after the dups.
-        unsafe { libc::close(fd) };
     }
 }

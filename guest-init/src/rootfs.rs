@@ -3,8 +3,9 @@
 //! /proc, /sys, /dev and /tmp, and the application runs chrooted into it. Any ext4 image works
 //! as a root this way, including ones that do not contain husk-init (container images).
 
-use std::ffi::CString;
 use std::io;
+
+use rustix::mount::MountFlags;
 
 /// Where the application's root disk is mounted.
 pub const ROOT_MOUNT: &str = "/run/husk-root";
@@ -18,59 +19,58 @@ pub fn root_device(cmdline: &str) -> Option<&str> {
         .filter(|d| !d.is_empty())
 }
 
-fn c(s: &str) -> io::Result<CString> {
-    CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> io::Result<()> {
+/// mount(2) with no data (a bind mount passes an empty file system type, as before).
+fn mount(source: &str, target: &str, fstype: &str, flags: MountFlags) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
-    let (source, target, fstype) = (c(source)?, c(target)?, c(fstype)?);
-    // SAFETY: valid NUL-terminated strings that outlive the call; null data is allowed.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::mount::mount(source, target, fstype, flags, None)?;
+    Ok(())
 }
 
-/// Mounts `device` (ext4) at [`ROOT_MOUNT`] and gives it the kernel filesystems.
-pub fn mount_root(device: &str) -> Result<(), String> {
-    mount(device, ROOT_MOUNT, "ext4", 0)
-        .map_err(|e| format!("cannot mount root disk {device} (ext4): {e}"))?;
+/// Why the application's root could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RootError {
+    #[error("cannot mount root disk {device} (ext4)")]
+    Disk {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot mount {target}")]
+    Inner {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The kernel filesystems of the root disk, in mount order: (source, target, type, flags).
+fn inner_mounts() -> [(&'static str, String, &'static str, MountFlags); 5] {
     let inner = |p: &str| format!("{ROOT_MOUNT}{p}");
-    let steps: [(&str, String, &str, libc::c_ulong); 5] = [
+    let nosuid_nodev = MountFlags::NOSUID | MountFlags::NODEV;
+    let bind_rec = MountFlags::BIND | MountFlags::REC;
+    [
         (
             "proc",
             inner("/proc"),
             "proc",
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            nosuid_nodev | MountFlags::NOEXEC,
         ),
-        ("/sys", inner("/sys"), "", libc::MS_BIND | libc::MS_REC),
-        ("/dev", inner("/dev"), "", libc::MS_BIND | libc::MS_REC),
-        (
-            "tmpfs",
-            inner("/tmp"),
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-        ),
-        (
-            "tmpfs",
-            inner("/run"),
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-        ),
-    ];
-    for (source, target, fstype, flags) in steps {
-        mount(source, &target, fstype, flags).map_err(|e| format!("cannot mount {target}: {e}"))?;
+        ("/sys", inner("/sys"), "", bind_rec),
+        ("/dev", inner("/dev"), "", bind_rec),
+        ("tmpfs", inner("/tmp"), "tmpfs", nosuid_nodev),
+        ("tmpfs", inner("/run"), "tmpfs", nosuid_nodev),
+    ]
+}
+
+/// Mounts `device` (ext4) at [`ROOT_MOUNT`] and gives it the kernel filesystems.
+pub fn mount_root(device: &str) -> Result<(), RootError> {
+    mount(device, ROOT_MOUNT, "ext4", MountFlags::empty()).map_err(|source| RootError::Disk {
+        device: device.to_string(),
+        source,
+    })?;
+    for (source, target, fstype, flags) in inner_mounts() {
+        mount(source, &target, fstype, flags)
+            .map_err(|source| RootError::Inner { target, source })?;
     }
     Ok(())
 }
@@ -87,5 +87,22 @@ mod tests {
         );
         assert_eq!(root_device("console=ttyS0 husk.root= quiet"), None);
         assert_eq!(root_device("root=/dev/vda"), None);
+    }
+
+    #[test]
+    fn the_root_disk_mounts_keep_the_flags_they_had_with_libc() {
+        let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+        let bind_rec = libc::MS_BIND | libc::MS_REC;
+        let expected = [
+            nosuid_nodev | libc::MS_NOEXEC,
+            bind_rec,
+            bind_rec,
+            nosuid_nodev,
+            nosuid_nodev,
+        ];
+        for ((_, target, _, flags), want) in inner_mounts().into_iter().zip(expected) {
+            assert_eq!(libc::c_ulong::from(flags.bits()), want, "{target}");
+        }
+        assert_eq!(inner_mounts()[1].1, "/run/husk-root/sys");
     }
 }

@@ -7,21 +7,26 @@ use std::io;
 use std::process::Command;
 
 use husk_init::spec::BootSpec;
+use rustix::process::Signal;
 
 use crate::children::{Children, ExitStatus};
 use crate::launch::{Launch, DEFAULT_PATH};
+use crate::signals;
 
 /// Signals PID 1 passes on to the application (the rest keep their PID-1 meaning or are ignored).
-const FORWARDED: &[libc::c_int] = &[
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-    libc::SIGCONT,
+const FORWARDED: &[i32] = &[
+    Signal::TERM.as_raw(),
+    Signal::INT.as_raw(),
+    Signal::HUP.as_raw(),
+    Signal::QUIT.as_raw(),
+    Signal::USR1.as_raw(),
+    Signal::USR2.as_raw(),
+    Signal::WINCH.as_raw(),
+    Signal::CONT.as_raw(),
 ];
+const SIGCHLD: i32 = Signal::CHILD.as_raw();
+const SIGTERM: i32 = Signal::TERM.as_raw();
+const SIGINT: i32 = Signal::INT.as_raw();
 
 /// How the application ended, in shell terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,12 +60,7 @@ impl From<ExitStatus> for AppExit {
 
 /// Blocks every signal in PID 1; they are then taken synchronously by [`run`].
 pub fn block_all_signals() {
-    // SAFETY: sigset_t is plain data initialised by sigfillset; sigprocmask only changes our mask.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-    }
+    signals::block_all();
 }
 
 /// Starts the application (chrooted into `root` when given) and supervises it until it exits.
@@ -79,8 +79,8 @@ pub fn run(spec: &BootSpec, root: Option<&str>, children: &Children) -> AppExit 
         }
     };
     loop {
-        match wait_signal() {
-            libc::SIGCHLD => {
+        match signals::wait() {
+            SIGCHLD => {
                 children.reap_any();
                 if let Ok(status) = spawned.exit.try_recv() {
                     return status.into();
@@ -99,9 +99,9 @@ pub fn run(spec: &BootSpec, root: Option<&str>, children: &Children) -> AppExit 
 /// [`request_sandbox_end`]). The VM then ends with exit code 0.
 pub fn run_sandbox(children: &Children) -> AppExit {
     loop {
-        match wait_signal() {
-            libc::SIGCHLD => children.reap_any(),
-            libc::SIGTERM | libc::SIGINT => return AppExit::Exited(0),
+        match signals::wait() {
+            SIGCHLD => children.reap_any(),
+            SIGTERM | SIGINT => return AppExit::Exited(0),
             _ => {}
         }
     }
@@ -109,9 +109,9 @@ pub fn run_sandbox(children: &Children) -> AppExit {
 
 /// Ends [`run_sandbox`] from another thread of PID 1.
 pub fn request_sandbox_end() {
-    // SAFETY: a signal to our own process; every thread blocks it, so it stays pending until
-    // the main thread's sigwaitinfo takes it.
-    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    // A signal to our own process: every thread blocks it, so it stays pending until the main
+    // thread's sigwaitinfo takes it.
+    let _ = rustix::process::kill_process(rustix::process::getpid(), Signal::TERM);
 }
 
 fn app_command(spec: &BootSpec, root: Option<&str>) -> io::Result<Command> {
@@ -138,25 +138,10 @@ fn app_command(spec: &BootSpec, root: Option<&str>) -> io::Result<Command> {
     .command()
 }
 
-/// Waits for the next blocked signal and returns its number.
-fn wait_signal() -> libc::c_int {
-    loop {
-        // SAFETY: sigset_t is initialised by sigfillset; a null siginfo pointer is allowed.
-        let sig = unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::sigwaitinfo(&all, std::ptr::null_mut())
-        };
-        if sig > 0 {
-            return sig;
-        }
-    }
-}
-
 /// Ends every process left in the guest: SIGTERM, a grace period, then SIGKILL.
 pub fn stop_everything_else(grace: std::time::Duration, children: &Children) {
-    // SAFETY: kill(-1) signals every process but PID 1; no memory effects here.
-    if unsafe { libc::kill(-1, libc::SIGTERM) } != 0 {
+    // kill(-1) signals every process but PID 1.
+    if signals::send(-1, SIGTERM).is_err() {
         return; // ESRCH: nothing else is running.
     }
     let deadline = std::time::Instant::now() + grace;
@@ -168,8 +153,7 @@ pub fn stop_everything_else(grace: std::time::Duration, children: &Children) {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
+    let _ = signals::send(-1, Signal::KILL.as_raw());
     children.reap_any();
 }
 
@@ -209,8 +193,8 @@ mod tests {
     #[test]
     fn exit_codes_follow_shell_conventions() {
         assert_eq!(AppExit::Exited(7).code(), 7);
-        assert_eq!(AppExit::Signaled(libc::SIGKILL).code(), 137);
-        assert_eq!(AppExit::Signaled(libc::SIGTERM).code(), 143);
+        assert_eq!(AppExit::Signaled(Signal::KILL.as_raw()).code(), 137);
+        assert_eq!(AppExit::Signaled(SIGTERM).code(), 143);
         assert_eq!(AppExit::NotStarted(127).code(), 127);
     }
 

@@ -1,83 +1,93 @@
 //! AF_VSOCK stream sockets: the guest agent's listener and the diagnostic tools' client/server.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::io::OwnedFd;
+
+use rustix::ioctl::{opcode, Getter, Opcode};
+use rustix::net::addr::{SocketAddrArg, SocketAddrLen, SocketAddrOpaque};
+use rustix::net::AddressFamily;
+use rustix::net::{SocketFlags, SocketType};
 
 /// `IOCTL_VM_SOCKETS_GET_LOCAL_CID` (linux/vm_sockets.h): `_IO(7, 0xb9)`, on /dev/vsock.
-const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
+const IOCTL_VM_SOCKETS_GET_LOCAL_CID: Opcode = opcode::none(7, 0xb9);
+/// `VMADDR_CID_ANY` (linux/vm_sockets.h).
+const VMADDR_CID_ANY: u32 = u32::MAX;
 
-fn addr(cid: u32, port: u32) -> libc::sockaddr_vm {
-    // SAFETY: sockaddr_vm is plain data; all-zero is valid before the fields are set.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    addr
+/// `struct sockaddr_vm` (linux/vm_sockets.h); rustix has no vsock address type.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct VsockAddr {
+    family: u16,
+    reserved1: u16,
+    port: u32,
+    cid: u32,
+    flags: u8,
+    zero: [u8; 3],
 }
 
-const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+impl VsockAddr {
+    fn new(cid: u32, port: u32) -> Self {
+        Self {
+            family: AddressFamily::VSOCK.as_raw(),
+            reserved1: 0,
+            port,
+            cid,
+            flags: 0,
+            zero: [0; 3],
+        }
+    }
+}
 
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
+// SAFETY: `with_sockaddr` passes a pointer to the whole struct, readable for its size, and the
+// struct has the layout of the kernel's sockaddr_vm (checked by a test against libc's).
+unsafe impl SocketAddrArg for VsockAddr {
+    unsafe fn with_sockaddr<R>(
+        &self,
+        f: impl FnOnce(*const SocketAddrOpaque, SocketAddrLen) -> R,
+    ) -> R {
+        f(
+            std::ptr::from_ref(self).cast(),
+            std::mem::size_of::<Self>() as SocketAddrLen,
+        )
     }
 }
 
 /// A new vsock stream socket (close-on-exec: started processes must not inherit it).
 pub fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: creating a socket has no memory preconditions.
-    let fd =
-        check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fd is a fresh socket we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::net::socket_with(
+        AddressFamily::VSOCK,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
 }
 
 /// The guest's own CID; `None` when it has no vsock device (the transport answers
 /// VMADDR_CID_ANY then) or the kernel has no vsock at all.
 pub fn local_cid() -> Option<u32> {
     let dev = std::fs::File::open("/dev/vsock").ok()?;
-    let mut cid: u32 = libc::VMADDR_CID_ANY;
-    // SAFETY: the ioctl writes one u32 into `cid`, which outlives the call.
-    let rc = unsafe {
-        libc::ioctl(
-            dev.as_raw_fd(),
-            IOCTL_VM_SOCKETS_GET_LOCAL_CID as _,
-            &mut cid,
-        )
-    };
-    (rc >= 0 && cid != libc::VMADDR_CID_ANY).then_some(cid)
+    // SAFETY: this ioctl writes one u32, the type the getter reads back.
+    let getter = unsafe { Getter::<IOCTL_VM_SOCKETS_GET_LOCAL_CID, u32>::new() };
+    // SAFETY: the opcode is the one named above, on /dev/vsock, which takes it.
+    let cid = unsafe { rustix::ioctl::ioctl(&dev, getter) }.ok()?;
+    (cid != VMADDR_CID_ANY).then_some(cid)
 }
 
 /// A socket listening on `port` of every local CID.
-pub fn listen(port: u32, backlog: libc::c_int) -> io::Result<OwnedFd> {
+pub fn listen(port: u32, backlog: i32) -> io::Result<OwnedFd> {
     let sock = socket()?;
-    let addr = addr(libc::VMADDR_CID_ANY, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    check(unsafe { libc::bind(sock.as_raw_fd(), std::ptr::addr_of!(addr).cast(), ADDR_LEN) })?;
-    // SAFETY: listen on a bound socket we own.
-    check(unsafe { libc::listen(sock.as_raw_fd(), backlog) })?;
+    rustix::net::bind(&sock, &VsockAddr::new(VMADDR_CID_ANY, port))?;
+    rustix::net::listen(&sock, backlog)?;
     Ok(sock)
 }
 
 /// Accepts one connection (close-on-exec), retrying on EINTR.
 pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
     loop {
-        // SAFETY: null address pointers are allowed by accept4.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        };
-        match check(fd) {
-            // SAFETY: fd is a fresh connected socket we own.
-            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        match rustix::net::accept_with(listener, SocketFlags::CLOEXEC) {
+            Ok(conn) => return Ok(conn),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -85,8 +95,33 @@ pub fn accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
 /// Connects to `port` on `cid`.
 pub fn connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     let sock = socket()?;
-    let addr = addr(cid, port);
-    // SAFETY: addr is a valid sockaddr_vm of ADDR_LEN bytes.
-    check(unsafe { libc::connect(sock.as_raw_fd(), std::ptr::addr_of!(addr).cast(), ADDR_LEN) })?;
+    rustix::net::connect(&sock, &VsockAddr::new(cid, port))?;
     Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_address_and_constants_match_the_kernel_headers() {
+        assert_eq!(
+            std::mem::size_of::<VsockAddr>(),
+            std::mem::size_of::<libc::sockaddr_vm>()
+        );
+        assert_eq!(
+            std::mem::offset_of!(VsockAddr, port),
+            std::mem::offset_of!(libc::sockaddr_vm, svm_port)
+        );
+        assert_eq!(
+            std::mem::offset_of!(VsockAddr, cid),
+            std::mem::offset_of!(libc::sockaddr_vm, svm_cid)
+        );
+        assert_eq!(VMADDR_CID_ANY, libc::VMADDR_CID_ANY);
+        assert_eq!(IOCTL_VM_SOCKETS_GET_LOCAL_CID, 0x7b9);
+        assert_eq!(
+            VsockAddr::new(3, 5).family,
+            libc::AF_VSOCK as libc::sa_family_t
+        );
+    }
 }

@@ -5,7 +5,6 @@
 //!   husk-init vsock-cat CID PORT     connect, send stdin, half-close, print the reply
 
 use std::io::{self, Read, Write};
-use std::os::unix::io::AsRawFd;
 
 use crate::vsock;
 
@@ -28,10 +27,7 @@ fn cat(cid: u32, port: u32) -> io::Result<()> {
     let mut input = Vec::new();
     io::stdin().read_to_end(&mut input)?;
     conn.write_all(&input)?;
-    // SAFETY: half-closing a connected socket we own.
-    if unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_WR) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::net::shutdown(&conn, rustix::net::Shutdown::Write)?;
     let mut reply = Vec::new();
     conn.read_to_end(&mut reply)?;
     io::stdout().write_all(&reply)

@@ -5,8 +5,25 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal};
+
 /// Controllers the per-VM cgroups may use (enabled where the host has them).
 const CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
+
+/// A cgroup operation that failed: what was being done, and the system's reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct CgroupError {
+    what: String,
+    #[source]
+    source: io::Error,
+}
+
+impl CgroupError {
+    fn new(what: String, source: io::Error) -> Self {
+        Self { what, source }
+    }
+}
 
 /// Where cgroup2 is mounted (from /proc/self/mountinfo), if it is.
 pub fn mount_point() -> Option<PathBuf> {
@@ -50,28 +67,35 @@ pub fn current() -> Option<PathBuf> {
 
 /// Moves this process into `relative` under `mount` (back where it came from, so that removing
 /// the VM's cgroup after a failed start does not kill the jailer itself).
-pub fn move_to(mount: &Path, relative: &Path) -> Result<(), String> {
+pub fn move_to(mount: &Path, relative: &Path) -> Result<(), CgroupError> {
     let procs = mount.join(relative).join("cgroup.procs");
     std::fs::write(&procs, std::process::id().to_string())
-        .map_err(|e| format!("{}: {e}", procs.display()))
+        .map_err(|e| CgroupError::new(procs.display().to_string(), e))
 }
 
 /// Creates the VM's cgroup, writes `limits` into it and moves this process there.
-pub fn enter(mount: &Path, id: &str, limits: &[(String, String)]) -> Result<PathBuf, String> {
+pub fn enter(mount: &Path, id: &str, limits: &[(String, String)]) -> Result<PathBuf, CgroupError> {
     let parent = mount.join("husk");
-    std::fs::create_dir_all(&parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| CgroupError::new(format!("mkdir {}", parent.display()), e))?;
     enable_controllers(mount)
         .and_then(|()| enable_controllers(&parent))
-        .map_err(|e| format!("enabling controllers under {}: {e}", parent.display()))?;
+        .map_err(|e| {
+            CgroupError::new(
+                format!("enabling controllers under {}", parent.display()),
+                e,
+            )
+        })?;
     let dir = vm_cgroup(mount, id);
-    std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    std::fs::create_dir(&dir)
+        .map_err(|e| CgroupError::new(format!("mkdir {}", dir.display()), e))?;
     let result = (|| {
         for (file, value) in limits {
             std::fs::write(dir.join(file), value)
-                .map_err(|e| format!("{file}={value} in {}: {e}", dir.display()))?;
+                .map_err(|e| CgroupError::new(format!("{file}={value} in {}", dir.display()), e))?;
         }
         std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
-            .map_err(|e| format!("joining {}: {e}", dir.display()))
+            .map_err(|e| CgroupError::new(format!("joining {}", dir.display()), e))
     })();
     match result {
         Ok(()) => Ok(dir),
@@ -91,7 +115,7 @@ fn procs(dir: &Path) -> Vec<i32> {
 }
 
 /// Kills every process in the VM's cgroup and removes it; Ok if there is none.
-pub fn remove(mount: &Path, id: &str) -> Result<(), String> {
+pub fn remove(mount: &Path, id: &str) -> Result<(), CgroupError> {
     let dir = vm_cgroup(mount, id);
     if !dir.exists() {
         return Ok(());
@@ -99,9 +123,9 @@ pub fn remove(mount: &Path, id: &str) -> Result<(), String> {
     // cgroup.kill (Linux 5.14+) kills the whole cgroup at once, also processes forking meanwhile;
     // older kernels get SIGKILL per listed process.
     if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        for pid in procs(&dir) {
-            // SAFETY: kill(2) with a pid read from the VM's own cgroup; no memory involved.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        for pid in procs(&dir).into_iter().filter_map(Pid::from_raw) {
+            // A pid read from the VM's own cgroup; one that is gone already is fine.
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -111,10 +135,13 @@ pub fn remove(mount: &Path, id: &str) -> Result<(), String> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             // EBUSY until the killed processes are gone.
             Err(e) if Instant::now() >= deadline => {
-                return Err(format!(
-                    "rmdir {} (processes left: {:?}): {e}",
-                    dir.display(),
-                    procs(&dir)
+                return Err(CgroupError::new(
+                    format!(
+                        "rmdir {} (processes left: {:?})",
+                        dir.display(),
+                        procs(&dir)
+                    ),
+                    e,
                 ))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),

@@ -107,23 +107,37 @@ pub fn dependencies(image: &[u8]) -> Option<(Option<String>, Vec<String>)> {
     })
 }
 
+/// Why the VMM's runtime files could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("{}", .0.display())]
+    Open(PathBuf, #[source] std::io::Error),
+    #[error("{}: not an x86-64 ELF binary", .0.display())]
+    NotElf(PathBuf),
+    #[error("library {name} of {} not found", binary.display())]
+    MissingLibrary { name: String, binary: PathBuf },
+}
+
 /// The host paths of the files `binary` needs to run: its interpreter and libraries.
-pub fn runtime_files(binary: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn runtime_files(binary: &Path) -> Result<Vec<PathBuf>, ElfError> {
     use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    let file = std::fs::File::open(binary).map_err(|e| ElfError::Open(binary.to_path_buf(), e))?;
     let read = |offset: u64, len: usize| {
         let mut buf = vec![0; len];
         file.read_exact_at(&mut buf, offset).ok().map(|()| buf)
     };
-    let (interp, needed) = dependencies_with(&read)
-        .ok_or(format!("{}: not an x86-64 ELF binary", binary.display()))?;
+    let (interp, needed) =
+        dependencies_with(&read).ok_or_else(|| ElfError::NotElf(binary.to_path_buf()))?;
     let mut files: Vec<PathBuf> = interp.into_iter().map(PathBuf::from).collect();
     for name in needed {
         let found = LIB_DIRS
             .iter()
             .map(|d| Path::new(d).join(&name))
             .find(|p| p.is_file())
-            .ok_or(format!("library {name} of {} not found", binary.display()))?;
+            .ok_or_else(|| ElfError::MissingLibrary {
+                name: name.clone(),
+                binary: binary.to_path_buf(),
+            })?;
         files.push(found);
     }
     Ok(files)

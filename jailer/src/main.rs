@@ -17,59 +17,117 @@ mod elf;
 mod tree;
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigHandler, Signal as NixSignal};
+use nix::unistd::ForkResult;
+use rustix::io::FdFlags;
+use rustix::mount::MountFlags;
+use rustix::process::{Gid, Pid, Resource, Signal, Uid, WaitOptions};
 
 use args::{Command, Jail, Rlimit};
 
 /// Exit status when the jailer itself failed.
 const EXIT_JAILER_ERROR: i32 = 125;
 
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Tree(#[from] tree::TreeError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Elf(#[from] elf::ElfError),
+    /// A system call or file operation, named by `what`.
+    #[error("{what}")]
+    Sys {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("husk-jailer must run as root")]
+    NotRoot,
+    #[error("--keep-fd {0} is not open")]
+    FdNotOpen(RawFd),
+    #[error("{} is not a file", .0.display())]
+    NotAFile(PathBuf),
+    #[error("{} exists: a VM with this id runs, or run husk-jailer --cleanup --id {id}", dir.display())]
+    JailExists { dir: PathBuf, id: String },
+    #[error("no cgroup2 filesystem is mounted")]
+    NoCgroup2,
+    #[error("argument contains NUL")]
+    Nul,
+    #[error("still able to become root")]
+    StillRoot,
+    #[error("the parent exited while the jail was being built")]
+    ParentGone,
+}
+
+/// `what` failed with `source` (an errno or an I/O error).
+fn sys(what: impl Into<String>, source: impl Into<io::Error>) -> Failure {
+    Failure::Sys {
+        what: what.into(),
+        source: source.into(),
+    }
+}
+
 /// A failed step: what the jailer was doing, and why it failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{step}: {detail}")]
+#[error("{step}")]
 struct StepError {
     step: &'static str,
-    detail: String,
+    #[source]
+    failure: Failure,
 }
 
 trait Step<T> {
     fn step(self, step: &'static str) -> Result<T, StepError>;
 }
 
-impl<T, E: std::fmt::Display> Step<T> for Result<T, E> {
+impl<T, E: Into<Failure>> Step<T> for Result<T, E> {
     fn step(self, step: &'static str) -> Result<T, StepError> {
         self.map_err(|e| StepError {
             step,
-            detail: e.to_string(),
+            failure: e.into(),
         })
     }
 }
 
-fn errno(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+/// `e` and its sources, "outer: inner: ...".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 fn main() {
     let command = match args::parse(std::env::args_os().skip(1)) {
         Ok(c) => c,
+        Err(args::ArgsError::Syntax(e)) if args::ArgsError::is_help_kind(e.kind()) => {
+            print!("{}", e.render());
+            return;
+        }
         Err(e) => {
             eprintln!("husk-jailer: error: arguments: {e}");
             std::process::exit(EXIT_JAILER_ERROR);
         }
     };
     let result = match command {
-        Command::Help => {
-            println!("{}", args::USAGE);
-            Ok(())
-        }
         Command::Cleanup { id, base } => cleanup(&id, &base),
         Command::Run(jail) => run(&jail),
     };
     if let Err(e) = result {
-        eprintln!("husk-jailer: error: {e}");
+        eprintln!("husk-jailer: error: {}", chain(&e));
         std::process::exit(EXIT_JAILER_ERROR);
     }
 }
@@ -88,81 +146,71 @@ fn cleanup(id: &str, base: &Path) -> Result<(), StepError> {
     }
     let (dir, root) = jail_dirs(base, id);
     // Mounts live in the jail's own namespace; a jail root mounted on the host (an older or
-    // foreign layout) is detached first. rmdir, never a recursive delete: a directory that is
-    // not empty may still have a VM's state bind-mounted into it.
-    if let Ok(path) = CString::new(root.as_os_str().as_bytes()) {
-        // SAFETY: umount2 on a NUL-terminated path; failure (not mounted) is fine.
-        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-    }
+    // foreign layout) is detached first (failure: it is not mounted, which is fine). rmdir,
+    // never a recursive delete: a directory that is not empty may still have a VM's state
+    // bind-mounted into it.
+    let _ = rustix::mount::unmount(&root, rustix::mount::UnmountFlags::DETACH);
     for d in [&root, &dir] {
         match std::fs::remove_dir(d) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", d.display())).step("removing the jail"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(sys(d.display().to_string(), e)).step("removing the jail"),
         }
     }
     Ok(())
 }
 
 /// Closes every fd above 2 except `keep`, and lets `keep` survive the exec.
-fn close_inherited_fds(keep: &[RawFd]) -> Result<(), String> {
+fn close_inherited_fds(keep: &[RawFd]) -> Result<(), Failure> {
     let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-        .map_err(|e| format!("/proc/self/fd: {e}"))?
+        .map_err(|e| sys("/proc/self/fd", e))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     for fd in open.into_iter().filter(|fd| *fd > 2) {
+        // SAFETY: the fd number was listed as open just now and this single-threaded process
+        // does not close it elsewhere; the borrow ends before the fd is closed below.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
         if keep.contains(&fd) {
-            // SAFETY: fcntl on an fd number; no memory involved.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-                return Err(errno(&format!("--keep-fd {fd}")));
-            }
-        } else {
-            // SAFETY: closes an inherited fd this process does not use (the directory
-            // iterator's own fd is closed already; closing it again is a harmless EBADF).
-            unsafe { libc::close(fd) };
+            rustix::io::fcntl_setfd(borrowed, FdFlags::empty())
+                .map_err(|e| sys(format!("--keep-fd {fd}"), e))?;
+        } else if rustix::io::fcntl_getfd(borrowed).is_ok() {
+            // Still open (the directory iterator's own fd, also listed, is closed already).
+            // SAFETY: an inherited fd that nothing in this process uses or closes again.
+            unsafe { rustix::io::close(fd) };
         }
     }
-    for fd in keep {
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-            return Err(format!("--keep-fd {fd} is not open"));
+    for &fd in keep {
+        // SAFETY: as above; F_GETFD on a closed fd number fails with EBADF, nothing else.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        if rustix::io::fcntl_getfd(borrowed).is_err() {
+            return Err(Failure::FdNotOpen(fd));
         }
     }
     Ok(())
 }
 
-fn set_rlimit(limit: Rlimit) -> Result<(), String> {
+fn set_rlimit(limit: Rlimit) -> Result<(), Failure> {
     let (resource, n, name) = match limit {
-        Rlimit::NoFile(n) => (libc::RLIMIT_NOFILE, n, "nofile"),
-        Rlimit::FileSize(n) => (libc::RLIMIT_FSIZE, n, "fsize"),
+        Rlimit::NoFile(n) => (Resource::Nofile, n, "nofile"),
+        Rlimit::FileSize(n) => (Resource::Fsize, n, "fsize"),
     };
-    let value = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
+    let value = rustix::process::Rlimit {
+        current: Some(n),
+        maximum: Some(n),
     };
-    // SAFETY: setrlimit reads a valid rlimit struct.
-    if unsafe { libc::setrlimit(resource, &value) } != 0 {
-        return Err(errno(name));
-    }
-    Ok(())
+    rustix::process::setrlimit(resource, value).map_err(|e| sys(name, e))
 }
 
-fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
-    // SAFETY: plain syscalls with integer arguments (setgroups with an empty list).
-    unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(errno("setgroups"));
-        }
-        if libc::setresgid(gid, gid, gid) != 0 {
-            return Err(errno("setresgid"));
-        }
-        if libc::setresuid(uid, uid, uid) != 0 {
-            return Err(errno("setresuid"));
-        }
-        // A process that could become root again would make the rest pointless.
-        if libc::setuid(0) == 0 {
-            return Err("still able to become root".into());
-        }
+/// Drops supplementary groups, then the gid, the uid last. The jailer has one thread, so the
+/// per-thread credential calls change the whole process.
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), Failure> {
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    rustix::thread::set_thread_groups(&[]).map_err(|e| sys("setgroups", e))?;
+    rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(|e| sys("setresgid", e))?;
+    rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(|e| sys("setresuid", e))?;
+    // A process that could become root again would make the rest pointless.
+    if rustix::thread::set_thread_uid(Uid::ROOT).is_ok() {
+        return Err(Failure::StillRoot);
     }
     Ok(())
 }
@@ -170,119 +218,97 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), String> {
 /// The PID of the VMM when the jailer stays as its parent (`--new-pid-ns`).
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::SeqCst);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
+extern "C" fn forward(sig: i32) {
+    let pid = Pid::from_raw(CHILD.load(Ordering::SeqCst));
+    if let (Some(pid), Some(sig)) = (pid, Signal::from_named_raw(sig)) {
+        // kill(2) is async-signal-safe.
+        let _ = rustix::process::kill_process(pid, sig);
     }
 }
 
 /// With a new PID namespace: forks the VMM (pid 1 there) and, in the parent, passes on stop
 /// signals and exits with its status. Returns in the child only.
-fn fork_into_pid_ns() -> Result<(), String> {
+fn fork_into_pid_ns() -> Result<(), Failure> {
     // SAFETY: the jailer is single-threaded, so the child may run arbitrary code after fork.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(errno("fork"));
-    }
-    if pid == 0 {
+    let child = match unsafe { nix::unistd::fork() } {
+        Err(e) => return Err(sys("fork", e)),
         // Pid 1 ignores signals it has no handler for; husk-vmm installs SIGTERM/SIGINT
         // handlers, and SIGKILL from outside the namespace always works.
-        return Ok(());
+        Ok(ForkResult::Child) => return Ok(()),
+        Ok(ForkResult::Parent { child }) => child.as_raw(),
+    };
+    CHILD.store(child, Ordering::SeqCst);
+    for sig in [NixSignal::SIGTERM, NixSignal::SIGINT, NixSignal::SIGHUP] {
+        // SAFETY: installs a handler that only makes the async-signal-safe kill(2) call.
+        let _ = unsafe { nix::sys::signal::signal(sig, SigHandler::Handler(forward)) };
     }
-    CHILD.store(pid, Ordering::SeqCst);
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: installs a handler that only calls kill(2).
-        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
-    }
-    let mut status = 0;
-    loop {
-        // SAFETY: waits for our own child; `status` is a valid int.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
+    let pid = Pid::from_raw(child);
+    let status = loop {
+        match rustix::process::waitpid(pid, WaitOptions::empty()) {
+            Ok(Some((_, status))) => break status,
+            Err(rustix::io::Errno::INTR) => {}
+            _ => std::process::exit(EXIT_JAILER_ERROR),
         }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            std::process::exit(EXIT_JAILER_ERROR);
-        }
-    }
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
+    };
+    let code = match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => EXIT_JAILER_ERROR,
     };
     std::process::exit(code)
 }
 
-fn c_string(s: impl AsRef<std::ffi::OsStr>) -> Result<CString, String> {
-    CString::new(s.as_ref().as_bytes()).map_err(|_| String::from("argument contains NUL"))
+fn c_string(s: impl AsRef<std::ffi::OsStr>) -> Result<CString, Failure> {
+    CString::new(s.as_ref().as_bytes()).map_err(|_| Failure::Nul)
 }
 
 /// The parent-death signal the caller asked for (`husk run` sets SIGKILL: a killed husk run
 /// must not leave its VM running). The kernel clears it when credentials change, so the jailer
 /// sets it again after dropping privileges, and exits if the parent is already gone.
 struct ParentDeath {
-    signal: libc::c_int,
-    parent: libc::pid_t,
+    signal: Option<Signal>,
+    parent: Option<Pid>,
 }
 
 impl ParentDeath {
-    fn record() -> Result<Self, String> {
-        let mut signal: libc::c_int = 0;
-        // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which is live.
-        if unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) } != 0 {
-            return Err(errno("prctl(PR_GET_PDEATHSIG)"));
-        }
-        // SAFETY: getppid has no arguments.
-        let parent = unsafe { libc::getppid() };
-        Ok(Self { signal, parent })
+    fn record() -> Result<Self, Failure> {
+        let signal = rustix::process::parent_process_death_signal()
+            .map_err(|e| sys("prctl(PR_GET_PDEATHSIG)", e))?;
+        Ok(Self {
+            signal,
+            parent: rustix::process::getppid(),
+        })
     }
 
     /// `forked`: this is the child in a new PID namespace, whose parent is the jailer itself.
-    fn rearm(&self, forked: bool) -> Result<(), String> {
-        if self.signal == 0 {
+    fn rearm(&self, forked: bool) -> Result<(), Failure> {
+        if self.signal.is_none() {
             return Ok(());
         }
-        // SAFETY: prctl with integer arguments.
-        if unsafe {
-            libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                self.signal as libc::c_ulong,
-                0,
-                0,
-                0,
-            )
-        } != 0
-        {
-            return Err(errno("prctl(PR_SET_PDEATHSIG)"));
-        }
-        // SAFETY: getppid has no arguments.
-        if !forked && unsafe { libc::getppid() } != self.parent {
-            return Err("the parent exited while the jail was being built".into());
+        rustix::process::set_parent_process_death_signal(self.signal)
+            .map_err(|e| sys("prctl(PR_SET_PDEATHSIG)", e))?;
+        if !forked && rustix::process::getppid() != self.parent {
+            return Err(Failure::ParentGone);
         }
         Ok(())
     }
 }
 
 fn run(j: &Jail) -> Result<(), StepError> {
-    // SAFETY: geteuid has no arguments; umask takes a mode.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err("husk-jailer must run as root").step("checking privileges");
+    if !rustix::process::geteuid().is_root() {
+        return Err(Failure::NotRoot).step("checking privileges");
     }
-    // SAFETY: as above.
-    unsafe { libc::umask(0o022) };
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let death_signal = ParentDeath::record().step("reading the parent-death signal")?;
     close_inherited_fds(&j.keep_fds).step("closing inherited fds")?;
     if !j.exec_file.is_file() {
-        return Err(format!("{} is not a file", j.exec_file.display()))
-            .step("checking --exec-file");
+        return Err(Failure::NotAFile(j.exec_file.clone())).step("checking --exec-file");
     }
     let libs = elf::runtime_files(&j.exec_file).step("finding the VMM's libraries")?;
     let netns = j
         .netns
         .as_ref()
-        .map(|p| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display())))
+        .map(|p| std::fs::File::open(p).map_err(|e| sys(p.display().to_string(), e)))
         .transpose()
         .step("opening --netns")?;
     let argv: Vec<CString> = std::iter::once(OsString::from("husk-vmm"))
@@ -299,25 +325,24 @@ fn run(j: &Jail) -> Result<(), StepError> {
 
     let (dir, root) = jail_dirs(&j.base, &j.id);
     std::fs::create_dir_all(&j.base)
-        .map_err(|e| format!("{}: {e}", j.base.display()))
+        .map_err(|e| sys(j.base.display().to_string(), e))
         .step("creating the jail directory")?;
     match std::fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(format!(
-                "{} exists: a VM with this id runs, or run husk-jailer --cleanup --id {}",
-                dir.display(),
-                j.id
-            ))
+            return Err(Failure::JailExists {
+                dir: dir.clone(),
+                id: j.id.clone(),
+            })
             .step("creating the jail directory")
         }
         Err(e) => {
-            return Err(format!("{}: {e}", dir.display())).step("creating the jail directory")
+            return Err(sys(dir.display().to_string(), e)).step("creating the jail directory")
         }
     }
     let origin = cgroup::current();
     let result = std::fs::create_dir(&root)
-        .map_err(|e| format!("{}: {e}", root.display()))
+        .map_err(|e| sys(root.display().to_string(), e))
         .step("creating the jail directory")
         .and_then(|()| enter_cgroup(j))
         .and_then(|()| jail_and_exec(j, &root, &libs, netns.as_ref(), &argv, &envp, &death_signal));
@@ -337,7 +362,7 @@ fn enter_cgroup(j: &Jail) -> Result<(), StepError> {
             .map(drop)
             .step("setting up the cgroup"),
         None if j.cgroup.is_empty() => Ok(()),
-        None => Err("no cgroup2 filesystem is mounted").step("setting up the cgroup"),
+        None => Err(Failure::NoCgroup2).step("setting up the cgroup"),
     }
 }
 
@@ -350,38 +375,24 @@ fn jail_and_exec(
     envp: &[CString],
     death_signal: &ParentDeath,
 ) -> Result<(), StepError> {
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
     if j.new_pid_ns {
-        flags |= libc::CLONE_NEWPID;
+        flags |= CloneFlags::CLONE_NEWPID;
     }
-    // SAFETY: unshare/setns with flags and an open namespace fd.
-    unsafe {
-        if libc::unshare(flags) != 0 {
-            return Err(errno("unshare")).step("creating namespaces");
-        }
-        if let Some(ns) = netns {
-            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(errno("setns")).step("joining --netns");
-            }
-        }
+    nix::sched::unshare(flags)
+        .map_err(|e| sys("unshare", e))
+        .step("creating namespaces")?;
+    if let Some(ns) = netns {
+        rustix::thread::move_into_link_name_space(
+            ns.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .map_err(|e| sys("setns", e))
+        .step("joining --netns")?;
     }
     // Nothing mounted from here on propagates to the host.
-    tree::mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_REC | libc::MS_PRIVATE,
-        None,
-    )
-    .step("making mounts private")?;
-    tree::mount(
-        Some(Path::new("tmpfs")),
-        root,
-        Some("tmpfs"),
-        libc::MS_NOSUID,
-        Some("size=1m,nr_inodes=512,mode=0755"),
-    )
-    .step("mounting the jail root")?;
+    tree::make_mounts_private().step("making mounts private")?;
+    tree::mount_tmpfs(root, c"size=1m,nr_inodes=512,mode=0755").step("mounting the jail root")?;
     for lib in libs {
         tree::bind(root, lib, lib, false).step("binding the VMM's libraries")?;
     }
@@ -397,39 +408,51 @@ fn jail_and_exec(
         tree::device_node(root, Path::new(dev), j.uid, j.gid).step("creating device nodes")?;
     }
     tree::pivot_into(root).step("pivot_root")?;
-    tree::mount(
-        None,
-        Path::new("/"),
-        None,
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
-        None,
-    )
-    .step("making the jail root read-only")?;
+    tree::remount_bind(Path::new("/"), MountFlags::RDONLY | MountFlags::NOSUID)
+        .step("making the jail root read-only")?;
     let hostname = format!("husk-{}", j.id);
-    // SAFETY: sethostname reads `len` bytes from a live string (in the jail's UTS namespace).
-    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
-        return Err(errno("sethostname")).step("setting the hostname");
-    }
+    // In the jail's own UTS namespace.
+    rustix::system::sethostname(hostname.as_bytes())
+        .map_err(|e| sys("sethostname", e))
+        .step("setting the hostname")?;
     for limit in &j.rlimits {
         set_rlimit(*limit).step("setting rlimits")?;
     }
     if j.new_pid_ns {
         fork_into_pid_ns().step("starting the PID namespace")?;
     }
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(errno("prctl")).step("setting no_new_privs");
-    }
+    rustix::thread::set_no_new_privs(true)
+        .map_err(|e| sys("prctl", e))
+        .step("setting no_new_privs")?;
     drop_privileges(j.uid, j.gid).step("dropping privileges")?;
     death_signal
         .rearm(j.new_pid_ns)
         .step("re-arming the parent-death signal")?;
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
     let path = c_string(tree::VMM_IN_JAIL).step("exec")?;
-    // SAFETY: NULL-terminated arrays of pointers to NUL-terminated strings, all alive here.
-    unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
-    Err(errno(tree::VMM_IN_JAIL)).step("exec")
+    // execve returns only on failure.
+    let Err(e) = nix::unistd::execve(&path, argv, envp);
+    Err(sys(tree::VMM_IN_JAIL, e)).step("exec")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_step_reads_step_then_call_then_reason() {
+        let e = Err::<(), _>(sys("unshare", io::Error::from_raw_os_error(1)))
+            .step("creating namespaces")
+            .unwrap_err();
+        assert_eq!(
+            chain(&e),
+            "creating namespaces: unshare: Operation not permitted (os error 1)"
+        );
+        let e = Err::<(), _>(Failure::FdNotOpen(987))
+            .step("closing inherited fds")
+            .unwrap_err();
+        assert_eq!(
+            chain(&e),
+            "closing inherited fds: --keep-fd 987 is not open"
+        );
+    }
 }

@@ -12,10 +12,12 @@
 //! the host and all of them vanish with the namespace when the VMM ends, even after kill -9:
 //! on the host the jail is just an empty directory for `--cleanup` to remove.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
+use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{FileType, Gid, Mode, Uid, CWD};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
 /// Devices the VMM opens, created in the jail with the host's numbers.
 pub const DEVICES: &[&str] = &["/dev/kvm", "/dev/net/tun", "/dev/urandom"];
@@ -23,42 +25,50 @@ pub const DEVICES: &[&str] = &["/dev/kvm", "/dev/net/tun", "/dev/urandom"];
 /// Where the VMM binary appears in the jail.
 pub const VMM_IN_JAIL: &str = "/husk-vmm";
 
-fn cstr(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| format!("{} contains NUL", p.display()))
+/// A step of building the tree that failed: what was done to which path.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {}", path.display())]
+pub struct TreeError {
+    op: &'static str,
+    path: PathBuf,
+    #[source]
+    source: io::Error,
 }
 
-fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> Result<(), String> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(format!("{}: {}", what(), std::io::Error::last_os_error()))
+/// Names the operation and path of a failed call.
+trait Context<T> {
+    fn context(self, op: &'static str, path: &Path) -> Result<T, TreeError>;
+}
+
+impl<T, E: Into<io::Error>> Context<T> for Result<T, E> {
+    fn context(self, op: &'static str, path: &Path) -> Result<T, TreeError> {
+        self.map_err(|e| TreeError {
+            op,
+            path: path.to_path_buf(),
+            source: e.into(),
+        })
     }
 }
 
-/// mount(2) with optional source, type and data.
-pub fn mount(
-    source: Option<&Path>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> Result<(), String> {
-    let src = source.map(cstr).transpose()?;
-    let dst = cstr(target)?;
-    let fstype = fstype.map(|t| CString::new(t).unwrap_or_default());
-    let data = data.map(|d| CString::new(d).unwrap_or_default());
-    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
-    // SAFETY: every pointer is null or a NUL-terminated string alive for the call.
-    let rc = unsafe {
-        libc::mount(
-            ptr(&src),
-            dst.as_ptr(),
-            ptr(&fstype),
-            flags,
-            ptr(&data).cast(),
-        )
-    };
-    check(rc, || format!("mount {}", target.display()))
+/// Makes every mount below `/` private: nothing mounted from here on propagates to the host.
+pub fn make_mounts_private() -> Result<(), TreeError> {
+    let root = Path::new("/");
+    rustix::mount::mount_change(
+        root,
+        MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+    )
+    .context("mount", root)
+}
+
+/// Mounts the jail's own tmpfs on `root`.
+pub fn mount_tmpfs(root: &Path, data: &std::ffi::CStr) -> Result<(), TreeError> {
+    rustix::mount::mount("tmpfs", root, "tmpfs", MountFlags::NOSUID, data).context("mount", root)
+}
+
+/// Remounts the bind mount (or root) at `target` with `flags` (MS_REMOUNT | MS_BIND | flags).
+pub fn remount_bind(target: &Path, flags: MountFlags) -> Result<(), TreeError> {
+    // The kernel ignores the data of a bind remount; rustix passes an empty string.
+    rustix::mount::mount_remount(target, MountFlags::BIND | flags, c"").context("mount", target)
 }
 
 /// `host` seen from inside the jail root `root`.
@@ -68,11 +78,11 @@ pub fn in_root(root: &Path, host: &Path) -> PathBuf {
 
 /// Bind-mounts `host` onto the same path under `root`: read-only, or read-write without
 /// exec/suid/devices.
-pub fn bind(root: &Path, host: &Path, target: &Path, writable: bool) -> Result<(), String> {
-    let meta = std::fs::metadata(host).map_err(|e| format!("{}: {e}", host.display()))?;
+pub fn bind(root: &Path, host: &Path, target: &Path, writable: bool) -> Result<(), TreeError> {
+    let meta = std::fs::metadata(host).context("stat", host)?;
     let dst = in_root(root, target);
     let parent = dst.parent().unwrap_or(root);
-    std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+    std::fs::create_dir_all(parent).context("mkdir", parent)?;
     if meta.is_dir() {
         std::fs::create_dir_all(&dst)
     } else {
@@ -84,54 +94,46 @@ pub fn bind(root: &Path, host: &Path, target: &Path, writable: bool) -> Result<(
             .open(&dst)
             .map(drop)
     }
-    .map_err(|e| format!("creating {}: {e}", dst.display()))?;
-    mount(Some(host), &dst, None, libc::MS_BIND, None)?;
+    .context("creating", &dst)?;
+    rustix::mount::mount_bind(host, &dst).context("mount", &dst)?;
     let flags = if writable {
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC
     } else {
-        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV
+        MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV
     };
-    mount(
-        None,
-        &dst,
-        None,
-        libc::MS_BIND | libc::MS_REMOUNT | flags,
-        None,
-    )
+    remount_bind(&dst, flags)
 }
 
 /// Creates `device` under `root` as a node with the host's numbers, owned by uid:gid, 0600.
-pub fn device_node(root: &Path, device: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    let meta = std::fs::metadata(device).map_err(|e| format!("{}: {e}", device.display()))?;
+pub fn device_node(root: &Path, device: &Path, uid: u32, gid: u32) -> Result<(), TreeError> {
+    let meta = std::fs::metadata(device).context("stat", device)?;
     let dst = in_root(root, device);
     if let Some(parent) = dst.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("mkdir {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).context("mkdir", parent)?;
     }
-    let path = cstr(&dst)?;
-    // SAFETY: mknod/chown on a NUL-terminated path alive for the calls.
-    unsafe {
-        check(
-            libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, meta.rdev()),
-            || format!("mknod {}", dst.display()),
-        )?;
-        check(libc::chown(path.as_ptr(), uid, gid), || {
-            format!("chown {}", dst.display())
-        })
-    }
+    rustix::fs::mknodat(
+        CWD,
+        &dst,
+        FileType::CharacterDevice,
+        Mode::from_raw_mode(0o600),
+        meta.rdev(),
+    )
+    .context("mknod", &dst)?;
+    rustix::fs::chown(&dst, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .context("chown", &dst)
 }
 
 /// Makes `root` the root directory of this mount namespace; the old root is detached.
-pub fn pivot_into(root: &Path) -> Result<(), String> {
-    std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
-    let dot = c".";
-    // SAFETY: pivot_root(".", ".") stacks the old root on top of the new one (pivot_root(2),
-    // "new_root and put_old may be the same directory"); both strings are static.
-    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } as i32;
-    check(rc, || String::from("pivot_root"))?;
-    // SAFETY: detaches the old root, now mounted on "."; a static string.
-    let rc = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
-    check(rc, || String::from("detaching the old root"))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
+pub fn pivot_into(root: &Path) -> Result<(), TreeError> {
+    std::env::set_current_dir(root).context("chdir", root)?;
+    let dot = Path::new(".");
+    // pivot_root(".", ".") stacks the old root on top of the new one (pivot_root(2), "new_root
+    // and put_old may be the same directory").
+    rustix::process::pivot_root(dot, dot).context("pivot_root", root)?;
+    // Detaches the old root, now mounted on ".".
+    rustix::mount::unmount(dot, UnmountFlags::DETACH).context("detaching the old root", dot)?;
+    let slash = Path::new("/");
+    std::env::set_current_dir(slash).context("chdir", slash)
 }
 
 #[cfg(test)]

@@ -113,8 +113,11 @@ pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Finished {
             break status;
         }
         if start.elapsed() > limit {
-            // SAFETY: signals the process group this function created (its leader is `child`).
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            // The process group this function created (its leader is `child`).
+            let _ = rustix::process::kill_process_group(
+                rustix::process::Pid::from_child(&child),
+                rustix::process::Signal::KILL,
+            );
             let _ = child.kill();
             let _ = child.wait();
             // Whatever escaped the group may still hold the pipes: wait for the output only a
@@ -249,4 +252,16 @@ pub fn sh_boot_spec(script: &str) -> String {
     }
     .encode()
     .unwrap()
+}
+
+/// Sends `sig` to the process `pid`; an error when there is no such process (or `pid` is not
+/// one: zero or negative).
+pub fn signal(pid: i32, sig: rustix::process::Signal) -> rustix::io::Result<()> {
+    let pid = rustix::process::Pid::from_raw(pid).ok_or(rustix::io::Errno::SRCH)?;
+    rustix::process::kill_process(pid, sig)
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
 }

@@ -127,9 +127,14 @@ fn exec_stdin_tty_signals_and_concurrency_then_shutdown_ends_the_app() {
 
     // A signal to an exec'd process.
     let mut sleeper = agent.start(exec_request(&["sleep", "100"])).unwrap();
-    sleeper.signal(libc::SIGTERM).unwrap();
+    sleeper
+        .signal(rustix::process::Signal::TERM.as_raw())
+        .unwrap();
     let out = sleeper.finish().unwrap();
-    assert_eq!((out.code, out.signal), (Some(143), Some(libc::SIGTERM)));
+    assert_eq!(
+        (out.code, out.signal),
+        (Some(143), Some(rustix::process::Signal::TERM.as_raw()))
+    );
 
     // Three at once, each with its own output and status.
     let runs: Vec<_> = (1..=3)

@@ -262,8 +262,8 @@ impl Drop for Containerd {
         }
         // Shims of tasks a failed test left behind: end them (only this containerd's).
         for pid in self.shims() {
-            // SAFETY: plain kill(2) of a process this test's containerd started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // A process this test's containerd started.
+            let _ = husk_tests::signal(pid, rustix::process::Signal::KILL);
         }
         // Unmount whatever containerd left (native snapshots need none; be thorough).
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -543,8 +543,11 @@ fn a_killed_vmm_is_reported_as_an_exit() {
     ]);
     ctrd.wait_status("dead1", "RUNNING", Duration::from_secs(120));
     let vmm_pid = ctrd.task_pid("dead1");
-    // SAFETY: plain kill(2) of the VMM this test's huskd started.
-    assert_eq!(unsafe { libc::kill(vmm_pid as i32, libc::SIGKILL) }, 0);
+    // The VMM this test's huskd started.
+    assert_eq!(
+        husk_tests::signal(vmm_pid as i32, rustix::process::Signal::KILL),
+        Ok(())
+    );
     // Reported as exited (status 255), not hung.
     ctrd.wait_status("dead1", "STOPPED", Duration::from_secs(60));
     let delete = ctrd.ctr(&["task", "delete", "dead1"]);
@@ -744,8 +747,11 @@ fn a_dead_shim_is_cleaned_up_by_the_delete_action() {
     assert_eq!(ctrd.vm_count(), 1);
     let shims = ctrd.shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
-    // SAFETY: plain kill(2) of the shim this test's containerd started.
-    assert_eq!(unsafe { libc::kill(shims[0], libc::SIGKILL) }, 0);
+    // The shim this test's containerd started.
+    assert_eq!(
+        husk_tests::signal(shims[0], rustix::process::Signal::KILL),
+        Ok(())
+    );
     // containerd notices the shim's end and cleans up through `delete`.
     let deadline = Instant::now() + Duration::from_secs(60);
     while ctrd.vm_count() != 0 && Instant::now() < deadline {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,13 +27,17 @@ fn husk_run(options: &[&str], script: &str) -> Finished {
 }
 
 /// A scratch directory on the host, removed at the end of the test.
-struct Scratch(PathBuf);
+// The TempDir is held only for its Drop, which removes the directory.
+struct Scratch(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("husk-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("husk-{name}-"))
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir()
+            .unwrap();
+        Self(dir.path().to_path_buf(), dir)
     }
     /// An ext4 image of `mib` MiB.
     fn ext4(&self, name: &str, mib: u32) -> PathBuf {
@@ -49,12 +54,6 @@ impl Scratch {
             String::from_utf8_lossy(&out.stderr)
         );
         path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -90,8 +89,8 @@ fn a_synced_write_is_on_the_host_image_after_the_vmm_is_killed() {
         "mount /dev/vda /mnt && echo durable-data-42 > /mnt/proof && sync && echo SYNCED; sleep 600",
     );
     wait_for_line(&mut husk, "SYNCED", LIMIT);
-    // SAFETY: signalling the VMM process the test started (through husk).
-    unsafe { libc::kill(vmm_pid(husk.id()) as i32, libc::SIGKILL) };
+    // The VMM process the test started (through husk).
+    let _ = husk_tests::signal(vmm_pid(husk.id()) as i32, rustix::process::Signal::KILL);
     let status = wait_exit(&mut husk);
     assert_eq!(
         status.code(),
@@ -225,8 +224,8 @@ fn no_tap_is_left_after_the_vmm_is_killed() {
         .filter(|n| n.starts_with("husk"))
         .collect();
     assert_eq!(taps.len(), 1, "one tap while the VM runs: {taps:?}");
-    // SAFETY: signalling the VMM process the test started (through husk).
-    unsafe { libc::kill(vmm_pid(husk.id()) as i32, libc::SIGKILL) };
+    // The VMM process the test started (through husk).
+    let _ = husk_tests::signal(vmm_pid(husk.id()) as i32, rustix::process::Signal::KILL);
     wait_exit(&mut husk);
     let gone = Instant::now() + Duration::from_secs(5);
     while Path::new("/sys/class/net").join(&taps[0]).exists() {

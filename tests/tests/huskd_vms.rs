@@ -284,8 +284,7 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
     // kill -9 of beta's VMM: FAILED with a reason, nothing left behind.
     let beta_pid = huskd.get("beta").status.unwrap().vmm_pid;
     assert!(beta_pid > 0);
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(beta_pid as i32, libc::SIGKILL) };
+    let _ = husk_tests::signal(beta_pid as i32, rustix::process::Signal::KILL);
     let failed = huskd.wait_state("beta", VmState::Failed, Duration::from_secs(20));
     let reason = failed.status.unwrap().failure_reason;
     assert!(reason.contains("signal 9"), "{reason}");
@@ -331,8 +330,7 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
     let r = exec(&huskd, "gamma", &["sh", "-c", "exit 5"], b"").unwrap();
     assert_eq!(r.code, 5);
     // A VMM the new huskd did not start is still watched: kill it and see FAILED.
-    // SAFETY: as above.
-    unsafe { libc::kill(gamma_pid as i32, libc::SIGKILL) };
+    let _ = husk_tests::signal(gamma_pid as i32, rustix::process::Signal::KILL);
     huskd.wait_state("gamma", VmState::Failed, Duration::from_secs(20));
 
     let seen = events.lock().unwrap().clone();

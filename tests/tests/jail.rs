@@ -18,21 +18,18 @@ const LIMIT: Duration = Duration::from_secs(240);
 const JAIL_BASE: &str = "/run/husk/jail";
 
 /// A scratch directory the jailed VMM (uid 65534) may create its sockets in.
-struct Scratch(PathBuf);
+// The TempDir is held only for its Drop, which removes the directory.
+struct Scratch(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("husk-jail-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o1777)).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("husk-jail-{name}-"))
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o1777)).unwrap();
+        Self(dir.path().to_path_buf(), dir)
     }
 }
 
@@ -209,8 +206,8 @@ fn a_vmm_killed_with_sigkill_leaves_no_jail_cgroup_or_mount() {
         Path::new(JAIL_BASE).join(&id).exists(),
         "the jail exists while the VM runs"
     );
-    // SAFETY: signalling the VMM the test started (through husk).
-    unsafe { libc::kill(vmm_pid(husk.id()) as i32, libc::SIGKILL) };
+    // The VMM the test started (through husk).
+    let _ = husk_tests::signal(vmm_pid(husk.id()) as i32, rustix::process::Signal::KILL);
     assert_eq!(wait_exit(&mut husk).code(), Some(137));
     assert_no_trace(&id);
 }
@@ -222,8 +219,8 @@ fn a_killed_husk_run_takes_its_vmm_along_and_the_next_run_sweeps_its_jail() {
     wait_for_line(&mut husk, "UP", LIMIT);
     let id = format!("run-{}", husk.id());
     let vmm = vmm_pid(husk.id());
-    // SAFETY: signalling the husk run the test started.
-    unsafe { libc::kill(husk.id() as i32, libc::SIGKILL) };
+    // The husk run the test started.
+    let _ = husk_tests::signal(husk.id() as i32, rustix::process::Signal::KILL);
     let _ = husk.wait();
     // The VMM, reparented, got its parent-death signal (re-armed by the jailer after its uid
     // drop): it is gone or a zombie waiting for its new parent.

@@ -19,8 +19,7 @@ fn base() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no arguments.
-    unsafe { libc::geteuid() == 0 }
+    husk_tests::is_root()
 }
 
 fn jailer(id: &str, extra: &[&str], vmm_args: &[&str]) -> Command {
@@ -201,10 +200,12 @@ fn a_vmm_killed_with_sigkill_in_its_jail_is_cleaned_up() {
             &fd_disk,
         ],
     );
-    // SAFETY: clears FD_CLOEXEC on the disk fd in the child before exec.
+    // SAFETY: clears FD_CLOEXEC on the disk fd in the child before exec; the fd is open
+    // there (the parent keeps `file` until the child runs) and fcntl is async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            libc::fcntl(fd, libc::F_SETFD, 0);
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            let _ = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty());
             Ok(())
         });
     }
@@ -245,8 +246,8 @@ fn a_vmm_killed_with_sigkill_in_its_jail_is_cleaned_up() {
         status.contains("Uid:\t65534\t65534\t65534\t65534"),
         "{status}"
     );
-    // SAFETY: kill(2) on the child this test started.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    // The child this test started.
+    let _ = husk_tests::signal(pid as i32, rustix::process::Signal::KILL);
     child.wait().unwrap();
     drop(file);
     cleanup_leaves_nothing("kill9");

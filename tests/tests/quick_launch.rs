@@ -152,9 +152,11 @@ fn ctrl_c_stops_the_vm_cleanly() {
         let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
         assert!(n > 0, "guest never printed ready");
     }
-    let pgid = child.id() as i32;
-    // SAFETY: signalling the process group we created above.
-    unsafe { libc::kill(-pgid, libc::SIGINT) };
+    // The process group we created above.
+    let _ = rustix::process::kill_process_group(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {

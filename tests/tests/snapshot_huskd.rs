@@ -103,8 +103,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     );
     // As root huskd jails every VMM, the restored ones too: the snapshot was moved out of the
     // source's jail and mirrored read-only into the copy's.
-    // SAFETY: geteuid only reads this process's credentials.
-    if unsafe { libc::geteuid() } == 0 {
+    if husk_tests::is_root() {
         let pid = copy.status.as_ref().unwrap().vmm_pid;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -160,8 +159,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         sh(&huskd, "copy2", "cat /tmp/marker /tmp/marker2"),
         "snapshot-marker\ndiff-marker\n"
     );
-    // SAFETY: geteuid only reads this process's credentials.
-    if unsafe { libc::geteuid() } == 0 {
+    if husk_tests::is_root() {
         // A jailed, freshly booted VM's full snapshot left its jail: no base for a diff.
         let refused = huskd
             .block_on(client.snapshot_vm(SnapshotVmRequest {

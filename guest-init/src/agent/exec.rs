@@ -20,13 +20,28 @@ use super::{stdio, Agent};
 use crate::children::{Children, Spawned};
 use crate::launch::{Launch, User, DEFAULT_PATH};
 
+/// Why an exec request was refused (the text goes to the host in an `error` frame).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("exec: argv is empty")]
+    EmptyArgv,
+    #[error("exec: an argument contains a NUL byte")]
+    NulArgument,
+    #[error("exec: environment entry {0:?} is not KEY=VALUE")]
+    BadEnv(String),
+    #[error("exec: workdir {0:?} is not an absolute path")]
+    RelativeWorkdir(String),
+    #[error("exec: no such directory: {0}")]
+    NoWorkdir(String),
+}
+
 /// Checks an exec request and turns it into a launch in `root`.
-pub fn plan(request: &Exec, root: Option<&[u8]>) -> Result<Launch, String> {
+pub fn plan(request: &Exec, root: Option<&[u8]>) -> Result<Launch, PlanError> {
     if request.argv.first().is_none_or(String::is_empty) {
-        return Err("exec: argv is empty".into());
+        return Err(PlanError::EmptyArgv);
     }
     if request.argv.iter().any(|a| a.contains('\0')) {
-        return Err("exec: an argument contains a NUL byte".into());
+        return Err(PlanError::NulArgument);
     }
     let mut env = vec![
         (b"PATH".to_vec(), DEFAULT_PATH.as_bytes().to_vec()),
@@ -40,11 +55,7 @@ pub fn plan(request: &Exec, root: Option<&[u8]>) -> Result<Launch, String> {
             Some((key, value)) if !key.is_empty() && !entry.contains('\0') => {
                 env.push((key.as_bytes().to_vec(), value.as_bytes().to_vec()));
             }
-            _ => {
-                return Err(format!(
-                    "exec: environment entry {entry:?} is not KEY=VALUE"
-                ))
-            }
+            _ => return Err(PlanError::BadEnv(entry.clone())),
         }
     }
     let workdir = if request.workdir.is_empty() {
@@ -53,12 +64,12 @@ pub fn plan(request: &Exec, root: Option<&[u8]>) -> Result<Launch, String> {
         request.workdir.as_str()
     };
     if !workdir.starts_with('/') || workdir.contains('\0') {
-        return Err(format!("exec: workdir {workdir:?} is not an absolute path"));
+        return Err(PlanError::RelativeWorkdir(workdir.to_string()));
     }
     // Checked here, where the reason can be told apart from a missing program.
     let inside = [root.unwrap_or_default(), workdir.as_bytes()].concat();
     if !Path::new(std::ffi::OsStr::from_bytes(&inside)).is_dir() {
-        return Err(format!("exec: no such directory: {workdir}"));
+        return Err(PlanError::NoWorkdir(workdir.to_string()));
     }
     Ok(Launch {
         argv: request.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
@@ -86,7 +97,7 @@ fn spawn_error(program: &str, e: &io::Error) -> String {
 /// Signals go to the registered process only while it is unreaped.
 struct Target {
     children: Arc<Children>,
-    pid: libc::pid_t,
+    pid: rustix::process::RawPid,
 }
 
 impl Process for Target {
@@ -99,7 +110,8 @@ impl Target {
     /// The host is gone or broke the protocol: the process and its process group die, so
     /// nothing is left running for nobody.
     fn kill(&self) {
-        self.children.signal(self.pid, libc::SIGKILL, true);
+        self.children
+            .signal(self.pid, rustix::process::Signal::KILL.as_raw(), true);
     }
 }
 
@@ -115,7 +127,7 @@ pub fn serve(conn: File, request: &Exec, agent: &Agent) {
     let sink = Arc::new(Sink::new(conn));
     let launch = match plan(request, agent.root.as_deref()) {
         Ok(launch) => launch,
-        Err(message) => return sink.fail(&message),
+        Err(e) => return sink.fail(&e.to_string()),
     };
     let streams = if request.tty {
         stdio::pty(request.window)

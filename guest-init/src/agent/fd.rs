@@ -1,130 +1,110 @@
-//! Thin wrappers over the fd system calls the agent's sessions need.
+//! Thin wrappers over the fd system calls the agent's sessions need: EINTR retried, errors as
+//! `std::io::Error`.
 
 use std::io;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, OwnedFd};
 use std::time::Duration;
 
-fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::OFlags;
+use rustix::io::Errno;
+use rustix::net::sockopt::{self, Timeout};
+use rustix::pipe::PipeFlags;
+
+/// Runs `call` until it is not interrupted by a signal.
+fn retry<T>(mut call: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(Errno::INTR) => {}
+            result => return result.map_err(io::Error::from),
+        }
     }
 }
 
 /// A close-on-exec pipe: (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: fds has room for the two descriptors pipe2 writes.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
-    // SAFETY: both fds are fresh and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?)
 }
 
 /// Sets O_NONBLOCK on the open file description behind `fd`.
-pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
-    // SAFETY: fcntl on an fd we hold; no memory is passed.
-    unsafe {
-        let flags = check(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
-        check(libc::fcntl(
-            fd.as_raw_fd(),
-            libc::F_SETFL,
-            flags | libc::O_NONBLOCK,
-        ))?;
-    }
+pub fn set_nonblocking(fd: &impl AsFd) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | OFlags::NONBLOCK)?;
     Ok(())
 }
 
 /// One read; EINTR is retried.
-pub fn read(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes of writes.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+pub fn read(fd: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    retry(|| rustix::io::read(fd, &mut *buf))
 }
 
 /// One write; EINTR is retried.
-pub fn write(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes of reads.
-        let n = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+pub fn write(fd: &impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    retry(|| rustix::io::write(fd, buf))
 }
 
 /// poll(2) without a timeout; EINTR is retried. Fills each entry's `revents`.
-pub fn poll(fds: &mut [libc::pollfd]) -> io::Result<()> {
-    loop {
-        // SAFETY: fds is a valid array of fds.len() pollfd entries.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc >= 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+pub fn poll(fds: &mut [PollFd<'_>]) -> io::Result<()> {
+    retry(|| rustix::event::poll(fds, None)).map(drop)
 }
 
 /// Waits until `fd` is readable (or hung up).
-pub fn wait_readable(fd: &impl AsRawFd) -> io::Result<()> {
-    let mut fds = [libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    poll(&mut fds)
+pub fn wait_readable(fd: &impl AsFd) -> io::Result<()> {
+    poll(&mut [PollFd::new(fd, PollFlags::IN)])
 }
 
 /// shutdown(2) of both directions of a socket: wakes every thread blocked on it.
-pub fn shutdown_socket(sock: &impl AsRawFd) {
-    // SAFETY: shutdown on a socket we hold; an error (already shut down) is harmless.
-    unsafe { libc::shutdown(sock.as_raw_fd(), libc::SHUT_RDWR) };
+pub fn shutdown_socket(sock: &impl AsFd) {
+    // An error (already shut down) is harmless.
+    let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Both);
 }
 
 /// SO_RCVTIMEO; `None` clears it.
-pub fn set_read_timeout(sock: &impl AsRawFd, limit: Option<Duration>) -> io::Result<()> {
-    set_timeout(sock, libc::SO_RCVTIMEO, limit)
+pub fn set_read_timeout(sock: &impl AsFd, limit: Option<Duration>) -> io::Result<()> {
+    set_timeout(sock, Timeout::Recv, limit)
 }
 
 /// SO_SNDTIMEO; `None` clears it.
-pub fn set_write_timeout(sock: &impl AsRawFd, limit: Option<Duration>) -> io::Result<()> {
-    set_timeout(sock, libc::SO_SNDTIMEO, limit)
+pub fn set_write_timeout(sock: &impl AsFd, limit: Option<Duration>) -> io::Result<()> {
+    set_timeout(sock, Timeout::Send, limit)
 }
 
-fn set_timeout(
-    sock: &impl AsRawFd,
-    option: libc::c_int,
-    limit: Option<Duration>,
-) -> io::Result<()> {
-    let limit = limit.unwrap_or_default();
-    let tv = libc::timeval {
-        tv_sec: limit.as_secs() as _,
-        tv_usec: limit.subsec_micros() as _,
-    };
-    // SAFETY: tv is a valid timeval of the size given.
-    check(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            std::ptr::addr_of!(tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+fn set_timeout(sock: &impl AsFd, option: Timeout, limit: Option<Duration>) -> io::Result<()> {
+    // A zero duration means "no timeout" to the kernel, which is what `None` asks rustix for
+    // (rustix refuses Some(ZERO)).
+    let limit = limit.filter(|l| !l.is_zero());
+    Ok(sockopt::set_socket_timeout(sock, option, limit)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn timeouts_are_set_and_cleared_on_a_socket() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        set_read_timeout(&a, Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(a.read_timeout().unwrap(), Some(Duration::from_secs(2)));
+        set_write_timeout(&a, Some(Duration::from_millis(1500))).unwrap();
+        assert_eq!(
+            a.write_timeout().unwrap(),
+            Some(Duration::from_millis(1500))
+        );
+        set_read_timeout(&a, None).unwrap();
+        assert_eq!(a.read_timeout().unwrap(), None);
+    }
+
+    #[test]
+    fn a_nonblocking_pipe_reports_would_block_when_empty() {
+        let (r, w) = pipe().unwrap();
+        set_nonblocking(&r).unwrap();
+        let mut buf = [0u8; 4];
+        let e = read(&r, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(write(&w, b"hi").unwrap(), 2);
+        wait_readable(&r).unwrap();
+        assert_eq!(read(&r, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"hi");
+    }
 }

@@ -7,10 +7,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::io::{AsRawFd, OwnedFd};
+use std::os::unix::io::OwnedFd;
 
 use husk_proto::agent::{host_message::Msg, HostMessage};
 use husk_proto::frame;
+use rustix::event::{PollFd, PollFlags};
 
 use super::fd;
 use super::stdio;
@@ -107,31 +108,34 @@ pub fn run(
         stdin.flush();
         let reading = stdin.pending.len() < MAX_PENDING;
         let writing = !stdin.pending.is_empty();
-        let mut fds = [
-            libc::pollfd {
-                fd: conn.as_raw_fd(),
-                events: if reading { libc::POLLIN } else { 0 } | libc::POLLRDHUP,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: match (&stdin.fd, writing) {
-                    (Some(fd), true) => fd.as_raw_fd(),
-                    _ => -1,
-                },
-                events: libc::POLLOUT,
-                revents: 0,
-            },
-        ];
-        if fd::poll(&mut fds).is_err() {
+        let host_events = if reading {
+            PollFlags::IN
+        } else {
+            PollFlags::empty()
+        } | PollFlags::RDHUP;
+        let host_fd = PollFd::new(&*conn, host_events);
+        // Stdin is only watched while bytes wait for it.
+        let (mut one, mut two);
+        let fds: &mut [PollFd<'_>] = match (&stdin.fd, writing) {
+            (Some(fd), true) => {
+                two = [host_fd, PollFd::new(fd, PollFlags::OUT)];
+                &mut two
+            }
+            _ => {
+                one = [host_fd];
+                &mut one
+            }
+        };
+        if fd::poll(fds).is_err() {
             return InputEnd::HostGone;
         }
-        let host = fds[0].revents;
-        if host == 0 {
+        let host = fds[0].revents();
+        if host.is_empty() {
             continue; // only stdin became writable
         }
         if !reading {
             // Paused: only an end of the connection matters now.
-            if host & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            if host.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
                 return InputEnd::HostGone;
             }
             continue;

@@ -1,15 +1,16 @@
 //! The guest agent: husk.agent.v1 (proto/husk/agent/v1/agent.proto) on vsock port
 //! [`AGENT_PORT`], served by threads of PID 1.
 //!
-//! One connection carries one request. `hello`, `shutdown` and `set_time` are answered at once;
-//! `exec` starts a process and streams it (see [`exec`]). A connection thread is started per
-//! connection, up to [`MAX_CONNECTIONS`]; beyond that a connection gets an `error` frame and is
-//! closed. Malformed input gets an `error` frame and the connection is closed; nothing the host
-//! sends can panic or block PID 1 itself.
+//! One connection carries one request. `hello`, `shutdown`, `set_time` and `set_network` (see
+//! [`net_config`]) are answered at once; `exec` starts a process and streams it (see [`exec`]).
+//! A connection thread is started per connection, up to [`MAX_CONNECTIONS`]; beyond that a
+//! connection gets an `error` frame and is closed. Malformed input gets an `error` frame and
+//! the connection is closed; nothing the host sends can panic or block PID 1 itself.
 
 mod exec;
 mod fd;
 mod input;
+mod net_config;
 mod sink;
 mod stdio;
 
@@ -92,8 +93,7 @@ pub fn start(agent: Arc<Agent>) -> Result<(), AgentOff> {
     if vsock::local_cid().is_none() {
         return Err(AgentOff::NoDevice);
     }
-    let listener =
-        vsock::listen(AGENT_PORT, MAX_CONNECTIONS as libc::c_int).map_err(AgentOff::Failed)?;
+    let listener = vsock::listen(AGENT_PORT, MAX_CONNECTIONS as i32).map_err(AgentOff::Failed)?;
     spawn_thread("husk-agent", move || accept_loop(&listener, &agent)).map_err(AgentOff::Failed)?;
     Ok(())
 }
@@ -167,6 +167,7 @@ fn request_name(msg: &Request) -> &'static str {
         Request::Signal(_) => "signal",
         Request::Shutdown(_) => "shutdown",
         Request::SetTime(_) => "set_time",
+        Request::SetNetwork(_) => "set_network",
     }
 }
 
@@ -209,7 +210,7 @@ pub fn serve(mut conn: File, agent: &Agent) {
         Request::Exec(exec) => exec::serve(conn, &exec, agent),
         Request::Shutdown(shutdown) => {
             let sig = if shutdown.signal == 0 {
-                libc::SIGTERM
+                rustix::process::Signal::TERM.as_raw()
             } else {
                 shutdown.signal
             };
@@ -230,10 +231,19 @@ pub fn serve(mut conn: File, agent: &Agent) {
                 Err(e) => Reply::Error(format!("set_time: {e}")),
             },
         ),
+        Request::SetNetwork(net) => reply(
+            &mut conn,
+            match net_config::NetConfig::parse(&net)
+                .and_then(|config| net_config::apply(&config).map_err(|e| e.to_string()))
+            {
+                Ok(()) => Reply::Ack(true),
+                Err(e) => Reply::Error(format!("set_network: {e}")),
+            },
+        ),
         other => reply(
             &mut conn,
             Reply::Error(format!(
-                "expected a request (hello, exec, shutdown or set_time), got {}",
+                "expected a request (hello, exec, shutdown, set_time or set_network), got {}",
                 request_name(&other)
             )),
         ),
@@ -259,18 +269,15 @@ fn wait_for_close(conn: &mut File) {
 
 /// Milliseconds since the guest kernel booted (CLOCK_BOOTTIME counts suspended time too).
 fn uptime_ms() -> u64 {
-    // SAFETY: timespec is plain data that clock_gettime fills.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: clock_gettime writes into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     (ts.tv_sec as u64)
         .saturating_mul(1000)
         .saturating_add(ts.tv_nsec as u64 / 1_000_000)
 }
 
 /// `unix_ns` as a timespec; the nanoseconds stay in 0..1e9 for instants before 1970 too.
-fn timespec_of(unix_ns: i64) -> libc::timespec {
-    libc::timespec {
+fn timespec_of(unix_ns: i64) -> rustix::time::Timespec {
+    rustix::time::Timespec {
         tv_sec: unix_ns.div_euclid(1_000_000_000) as _,
         tv_nsec: unix_ns.rem_euclid(1_000_000_000) as _,
     }
@@ -279,11 +286,10 @@ fn timespec_of(unix_ns: i64) -> libc::timespec {
 /// Sets the wall clock to `unix_ns` nanoseconds since the epoch.
 fn set_time(unix_ns: i64) -> io::Result<()> {
     let ts = timespec_of(unix_ns);
-    // SAFETY: clock_settime reads a valid timespec.
-    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::time::clock_settime(
+        rustix::time::ClockId::Realtime,
+        ts,
+    )?)
 }
 
 #[cfg(test)]

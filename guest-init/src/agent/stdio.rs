@@ -1,10 +1,11 @@
 //! The standard streams of an exec'd process: three pipes, or a pseudo-terminal; and the pump
 //! that turns one output stream into frames.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::io::{AsFd, OwnedFd};
+
+use rustix::pty::OpenptFlags;
+use rustix::termios::{SpecialCodeIndex, Winsize};
 
 use husk_proto::agent::guest_message::Msg;
 use husk_proto::agent::WindowSize;
@@ -64,34 +65,15 @@ pub fn pipes() -> io::Result<(ParentSide, ChildSide)> {
 
 /// A new pseudo-terminal of `window` size: the process gets the slave on all three streams.
 pub fn pty(window: Option<WindowSize>) -> io::Result<(ParentSide, ChildSide)> {
-    let master = File::options()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open("/dev/ptmx")?;
-    let master = OwnedFd::from(master);
-    let unlock: libc::c_int = 0;
-    // SAFETY: TIOCSPTLCK reads one int from a valid pointer.
-    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK as _, &unlock) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+    // posix_openpt: /dev/ptmx; unlockpt: TIOCSPTLCK with 0.
+    let master = rustix::pty::openpt(flags)?;
+    rustix::pty::unlockpt(&master)?;
     if let Some(window) = window {
         set_window_size(&master, window)?;
     }
     // TIOCGPTPEER opens the slave from the master itself: no path lookup in /dev/pts.
-    // SAFETY: the ioctl takes open flags by value and returns a new fd or -1.
-    let slave = unsafe {
-        libc::ioctl(
-            master.as_raw_fd(),
-            libc::TIOCGPTPEER as _,
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if slave < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: slave is a fresh fd we own.
-    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    let slave = rustix::pty::ioctl_tiocgptpeer(&master, flags)?;
     // The master is shared by the pump (reads) and the input loop (writes): neither may block
     // the other.
     fd::set_nonblocking(&master)?;
@@ -110,30 +92,22 @@ pub fn pty(window: Option<WindowSize>) -> io::Result<(ParentSide, ChildSide)> {
 }
 
 /// TIOCSWINSZ; the kernel sends SIGWINCH to the terminal's foreground process group.
-pub fn set_window_size(master: &impl AsRawFd, window: WindowSize) -> io::Result<()> {
+pub fn set_window_size(master: &impl AsFd, window: WindowSize) -> io::Result<()> {
     let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
-    let size = libc::winsize {
+    let size = Winsize {
         ws_row: clamp(window.rows),
         ws_col: clamp(window.cols),
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ as _, &size) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(rustix::termios::tcsetwinsize(master, size)?)
 }
 
 /// The terminal's end-of-file character (VEOF, normally ^D).
-pub fn eof_char(master: &impl AsRawFd) -> u8 {
-    // SAFETY: termios is plain data that tcgetattr fills.
-    let mut termios: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: tcgetattr writes into a valid termios.
-    if unsafe { libc::tcgetattr(master.as_raw_fd(), &mut termios) } == 0 {
-        termios.c_cc[libc::VEOF]
-    } else {
-        0x04
+pub fn eof_char(master: &impl AsFd) -> u8 {
+    match rustix::termios::tcgetattr(master) {
+        Ok(termios) => termios.special_codes[SpecialCodeIndex::VEOF],
+        Err(_) => 0x04,
     }
 }
 

@@ -13,6 +13,7 @@ use husk_proto::agent::{
     HostMessage, Shutdown, WindowSize,
 };
 use husk_proto::frame;
+use rustix::process::Signal;
 
 use super::*;
 
@@ -265,10 +266,13 @@ fn a_signal_frame_reaches_the_process() {
     let (mut conn, server) = h.connect();
     send(&mut conn, Request::Exec(exec(&["sleep", "30"])));
     let pid = started_pid(&mut conn);
-    send(&mut conn, Request::Signal(libc::SIGTERM));
+    send(&mut conn, Request::Signal(Signal::TERM.as_raw()));
     let t = collect(&mut conn);
     server.join().unwrap();
-    assert_eq!(t.exit, Some((128 + libc::SIGTERM, libc::SIGTERM)));
+    assert_eq!(
+        t.exit,
+        Some((128 + Signal::TERM.as_raw(), Signal::TERM.as_raw()))
+    );
     assert!(!alive(pid));
 }
 
@@ -306,10 +310,13 @@ fn a_process_that_ignores_stdin_does_not_block_signals() {
     for _ in 0..4 {
         send(&mut conn, Request::Stdin(vec![b'z'; 256 * 1024]));
     }
-    send(&mut conn, Request::Signal(libc::SIGKILL));
+    send(&mut conn, Request::Signal(Signal::KILL.as_raw()));
     let t = collect(&mut conn);
     server.join().unwrap();
-    assert_eq!(t.exit, Some((128 + libc::SIGKILL, libc::SIGKILL)));
+    assert_eq!(
+        t.exit,
+        Some((128 + Signal::KILL.as_raw(), Signal::KILL.as_raw()))
+    );
 }
 
 #[test]
@@ -452,7 +459,7 @@ fn shutdown_is_acknowledged_before_it_is_carried_out() {
     );
     drop(conn);
     server.join().unwrap();
-    assert_eq!(h.shutdowns.try_recv(), Ok(libc::SIGTERM));
+    assert_eq!(h.shutdowns.try_recv(), Ok(Signal::TERM.as_raw()));
 
     let (mut conn, server) = h.connect();
     send(&mut conn, Request::Shutdown(Shutdown { signal: 99 }));
@@ -522,4 +529,22 @@ fn a_host_gone_while_stdin_is_backed_up_still_kills_the_process() {
         assert!(Instant::now() < deadline, "process {pid} outlived the host");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_set_network_the_agent_cannot_parse_is_refused_naming_the_field() {
+    // A well-formed one would reconfigure this machine's eth0; parsing is net_config's test.
+    let h = Harness::new();
+    let (mut conn, server) = h.connect();
+    let bad = husk_proto::agent::SetNetwork {
+        address: "not-an-address".into(),
+        prefix_len: 30,
+        ..Default::default()
+    };
+    send(&mut conn, Request::SetNetwork(bad));
+    match recv(&mut conn) {
+        Some(Reply::Error(e)) => assert!(e.starts_with("set_network: address"), "{e}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    server.join().unwrap();
 }

@@ -1,7 +1,8 @@
 //! `husk`: the command-line interface of husk.
 //!
 //! `husk run [OPTIONS] -- CMD` boots a micro-VM directly (no daemon needed); the other verbs
-//! are a gRPC client of huskd (see `remote`).
+//! are a gRPC client of huskd (see `remote`). This file is the binary's edge: it parses the
+//! command line (`opts`), sets up logging and turns every outcome into an exit code.
 
 mod opts;
 mod output;
@@ -11,72 +12,175 @@ mod run_args;
 mod snapshot_cmd;
 mod tty;
 
-fn usage() -> String {
-    format!(
-        "usage: husk [--host ADDR] <command> [ARGS...]
+use clap::error::{ContextKind, ErrorKind};
+use std::io::Write;
 
-quick launch (no daemon):
-  run [OPTIONS] -- CMD [ARGS...]     boot a micro-VM, run CMD, exit with its exit code
-                                     (`husk run --help` lists the options)
-{}
-other:
-  version                            print the version
-  help                               this text",
-        remote::USAGE
-    )
-}
+use clap::{CommandFactory, Parser};
+
+use opts::{Cli, Verb};
 
 fn main() {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut host = std::env::var("HUSK_HOST").unwrap_or_else(|_| remote::DEFAULT_HOST.into());
-    while let Some(first) = args.first() {
-        if let Some(h) = first.strip_prefix("--host=") {
-            host = h.to_string();
-            args.remove(0);
-        } else if first == "--host" && args.len() > 1 {
-            host = args[1].clone();
-            args.drain(..2);
-        } else {
-            break;
-        }
-    }
-    let code = match args.first().map(String::as_str) {
-        Some("run") => match run_args::RunArgs::parse(&args[1..]) {
-            _ if args[1..]
-                .first()
-                .is_some_and(|a| a == "--help" || a == "-h") =>
-            {
-                print!("{}", run_args::USAGE);
-                0
-            }
-            Ok(run) => quick_launch::run(&run).unwrap_or_else(fail),
+    init_logging();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(usage_error(&e, &args)),
+    };
+    let code = match &cli.command {
+        Verb::Run(run) => match run.check() {
+            Ok(()) => quick_launch::run(run).unwrap_or_else(fail),
             Err(e) => fail(e),
         },
-        Some("version" | "--version") => {
+        Verb::Version => {
             println!("husk {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Some("help" | "--help" | "-h") => {
-            println!("{}", usage());
-            0
+        Verb::Completions { shell } => {
+            // Into memory first: clap_complete panics on a write error (e.g. `| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "husk", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Ok(()) => 0,
+                Err(e) => fail(format!("stdout: {e}")),
+            }
         }
-        Some(
-            verb @ ("create" | "start" | "stop" | "rm" | "ps" | "inspect" | "exec" | "logs"
-            | "pause" | "resume" | "events" | "snapshot" | "restore"),
-        ) => match remote::run_verb(&host, verb, &args[1..]) {
+        verb => match remote::run_verb(&cli.host, verb) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("husk: error: {e}");
+                eprintln!("husk: error: {}", chain(&e));
                 remote::EXIT_API_ERROR
             }
         },
-        Some(other) => fail(format!("unknown command {other:?}\n{}", usage())),
-        None => fail(usage()),
     };
     std::process::exit(code);
 }
 
-fn fail(message: String) -> i32 {
+/// Logs (`tracing`) go to stderr, filtered by `$HUSK_LOG` (e.g. `debug`); by default only
+/// husk's own warnings, so that library chatter never mixes with a command's output.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("husk=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+}
+
+/// Prints a command-line mistake as `husk: error: ...` and returns the exit code: 125 as for
+/// any failure of husk itself, 1 for the daemon verbs (as their other failures), 0 for `--help`
+/// and `--version`.
+fn usage_error(e: &clap::Error, args: &[std::ffi::OsString]) -> i32 {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return 0;
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprint!("{}", e.render());
+            return quick_launch::EXIT_HUSK_ERROR;
+        }
+        ErrorKind::InvalidSubcommand => {
+            let verb = e
+                .get(ContextKind::InvalidSubcommand)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            eprintln!(
+                "husk: error: unknown command {verb:?}\n\n{}",
+                Cli::command().render_help()
+            );
+            return quick_launch::EXIT_HUSK_ERROR;
+        }
+        _ => {}
+    }
+    let text = e.render().to_string();
+    eprint!(
+        "husk: error: {}",
+        text.strip_prefix("error: ").unwrap_or(&text)
+    );
+    match verb_of(args) {
+        Some(verb) if Verb::is_remote(verb) => remote::EXIT_API_ERROR,
+        _ => quick_launch::EXIT_HUSK_ERROR,
+    }
+}
+
+/// The verb of a command line: the first argument after `--host ADDR` (the only option before
+/// it).
+fn verb_of(args: &[std::ffi::OsString]) -> Option<&str> {
+    let mut it = args.iter().skip(1).filter_map(|a| a.to_str());
+    loop {
+        match it.next()? {
+            "--host" => {
+                it.next();
+            }
+            a if a.starts_with("--host=") => {}
+            verb => return Some(verb),
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
+fn fail(message: impl std::fmt::Display) -> i32 {
     eprintln!("husk: error: {message}");
     quick_launch::EXIT_HUSK_ERROR
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
+        args.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn the_verb_is_found_after_the_host_option() {
+        assert_eq!(verb_of(&os(&["husk", "ps"])), Some("ps"));
+        assert_eq!(
+            verb_of(&os(&["husk", "--host", "unix:///s", "stop"])),
+            Some("stop")
+        );
+        assert_eq!(
+            verb_of(&os(&["husk", "--host=unix:///s", "run"])),
+            Some("run")
+        );
+        assert_eq!(verb_of(&os(&["husk"])), None);
+    }
+
+    #[test]
+    fn mistakes_exit_1_for_daemon_verbs_125_for_the_rest_and_0_for_help() {
+        let code = |args: &[&str]| {
+            let args = os(args);
+            let e = Cli::try_parse_from(&args).unwrap_err();
+            usage_error(&e, &args)
+        };
+        assert_eq!(
+            code(&["husk", "stop", "--bogus", "a"]),
+            remote::EXIT_API_ERROR
+        );
+        assert_eq!(code(&["husk", "--host", "unix:///s", "inspect"]), 1);
+        assert_eq!(code(&["husk", "run", "--cpus", "x", "true"]), 125);
+        assert_eq!(code(&["husk", "frob"]), 125);
+        assert_eq!(code(&["husk"]), 125);
+        assert_eq!(code(&["husk", "completions"]), 125);
+        assert_eq!(code(&["husk", "ps", "--help"]), 0);
+        assert_eq!(code(&["husk", "--version"]), 0);
+    }
+
+    #[test]
+    fn causes_are_chained_into_one_line() {
+        let e = remote::RemoteError::Runtime(std::io::Error::other("no threads"));
+        assert_eq!(chain(&e), "cannot start the async runtime: no threads");
+    }
 }

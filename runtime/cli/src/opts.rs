@@ -1,204 +1,413 @@
-//! A small option parser for the daemon verbs: `--flag`, `--flag VALUE`, `--flag=VALUE`, short
-//! aliases, positionals, and a command after `--`.
+//! The command line of `husk` (clap derive): the global options, every verb and its options.
+//!
+//! `main` turns the parse into an action; `remote` and `snapshot_cmd` turn a verb's options
+//! into a huskd request.
 
-/// One option a verb accepts.
-pub struct Opt {
-    pub names: &'static [&'static str],
-    pub takes_value: bool,
+use clap::{Args, Parser, Subcommand};
+
+use crate::remote::DEFAULT_HOST;
+use crate::run_args::RunArgs;
+use crate::snapshot_cmd::{RestoreArgs, SnapshotArgs};
+
+/// husk: micro-VM sandboxes. `husk run` boots one directly (no daemon); the other verbs drive
+/// huskd over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "husk", version)]
+pub struct Cli {
+    /// huskd's address: unix:///path/to.sock or http://HOST:PORT
+    #[arg(long, value_name = "ADDR", env = "HUSK_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+    #[command(subcommand)]
+    pub command: Verb,
 }
 
-pub const fn flag(names: &'static [&'static str]) -> Opt {
-    Opt {
-        names,
-        takes_value: false,
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Boot a micro-VM, run CMD, exit with its exit code (no daemon)
+    ///
+    /// Everything after `--`, or from the first argument that is not an option on, is CMD and
+    /// its arguments, passed to the guest untouched. The exit code is CMD's (128+N when signal
+    /// N killed it), 125 when husk itself failed, 130 after Ctrl-C.
+    #[command(override_usage = "husk run [OPTIONS] [--] <CMD>...")]
+    Run(RunArgs),
+    /// Record a VM (no CMD: a sandbox for exec); prints its id
+    Create(CreateArgs),
+    /// Start created or stopped VMs
+    Start(VmList),
+    /// Stop VMs gracefully (SIGTERM to the application), then kill them
+    Stop(StopArgs),
+    /// Delete VMs
+    Rm(RmArgs),
+    /// List VMs
+    Ps(PsArgs),
+    /// Details of a VM
+    Inspect(InspectArgs),
+    /// Run CMD in a running VM
+    #[command(override_usage = "husk exec [OPTIONS] <VM> [--] <CMD>...")]
+    Exec(ExecArgs),
+    /// The VM's console output
+    Logs(LogsArgs),
+    /// Stop VMs' vCPUs
+    Pause(VmList),
+    /// Restart paused VMs' vCPUs
+    Resume(VmList),
+    /// Lifecycle events as they happen
+    Events(EventsArgs),
+    /// Snapshot a running or paused VM into DIR
+    Snapshot(SnapshotArgs),
+    /// A new VM from a snapshot in DIR, going on where the snapshot was taken
+    Restore(RestoreArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the version
+    Version,
+}
+
+impl Verb {
+    /// Whether the verb is a huskd client (its failures exit with `EXIT_API_ERROR`).
+    pub fn is_remote(name: &str) -> bool {
+        matches!(
+            name,
+            "create"
+                | "start"
+                | "stop"
+                | "rm"
+                | "ps"
+                | "inspect"
+                | "exec"
+                | "logs"
+                | "pause"
+                | "resume"
+                | "events"
+                | "snapshot"
+                | "restore"
+        )
     }
 }
 
-pub const fn value(names: &'static [&'static str]) -> Opt {
-    Opt {
-        names,
-        takes_value: true,
-    }
+/// One or more VMs, by id or name.
+#[derive(Debug, Args)]
+pub struct VmList {
+    #[arg(value_name = "VM", required = true)]
+    pub vms: Vec<String>,
 }
 
-/// The parsed arguments of one verb.
-#[derive(Debug, Default)]
-pub struct Parsed {
-    /// (canonical name, value) in command-line order.
-    pub options: Vec<(&'static str, Option<String>)>,
-    pub positional: Vec<String>,
-    /// Everything after `--`, or after the first positional when `command_after_positional`.
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct CreateArgs {
+    /// The VM's name (unique)
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// Guest kernel [default: huskd's]
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<String>,
+    /// Initramfs [default: huskd's]
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<String>,
+    /// An ext4 image as the root filesystem (guest /dev/vda)
+    #[arg(long, value_name = "PATH")]
+    pub rootfs: Option<String>,
+    /// Attach a raw disk image (repeatable)
+    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    pub disks: Vec<String>,
+    /// Give the guest an IPv4 link to the host over a tap
+    #[arg(long)]
+    pub net: bool,
+    /// The guest's MAC address
+    #[arg(long, value_name = "M")]
+    pub mac: Option<String>,
+    /// vCPUs [default: huskd's]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub cpus: u32,
+    /// Guest memory in MiB [default: huskd's]
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub memory: u32,
+    /// Environment entry for CMD (repeatable)
+    #[arg(short = 'e', long, value_name = "K=V", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of CMD in the guest
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// A label (repeatable)
+    #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Extra kernel command-line parameters
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Host CPU limit of the VMM in millicores [default: from --cpus, see docs/security.md]
+    #[arg(
+        long,
+        value_name = "MILLICORES",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub cpu_limit: u32,
+    /// Host memory limit of the VMM in MiB [default: from --memory]
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub memory_limit: u32,
+    /// Host limit on the VMM's processes and threads [default: huskd's]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub pids_limit: u32,
+    /// Start the VM at once
+    #[arg(long)]
+    pub start: bool,
+    /// The application and its arguments, after `--`
+    #[arg(value_name = "CMD", last = true)]
     pub command: Vec<String>,
 }
 
-impl Parsed {
-    pub fn has(&self, name: &str) -> bool {
-        self.options.iter().any(|(n, _)| *n == name)
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct StopArgs {
+    /// Seconds to wait for the application before the kill
+    #[arg(short = 't', long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=3600))]
+    pub timeout: u32,
+    /// Kill at once
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    #[arg(value_name = "VM", required = true)]
+    pub vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct RmArgs {
+    /// Stop running VMs first
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    #[arg(value_name = "VM", required = true)]
+    pub vms: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct PsArgs {
+    /// Only VMs with this label (repeatable)
+    #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = key_value)]
+    pub labels: Vec<(String, String)>,
+    /// JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct InspectArgs {
+    /// JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+    #[arg(value_name = "VM")]
+    pub vm: String,
+}
+
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct ExecArgs {
+    /// Keep stdin open and send it to CMD
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Run CMD on a pseudo-terminal
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Environment entry for CMD (repeatable)
+    #[arg(short = 'e', long, value_name = "K=V", value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Working directory of CMD
+    #[arg(short = 'w', long, value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// The VM, then the command and its arguments: everything after VM is the command's,
+    /// options included (as with `docker exec`)
+    #[arg(value_names = ["VM", "CMD"], required = true, num_args = 2.., trailing_var_arg = true)]
+    argv: Vec<String>,
+}
+
+impl ExecArgs {
+    pub fn vm(&self) -> &str {
+        self.argv.first().map_or("", String::as_str)
     }
 
-    /// The last value given for `name`.
-    pub fn value(&self, name: &str) -> Option<&str> {
-        self.options
-            .iter()
-            .rev()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    /// Every value given for `name`, in order.
-    pub fn values(&self, name: &str) -> Vec<String> {
-        self.options
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .filter_map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    /// A number option within `range`, or `default`.
-    pub fn number(
-        &self,
-        name: &str,
-        default: u32,
-        range: std::ops::RangeInclusive<u32>,
-    ) -> Result<u32, String> {
-        match self.value(name) {
-            None => Ok(default),
-            Some(v) => v.parse().ok().filter(|n| range.contains(n)).ok_or_else(|| {
-                format!(
-                    "{name} {v:?}: not a number in {}..={}",
-                    range.start(),
-                    range.end()
-                )
-            }),
+    /// The command, without a `--` that separated it from the VM.
+    pub fn command(&self) -> &[String] {
+        let rest = self.argv.get(1..).unwrap_or_default();
+        match rest.split_first() {
+            Some((first, command)) if first == "--" => command,
+            _ => rest,
         }
-    }
-
-    /// `KEY=VALUE` pairs of `name`.
-    pub fn pairs(&self, name: &str) -> Result<Vec<(String, String)>, String> {
-        self.values(name)
-            .into_iter()
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-                _ => Err(format!("{name} {kv:?} is not KEY=VALUE")),
-            })
-            .collect()
     }
 }
 
-/// Parses `args` against `opts`. With `max_positional`, the arguments after that many
-/// positionals are the command (docker's `exec VM CMD ARGS...`).
-pub fn parse(
-    args: &[String],
-    opts: &[Opt],
-    max_positional: Option<usize>,
-) -> Result<Parsed, String> {
-    let mut out = Parsed::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        if arg == "--" {
-            out.command = it.by_ref().cloned().collect();
-            break;
-        }
-        if arg.starts_with('-') && arg.len() > 1 {
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-                _ => (arg.as_str(), None),
-            };
-            // Combined short flags: -it == -i -t.
-            if !name.starts_with("--") && name.len() > 2 && inline.is_none() {
-                for c in name[1..].chars() {
-                    let short = format!("-{c}");
-                    let opt =
-                        find(opts, &short).ok_or_else(|| format!("unknown option {short}"))?;
-                    if opt.takes_value {
-                        return Err(format!("{short} needs a value and cannot be combined"));
-                    }
-                    out.options.push((opt.names[0], None));
-                }
-                continue;
-            }
-            let opt = find(opts, name).ok_or_else(|| format!("unknown option {name}"))?;
-            let value = if opt.takes_value {
-                Some(
-                    inline
-                        .or_else(|| it.next().cloned())
-                        .ok_or_else(|| format!("{name} needs a value"))?,
-                )
-            } else if inline.is_some() {
-                return Err(format!("{name} takes no value"));
-            } else {
-                None
-            };
-            out.options.push((opt.names[0], value));
-            continue;
-        }
-        out.positional.push(arg.clone());
-        if max_positional.is_some_and(|max| out.positional.len() == max) {
-            out.command = it.by_ref().cloned().collect();
-            if out.command.first().is_some_and(|c| c == "--") {
-                out.command.remove(0);
-            }
-            break;
-        }
-    }
-    Ok(out)
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct LogsArgs {
+    /// Keep printing what the VM writes
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    #[arg(value_name = "VM")]
+    pub vm: String,
 }
 
-fn find<'a>(opts: &'a [Opt], name: &str) -> Option<&'a Opt> {
-    opts.iter().find(|o| o.names.contains(&name))
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only this VM's events [default: every VM's]
+    #[arg(value_name = "VM")]
+    pub vm: Option<String>,
+}
+
+/// An option value that should have been `KEY=VALUE`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not KEY=VALUE")]
+pub struct NotKeyValue(pub String);
+
+/// A `KEY=VALUE` option value with a non-empty key.
+pub fn key_value(kv: &str) -> Result<(String, String), NotKeyValue> {
+    match kv.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(NotKeyValue(kv.to_string())),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
-    fn s(args: &[&str]) -> Vec<String> {
-        args.iter().map(|a| a.to_string()).collect()
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("husk").chain(args.iter().copied()))
     }
 
-    const OPTS: &[Opt] = &[
-        flag(&["--interactive", "-i"]),
-        flag(&["--tty", "-t"]),
-        value(&["--env", "-e"]),
-        value(&["--cpus"]),
-    ];
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 
     #[test]
-    fn values_flags_positionals_and_the_command() {
-        let p = parse(
-            &s(&["-it", "--env=A=1", "-e", "B=2", "vm1", "sh", "-c", "x"]),
-            OPTS,
-            Some(1),
-        )
-        .unwrap();
-        assert!(p.has("--interactive") && p.has("--tty"));
-        assert_eq!(
-            p.pairs("--env").unwrap(),
-            vec![("A".into(), "1".into()), ("B".into(), "2".into())]
-        );
-        assert_eq!(p.positional, vec!["vm1"]);
-        assert_eq!(p.command, vec!["sh", "-c", "x"]);
-        let p = parse(&s(&["vm1", "--", "ls", "-l"]), OPTS, Some(1)).unwrap();
-        assert_eq!(p.command, vec!["ls", "-l"]);
-        let p = parse(&s(&["--cpus", "2", "--", "true"]), OPTS, None).unwrap();
-        assert_eq!(p.number("--cpus", 1, 1..=32).unwrap(), 2);
-        assert_eq!(p.command, vec!["true"]);
+    fn exec_takes_combined_short_flags_and_the_command_after_the_vm() {
+        let Verb::Exec(e) = parse(&[
+            "exec",
+            "-it",
+            "--env=A=1",
+            "-e",
+            "B=2",
+            "vm1",
+            "sh",
+            "-c",
+            "x",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not exec");
+        };
+        assert!(e.interactive && e.tty);
+        assert_eq!(e.env, [("A".into(), "1".into()), ("B".into(), "2".into())]);
+        assert_eq!(e.vm(), "vm1");
+        assert_eq!(e.command(), ["sh", "-c", "x"]);
+        // After the VM, everything is the command's, options and `--` included.
+        let Verb::Exec(e) = parse(&["exec", "vm1", "-i", "ls", "--", "-l"])
+            .unwrap()
+            .command
+        else {
+            panic!("not exec");
+        };
+        assert!(!e.interactive);
+        assert_eq!(e.command(), ["-i", "ls", "--", "-l"]);
+        let Verb::Exec(e) = parse(&["exec", "vm1", "--", "ls", "-l"]).unwrap().command else {
+            panic!("not exec");
+        };
+        assert_eq!(e.command(), ["ls", "-l"]);
+        assert!(parse(&["exec", "vm1"]).is_err(), "no command");
+        assert!(parse(&["exec"]).is_err(), "no VM");
+    }
+
+    #[test]
+    fn the_host_comes_before_the_verb() {
+        let cli = parse(&["--host", "unix:///x.sock", "ps", "--json", "-l", "a=b"]).unwrap();
+        assert_eq!(cli.host, "unix:///x.sock");
+        let Verb::Ps(ps) = cli.command else {
+            panic!("not ps");
+        };
+        assert!(ps.json);
+        assert_eq!(ps.labels, [("a".into(), "b".into())]);
+        let cli = parse(&["--host=http://h:1", "version"]).unwrap();
+        assert_eq!(cli.host, "http://h:1");
+    }
+
+    #[test]
+    fn stop_rm_and_the_vm_lists_take_their_short_forms() {
+        let Verb::Stop(s) = parse(&["stop", "-t", "3", "-f", "a", "b"]).unwrap().command else {
+            panic!("not stop");
+        };
+        assert_eq!((s.timeout, s.force), (3, true));
+        assert_eq!(s.vms, ["a", "b"]);
+        let Verb::Stop(s) = parse(&["stop", "a"]).unwrap().command else {
+            panic!("not stop");
+        };
+        assert_eq!((s.timeout, s.force), (10, false));
+        assert!(parse(&["stop", "-t", "3601", "a"]).is_err());
+        assert!(parse(&["stop"]).is_err(), "at least one VM");
+        let Verb::Rm(r) = parse(&["rm", "-f", "a"]).unwrap().command else {
+            panic!("not rm");
+        };
+        assert!(r.force);
+        for verb in ["start", "pause", "resume"] {
+            assert!(parse(&[verb]).is_err(), "{verb} needs a VM");
+            assert!(parse(&[verb, "--nope", "a"]).is_err());
+        }
+        let Verb::Logs(l) = parse(&["logs", "-f", "a"]).unwrap().command else {
+            panic!("not logs");
+        };
+        assert!(l.follow && l.vm == "a");
+        assert!(parse(&["inspect", "a", "b"]).is_err(), "one VM");
     }
 
     #[test]
     fn mistakes_are_named() {
-        assert!(parse(&s(&["--nope"]), OPTS, None)
-            .unwrap_err()
-            .contains("--nope"));
-        assert!(parse(&s(&["--cpus"]), OPTS, None)
-            .unwrap_err()
-            .contains("needs a value"));
-        assert!(parse(&s(&["-ie"]), OPTS, None).unwrap_err().contains("-e"));
-        assert!(parse(&s(&["--tty=1"]), OPTS, None)
-            .unwrap_err()
-            .contains("takes no value"));
-        let p = parse(&s(&["--cpus", "99", "-e", "novalue"]), OPTS, None).unwrap();
-        assert!(p.number("--cpus", 1, 1..=32).is_err());
-        assert!(p.pairs("--env").is_err());
+        let e = parse(&["ps", "--nope"]).unwrap_err();
+        assert!(e.to_string().contains("--nope"), "{e}");
+        let e = parse(&["create", "--cpus"]).unwrap_err();
+        assert!(e.to_string().contains("--cpus"), "{e}");
+        let e = parse(&["create", "--cpus", "many"]).unwrap_err();
+        assert!(e.to_string().contains("many"), "{e}");
+        let e = parse(&["exec", "-ie", "vm", "sh"]).unwrap_err();
+        assert!(e.to_string().contains("vm"), "{e}");
+        let e = parse(&["ps", "--json=1"]).unwrap_err();
+        assert!(e.to_string().contains("--json"), "{e}");
+        let e = parse(&["create", "-e", "novalue"]).unwrap_err();
+        assert!(e.to_string().contains("not KEY=VALUE"), "{e}");
+        assert!(key_value("=v").is_err());
+        assert_eq!(key_value("k=a=b"), Ok(("k".into(), "a=b".into())));
+    }
+
+    #[test]
+    fn completions_are_offered_for_the_common_shells() {
+        for shell in ["bash", "zsh", "fish"] {
+            let Verb::Completions { shell: parsed } =
+                parse(&["completions", shell]).unwrap().command
+            else {
+                panic!("not completions");
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(parsed, &mut Cli::command(), "husk", &mut script);
+            let script = String::from_utf8(script).unwrap();
+            assert!(
+                script.contains("snapshot") && script.contains("kernel"),
+                "{shell}"
+            );
+        }
+        assert!(parse(&["completions", "tcsh"]).is_err());
     }
 }

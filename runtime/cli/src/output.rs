@@ -1,6 +1,9 @@
 //! How the daemon verbs print VMs: aligned tables for people, JSON for scripts.
 
-use husk_proto::v1::{event, network, Event, Vm, VmState};
+use std::collections::BTreeMap;
+
+use husk_proto::v1::{event, network, Event, Vm, VmSpec, VmState, VmStatus};
+use serde::Serialize;
 
 pub fn state_name(state: i32) -> &'static str {
     match VmState::try_from(state).unwrap_or(VmState::Unspecified) {
@@ -92,100 +95,167 @@ pub fn vm_table(vms: &[Vm]) -> String {
     )
 }
 
-/// A JSON string literal.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
+/// One VM as `--json` prints it: stable field names, as in husk.proto; enums as names.
+#[derive(Debug, Serialize)]
+struct VmJson<'a> {
+    id: &'a str,
+    name: &'a str,
+    state: &'static str,
+    spec: SpecJson<'a>,
+    status: StatusJson<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct SpecJson<'a> {
+    kernel: &'a str,
+    initrd: &'a str,
+    rootfs: &'a str,
+    disks: Vec<DiskJson<'a>>,
+    network: &'static str,
+    vcpus: u32,
+    memory_mib: u32,
+    command: &'a [String],
+    /// Sorted, so that the output is stable.
+    env: BTreeMap<&'a str, &'a str>,
+    workdir: &'a str,
+    labels: BTreeMap<&'a str, &'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct DiskJson<'a> {
+    path: &'a str,
+    read_only: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusJson<'a> {
+    vmm_pid: u32,
+    exit_code: Option<i32>,
+    failure_reason: &'a str,
+    created_unix_ms: i64,
+    started_unix_ms: i64,
+    stopped_unix_ms: i64,
+    tap: &'a str,
+    host_ip: &'a str,
+    guest_ip: &'a str,
+    vsock_cid: u32,
+    console_log: &'a str,
+    agent_ready: bool,
+}
+
+impl<'a> VmJson<'a> {
+    fn new(vm: &'a Vm, spec: &'a VmSpec, status: &'a VmStatus) -> Self {
+        let mode = match spec
+            .network
+            .as_ref()
+            .map(|n| network::Mode::try_from(n.mode))
+        {
+            Some(Ok(network::Mode::Tap)) => "tap",
+            _ => "none",
+        };
+        let map = |m: &'a std::collections::HashMap<String, String>| {
+            m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+        };
+        Self {
+            id: &vm.id,
+            name: &spec.name,
+            state: state_name(vm.state),
+            spec: SpecJson {
+                kernel: &spec.kernel,
+                initrd: &spec.initrd,
+                rootfs: &spec.rootfs,
+                disks: spec
+                    .disks
+                    .iter()
+                    .map(|d| DiskJson {
+                        path: &d.path,
+                        read_only: d.read_only,
+                    })
+                    .collect(),
+                network: mode,
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib,
+                command: &spec.command,
+                env: map(&spec.env),
+                workdir: &spec.workdir,
+                labels: map(&spec.labels),
+            },
+            status: StatusJson {
+                vmm_pid: status.vmm_pid,
+                exit_code: status.exit_code,
+                failure_reason: &status.failure_reason,
+                created_unix_ms: status.created_unix_ms,
+                started_unix_ms: status.started_unix_ms,
+                stopped_unix_ms: status.stopped_unix_ms,
+                tap: &status.tap,
+                host_ip: &status.host_ip,
+                guest_ip: &status.guest_ip,
+                vsock_cid: status.vsock_cid,
+                console_log: &status.console_log,
+                agent_ready: status.agent_ready,
+            },
         }
     }
-    out.push('"');
-    out
 }
 
-fn json_map(map: &std::collections::HashMap<String, String>) -> String {
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    let items: Vec<String> = keys
-        .iter()
-        .map(|k| format!("{}: {}", json_string(k), json_string(&map[*k])))
-        .collect();
-    format!("{{{}}}", items.join(", "))
+/// serde_json's compact output with a space after each `,` and `:`: the one-line layout
+/// `husk` has always printed (scripts may grep it, e.g. for `"state": "stopped"`).
+struct OneLine;
+
+impl serde_json::ser::Formatter for OneLine {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
 }
 
-fn json_list(items: &[String]) -> String {
-    let items: Vec<String> = items.iter().map(|s| json_string(s)).collect();
-    format!("[{}]", items.join(", "))
+fn one_line<T: Serialize>(value: &T) -> String {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, OneLine);
+    // Serializing plain structs of strings and numbers into memory cannot fail.
+    if value.serialize(&mut ser).is_err() {
+        return "null".into();
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
-/// One VM as a JSON object (stable field names, as in husk.proto).
+/// One VM as a JSON object (`husk inspect --json`).
 pub fn vm_json(vm: &Vm) -> String {
     let spec = vm.spec.clone().unwrap_or_default();
     let status = vm.status.clone().unwrap_or_default();
-    let net = spec.network.clone().unwrap_or_default();
-    let mode = match network::Mode::try_from(net.mode) {
-        Ok(network::Mode::Tap) => "tap",
-        _ => "none",
-    };
-    let disks: Vec<String> = spec
-        .disks
-        .iter()
-        .map(|d| {
-            format!(
-                "{{\"path\": {}, \"read_only\": {}}}",
-                json_string(&d.path),
-                d.read_only
-            )
-        })
-        .collect();
-    let exit = status
-        .exit_code
-        .map_or("null".to_string(), |c| c.to_string());
-    format!(
-        concat!(
-            "{{\"id\": {}, \"name\": {}, \"state\": {}, \"spec\": {{\"kernel\": {}, ",
-            "\"initrd\": {}, \"rootfs\": {}, \"disks\": [{}], \"network\": {}, \"vcpus\": {}, ",
-            "\"memory_mib\": {}, \"command\": {}, \"env\": {}, \"workdir\": {}, \"labels\": {}}}, ",
-            "\"status\": {{\"vmm_pid\": {}, \"exit_code\": {}, \"failure_reason\": {}, ",
-            "\"created_unix_ms\": {}, \"started_unix_ms\": {}, \"stopped_unix_ms\": {}, ",
-            "\"tap\": {}, \"host_ip\": {}, \"guest_ip\": {}, \"vsock_cid\": {}, ",
-            "\"console_log\": {}, \"agent_ready\": {}}}}}"
-        ),
-        json_string(&vm.id),
-        json_string(&spec.name),
-        json_string(state_name(vm.state)),
-        json_string(&spec.kernel),
-        json_string(&spec.initrd),
-        json_string(&spec.rootfs),
-        disks.join(", "),
-        json_string(mode),
-        spec.vcpus,
-        spec.memory_mib,
-        json_list(&spec.command),
-        json_map(&spec.env),
-        json_string(&spec.workdir),
-        json_map(&spec.labels),
-        status.vmm_pid,
-        exit,
-        json_string(&status.failure_reason),
-        status.created_unix_ms,
-        status.started_unix_ms,
-        status.stopped_unix_ms,
-        json_string(&status.tap),
-        json_string(&status.host_ip),
-        json_string(&status.guest_ip),
-        status.vsock_cid,
-        json_string(&status.console_log),
-        status.agent_ready,
-    )
+    one_line(&VmJson::new(vm, &spec, &status))
+}
+
+/// VMs as a JSON array, one VM a line (`husk ps --json`).
+pub fn vms_json(vms: &[Vm]) -> String {
+    let items: Vec<String> = vms.iter().map(vm_json).collect();
+    format!("[{}]", items.join(",\n "))
 }
 
 /// `husk inspect` for people.
@@ -268,42 +338,104 @@ pub fn event_line(e: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use husk_proto::v1::{VmSpec, VmStatus};
+    use husk_proto::v1::{Disk, Network};
+    use serde_json::{json, Value};
 
     #[test]
-    fn json_escapes_and_tables_align() {
-        assert_eq!(json_string("a\"b\\c\n\u{1}"), "\"a\\\"b\\\\c\\n\\u0001\"");
+    fn tables_align() {
         let t = table(&["A", "LONGER"], &[vec!["xxxx".into(), "y".into()]]);
         assert_eq!(t, "A      LONGER\nxxxx   y\n");
     }
 
-    #[test]
-    fn a_vm_prints_as_json_and_as_a_row() {
-        let vm = Vm {
+    fn stopped_vm() -> Vm {
+        Vm {
             id: "0123".into(),
             spec: Some(VmSpec {
-                name: "web\"1".into(),
+                name: "web\"1\n\u{1}".into(),
                 command: vec!["sh".into(), "-c".into(), "exit 3".into()],
                 vcpus: 2,
                 memory_mib: 128,
+                disks: vec![Disk {
+                    path: "/d.img".into(),
+                    read_only: true,
+                }],
+                network: Some(Network {
+                    mode: network::Mode::Tap as i32,
+                    mac: String::new(),
+                }),
+                env: [("B".to_string(), "2".to_string()), ("A".into(), "1".into())].into(),
+                labels: [("tier".to_string(), "front".to_string())].into(),
                 ..Default::default()
             }),
             state: VmState::Stopped as i32,
             status: Some(VmStatus {
                 exit_code: Some(3),
+                vmm_pid: 42,
+                agent_ready: true,
                 ..Default::default()
             }),
-        };
-        let json = vm_json(&vm);
+        }
+    }
+
+    #[test]
+    fn a_vm_prints_as_json_with_every_field_and_as_a_row() {
+        let vm = stopped_vm();
+        let text = vm_json(&vm);
+        assert!(!text.contains('\n'), "one line: {text}");
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let expected = json!({
+            "id": "0123", "name": "web\"1\n\u{1}", "state": "stopped",
+            "spec": {"kernel": "", "initrd": "", "rootfs": "",
+                     "disks": [{"path": "/d.img", "read_only": true}], "network": "tap",
+                     "vcpus": 2, "memory_mib": 128, "command": ["sh", "-c", "exit 3"],
+                     "env": {"A": "1", "B": "2"}, "workdir": "", "labels": {"tier": "front"}},
+            "status": {"vmm_pid": 42, "exit_code": 3, "failure_reason": "",
+                       "created_unix_ms": 0, "started_unix_ms": 0, "stopped_unix_ms": 0,
+                       "tap": "", "host_ip": "", "guest_ip": "", "vsock_cid": 0,
+                       "console_log": "", "agent_ready": true}
+        });
+        assert_eq!(parsed, expected);
+        // The layout scripts and tests grep for: `"key": value`, fields in proto order.
         assert!(
-            json.starts_with("{\"id\": \"0123\", \"name\": \"web\\\"1\", \"state\": \"stopped\""),
-            "{json}"
+            text.starts_with(
+                "{\"id\": \"0123\", \"name\": \"web\\\"1\\n\\u0001\", \"state\": \"stopped\""
+            ),
+            "{text}"
         );
         assert!(
-            json.contains("\"exit_code\": 3")
-                && json.contains("\"command\": [\"sh\", \"-c\", \"exit 3\"]")
+            text.contains("\"command\": [\"sh\", \"-c\", \"exit 3\"]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"env\": {\"A\": \"1\", \"B\": \"2\"}"),
+            "{text}"
         );
         let row = vm_table(&[vm]);
-        assert!(row.lines().nth(1).unwrap().contains("stopped (3)"), "{row}");
+        assert!(
+            row.contains("stopped (3)") && row.contains("sh -c exit 3"),
+            "{row}"
+        );
+    }
+
+    #[test]
+    fn a_vm_without_spec_or_status_prints_defaults_and_null_exit() {
+        let vm = Vm {
+            id: "x".into(),
+            ..Default::default()
+        };
+        let parsed: Value = serde_json::from_str(&vm_json(&vm)).unwrap();
+        assert_eq!(parsed["state"], "unknown");
+        assert_eq!(parsed["spec"]["network"], "none");
+        assert_eq!(parsed["spec"]["disks"], json!([]));
+        assert_eq!(parsed["status"]["exit_code"], Value::Null);
+    }
+
+    #[test]
+    fn a_list_is_a_json_array_of_the_same_objects() {
+        let vms = [stopped_vm(), stopped_vm()];
+        let parsed: Value = serde_json::from_str(&vms_json(&vms)).unwrap();
+        let single: Value = serde_json::from_str(&vm_json(&vms[0])).unwrap();
+        assert_eq!(parsed, json!([single.clone(), single]));
+        assert_eq!(vms_json(&[]), "[]");
     }
 }

@@ -1,15 +1,18 @@
 //! `husk run`: boot a micro-VM with husk-vmm directly (no daemon), run one command in it, and
 //! exit with that command's exit code.
 
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use husk_init::spec::{BootSpec, PARAM};
+use husk_init::spec::{BootSpec, SpecError, PARAM};
 
 use crate::run_args::RunArgs;
-use husk_host::jail::{self, JailConfig, JailSpec};
-use husk_host::net::VmLink;
-use husk_host::paths::{husk_home, require_file, vmm_binary};
+use husk_host::jail::{self, JailConfig, JailError, JailSpec};
+use husk_host::net::{NetError, VmLink};
+use husk_host::paths::{husk_home, require_file, vmm_binary, FileError, LookupError};
+use husk_host::process::inherit_fd;
+use husk_host::vmm_args::{fd_path, DiskConfig, ValueError, VmmArgs, VsockConfig};
 
 const BUILD_KERNEL_HINT: &str = "build the default one with scripts/build-kernel, or pass --kernel";
 const BUILD_INITRD_HINT: &str =
@@ -18,8 +21,49 @@ const BUILD_INITRD_HINT: &str =
 /// Exit code when husk itself (not the guest application) failed, as docker does.
 pub const EXIT_HUSK_ERROR: i32 = 125;
 
+/// Why `husk run` could not run the VM (each message is the whole story, on one line).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Jail(#[from] JailError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("--disk {value}: {reason}")]
+    Disk { value: String, reason: ValueError },
+    #[error("{}: {cause}", .path.display())]
+    Absolute { path: PathBuf, cause: io::Error },
+    #[error("--cgroup needs the jail: run husk as root, without --no-jail")]
+    CgroupWithoutJail,
+    #[error("--vsock {}: {cause}", .dir.display())]
+    VsockDir { dir: PathBuf, cause: io::Error },
+    #[error(
+        "--vsock {}: the jailed VMM (uid {uid}) cannot create its socket in {}; make the \
+         directory writable for it (e.g. chmod 1777), set HUSK_JAIL_UID/HUSK_JAIL_GID, or pass \
+         --no-jail",
+        .socket.display(),
+        .dir.display()
+    )]
+    VsockNotWritable {
+        socket: PathBuf,
+        dir: PathBuf,
+        uid: u32,
+    },
+    #[error("cannot pass the guest command line: {0}")]
+    CmdlinePipe(io::Error),
+    #[error("cannot start {}: {cause}", .vmm.display())]
+    Spawn { vmm: PathBuf, cause: io::Error },
+    #[error("waiting for {}: {cause}", .vmm.display())]
+    Wait { vmm: PathBuf, cause: io::Error },
+}
+
 /// Runs the VM and returns the exit code to leave with.
-pub fn run(args: &RunArgs) -> Result<i32, String> {
+pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     let home = husk_home()?;
     let kernel = args
         .kernel
@@ -35,7 +79,7 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
         cwd: args.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
     };
     // Everything that can be refused is checked before anything is created.
-    spec.encode().map_err(|e| e.to_string())?;
+    spec.encode()?;
     require_file(&kernel, "kernel", BUILD_KERNEL_HINT)?;
     require_file(&initrd, "initrd", BUILD_INITRD_HINT)?;
     let mut disks = disk_args(args)?;
@@ -45,7 +89,10 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     let absolute = |p: &Path| {
         std::path::absolute(p)
             .map(|p| jail::normalize(&p))
-            .map_err(|e| format!("{}: {e}", p.display()))
+            .map_err(|cause| RunError::Absolute {
+                path: p.into(),
+                cause,
+            })
     };
     let (kernel, initrd) = (absolute(&kernel)?, absolute(&initrd)?);
     let vsock = args.vsock.as_deref().map(absolute).transpose()?;
@@ -53,13 +100,13 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     let mut disk_files = Vec::new();
     if jail_config.is_some() {
         for disk in disks.iter_mut() {
-            let (file, arg) = jail::open_disk(disk)?;
+            let (file, by_fd) = jail::open_disk(disk)?;
             disk_files.push(file);
-            *disk = arg;
+            *disk = by_fd;
         }
     }
     if jail_config.is_none() && !args.cgroup.is_empty() {
-        return Err("--cgroup needs the jail: run husk as root, without --no-jail".into());
+        return Err(RunError::CgroupWithoutJail);
     }
     let vsock_dir = match (&jail_config, &vsock) {
         (Some(j), Some(path)) => Some(vsock_dir_for(j, path)?),
@@ -83,86 +130,69 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
             .push(format!("HUSK_GUEST_IP={}", link.guest_ip).into_bytes());
     }
     cmdline.extend(args.cmdline.clone());
-    cmdline.push(format!(
-        "{PARAM}{}",
-        spec.encode().map_err(|e| e.to_string())?
-    ));
+    cmdline.push(format!("{PARAM}{}", spec.encode()?));
 
-    let mut cmd = Command::new(&vmm);
-    cmd.arg("--kernel")
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd);
-    cmd.arg("--cpus").arg(args.cpus.to_string());
-    cmd.arg("--memory").arg(args.memory_mib.to_string());
-    for disk in &disks {
-        cmd.arg("--disk").arg(disk);
-    }
-    if let Some(link) = &link {
-        cmd.arg("--net").arg(link.vmm_arg());
-        husk_host::process::inherit_fd(&mut cmd, link.raw_fd());
-    }
-    if let Some(path) = &vsock {
-        cmd.arg("--vsock")
-            .arg(format!("cid=3,path={}", path.display()));
-    }
     // The application's argv and environment travel in the guest command line: through a
     // pipe, so that they never show on husk-vmm's own command line.
-    let cmdline_fd = husk_host::process::cmdline_pipe(&cmdline.join(" "))
-        .map_err(|e| format!("cannot pass the guest command line: {e}"))?;
-    {
-        use std::os::fd::AsRawFd;
-        cmd.arg("--cmdline-file")
-            .arg(format!("/proc/self/fd/{}", cmdline_fd.as_raw_fd()));
-        husk_host::process::inherit_fd(&mut cmd, cmdline_fd.as_raw_fd());
-    }
-    if args.report_boot_time {
-        cmd.arg("--report-boot-time");
-    }
+    let cmdline_fd =
+        husk_host::process::cmdline_pipe(&cmdline.join(" ")).map_err(RunError::CmdlinePipe)?;
+    let vmm_args = vmm_args(
+        args,
+        VmmFiles {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            disks,
+            vsock,
+            cmdline_fd: cmdline_fd.as_raw_fd(),
+        },
+        link.as_ref(),
+    );
+    // What the VMM inherits: the tap, the disks opened here, the command-line pipe.
+    let fds: Vec<RawFd> = link
+        .iter()
+        .map(|l| l.raw_fd())
+        .chain(disk_files.iter().map(|f| f.as_raw_fd()))
+        .chain([cmdline_fd.as_raw_fd()])
+        .collect();
     let jail_id = jail::run_jail_id(std::process::id());
-    if let Some(j) = &jail_config {
-        jail::sweep_dead_runs(&j.jailer);
-    }
-    if let Some(j) = &jail_config {
-        use std::os::fd::AsRawFd;
-        let spec = JailSpec {
-            id: &jail_id,
-            uid: j.uid,
-            gid: j.gid,
-            files: vec![kernel.clone(), initrd.clone()],
-            dirs: vsock_dir.into_iter().collect(),
-            fds: link
-                .iter()
-                .map(|l| l.raw_fd())
-                .chain(disk_files.iter().map(|f| f.as_raw_fd()))
-                .chain([cmdline_fd.as_raw_fd()])
-                .collect(),
-            cgroup: args.cgroup.clone(),
-            rlimits: Vec::new(),
-        };
-        cmd = jail::wrap(&j.jailer, &cmd, &spec);
-    }
+    let mut cmd = match &jail_config {
+        None => {
+            let mut cmd = vmm_args.to_command(&vmm);
+            for fd in fds {
+                inherit_fd(&mut cmd, fd);
+            }
+            cmd
+        }
+        Some(j) => {
+            jail::sweep_dead_runs(&j.jailer);
+            let spec = JailSpec {
+                id: &jail_id,
+                uid: j.uid,
+                gid: j.gid,
+                files: vec![kernel, initrd],
+                dirs: vsock_dir.into_iter().collect(),
+                fds,
+                cgroup: args.cgroup.clone(),
+                rlimits: Vec::new(),
+            };
+            jail::wrap(&j.jailer, &vmm, &vmm_args, &spec)
+        }
+    };
     // A killed husk run takes its VM with it (husk-jailer re-arms this after its uid drop).
-    // SAFETY: runs in the child between fork and exec; prctl is async-signal-safe.
+    // SAFETY: runs in the child between fork and exec; prctl is async-signal-safe and nothing
+    // here allocates.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            let kill = rustix::process::Signal::KILL;
+            rustix::process::set_parent_process_death_signal(Some(kill))?;
             Ok(())
         });
     }
-    let spawned = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", vmm.display()));
+    let spawned = cmd.spawn().map_err(|cause| RunError::Spawn {
+        vmm: vmm.clone(),
+        cause,
+    });
     // husk-vmm holds the tap and disks now; with husk's copies closed, they go with the VMM.
     drop(link);
     drop(disk_files);
@@ -176,11 +206,41 @@ pub fn run(args: &RunArgs) -> Result<i32, String> {
     result
 }
 
+/// What `husk run` resolved or opened for husk-vmm.
+struct VmmFiles {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// The root disk first; by fd when jailed.
+    disks: Vec<DiskConfig>,
+    vsock: Option<PathBuf>,
+    /// The pipe holding the guest command line.
+    cmdline_fd: RawFd,
+}
+
+/// The husk-vmm invocation of `husk run`: the guest CID is always 3 (one VM per socket path).
+fn vmm_args(args: &RunArgs, files: VmmFiles, link: Option<&VmLink>) -> VmmArgs {
+    VmmArgs {
+        kernel: Some(files.kernel),
+        initrd: Some(files.initrd),
+        cmdline_file: Some(fd_path(files.cmdline_fd)),
+        cpus: Some(u64::from(args.cpus)),
+        memory: Some(args.memory_mib),
+        disks: files.disks,
+        net: link.map(VmLink::net_config),
+        vsock: files.vsock.map(|uds_path| VsockConfig { cid: 3, uds_path }),
+        report_boot_time: args.report_boot_time,
+        ..VmmArgs::default()
+    }
+}
+
 /// The directory of the vsock socket, which the jailed VMM must be able to create it in.
-fn vsock_dir_for(jail: &JailConfig, socket: &Path) -> Result<PathBuf, String> {
+fn vsock_dir_for(jail: &JailConfig, socket: &Path) -> Result<PathBuf, RunError> {
     use std::os::unix::fs::MetadataExt;
     let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let meta = std::fs::metadata(&dir).map_err(|e| format!("--vsock {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(&dir).map_err(|cause| RunError::VsockDir {
+        dir: dir.clone(),
+        cause,
+    })?;
     let need = if meta.uid() == jail.uid {
         0o300
     } else if meta.gid() == jail.gid {
@@ -189,27 +249,25 @@ fn vsock_dir_for(jail: &JailConfig, socket: &Path) -> Result<PathBuf, String> {
         0o003
     };
     if meta.mode() & need != need {
-        return Err(format!(
-            "--vsock {}: the jailed VMM (uid {}) cannot create its socket in {}; make the \
-             directory writable for it (e.g. chmod 1777), set HUSK_JAIL_UID/HUSK_JAIL_GID, \
-             or pass --no-jail",
-            socket.display(),
-            jail.uid,
-            dir.display()
-        ));
+        return Err(RunError::VsockNotWritable {
+            socket: socket.into(),
+            dir,
+            uid: jail.uid,
+        });
     }
     Ok(dir)
 }
 
 /// Waits for the VMM (or the jailer that became it) and returns the exit code to leave with.
-fn wait(mut child: std::process::Child, vmm: &Path) -> Result<i32, String> {
+fn wait(mut child: std::process::Child, vmm: &Path) -> Result<i32, RunError> {
     // Ctrl-C reaches husk-vmm through the terminal's process group; husk-vmm stops the VM and
     // exits 130. husk itself must outlive it to pass that code on. (Ignored only after the
     // spawn, so husk-vmm does not inherit the ignored disposition.)
     ignore_interactive_signals();
-    let status = child
-        .wait()
-        .map_err(|e| format!("waiting for {}: {e}", vmm.display()))?;
+    let status = child.wait().map_err(|cause| RunError::Wait {
+        vmm: vmm.into(),
+        cause,
+    })?;
     Ok(
         match (
             status.code(),
@@ -222,8 +280,8 @@ fn wait(mut child: std::process::Child, vmm: &Path) -> Result<i32, String> {
     )
 }
 
-/// husk-vmm `--disk` values: the root disk first (it is vda), then the others in order.
-fn disk_args(args: &RunArgs) -> Result<Vec<String>, String> {
+/// husk-vmm's disks: the root disk first (it is vda), then the others in order.
+fn disk_args(args: &RunArgs) -> Result<Vec<DiskConfig>, RunError> {
     let mut disks = Vec::new();
     if let Some(rootfs) = &args.rootfs {
         require_file(
@@ -231,15 +289,22 @@ fn disk_args(args: &RunArgs) -> Result<Vec<String>, String> {
             "rootfs",
             "build one with scripts/build-image default, or pass --rootfs",
         )?;
-        disks.push(rootfs.display().to_string());
+        disks.push(DiskConfig {
+            path: rootfs.clone(),
+            read_only: false,
+        });
     }
-    for disk in &args.disks {
+    for value in &args.disks {
+        let disk: DiskConfig = value.parse().map_err(|reason| RunError::Disk {
+            value: value.clone(),
+            reason,
+        })?;
         require_file(
-            Path::new(disk.strip_suffix(":ro").unwrap_or(disk)),
+            &disk.path,
             "disk",
             "make one with mkfs.ext4, or check --disk",
         )?;
-        disks.push(disk.clone());
+        disks.push(disk);
     }
     Ok(disks)
 }
@@ -248,5 +313,69 @@ fn ignore_interactive_signals() {
     for sig in [libc::SIGINT, libc::SIGQUIT] {
         // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use husk_host::vmm_args::{Invocation, NetConfig, TapSource};
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        Cli::parse_from(std::iter::once("husk-run").chain(argv.iter().copied())).run
+    }
+
+    #[test]
+    fn husk_runs_vmm_command_line_parses_back_to_what_it_built() {
+        let args = run_args(&[
+            "--cpus",
+            "2",
+            "--memory",
+            "512",
+            "--boot-time",
+            "--",
+            "true",
+        ]);
+        let tap = std::fs::File::open("/dev/null").unwrap();
+        let link = VmLink {
+            tap_fd: tap.into(),
+            tap_name: "husk4".into(),
+            host_ip: "169.254.128.17".parse().unwrap(),
+            guest_ip: "169.254.128.18".parse().unwrap(),
+            mac: [6, 0, 169, 254, 128, 18],
+        };
+        let files = VmmFiles {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            disks: vec![DiskConfig {
+                path: fd_path(9),
+                read_only: true,
+            }],
+            vsock: Some("/run/user/v.sock".into()),
+            cmdline_fd: 11,
+        };
+        let built = vmm_args(&args, files, Some(&link));
+        assert_eq!(
+            VmmArgs::parse(built.to_args()),
+            Ok(Invocation::Run(Box::new(built.clone())))
+        );
+        assert_eq!((built.cpus, built.memory), (Some(2), Some(512)));
+        assert!(built.report_boot_time && built.cmdline.is_none());
+        assert_eq!(built.cmdline_file, Some("/proc/self/fd/11".into()));
+        assert_eq!(
+            built.net,
+            Some(NetConfig {
+                tap: TapSource::Fd(link.raw_fd(), "husk4".into()),
+                mac: link.mac,
+            })
+        );
+        assert_eq!(built.vsock.map(|v| v.cid), Some(3));
     }
 }

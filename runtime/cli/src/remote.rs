@@ -15,7 +15,9 @@ use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::opts::{self, flag, value, Opt};
+use crate::opts::{
+    CreateArgs, EventsArgs, ExecArgs, InspectArgs, LogsArgs, PsArgs, RmArgs, StopArgs, Verb, VmList,
+};
 use crate::output;
 use crate::tty;
 
@@ -23,123 +25,96 @@ pub const DEFAULT_HOST: &str = "unix:///run/husk/huskd.sock";
 /// Exit code for a failed daemon call (the gRPC status message is printed).
 pub const EXIT_API_ERROR: i32 = 1;
 
-pub const USAGE: &str = "\
-daemon commands (against huskd; --host ADDR or $HUSK_HOST, default unix:///run/husk/huskd.sock):
-  create [OPTIONS] [-- CMD ARGS...]   record a VM (no CMD: a sandbox for exec); prints its id
-         --name N --kernel P --initrd P --rootfs P --disk P[:ro] --net --mac M --cpus N
-         --memory MIB --env K=V --workdir DIR --label K=V --cmdline STR --start
-         --cpu-limit MILLICORES --memory-limit MIB --pids-limit N  (host limits of the VMM;
-         default: from --cpus and --memory, see docs/security.md)
-  start VM                           start a created or stopped VM
-  stop [--timeout SECS] [--force] VM...   graceful stop (SIGTERM to the application), then kill
-  rm [--force] VM...                 delete VMs (--force stops running ones first)
-  ps [--label K=V]... [--json]       list VMs
-  inspect [--json] VM                details of a VM
-  exec [-i] [-t] [--env K=V] [--workdir DIR] VM CMD ARGS...   run CMD in a running VM
-  logs [-f] VM                       the VM's console output (-f: follow)
-  pause VM / resume VM               stop and restart a VM's vCPUs
-  events [VM]                        lifecycle events as they happen
-  snapshot [--leave-paused] [--diff] VM DIR   snapshot a running or paused VM into DIR
-  restore [--name N] [--mac M] [--disk P[:ro]]... [--label K=V]... [--paused] DIR
-                                     a new VM from DIR, going on where the snapshot was taken";
+/// Why a daemon verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("--host {0:?}: use unix:///path/to/huskd.sock or http://HOST:PORT")]
+    BadHost(String),
+    #[error(transparent)]
+    Unreachable(husk_proto::client::ConnectError),
+    /// huskd refused: its message and the gRPC code (tests look for both).
+    #[error("{} ({:?})", .0.message(), .0.code())]
+    Api(#[from] tonic::Status),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("exec: the stream ended without an exit status")]
+    NoExitStatus,
+}
 
 /// Connects to huskd.
-pub async fn connect(host: &str) -> Result<HuskClient<Channel>, String> {
+pub async fn connect(host: &str) -> Result<HuskClient<Channel>, RemoteError> {
     use husk_proto::client::{channel, ConnectError};
+    tracing::debug!(host, "connecting to huskd");
     match channel(host).await {
         Ok(channel) => Ok(HuskClient::new(channel)),
-        Err(ConnectError::BadAddress(_)) => Err(format!(
-            "--host {host:?}: use unix:///path/to/huskd.sock or http://HOST:PORT"
-        )),
-        Err(e) => Err(e.to_string()),
+        Err(ConnectError::BadAddress(_)) => Err(RemoteError::BadHost(host.to_string())),
+        Err(e) => Err(RemoteError::Unreachable(e)),
     }
 }
 
-fn status_error(status: tonic::Status) -> String {
-    format!("{} ({:?})", status.message(), status.code())
-}
-
 /// Runs one daemon verb; returns the exit code.
-pub fn run_verb(host: &str, verb: &str, args: &[String]) -> Result<i32, String> {
+pub fn run_verb(host: &str, verb: &Verb) -> Result<i32, RemoteError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .map_err(RemoteError::Runtime)?;
     runtime.block_on(async {
         let mut client = connect(host).await?;
         match verb {
-            "create" => create(&mut client, args).await,
-            "start" => {
-                each_vm(args, "start", |vm| {
+            Verb::Create(args) => create(&mut client, args).await,
+            Verb::Start(list) => {
+                each_vm(list, |vm| {
                     let mut c = client.clone();
                     async move { c.start_vm(StartVmRequest { vm }).await.map(|_| ()) }
                 })
                 .await
             }
-            "stop" => stop(&mut client, args).await,
-            "rm" => rm(&mut client, args).await,
-            "ps" => ps(&mut client, args).await,
-            "inspect" => inspect(&mut client, args).await,
-            "exec" => exec(&mut client, args).await,
-            "logs" => logs(&mut client, args).await,
-            "pause" => {
-                each_vm(args, "pause", |vm| {
+            Verb::Stop(args) => stop(&mut client, args).await,
+            Verb::Rm(args) => rm(&mut client, args).await,
+            Verb::Ps(args) => ps(&mut client, args).await,
+            Verb::Inspect(args) => inspect(&mut client, args).await,
+            Verb::Exec(args) => exec(&mut client, args).await,
+            Verb::Logs(args) => logs(&mut client, args).await,
+            Verb::Pause(list) => {
+                each_vm(list, |vm| {
                     let mut c = client.clone();
                     async move { c.pause_vm(PauseVmRequest { vm }).await.map(|_| ()) }
                 })
                 .await
             }
-            "resume" => {
-                each_vm(args, "resume", |vm| {
+            Verb::Resume(list) => {
+                each_vm(list, |vm| {
                     let mut c = client.clone();
                     async move { c.resume_vm(ResumeVmRequest { vm }).await.map(|_| ()) }
                 })
                 .await
             }
-            "events" => events(&mut client, args).await,
-            "snapshot" => crate::snapshot_cmd::snapshot(&mut client, args).await,
-            "restore" => crate::snapshot_cmd::restore(&mut client, args).await,
-            other => Err(format!("unknown command {other:?}")),
+            Verb::Events(args) => events(&mut client, args).await,
+            Verb::Snapshot(args) => crate::snapshot_cmd::snapshot(&mut client, args).await,
+            Verb::Restore(args) => crate::snapshot_cmd::restore(&mut client, args).await,
+            // main runs the local verbs itself.
+            Verb::Run(_) | Verb::Completions { .. } | Verb::Version => Ok(0),
         }
     })
 }
 
 /// Applies a call to every VM named; prints each name done, the first error stops.
-async fn each_vm<F, Fut>(args: &[String], verb: &str, mut call: F) -> Result<i32, String>
+async fn each_vm<F, Fut>(list: &VmList, mut call: F) -> Result<i32, RemoteError>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<(), tonic::Status>>,
 {
-    let parsed = opts::parse(args, &[], None)?;
-    if parsed.positional.is_empty() {
-        return Err(format!("{verb}: name at least one VM"));
-    }
-    for vm in parsed.positional {
-        call(vm.clone()).await.map_err(status_error)?;
+    for vm in &list.vms {
+        call(vm.clone()).await?;
         println!("{vm}");
     }
     Ok(0)
 }
-
-const CREATE_OPTS: &[Opt] = &[
-    value(&["--name"]),
-    value(&["--kernel"]),
-    value(&["--initrd"]),
-    value(&["--rootfs"]),
-    value(&["--disk"]),
-    flag(&["--net"]),
-    value(&["--mac"]),
-    value(&["--cpus"]),
-    value(&["--memory"]),
-    value(&["--env", "-e"]),
-    value(&["--workdir", "-w"]),
-    value(&["--label", "-l"]),
-    value(&["--cmdline"]),
-    value(&["--cpu-limit"]),
-    value(&["--memory-limit"]),
-    value(&["--pids-limit"]),
-    flag(&["--start"]),
-];
 
 /// A path as the daemon needs it: absolute (huskd does not share our working directory).
 pub fn absolute(path: &str) -> String {
@@ -162,132 +137,101 @@ pub fn disk_arg(value: &str) -> Disk {
     }
 }
 
-/// Builds the VmSpec of `husk create` (also used by tests of the parser).
-pub fn create_spec(args: &[String]) -> Result<(VmSpec, bool), String> {
-    let p = opts::parse(args, CREATE_OPTS, None)?;
-    if let Some(extra) = p.positional.first() {
-        return Err(format!(
-            "unexpected argument {extra:?} (put the command after --)"
-        ));
-    }
-    let disks = p.values("--disk").iter().map(|d| disk_arg(d)).collect();
+/// Builds the VmSpec of `husk create` and whether to start it (also used by tests).
+pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
     let spec = VmSpec {
-        name: p.value("--name").unwrap_or_default().to_string(),
-        kernel: p.value("--kernel").map(absolute).unwrap_or_default(),
-        initrd: p.value("--initrd").map(absolute).unwrap_or_default(),
-        rootfs: p.value("--rootfs").map(absolute).unwrap_or_default(),
-        disks,
+        name: args.name.clone().unwrap_or_default(),
+        kernel: args.kernel.as_deref().map(absolute).unwrap_or_default(),
+        initrd: args.initrd.as_deref().map(absolute).unwrap_or_default(),
+        rootfs: args.rootfs.as_deref().map(absolute).unwrap_or_default(),
+        disks: args.disks.iter().map(|d| disk_arg(d)).collect(),
         network: Some(Network {
-            mode: if p.has("--net") {
+            mode: if args.net {
                 network::Mode::Tap
             } else {
                 network::Mode::None
             } as i32,
-            mac: p.value("--mac").unwrap_or_default().to_string(),
+            mac: args.mac.clone().unwrap_or_default(),
         }),
         // Range checks are the daemon's: it answers INVALID_ARGUMENT with the limits.
-        vcpus: p.number("--cpus", 0, 0..=u32::MAX)?,
-        memory_mib: p.number("--memory", 0, 0..=u32::MAX)?,
-        command: p.command.clone(),
-        env: p.pairs("--env")?.into_iter().collect(),
-        workdir: p.value("--workdir").unwrap_or_default().to_string(),
-        labels: p.pairs("--label")?.into_iter().collect(),
-        extra_cmdline: p.value("--cmdline").unwrap_or_default().to_string(),
+        vcpus: args.cpus,
+        memory_mib: args.memory,
+        command: args.command.clone(),
+        env: args.env.iter().cloned().collect(),
+        workdir: args.workdir.clone().unwrap_or_default(),
+        labels: args.labels.iter().cloned().collect(),
+        extra_cmdline: args.cmdline.clone().unwrap_or_default(),
         // 0: huskd's default, computed from the shape (see Limits in husk.proto).
         limits: Some(Limits {
-            cpu_millis: p.number("--cpu-limit", 0, 0..=u32::MAX)?,
-            memory_max_mib: p.number("--memory-limit", 0, 0..=u32::MAX)?,
-            pids_max: p.number("--pids-limit", 0, 0..=u32::MAX)?,
+            cpu_millis: args.cpu_limit,
+            memory_max_mib: args.memory_limit,
+            pids_max: args.pids_limit,
             open_files: 0,
         }),
     };
-    Ok((spec, p.has("--start")))
+    (spec, args.start)
 }
 
-async fn create(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let (spec, start) = create_spec(args)?;
+async fn create(client: &mut HuskClient<Channel>, args: &CreateArgs) -> Result<i32, RemoteError> {
+    let (spec, start) = create_spec(args);
     let vm = client
         .create_vm(CreateVmRequest {
             spec: Some(spec),
             start,
         })
-        .await
-        .map_err(status_error)?
+        .await?
         .into_inner();
     println!("{}", vm.id);
     Ok(0)
 }
 
-async fn stop(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(
-        args,
-        &[value(&["--timeout", "-t"]), flag(&["--force", "-f"])],
-        None,
-    )?;
-    let timeout_ms = p.number("--timeout", 10, 0..=3600)? * 1000;
-    if p.positional.is_empty() {
-        return Err("stop: name at least one VM".into());
-    }
-    for vm in &p.positional {
+async fn stop(client: &mut HuskClient<Channel>, args: &StopArgs) -> Result<i32, RemoteError> {
+    for vm in &args.vms {
         let request = StopVmRequest {
             vm: vm.clone(),
-            timeout_ms,
-            force: p.has("--force"),
+            timeout_ms: args.timeout * 1000,
+            force: args.force,
         };
-        client.stop_vm(request).await.map_err(status_error)?;
+        client.stop_vm(request).await?;
         println!("{vm}");
     }
     Ok(0)
 }
 
-async fn rm(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, &[flag(&["--force", "-f"])], None)?;
-    if p.positional.is_empty() {
-        return Err("rm: name at least one VM".into());
-    }
-    for vm in &p.positional {
+async fn rm(client: &mut HuskClient<Channel>, args: &RmArgs) -> Result<i32, RemoteError> {
+    for vm in &args.vms {
         let request = DeleteVmRequest {
             vm: vm.clone(),
-            force: p.has("--force"),
+            force: args.force,
         };
-        client.delete_vm(request).await.map_err(status_error)?;
+        client.delete_vm(request).await?;
         println!("{vm}");
     }
     Ok(0)
 }
 
-async fn ps(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, &[value(&["--label", "-l"]), flag(&["--json"])], None)?;
+async fn ps(client: &mut HuskClient<Channel>, args: &PsArgs) -> Result<i32, RemoteError> {
     let request = ListVmsRequest {
-        label_selector: p.pairs("--label")?.into_iter().collect(),
+        label_selector: args.labels.iter().cloned().collect(),
     };
-    let mut vms = client
-        .list_vms(request)
-        .await
-        .map_err(status_error)?
-        .into_inner()
-        .vms;
+    let mut vms = client.list_vms(request).await?.into_inner().vms;
     vms.sort_by_key(|vm| vm.status.as_ref().map_or(0, |s| s.created_unix_ms));
-    if p.has("--json") {
-        let items: Vec<String> = vms.iter().map(output::vm_json).collect();
-        println!("[{}]", items.join(",\n "));
+    if args.json {
+        println!("{}", output::vms_json(&vms));
     } else {
         print!("{}", output::vm_table(&vms));
     }
     Ok(0)
 }
 
-async fn inspect(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, &[flag(&["--json"])], None)?;
-    let [vm] = &p.positional[..] else {
-        return Err("inspect: name one VM".into());
-    };
+async fn inspect(client: &mut HuskClient<Channel>, args: &InspectArgs) -> Result<i32, RemoteError> {
     let vm = client
-        .get_vm(GetVmRequest { vm: vm.clone() })
-        .await
-        .map_err(status_error)?
+        .get_vm(GetVmRequest {
+            vm: args.vm.clone(),
+        })
+        .await?
         .into_inner();
-    if p.has("--json") {
+    if args.json {
         println!("{}", output::vm_json(&vm));
     } else {
         print!("{}", output::vm_details(&vm));
@@ -295,64 +239,39 @@ async fn inspect(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i3
     Ok(0)
 }
 
-async fn logs(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, &[flag(&["--follow", "-f"])], None)?;
-    let [vm] = &p.positional[..] else {
-        return Err("logs: name one VM".into());
-    };
+async fn logs(client: &mut HuskClient<Channel>, args: &LogsArgs) -> Result<i32, RemoteError> {
     let request = StreamConsoleRequest {
-        vm: vm.clone(),
-        follow: p.has("--follow"),
+        vm: args.vm.clone(),
+        follow: args.follow,
     };
-    let mut stream = client
-        .stream_console(request)
-        .await
-        .map_err(status_error)?
-        .into_inner();
+    let mut stream = client.stream_console(request).await?.into_inner();
     let mut out = std::io::stdout().lock();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(status_error)?;
-        out.write_all(&chunk.data)
-            .map_err(|e| format!("stdout: {e}"))?;
-        out.flush().map_err(|e| format!("stdout: {e}"))?;
+        write_out(&mut out, "stdout", &chunk?.data)?;
     }
     Ok(0)
 }
 
-async fn events(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, &[], None)?;
-    let vm = p.positional.first().cloned().unwrap_or_default();
+async fn events(client: &mut HuskClient<Channel>, args: &EventsArgs) -> Result<i32, RemoteError> {
+    let vm = args.vm.clone().unwrap_or_default();
     let mut stream = client
         .watch_events(WatchEventsRequest { vm })
-        .await
-        .map_err(status_error)?
+        .await?
         .into_inner();
     while let Some(event) = stream.next().await {
-        println!("{}", output::event_line(&event.map_err(status_error)?));
+        println!("{}", output::event_line(&event?));
     }
     Ok(0)
 }
 
-const EXEC_OPTS: &[Opt] = &[
-    flag(&["--interactive", "-i"]),
-    flag(&["--tty", "-t"]),
-    value(&["--env", "-e"]),
-    value(&["--workdir", "-w"]),
-];
-
-async fn exec(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, EXEC_OPTS, Some(1))?;
-    let (Some(vm), false) = (p.positional.first(), p.command.is_empty()) else {
-        return Err("exec: usage: husk exec [-i] [-t] VM CMD [ARGS...]".into());
-    };
-    let tty = p.has("--tty");
-    let interactive = p.has("--interactive");
+async fn exec(client: &mut HuskClient<Channel>, args: &ExecArgs) -> Result<i32, RemoteError> {
+    let (tty, interactive) = (args.tty, args.interactive);
     let window = tty::window_size().map(|(rows, cols)| WindowSize { rows, cols });
     let start = ExecStart {
-        vm: vm.clone(),
-        command: p.command.clone(),
-        env: p.pairs("--env")?.into_iter().collect(),
-        workdir: p.value("--workdir").unwrap_or_default().to_string(),
+        vm: args.vm().to_string(),
+        command: args.command().to_vec(),
+        env: args.env.iter().cloned().collect(),
+        workdir: args.workdir.clone().unwrap_or_default(),
         tty,
         window,
         user: None,
@@ -365,11 +284,13 @@ async fn exec(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, 
     }
     let mut stream = client
         .exec(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(status_error)?
+        .await?
         .into_inner();
     let _raw = if tty && interactive {
-        tty::RawMode::enable().map_err(|e| format!("terminal: {e}"))?
+        tty::RawMode::enable().map_err(|source| RemoteError::Io {
+            what: "terminal",
+            source,
+        })?
     } else {
         None
     };
@@ -423,8 +344,12 @@ async fn exec(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, 
     while let Some(reply) = stream.next().await {
         match reply {
             Ok(reply) => match reply.msg {
-                Some(exec_response::Msg::Stdout(d)) => write_out(&mut std::io::stdout(), &d)?,
-                Some(exec_response::Msg::Stderr(d)) => write_out(&mut std::io::stderr(), &d)?,
+                Some(exec_response::Msg::Stdout(d)) => {
+                    write_out(&mut std::io::stdout(), "output", &d)?
+                }
+                Some(exec_response::Msg::Stderr(d)) => {
+                    write_out(&mut std::io::stderr(), "output", &d)?
+                }
                 Some(exec_response::Msg::Exit(exit)) => {
                     code = Some(exit.code);
                     break;
@@ -432,7 +357,7 @@ async fn exec(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, 
                 _ => {}
             },
             Err(status) => {
-                failure = Some(status_error(status));
+                failure = Some(RemoteError::Api(status));
                 break;
             }
         }
@@ -444,27 +369,33 @@ async fn exec(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, 
     match (code, failure) {
         (Some(code), _) => Ok(code),
         (None, Some(e)) => Err(e),
-        (None, None) => Err("exec: the stream ended without an exit status".into()),
+        (None, None) => Err(RemoteError::NoExitStatus),
     }
 }
 
-fn write_out(out: &mut dyn Write, data: &[u8]) -> Result<(), String> {
+fn write_out(out: &mut dyn Write, what: &'static str, data: &[u8]) -> Result<(), RemoteError> {
     out.write_all(data)
         .and_then(|()| out.flush())
-        .map_err(|e| format!("output: {e}"))
+        .map_err(|source| RemoteError::Io { what, source })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::opts::Cli;
+    use clap::Parser;
 
-    fn s(args: &[&str]) -> Vec<String> {
-        args.iter().map(|a| a.to_string()).collect()
+    fn create_spec_of(args: &[&str]) -> Result<(VmSpec, bool), clap::Error> {
+        let cli = Cli::try_parse_from(["husk", "create"].into_iter().chain(args.iter().copied()))?;
+        let Verb::Create(create) = cli.command else {
+            panic!("not create");
+        };
+        Ok(create_spec(&create))
     }
 
     #[test]
     fn create_options_become_a_spec() {
-        let (spec, start) = create_spec(&s(&[
+        let (spec, start) = create_spec_of(&[
             "--name",
             "web",
             "--cpus",
@@ -483,7 +414,7 @@ mod tests {
             "sh",
             "-c",
             "echo hi",
-        ]))
+        ])
         .unwrap();
         assert!(start);
         assert_eq!(spec.name, "web");
@@ -499,10 +430,59 @@ mod tests {
         assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
         assert_eq!(spec.labels.get("tier").map(String::as_str), Some("front"));
         assert_eq!(spec.command, vec!["sh", "-c", "echo hi"]);
-        let (sandbox, _) = create_spec(&[]).unwrap();
-        assert!(sandbox.command.is_empty());
-        assert!(create_spec(&s(&["stray"]))
-            .unwrap_err()
-            .contains("after --"));
+        let (sandbox, start) = create_spec_of(&[]).unwrap();
+        assert!(sandbox.command.is_empty() && !start);
+        assert_eq!(
+            (sandbox.vcpus, sandbox.memory_mib),
+            (0, 0),
+            "huskd's defaults"
+        );
+        let limits = sandbox.limits.unwrap();
+        assert_eq!(
+            (limits.cpu_millis, limits.memory_max_mib, limits.pids_max),
+            (0, 0, 0)
+        );
+        let stray = create_spec_of(&["stray"]).unwrap_err().to_string();
+        // The usage line shows where a command goes.
+        assert!(
+            stray.contains("'stray'") && stray.contains("[-- <CMD>...]"),
+            "{stray}"
+        );
+    }
+
+    #[test]
+    fn limits_mac_and_paths_reach_the_spec() {
+        let (spec, _) = create_spec_of(&[
+            "--cpu-limit",
+            "500",
+            "--memory-limit",
+            "300",
+            "--pids-limit",
+            "64",
+            "--mac",
+            "06:00:00:00:00:02",
+            "--kernel",
+            "/k",
+            "-w",
+            "/srv",
+            "--cmdline",
+            "x=1",
+        ])
+        .unwrap();
+        let limits = spec.limits.unwrap();
+        assert_eq!(
+            (limits.cpu_millis, limits.memory_max_mib, limits.pids_max),
+            (500, 300, 64)
+        );
+        assert_eq!(spec.network.unwrap().mac, "06:00:00:00:00:02");
+        assert_eq!(spec.kernel, "/k");
+        assert_eq!(spec.workdir, "/srv");
+        assert_eq!(spec.extra_cmdline, "x=1");
+    }
+
+    #[test]
+    fn api_errors_name_the_message_and_the_code() {
+        let e = RemoteError::from(tonic::Status::not_found("no VM ghost"));
+        assert_eq!(e.to_string(), "no VM ghost (NotFound)");
     }
 }

@@ -1,156 +1,141 @@
-//! Arguments of `husk run`, parsed and checked before anything is started.
+//! Arguments of `husk run`, parsed (clap) and checked before anything is started.
 
 use std::path::PathBuf;
 
-/// What `husk run` was asked to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Boot a micro-VM, run CMD in it, stream its output and exit with its exit code.
+///
+/// Everything after `--` (or from the first argument that is not an option on) is CMD and its
+/// arguments, passed to the guest untouched.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[command(args_override_self = true)]
 pub struct RunArgs {
+    /// Guest kernel, ELF vmlinux or bzImage [default: $HUSK_HOME/kernel/vmlinux]
+    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// Initramfs [default: $HUSK_HOME/images/default.cpio.gz]
+    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
+    /// Run CMD with this ext4 image as its root filesystem (guest /dev/vda)
+    #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
+    /// Attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
+    #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<String>,
+    /// Give the guest an IPv4 link to the host over a tap (needs root); CMD sees HUSK_HOST_IP
+    /// and HUSK_GUEST_IP
+    #[arg(long)]
     pub net: bool,
+    /// virtio-vsock, guest CID 3; host side on the Unix socket PATH (a client writes
+    /// CONNECT <port> to reach a guest port; the guest's connections to host port P go to
+    /// PATH_P)
+    #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    /// vCPUs, 1..32
+    #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
+    /// Guest memory in MiB, 64..262144
+    #[arg(long = "memory", value_name = "MIB", default_value_t = 256)]
     pub memory_mib: u64,
+    /// Environment entry for CMD (repeatable)
+    #[arg(short = 'e', long, value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// Working directory of CMD in the guest [default: /]
+    #[arg(short = 'w', long, value_name = "DIR")]
     pub workdir: Option<String>,
+    /// Extra kernel command-line parameters
+    #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
+    /// Print the time from VMM start to guest init on stderr
+    #[arg(long = "boot-time")]
     pub report_boot_time: bool,
+    /// As root, run husk-vmm directly instead of through husk-jailer (for development; see
+    /// docs/security.md). The jailed VMM runs as HUSK_JAIL_UID:HUSK_JAIL_GID (default 65534),
+    /// which must be able to create the --vsock socket in its directory
+    #[arg(long = "no-jail")]
     pub no_jail: bool,
+    /// A limit of the jail's cgroup v2 (repeatable), e.g. memory.max=512M,
+    /// cpu.max="50000 100000", pids.max=64, io.max=...
+    #[arg(long, value_name = "FILE=VALUE")]
     pub cgroup: Vec<String>,
+    /// The command to run in the guest and its arguments
+    #[arg(value_name = "CMD", trailing_var_arg = true)]
     pub command: Vec<String>,
 }
 
-pub const USAGE: &str = "\
-usage: husk run [OPTIONS] -- CMD [ARGS...]
-
-Boots a micro-VM, runs CMD in it, streams its output and exits with its exit code.
-
-options:
-  --kernel PATH        guest kernel, ELF vmlinux or bzImage (default: $HUSK_HOME/kernel/vmlinux)
-  --initrd PATH        initramfs (default: $HUSK_HOME/images/default.cpio.gz)
-  --rootfs PATH        run CMD with this ext4 image as its root filesystem (guest /dev/vda)
-  --disk PATH[:ro]     attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
-  --net                give the guest an IPv4 link to the host over a tap (needs root);
-                       CMD sees HUSK_HOST_IP and HUSK_GUEST_IP
-  --vsock PATH         virtio-vsock, guest CID 3; host side on the Unix socket PATH
-                       (a client writes CONNECT <port> to reach a guest port; the guest's
-                       connections to host port P go to PATH_P)
-  --cpus N             vCPUs, 1..32 (default 1)
-  --memory MIB         guest memory in MiB, 64..262144 (default 256)
-  --env KEY=VALUE      environment entry for CMD (repeatable)
-  --workdir DIR        working directory of CMD in the guest (default /)
-  --cmdline STR        extra kernel command-line parameters
-  --boot-time          print the time from VMM start to guest init on stderr
-  --no-jail            as root, run husk-vmm directly instead of through husk-jailer (for
-                       development; see docs/security.md). The jailed VMM runs as
-                       HUSK_JAIL_UID:HUSK_JAIL_GID (default 65534), which must be able to
-                       create the --vsock socket in its directory
-  --cgroup FILE=VALUE  a limit of the jail's cgroup v2 (repeatable), e.g. memory.max=512M,
-                       cpu.max=\"50000 100000\", pids.max=64, io.max=...
-";
+/// A `husk run` request that parsed but cannot be run.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RunArgsError {
+    #[error("no command given (husk run [OPTIONS] -- CMD [ARGS...])")]
+    NoCommand,
+    #[error("--cpus {0} is out of range (1..32)")]
+    Cpus(u32),
+    #[error("--memory {0} MiB is out of range (64..262144)")]
+    Memory(u64),
+    #[error("--env {0:?} is not KEY=VALUE")]
+    Env(String),
+    #[error("--cgroup {0:?} is not FILE=VALUE")]
+    Cgroup(String),
+}
 
 impl RunArgs {
-    /// Parses the arguments that follow `husk run`.
-    pub fn parse(args: &[String]) -> Result<Self, String> {
-        let mut out = RunArgs {
-            kernel: None,
-            initrd: None,
-            rootfs: None,
-            disks: Vec::new(),
-            net: false,
-            vsock: None,
-            cpus: 1,
-            memory_mib: 256,
-            env: Vec::new(),
-            workdir: None,
-            cmdline: None,
-            report_boot_time: false,
-            no_jail: false,
-            cgroup: Vec::new(),
-            command: Vec::new(),
-        };
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-                _ => (arg.as_str(), None),
-            };
-            let mut value = || -> Result<String, String> {
-                inline
-                    .clone()
-                    .or_else(|| it.next().cloned())
-                    .ok_or(format!("{name} needs a value"))
-            };
-            match name {
-                "--" => {
-                    out.command = it.by_ref().cloned().collect();
-                    break;
-                }
-                "--kernel" => out.kernel = Some(value()?.into()),
-                "--initrd" => out.initrd = Some(value()?.into()),
-                "--rootfs" => out.rootfs = Some(value()?.into()),
-                "--disk" => out.disks.push(value()?),
-                "--net" => out.net = true,
-                "--vsock" => out.vsock = Some(value()?.into()),
-                "--cpus" => out.cpus = parse_number(name, &value()?)?,
-                "--memory" => out.memory_mib = parse_number(name, &value()?)?,
-                "--env" | "-e" => out.env.push(value()?),
-                "--workdir" | "-w" => out.workdir = Some(value()?),
-                "--cmdline" => out.cmdline = Some(value()?),
-                "--boot-time" => out.report_boot_time = true,
-                "--no-jail" => out.no_jail = true,
-                "--cgroup" => {
-                    let v = value()?;
-                    if !v.contains('=') {
-                        return Err(format!("--cgroup {v:?} is not FILE=VALUE"));
-                    }
-                    out.cgroup.push(v);
-                }
-                other if other.starts_with('-') => return Err(format!("unknown option {other}")),
-                _ => {
-                    // The command may also come without `--`, docker style.
-                    out.command.push(arg.clone());
-                    out.command.extend(it.by_ref().cloned());
-                    break;
-                }
-            }
+    /// The checks that need the whole command line, with the messages `husk run` has always
+    /// given (tests/tests/cli_errors.rs holds them).
+    pub fn check(&self) -> Result<(), RunArgsError> {
+        if self.command.is_empty() {
+            return Err(RunArgsError::NoCommand);
         }
-        if out.command.is_empty() {
-            return Err("no command given (husk run [OPTIONS] -- CMD [ARGS...])".into());
+        if !(1..=32).contains(&self.cpus) {
+            return Err(RunArgsError::Cpus(self.cpus));
         }
-        if !(1..=32).contains(&out.cpus) {
-            return Err(format!("--cpus {} is out of range (1..32)", out.cpus));
+        if !(64..=262_144).contains(&self.memory_mib) {
+            return Err(RunArgsError::Memory(self.memory_mib));
         }
-        if !(64..=262_144).contains(&out.memory_mib) {
-            return Err(format!(
-                "--memory {} MiB is out of range (64..262144)",
-                out.memory_mib
-            ));
-        }
-        if let Some(bad) = out
+        if let Some(bad) = self
             .env
             .iter()
             .find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty()))
         {
-            return Err(format!("--env {bad:?} is not KEY=VALUE"));
+            return Err(RunArgsError::Env(bad.clone()));
         }
-        Ok(out)
+        if let Some(bad) = self.cgroup.iter().find(|c| !c.contains('=')) {
+            return Err(RunArgsError::Cgroup(bad.clone()));
+        }
+        Ok(())
     }
-}
-
-fn parse_number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, String> {
-    text.parse()
-        .map_err(|_| format!("{name} {text:?} is not a number"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::error::ErrorKind;
+    use clap::Parser;
 
-    fn parse(args: &[&str]) -> Result<RunArgs, String> {
-        RunArgs::parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    #[derive(Debug, Parser)]
+    struct Harness {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    /// Parses and checks as `husk run` does.
+    fn parse(args: &[&str]) -> anyhow::Result<RunArgs> {
+        let h = Harness::try_parse_from(std::iter::once("run").chain(args.iter().copied()))?;
+        h.run.check()?;
+        Ok(h.run)
+    }
+
+    /// The message of a refused command line.
+    fn refusal(args: &[&str]) -> String {
+        match parse(args) {
+            Ok(a) => panic!("{args:?} accepted: {a:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn clap_error(args: &[&str]) -> ErrorKind {
+        Harness::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .map(|_| ())
+            .unwrap_err()
+            .kind()
     }
 
     #[test]
@@ -177,36 +162,81 @@ mod tests {
         let a = parse(&["--boot-time", "ls", "-la", "/"]).unwrap();
         assert!(a.report_boot_time);
         assert_eq!(a.command, vec!["ls", "-la", "/"]);
+        // Options that husk knows are the command's once the command began.
+        let a = parse(&["sh", "--cpus", "9", "--help", "-e", "--", "x"]).unwrap();
+        assert_eq!(a.cpus, 1);
+        assert_eq!(a.command, ["sh", "--cpus", "9", "--help", "-e", "--", "x"]);
+    }
+
+    #[test]
+    fn defaults_repeats_and_every_option_land_in_their_fields() {
+        let a = parse(&[
+            "--kernel=/k",
+            "--initrd",
+            "/i",
+            "--rootfs",
+            "/r.ext4",
+            "--disk",
+            "/a:ro",
+            "--disk=/b",
+            "--net",
+            "--vsock",
+            "/v.sock",
+            "--cpus",
+            "2",
+            "--cpus",
+            "3",
+            "-w",
+            "/tmp",
+            "--cmdline",
+            "a=b c",
+            "--no-jail",
+            "--cgroup",
+            "pids.max=64",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(a.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(a.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(a.rootfs, Some(PathBuf::from("/r.ext4")));
+        assert_eq!(a.disks, ["/a:ro", "/b"]);
+        assert!(a.net && a.no_jail && !a.report_boot_time);
+        assert_eq!(a.vsock, Some(PathBuf::from("/v.sock")));
+        assert_eq!(a.cpus, 3, "the last value wins");
+        assert_eq!(a.memory_mib, 256);
+        assert_eq!(a.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(a.cmdline.as_deref(), Some("a=b c"));
+        assert_eq!(a.cgroup, ["pids.max=64"]);
+        assert_eq!(a.command, ["true"]);
     }
 
     #[test]
     fn refuses_bad_values_with_a_precise_message() {
-        assert!(parse(&["--",]).unwrap_err().contains("no command"));
-        assert!(parse(&["--cpus", "0", "true"])
-            .unwrap_err()
-            .contains("--cpus 0 is out of range"));
-        assert!(parse(&["--cpus", "33", "true"])
-            .unwrap_err()
-            .contains("out of range"));
-        assert!(parse(&["--memory", "32", "true"])
-            .unwrap_err()
-            .contains("--memory 32 MiB"));
-        assert!(parse(&["--memory", "262145", "true"])
-            .unwrap_err()
-            .contains("out of range (64..262144)"));
+        assert!(refusal(&["--",]).contains("no command"));
+        assert!(refusal(&[]).contains("no command"));
+        assert!(refusal(&["--cpus", "0", "true"]).contains("--cpus 0 is out of range"));
+        assert!(refusal(&["--cpus", "33", "true"]).contains("out of range"));
+        assert!(refusal(&["--memory", "32", "true"]).contains("--memory 32 MiB"));
+        assert!(refusal(&["--memory", "262145", "true"]).contains("out of range (64..262144)"));
         assert_eq!(
-            parse(&["--memory", "262144", "true"]).map(|a| a.memory_mib),
-            Ok(262_144)
+            parse(&["--memory", "262144", "true"]).unwrap().memory_mib,
+            262_144
         );
-        assert!(parse(&["--memory", "lots", "true"])
-            .unwrap_err()
-            .contains("not a number"));
-        assert!(parse(&["--env", "NOVALUE", "true"])
-            .unwrap_err()
-            .contains("not KEY=VALUE"));
-        assert!(parse(&["--frobnicate", "true"])
-            .unwrap_err()
-            .contains("unknown option"));
-        assert!(parse(&["--kernel"]).unwrap_err().contains("needs a value"));
+        let lots = refusal(&["--memory", "lots", "true"]);
+        assert!(lots.contains("lots") && lots.contains("--memory"), "{lots}");
+        assert_eq!(
+            clap_error(&["--memory", "lots", "true"]),
+            ErrorKind::ValueValidation
+        );
+        assert!(refusal(&["--env", "NOVALUE", "true"]).contains("not KEY=VALUE"));
+        assert!(refusal(&["--env", "=v", "true"]).contains("not KEY=VALUE"));
+        assert!(refusal(&["--cgroup", "nofile", "true"]).contains("not FILE=VALUE"));
+        assert!(refusal(&["--frobnicate", "true"]).contains("--frobnicate"));
+        assert_eq!(
+            clap_error(&["--frobnicate", "true"]),
+            ErrorKind::UnknownArgument
+        );
+        assert!(refusal(&["--kernel"]).contains("--kernel"));
+        assert_eq!(clap_error(&["--kernel"]), ErrorKind::InvalidValue);
     }
 }

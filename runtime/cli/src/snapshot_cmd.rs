@@ -13,8 +13,7 @@ use husk_proto::v1::husk_client::HuskClient;
 use husk_proto::v1::{RestoreVmRequest, SnapshotVmRequest};
 use tonic::transport::Channel;
 
-use crate::opts::{self, flag, value, Opt};
-use crate::remote::{absolute, disk_arg};
+use crate::remote::{absolute, disk_arg, RemoteError};
 use crate::tty::is_terminal;
 
 /// Renders the progress line until `work` finishes.
@@ -23,7 +22,7 @@ async fn with_progress<T>(
     file: &Path,
     work: impl std::future::Future<Output = T>,
 ) -> T {
-    if !is_terminal(2) {
+    if !is_terminal(std::io::stderr()) {
         return work.await;
     }
     let started = Instant::now();
@@ -48,25 +47,37 @@ async fn with_progress<T>(
     }
 }
 
-const SNAPSHOT_OPTS: &[Opt] = &[flag(&["--leave-paused"]), flag(&["--diff"])];
+/// Snapshot a running or paused VM into DIR.
+#[derive(Debug, clap::Args)]
+#[command(args_override_self = true)]
+pub struct SnapshotArgs {
+    /// Leave the VM paused afterwards (default: it runs on)
+    #[arg(long)]
+    pub leave_paused: bool,
+    /// Write only the pages dirtied since the last snapshot
+    #[arg(long)]
+    pub diff: bool,
+    #[arg(value_name = "VM")]
+    pub vm: String,
+    #[arg(value_name = "DIR")]
+    pub dir: String,
+}
 
 /// `husk snapshot [--leave-paused] [--diff] VM DIR`.
-pub async fn snapshot(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let p = opts::parse(args, SNAPSHOT_OPTS, None)?;
-    let [vm, dir] = p.positional.as_slice() else {
-        return Err("snapshot: usage: husk snapshot [--leave-paused] [--diff] VM DIR".into());
-    };
-    let dir = absolute(dir);
+pub async fn snapshot(
+    client: &mut HuskClient<Channel>,
+    args: &SnapshotArgs,
+) -> Result<i32, RemoteError> {
+    let dir = absolute(&args.dir);
     let request = SnapshotVmRequest {
-        vm: vm.clone(),
+        vm: args.vm.clone(),
         dir: dir.clone(),
-        leave_paused: p.has("--leave-paused"),
-        diff: p.has("--diff"),
+        leave_paused: args.leave_paused,
+        diff: args.diff,
     };
     let tmp = Path::new(&dir).join("vm.mem.tmp");
     let done = with_progress("snapshot", &tmp, client.snapshot_vm(request))
-        .await
-        .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
+        .await?
         .into_inner();
     println!(
         "{dir}: {:.1} MiB of {:.0} MiB guest memory written in {} ms",
@@ -77,48 +88,59 @@ pub async fn snapshot(client: &mut HuskClient<Channel>, args: &[String]) -> Resu
     Ok(0)
 }
 
-const RESTORE_OPTS: &[Opt] = &[
-    value(&["--name"]),
-    value(&["--mac"]),
-    value(&["--disk"]),
-    value(&["--label", "-l"]),
-    flag(&["--paused"]),
-];
+/// A new VM from the snapshot in DIR.
+#[derive(Debug, clap::Args)]
+#[command(args_override_self = true)]
+pub struct RestoreArgs {
+    /// The new VM's name
+    #[arg(long, value_name = "N")]
+    pub name: Option<String>,
+    /// The new VM's MAC address (a clone beside its origin needs its own)
+    #[arg(long, value_name = "M")]
+    pub mac: Option<String>,
+    /// Replace the snapshot's disks, in order (repeatable)
+    #[arg(long = "disk", value_name = "P[:ro]")]
+    pub disks: Vec<String>,
+    /// A label (repeatable)
+    #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = label)]
+    pub labels: Vec<(String, String)>,
+    /// Leave the new VM paused
+    #[arg(long)]
+    pub paused: bool,
+    #[arg(value_name = "DIR")]
+    pub dir: String,
+}
+
+/// A restore `--label` without `=`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?}: expected K=V")]
+pub struct NotALabel(String);
+
+/// A restore `--label K=V` (the key may be empty, as it always could).
+fn label(kv: &str) -> Result<(String, String), NotALabel> {
+    kv.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| NotALabel(kv.to_string()))
+}
 
 /// The RestoreVm request of `husk restore` (also used by the parser's tests).
-pub fn restore_request(args: &[String]) -> Result<RestoreVmRequest, String> {
-    let p = opts::parse(args, RESTORE_OPTS, None)?;
-    let [dir] = p.positional.as_slice() else {
-        return Err(
-            "restore: usage: husk restore [--name N] [--mac M] [--disk P[:ro]]... [--label K=V]... [--paused] DIR"
-                .into(),
-        );
-    };
-    let mut labels = std::collections::HashMap::new();
-    for kv in p.values("--label") {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("--label {kv:?}: expected K=V"))?;
-        labels.insert(k.to_string(), v.to_string());
+pub fn restore_request(args: &RestoreArgs) -> RestoreVmRequest {
+    RestoreVmRequest {
+        dir: absolute(&args.dir),
+        name: args.name.clone().unwrap_or_default(),
+        mac: args.mac.clone().unwrap_or_default(),
+        disks: args.disks.iter().map(|d| disk_arg(d)).collect(),
+        start_paused: args.paused,
+        labels: args.labels.iter().cloned().collect(),
     }
-    Ok(RestoreVmRequest {
-        dir: absolute(dir),
-        name: p.value("--name").unwrap_or_default().to_string(),
-        mac: p.value("--mac").unwrap_or_default().to_string(),
-        disks: p.values("--disk").iter().map(|d| disk_arg(d)).collect(),
-        start_paused: p.has("--paused"),
-        labels: labels.into_iter().collect(),
-    })
 }
 
 /// `husk restore [OPTIONS] DIR`: prints the new VM's id.
-pub async fn restore(client: &mut HuskClient<Channel>, args: &[String]) -> Result<i32, String> {
-    let request = restore_request(args)?;
-    let vm = client
-        .restore_vm(request)
-        .await
-        .map_err(|s| format!("{} ({:?})", s.message(), s.code()))?
-        .into_inner();
+pub async fn restore(
+    client: &mut HuskClient<Channel>,
+    args: &RestoreArgs,
+) -> Result<i32, RemoteError> {
+    let vm = client.restore_vm(restore_request(args)).await?.into_inner();
     println!("{}", vm.id);
     Ok(0)
 }
@@ -126,15 +148,23 @@ pub async fn restore(client: &mut HuskClient<Channel>, args: &[String]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
     use husk_proto::v1::Disk;
 
-    fn args(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
+    #[derive(Debug, Parser)]
+    struct Harness {
+        #[command(flatten)]
+        restore: RestoreArgs,
+    }
+
+    fn restore_request_of(a: &[&str]) -> Result<RestoreVmRequest, clap::Error> {
+        Harness::try_parse_from(std::iter::once("restore").chain(a.iter().copied()))
+            .map(|h| restore_request(&h.restore))
     }
 
     #[test]
     fn restore_options_become_the_request() {
-        let r = restore_request(&args(&[
+        let r = restore_request_of(&[
             "--name",
             "clone1",
             "--mac",
@@ -145,7 +175,7 @@ mod tests {
             "k=v",
             "--paused",
             "/snap/dir",
-        ]))
+        ])
         .unwrap();
         assert_eq!(r.dir, "/snap/dir");
         assert_eq!(
@@ -161,8 +191,9 @@ mod tests {
         );
         assert!(r.start_paused);
         assert_eq!(r.labels.get("k").map(String::as_str), Some("v"));
-        assert!(restore_request(&args(&[])).is_err());
-        assert!(restore_request(&args(&["a", "b"])).is_err());
-        assert!(restore_request(&args(&["--label", "novalue", "/d"])).is_err());
+        assert!(restore_request_of(&[]).is_err());
+        assert!(restore_request_of(&["a", "b"]).is_err());
+        let e = restore_request_of(&["--label", "novalue", "/d"]).unwrap_err();
+        assert!(e.to_string().contains("expected K=V"), "{e}");
     }
 }

@@ -1,52 +1,59 @@
 //! The local terminal for `husk exec -t`: raw mode while the remote process runs, and its size.
 
 use std::io;
+use std::os::fd::AsFd;
+
+use rustix::termios::{self, OptionalActions, Termios};
 
 /// Puts stdin's terminal in raw mode until dropped.
 pub struct RawMode {
-    saved: libc::termios,
+    saved: Termios,
 }
 
 impl RawMode {
     /// `Ok(None)` when stdin is not a terminal.
     pub fn enable() -> io::Result<Option<Self>> {
-        if !is_terminal(0) {
+        let stdin = io::stdin();
+        if !is_terminal(&stdin) {
             return Ok(None);
         }
-        // SAFETY: termios is plain data; tcgetattr fills it for fd 0.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: fd 0 is a terminal; the pointer is to a local.
-        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw only edits the struct it is given.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // SAFETY: as above, with a valid termios.
-        if unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let saved = termios::tcgetattr(&stdin)?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        termios::tcsetattr(&stdin, OptionalActions::Now, &raw)?;
         Ok(Some(Self { saved }))
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read in enable().
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+        // Nothing to do if the terminal is gone by now.
+        let _ = termios::tcsetattr(io::stdin(), OptionalActions::Now, &self.saved);
     }
 }
 
-pub fn is_terminal(fd: i32) -> bool {
-    // SAFETY: isatty only inspects the fd.
-    unsafe { libc::isatty(fd) == 1 }
+pub fn is_terminal(fd: impl AsFd) -> bool {
+    termios::isatty(fd)
 }
 
 /// The size of the terminal on stdout (rows, cols), if it is one.
 pub fn window_size() -> Option<(u32, u32)> {
-    // SAFETY: winsize is plain data; TIOCGWINSZ fills it.
-    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: the pointer is to a local winsize, as TIOCGWINSZ expects.
-    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
-    (ok && ws.ws_row > 0).then_some((u32::from(ws.ws_row), u32::from(ws.ws_col)))
+    let ws = termios::tcgetwinsize(io::stdout()).ok()?;
+    (ws.ws_row > 0).then_some((u32::from(ws.ws_row), u32::from(ws.ws_col)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_not_a_terminal_and_has_no_size() {
+        let file = tempfile_like();
+        assert!(!is_terminal(&file));
+        assert!(termios::tcgetwinsize(&file).is_err());
+    }
+
+    fn tempfile_like() -> std::fs::File {
+        std::fs::File::open("/proc/self/status").unwrap_or_else(|e| panic!("{e}"))
+    }
 }

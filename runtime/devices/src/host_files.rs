@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{BorrowedFd, RawFd};
 use std::path::Path;
 
 /// The prefix that names an inherited fd.
@@ -29,28 +29,23 @@ pub fn open(path: &Path, options: &OpenOptions, write: bool) -> io::Result<File>
     let Some(fd) = inherited_fd(path) else {
         return options.open(path);
     };
-    // SAFETY: fcntl on a plain integer fd; an fd that is not open fails with EBADF.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::other(format!(
+    // SAFETY: the fd is only borrowed for the two fcntl calls below, at set-up, while nothing
+    // in this process closes inherited fds; if it is not open they fail with EBADF.
+    let inherited = unsafe { BorrowedFd::borrow_raw(fd) };
+    let flags = rustix::fs::fcntl_getfl(inherited).map_err(|e| {
+        io::Error::other(format!(
             "fd {fd} was not passed to this process ({})",
-            io::Error::last_os_error()
-        )));
-    }
-    if write && flags & libc::O_ACCMODE == libc::O_RDONLY {
+            io::Error::from(e)
+        ))
+    })?;
+    if write && flags & rustix::fs::OFlags::RWMODE == rustix::fs::OFlags::RDONLY {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("fd {fd} is open read-only"),
         ));
     }
     // A duplicate: the same path may be named twice, and the inherited number stays valid.
-    // SAFETY: F_DUPFD_CLOEXEC on an open fd returns a new fd that nothing else owns.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if dup < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `dup` is a fresh fd owned by nobody else.
-    Ok(unsafe { File::from_raw_fd(dup) })
+    Ok(File::from(rustix::io::fcntl_dupfd_cloexec(inherited, 3)?))
 }
 
 #[cfg(test)]

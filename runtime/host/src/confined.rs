@@ -71,7 +71,9 @@ fn entry(name: &str) -> io::Result<&Path> {
 /// Whether an error means "a symlink was in the way": O_NOFOLLOW's ELOOP, or RESOLVE_BENEATH's
 /// EXDEV for a path that would leave its directory.
 pub fn is_symlink_refusal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV))
+    use rustix::io::Errno;
+    let errno = e.raw_os_error().map(Errno::from_raw_os_error);
+    errno == Some(Errno::LOOP) || errno == Some(Errno::XDEV)
 }
 
 impl Dir {

@@ -8,12 +8,30 @@
 //! `husk_devices::host_files`), so the jailed user needs no access to the image files.
 
 use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::paths::sibling_binary;
+use crate::paths::{sibling_binary, LookupError};
 use crate::process::inherit_fd;
+use crate::vmm_args::{fd_path, DiskConfig, VmmArgs};
+
+/// Why a jail could not be set up or cleaned up.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error(transparent)]
+    Jailer(#[from] LookupError),
+    #[error("{name}={value}: expected a non-zero number")]
+    Id { name: String, value: String },
+    #[error("disk {}: {cause}", .path.display())]
+    Disk { path: PathBuf, cause: io::Error },
+    #[error("cannot run {}: {cause}", .jailer.display())]
+    Run { jailer: PathBuf, cause: io::Error },
+    /// husk-jailer --cleanup failed; its own message.
+    #[error("{0}")]
+    Cleanup(String),
+}
 
 /// The uid and gid a jailed VMM runs as unless `HUSK_JAIL_UID`/`HUSK_JAIL_GID` say otherwise.
 pub const DEFAULT_JAIL_ID: u32 = 65534;
@@ -29,25 +47,23 @@ pub struct JailConfig {
 }
 
 /// husk-jailer: `$HUSK_JAILER`, else next to this executable, else on `PATH`.
-pub fn jailer_binary() -> Result<PathBuf, String> {
+pub fn jailer_binary() -> Result<PathBuf, LookupError> {
     sibling_binary("husk-jailer", "HUSK_JAILER")
 }
 
-fn env_id(name: &str) -> Result<u32, String> {
+fn env_id(name: &str) -> Result<u32, JailError> {
     match std::env::var(name) {
         Err(_) => Ok(DEFAULT_JAIL_ID),
-        Ok(v) => v
-            .parse()
-            .ok()
-            .filter(|n| *n != 0)
-            .ok_or(format!("{name}={v}: expected a non-zero number")),
+        Ok(v) => v.parse().ok().filter(|n| *n != 0).ok_or(JailError::Id {
+            name: name.into(),
+            value: v,
+        }),
     }
 }
 
 /// The jail to use: none when `no_jail` or when not running as root (the jailer needs root).
-pub fn config(no_jail: bool) -> Result<Option<JailConfig>, String> {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if no_jail || unsafe { libc::geteuid() } != 0 {
+pub fn config(no_jail: bool) -> Result<Option<JailConfig>, JailError> {
+    if no_jail || !rustix::process::geteuid().is_root() {
         return Ok(None);
     }
     Ok(Some(JailConfig {
@@ -57,21 +73,22 @@ pub fn config(no_jail: bool) -> Result<Option<JailConfig>, String> {
     }))
 }
 
-/// Opens a disk (`PATH` or `PATH:ro`) for a jailed VMM; returns the open file and the `--disk`
-/// value naming its fd. The caller keeps the file open until the VMM is spawned and passes it.
-pub fn open_disk(spec: &str) -> Result<(File, String), String> {
-    let (path, ro) = match spec.strip_suffix(":ro") {
-        Some(p) => (p, true),
-        None => (spec, false),
-    };
+/// Opens a disk for a jailed VMM; returns the open file and the disk naming its fd, with the
+/// same mode. The caller keeps the file open until the VMM is spawned and passes it.
+pub fn open_disk(disk: &DiskConfig) -> Result<(File, DiskConfig), JailError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .write(!ro)
-        .open(path)
-        .map_err(|e| format!("disk {path}: {e}"))?;
-    let suffix = if ro { ":ro" } else { "" };
-    let arg = format!("/proc/self/fd/{}{suffix}", file.as_raw_fd());
-    Ok((file, arg))
+        .write(!disk.read_only)
+        .open(&disk.path)
+        .map_err(|cause| JailError::Disk {
+            path: disk.path.clone(),
+            cause,
+        })?;
+    let by_fd = DiskConfig {
+        path: fd_path(file.as_raw_fd()),
+        read_only: disk.read_only,
+    };
+    Ok((file, by_fd))
 }
 
 /// `path` with `.` and `..` resolved lexically (the jailer refuses `..`: the jail mirrors a
@@ -109,12 +126,12 @@ pub struct JailSpec<'a> {
     pub rlimits: Vec<String>,
 }
 
-/// The jailer command that runs `vmm` (a husk-vmm command with its arguments) in `spec`'s
-/// jail. HUSK_LOG is passed on; nothing else of the environment is.
-pub fn wrap(jailer: &Path, vmm: &Command, spec: &JailSpec<'_>) -> Command {
+/// The jailer command that runs the husk-vmm binary `vmm` with `args` in `spec`'s jail.
+/// HUSK_LOG is passed on; nothing else of the environment is.
+pub fn wrap(jailer: &Path, vmm: &Path, args: &VmmArgs, spec: &JailSpec<'_>) -> Command {
     let mut cmd = Command::new(jailer);
     cmd.arg("--id").arg(spec.id);
-    let exec = Path::new(vmm.get_program());
+    let exec = vmm;
     cmd.arg("--exec-file")
         .arg(std::fs::canonicalize(exec).unwrap_or_else(|_| normalize(exec)));
     cmd.arg("--uid").arg(spec.uid.to_string());
@@ -139,20 +156,24 @@ pub fn wrap(jailer: &Path, vmm: &Command, spec: &JailSpec<'_>) -> Command {
         cmd.arg("--env").arg(format!("HUSK_LOG={level}"));
     }
     cmd.arg("--");
-    cmd.args(vmm.get_args());
+    cmd.args(args.to_args());
     cmd
 }
 
 /// Removes what the jail `id` left (its cgroup, killing anything still in it, and directory).
-pub fn cleanup(jailer: &Path, id: &str) -> Result<(), String> {
+pub fn cleanup(jailer: &Path, id: &str) -> Result<(), JailError> {
     let out = Command::new(jailer)
         .args(["--cleanup", "--id", id])
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", jailer.display()))?;
+        .map_err(|cause| JailError::Run {
+            jailer: jailer.into(),
+            cause,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        Err(JailError::Cleanup(message))
     }
 }
 
@@ -212,8 +233,11 @@ mod tests {
 
     #[test]
     fn the_jailer_command_carries_the_jail_and_then_the_vmm_arguments() {
-        let mut vmm = Command::new("/opt/husk/husk-vmm");
-        vmm.args(["--kernel", "/k", "--api-sock", "/s/api.sock"]);
+        let vmm = VmmArgs {
+            kernel: Some("/k".into()),
+            api_sock: Some("/s/api.sock".into()),
+            ..Default::default()
+        };
         let spec = JailSpec {
             id: "vm1",
             uid: 1000,
@@ -224,7 +248,12 @@ mod tests {
             cgroup: vec!["memory.max=1G".into()],
             rlimits: vec!["nofile=64".into()],
         };
-        let cmd = wrap(Path::new("/opt/husk/husk-jailer"), &vmm, &spec);
+        let cmd = wrap(
+            Path::new("/opt/husk/husk-jailer"),
+            Path::new("/opt/husk/husk-vmm"),
+            &vmm,
+            &spec,
+        );
         let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
         let dash = args.iter().position(|a| *a == "--").unwrap();
         assert_eq!(
@@ -252,11 +281,22 @@ mod tests {
     fn disks_are_passed_as_fds_with_their_mode() {
         let path = std::env::temp_dir().join(format!("husk-jail-disk-{}", std::process::id()));
         std::fs::write(&path, b"x").unwrap();
-        let (file, arg) = open_disk(&format!("{}:ro", path.display())).unwrap();
-        assert_eq!(arg, format!("/proc/self/fd/{}:ro", file.as_raw_fd()));
-        let (file, arg) = open_disk(path.to_str().unwrap()).unwrap();
-        assert_eq!(arg, format!("/proc/self/fd/{}", file.as_raw_fd()));
-        assert!(open_disk("/nonexistent/disk").is_err());
+        let disk = |text: &str| text.parse::<DiskConfig>().unwrap();
+        let (file, arg) = open_disk(&disk(&format!("{}:ro", path.display()))).unwrap();
+        assert_eq!(
+            arg.to_string(),
+            format!("/proc/self/fd/{}:ro", file.as_raw_fd())
+        );
+        let (file, arg) = open_disk(&disk(path.to_str().unwrap())).unwrap();
+        assert_eq!(
+            arg.to_string(),
+            format!("/proc/self/fd/{}", file.as_raw_fd())
+        );
+        let err = open_disk(&disk("/nonexistent/disk")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("disk /nonexistent/disk: "),
+            "{err}"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }

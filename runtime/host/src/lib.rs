@@ -1,6 +1,7 @@
 //! Host-side pieces that every front end of husk needs (`husk run`, huskd, the containerd shim):
-//! the VM's network link, where the VMM binary and default guest artifacts are, and the jail
-//! VMMs run in when the front end runs as root.
+//! the one typed description of a husk-vmm launch (`vmm_args`, which husk-vmm parses too), the
+//! VM's network link, where the VMM binary and default guest artifacts are, and the jail VMMs
+//! run in when the front end runs as root.
 
 pub mod confined;
 pub mod jail;
@@ -8,3 +9,4 @@ pub mod net;
 pub mod paths;
 pub mod policy;
 pub mod process;
+pub mod vmm_args;

@@ -13,6 +13,27 @@ use std::net::Ipv4Addr;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 
 use husk_devices::virtio::net::tap::Tap;
+use rustix::ioctl::{Opcode, Updater};
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+use crate::vmm_args::{NetConfig, TapSource};
+
+/// Why a VM's link could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("--net needs root (CAP_NET_ADMIN) to create a tap: {0}")]
+    NeedsRoot(io::Error),
+    #[error("--net needs /dev/net/tun, which is missing (load the module: modprobe tun)")]
+    NoTun,
+    #[error("cannot create a tap device: {0}")]
+    Create(io::Error),
+    #[error("unexpected tap name {0}")]
+    TapName(String),
+    #[error("too many husk taps (8192 at most)")]
+    TooMany,
+    #[error("cannot address tap {name}: {cause}")]
+    Address { name: String, cause: io::Error },
+}
 
 /// What the VM and the application need to know about the link.
 pub struct VmLink {
@@ -27,24 +48,22 @@ const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 252);
 
 impl VmLink {
     /// Creates and addresses a tap for one VM.
-    pub fn create() -> Result<Self, String> {
+    pub fn create() -> Result<Self, NetError> {
         let tap = Tap::open("husk%d").map_err(|e| match e.kind() {
-            io::ErrorKind::PermissionDenied => {
-                format!("--net needs root (CAP_NET_ADMIN) to create a tap: {e}")
-            }
-            io::ErrorKind::NotFound => {
-                "--net needs /dev/net/tun, which is missing (load the module: modprobe tun)".into()
-            }
-            _ => format!("cannot create a tap device: {e}"),
+            io::ErrorKind::PermissionDenied => NetError::NeedsRoot(e),
+            io::ErrorKind::NotFound => NetError::NoTun,
+            _ => NetError::Create(e),
         })?;
         let name = tap.name().to_string();
         let index: u32 = name
             .strip_prefix("husk")
             .and_then(|n| n.parse().ok())
-            .ok_or_else(|| format!("unexpected tap name {name}"))?;
-        let (host_ip, guest_ip) = addresses(index).ok_or("too many husk taps (8192 at most)")?;
-        configure_host_side(&name, host_ip)
-            .map_err(|e| format!("cannot address tap {name}: {e}"))?;
+            .ok_or_else(|| NetError::TapName(name.clone()))?;
+        let (host_ip, guest_ip) = addresses(index).ok_or(NetError::TooMany)?;
+        configure_host_side(&name, host_ip).map_err(|cause| NetError::Address {
+            name: name.clone(),
+            cause,
+        })?;
         let o = guest_ip.octets();
         let mac = [0x06, 0x00, o[0], o[1], o[2], o[3]];
         Ok(Self {
@@ -64,20 +83,12 @@ impl VmLink {
         )
     }
 
-    /// husk-vmm's `--net` value, for the fd as it will be numbered in the child.
-    pub fn vmm_arg(&self) -> String {
-        let m = self.mac;
-        format!(
-            "fd={},name={},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            self.tap_fd.as_raw_fd(),
-            self.tap_name,
-            m[0],
-            m[1],
-            m[2],
-            m[3],
-            m[4],
-            m[5]
-        )
+    /// husk-vmm's network device: this tap's fd (inherited at the same number), name and MAC.
+    pub fn net_config(&self) -> NetConfig {
+        NetConfig {
+            tap: TapSource::Fd(self.tap_fd.as_raw_fd(), self.tap_name.clone()),
+            mac: self.mac,
+        }
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -98,69 +109,98 @@ fn addresses(index: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
 }
 
 fn configure_host_side(name: &str, ip: Ipv4Addr) -> io::Result<()> {
-    // SAFETY: a datagram socket used only for interface ioctls; closed when `sock` drops.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: raw is a fresh fd we own.
-    let sock: OwnedFd = unsafe { std::os::unix::io::FromRawFd::from_raw_fd(raw) };
-    set_addr(&sock, name, libc::SIOCSIFADDR, ip)?;
-    set_addr(&sock, name, libc::SIOCSIFNETMASK, NETMASK)?;
-    let mut req = ifreq(name);
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the flags member of a valid ifreq.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    // A datagram socket used only for interface ioctls; closed when `sock` drops.
+    let sock = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    if_ioctl::<{ libc::SIOCSIFADDR as Opcode }>(&sock, IfReq::with_addr(name, ip))?;
+    if_ioctl::<{ libc::SIOCSIFNETMASK as Opcode }>(&sock, IfReq::with_addr(name, NETMASK))?;
+    let mut req = if_ioctl::<{ libc::SIOCGIFFLAGS as Opcode }>(&sock, IfReq::new(name))?;
+    req.set_flags(req.flags() | (libc::IFF_UP | libc::IFF_RUNNING) as i16);
+    if_ioctl::<{ libc::SIOCSIFFLAGS as Opcode }>(&sock, req)?;
     Ok(())
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req
-        .ifr_name
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *dst = src as libc::c_char;
-    }
-    req
+/// Interface names are at most 15 bytes and a NUL (IFNAMSIZ).
+const IFNAMSIZ: usize = 16;
+
+/// `struct ifreq` as the `SIOC[GS]IF*` requests used here read and write it: the interface name,
+/// then a union of which they use the start (a `struct sockaddr`, or the flags as a short).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    data: [u8; 24],
 }
 
-fn set_addr(sock: &OwnedFd, name: &str, request: libc::c_ulong, ip: Ipv4Addr) -> io::Result<()> {
-    let mut req = ifreq(name);
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in fits in the sockaddr member of the ifreq union (16 bytes each); the
-    // ioctl reads that member.
-    unsafe {
-        std::ptr::write_unaligned(
-            std::ptr::addr_of_mut!(req.ifr_ifru.ifru_addr).cast::<libc::sockaddr_in>(),
-            sin,
-        );
-        if libc::ioctl(sock.as_raw_fd(), request as _, &req) != 0 {
-            return Err(io::Error::last_os_error());
+impl IfReq {
+    fn new(name: &str) -> Self {
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            data: [0; 24],
+        };
+        for (dst, src) in req.name.iter_mut().zip(name.bytes().take(IFNAMSIZ - 1)) {
+            *dst = src;
         }
+        req
     }
-    Ok(())
+
+    /// With an AF_INET `struct sockaddr_in`: family, port 0, the address in network order.
+    fn with_addr(name: &str, ip: Ipv4Addr) -> Self {
+        let mut req = Self::new(name);
+        req.data[..2].copy_from_slice(&AddressFamily::INET.as_raw().to_ne_bytes());
+        req.data[4..8].copy_from_slice(&ip.octets());
+        req
+    }
+
+    fn flags(&self) -> i16 {
+        i16::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_flags(&mut self, flags: i16) {
+        self.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+}
+
+/// Runs the interface request `OPCODE` on `sock` with `req`; returns `req` as the kernel left
+/// it.
+fn if_ioctl<const OPCODE: Opcode>(sock: &OwnedFd, mut req: IfReq) -> io::Result<IfReq> {
+    // SAFETY: every opcode used here takes a pointer to one `struct ifreq`, whose layout IfReq
+    // has (same size, name first; tested below), and `req` lives through the call.
+    unsafe { rustix::ioctl::ioctl(sock, Updater::<OPCODE, IfReq>::new(&mut req)) }?;
+    Ok(req)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interface_request_is_laid_out_as_the_kernels_ifreq() {
+        assert_eq!(
+            std::mem::size_of::<IfReq>(),
+            std::mem::size_of::<libc::ifreq>()
+        );
+        let req = IfReq::with_addr("husk7", Ipv4Addr::new(169, 254, 128, 1));
+        assert_eq!(&req.name[..6], b"husk7\0");
+        let family = (libc::AF_INET as u16).to_ne_bytes();
+        assert_eq!(
+            req.data[..8],
+            [family[0], family[1], 0, 0, 169, 254, 128, 1]
+        );
+        assert!(req.data[8..].iter().all(|b| *b == 0));
+        let mut flagged = IfReq::new("a-name-longer-than-fifteen-bytes");
+        assert_eq!(
+            flagged.name[IFNAMSIZ - 1],
+            0,
+            "the name stays NUL-terminated"
+        );
+        flagged.set_flags(0x41);
+        assert_eq!(flagged.flags(), 0x41);
+    }
 
     #[test]
     fn each_tap_index_gets_its_own_link_local_slash_30() {

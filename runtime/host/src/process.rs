@@ -1,19 +1,20 @@
 //! Starting husk-vmm from a front end.
 
 use std::io::{self, Write};
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 /// Lets `fd` survive the exec into the child, at the same number (a tap handed to husk-vmm).
 pub fn inherit_fd(cmd: &mut Command, fd: RawFd) {
-    // SAFETY: runs in the child between fork and exec; fcntl is async-signal-safe.
+    // SAFETY: runs in the child between fork and exec, where only async-signal-safe calls may
+    // be made: fcntl is one, and nothing here allocates. `fd` is open in the parent at spawn
+    // (the caller holds it), so it is open in the child while borrowed.
     unsafe {
         cmd.pre_exec(move || {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let fd = BorrowedFd::borrow_raw(fd);
+            let flags = rustix::io::fcntl_getfd(fd)?;
+            rustix::io::fcntl_setfd(fd, flags - rustix::io::FdFlags::CLOEXEC)?;
             Ok(())
         });
     }

@@ -12,12 +12,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use husk_host::confined::{chown_fd, Dir};
-use rustix::fs::OFlags;
+use rustix::fs::{OFlags, SeekFrom};
 
 use crate::store;
 
@@ -48,7 +47,7 @@ pub fn move_out(vm_dir: &Path, to: &Dir, vmm_uid: u32, names: &[&str]) -> io::Re
         .subdir(STAGING_DIR)?;
     for name in names {
         match staging.move_file_to(name, to, vmm_uid, store::FILE_MODE) {
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error()) => {
                 let (src, _) = staging.open_owned_file(name, vmm_uid)?;
                 copy_sparse(&src, to, name)?;
                 staging.remove_file(name)?;
@@ -85,10 +84,10 @@ fn copy_sparse(input: &File, to: &Dir, name: &str) -> io::Result<()> {
         let mut buf = vec![0u8; 1 << 20];
         let mut offset = 0u64;
         while offset < len {
-            let Some(data) = seek(input, offset, libc::SEEK_DATA)? else {
+            let Some(data) = seek(input, SeekFrom::Data(offset))? else {
                 break;
             };
-            let end = seek(input, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+            let end = seek(input, SeekFrom::Hole(data))?.unwrap_or(len).min(len);
             let mut at = data;
             while at < end {
                 let want = usize::try_from(end - at)
@@ -120,19 +119,12 @@ fn copy_sparse(input: &File, to: &Dir, name: &str) -> io::Result<()> {
 }
 
 /// lseek(2) with SEEK_DATA/SEEK_HOLE; None where no data follows (ENXIO).
-fn seek(file: &File, offset: u64, whence: i32) -> io::Result<Option<u64>> {
-    let offset = i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek on an fd this File owns; it moves only that description's offset.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-    if at < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+fn seek(file: &File, whence: SeekFrom) -> io::Result<Option<u64>> {
+    match rustix::fs::seek(file, whence) {
+        Ok(at) => Ok(Some(at)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(Some(at as u64))
 }
 
 #[cfg(test)]

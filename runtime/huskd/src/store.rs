@@ -55,9 +55,21 @@ pub fn save(dir: &Path, vm: &Vm) -> io::Result<()> {
     Dir::open(dir)?.write_atomic(RECORD, &vm.encode_to_vec(), FILE_MODE)
 }
 
+/// A VM record that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot read {}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{} is not a VM record", path.display())]
+    Decode {
+        path: PathBuf,
+        source: prost::DecodeError,
+    },
+}
+
 /// Loads every VM record under `state_dir`; records that cannot be read are returned as
 /// errors naming their directory (huskd logs them and goes on).
-pub fn load_all(state_dir: &Path) -> io::Result<Vec<Result<Vm, String>>> {
+pub fn load_all(state_dir: &Path) -> io::Result<Vec<Result<Vm, RecordError>>> {
     let vms = match Dir::open(&vms_dir(state_dir)) {
         Ok(dir) => dir,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -72,9 +84,15 @@ pub fn load_all(state_dir: &Path) -> io::Result<Vec<Result<Vm, String>>> {
             .and_then(|b| b.ok_or_else(|| io::Error::from(io::ErrorKind::NotFound)));
         records.push(
             bytes
-                .map_err(|e| format!("{}: {e}", record.display()))
+                .map_err(|source| RecordError::Read {
+                    path: record.clone(),
+                    source,
+                })
                 .and_then(|bytes| {
-                    Vm::decode(&bytes[..]).map_err(|e| format!("{}: {e}", record.display()))
+                    Vm::decode(&bytes[..]).map_err(|source| RecordError::Decode {
+                        path: record.clone(),
+                        source,
+                    })
                 }),
         );
     }
@@ -159,7 +177,11 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "records are for root's eyes only");
         loaded.sort_by_key(|r| r.is_err());
         assert_eq!(loaded[0].as_ref().unwrap(), &vm);
-        assert!(loaded[1].as_ref().unwrap_err().contains("b/vm.pb"));
+        assert!(loaded[1]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("b/vm.pb"));
         fs::remove_dir_all(&state).unwrap();
     }
 

@@ -144,18 +144,10 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
-/// Parses `xx:xx:xx:xx:xx:xx`; a multicast address is refused.
+/// Parses `xx:xx:xx:xx:xx:xx`; a multicast address is refused. The one MAC parser, shared with
+/// husk-vmm's `--net` (husk_host::vmm_args).
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    (parts.next().is_none() && mac[0] & 1 == 0).then_some(mac)
+    husk_host::vmm_args::parse_mac(text).ok()
 }
 
 /// Limits a spec sets must leave the VM room to run: memory_max_mib at least the guest's RAM,

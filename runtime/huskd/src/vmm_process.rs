@@ -6,15 +6,17 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use husk_host::jail::{self, JailConfig, JailSpec};
 use husk_host::net::VmLink;
-use husk_init::spec::{BootSpec, PARAM};
+use husk_host::vmm_args::{fd_path, ConsoleConfig, DiskConfig, RestoreArgs, VmmArgs, VsockConfig};
+use husk_init::spec::{BootSpec, SpecError, PARAM};
 use husk_proto::v1::{Limits, VmSpec};
+use rustix::process::{Pid, PidfdFlags, WaitOptions};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -69,8 +71,17 @@ pub struct Launch<'a> {
     pub files: RunFiles,
 }
 
-fn fd_path(fd: RawFd) -> String {
-    format!("/proc/self/fd/{fd}")
+/// Why a VMM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error(transparent)]
+    BootSpec(#[from] SpecError),
+    #[error("cannot pass the guest command line: {0}")]
+    CmdlinePipe(io::Error),
+    #[error("cannot open vmm.log: {0}")]
+    Log(io::Error),
+    #[error("cannot start {}: {cause}", .vmm.display())]
+    Spawn { vmm: PathBuf, cause: io::Error },
 }
 
 /// The default limits of a VM of `spec`, with the spec's own where it sets them (see
@@ -122,7 +133,7 @@ pub const LIMIT_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
 impl Launch<'_> {
     /// The guest kernel command line: quiet, the root disk, the network, the user's extra
     /// parameters, then the boot spec (application, environment, working directory).
-    pub fn kernel_cmdline(&self) -> Result<String, String> {
+    pub fn kernel_cmdline(&self) -> Result<String, LaunchError> {
         let spec = self.spec;
         let mut env: Vec<Vec<u8>> = spec
             .env
@@ -152,10 +163,7 @@ impl Launch<'_> {
                 cwd: (!spec.workdir.is_empty()).then(|| spec.workdir.as_bytes().to_vec()),
             }
         };
-        parts.push(format!(
-            "{PARAM}{}",
-            boot.encode().map_err(|e| e.to_string())?
-        ));
+        parts.push(format!("{PARAM}{}", boot.encode()?));
         Ok(parts.join(" "))
     }
 
@@ -178,68 +186,60 @@ impl Launch<'_> {
         fds
     }
 
-    /// The husk-vmm command; `cmdline` is the pipe the guest command line is read from.
-    pub fn vmm_command(&self, cmdline: Option<&OwnedFd>) -> Command {
+    /// The husk-vmm invocation; `cmdline` is the pipe the guest command line is read from.
+    /// Every file is an inherited fd; only the sockets, in the VM's own `vmm/`, go by path.
+    pub fn vmm_args(&self, cmdline: Option<&OwnedFd>) -> VmmArgs {
         let spec = self.spec;
-        let dir = self.dir;
-        let mut cmd = Command::new(self.vmm);
+        let files = &self.files;
+        let by_fd = |file: &File| fd_path(file.as_raw_fd());
+        let mut args = VmmArgs {
+            disks: files
+                .disks
+                .iter()
+                .map(|(disk, read_only)| DiskConfig {
+                    path: by_fd(disk),
+                    read_only: *read_only,
+                })
+                .collect(),
+            net: self.link.map(VmLink::net_config),
+            vsock: Some(VsockConfig {
+                cid: u64::from(self.vsock_cid),
+                uds_path: self.dir.join(store::VSOCK_SOCK),
+            }),
+            console: Some(ConsoleConfig::File(by_fd(&files.console))),
+            api_sock: Some(self.dir.join(store::API_SOCK)),
+            exit_report: Some(by_fd(&files.exit_report)),
+            cmdline_file: cmdline.map(|fd| fd_path(fd.as_raw_fd())),
+            ..VmmArgs::default()
+        };
         match &self.restore {
-            // The machine comes from the snapshot; devices below replace its backends.
+            // The machine comes from the snapshot; the devices above replace its backends.
             Some(restore) => {
-                cmd.arg("--restore-state")
-                    .arg(fd_path(restore.state.as_raw_fd()));
-                cmd.arg("--restore-mem")
-                    .arg(fd_path(restore.mem.as_raw_fd()));
-                cmd.arg("--restore-mem-name").arg(&restore.mem_name);
-                if let Some(base) = &restore.base {
-                    cmd.arg("--restore-base").arg(fd_path(base.as_raw_fd()));
-                }
-                if restore.start_paused {
-                    cmd.arg("--start-paused");
-                }
+                args.restore = Some(RestoreArgs {
+                    state: by_fd(&restore.state),
+                    mem: by_fd(&restore.mem),
+                    mem_name: Some(restore.mem_name.clone()),
+                    base: restore.base.as_ref().map(by_fd),
+                    start_paused: restore.start_paused,
+                });
             }
             None => {
-                if let Some(kernel) = &self.files.kernel {
-                    cmd.arg("--kernel").arg(fd_path(kernel.as_raw_fd()));
-                }
-                if let Some(initrd) = &self.files.initrd {
-                    cmd.arg("--initrd").arg(fd_path(initrd.as_raw_fd()));
-                }
-                cmd.arg("--cpus").arg(spec.vcpus.to_string());
-                cmd.arg("--memory").arg(spec.memory_mib.to_string());
+                args.kernel = files.kernel.as_ref().map(by_fd);
+                args.initrd = files.initrd.as_ref().map(by_fd);
+                args.cpus = Some(u64::from(spec.vcpus));
+                args.memory = Some(u64::from(spec.memory_mib));
             }
         }
-        for (disk, read_only) in &self.files.disks {
-            let ro = if *read_only { ":ro" } else { "" };
-            cmd.arg("--disk")
-                .arg(format!("{}{ro}", fd_path(disk.as_raw_fd())));
-        }
-        if let Some(link) = self.link {
-            cmd.arg("--net").arg(link.vmm_arg());
-        }
-        cmd.arg("--vsock").arg(format!(
-            "cid={},path={}",
-            self.vsock_cid,
-            dir.join(store::VSOCK_SOCK).display()
-        ));
-        cmd.arg("--console")
-            .arg(format!("file:{}", fd_path(self.files.console.as_raw_fd())));
-        cmd.arg("--api-sock").arg(dir.join(store::API_SOCK));
-        cmd.arg("--exit-report")
-            .arg(fd_path(self.files.exit_report.as_raw_fd()));
-        if let Some(fd) = cmdline {
-            cmd.arg("--cmdline-file").arg(fd_path(fd.as_raw_fd()));
-        }
-        cmd
+        args
     }
 
     /// The full command: husk-vmm, wrapped in husk-jailer when jailed (only the `vmm/`
     /// directory is mirrored, read-write; every file comes as an fd).
     pub fn command(&self, cmdline: Option<&OwnedFd>) -> Command {
-        let vmm = self.vmm_command(cmdline);
+        let args = self.vmm_args(cmdline);
         let fds = self.fds(cmdline);
         let Some(jail) = self.jail else {
-            let mut cmd = vmm;
+            let mut cmd = args.to_command(self.vmm);
             for fd in fds {
                 husk_host::process::inherit_fd(&mut cmd, fd);
             }
@@ -256,43 +256,39 @@ impl Launch<'_> {
             cgroup,
             rlimits,
         };
-        jail::wrap(&jail.jailer, &vmm, &spec)
+        jail::wrap(&jail.jailer, self.vmm, &args, &spec)
     }
 
     /// Starts the VMM in its own session, with its stdout and stderr in `vmm.log`. The guest
     /// command line (with the application's argv and environment) goes through a pipe, never
     /// onto a process command line where any local user could read it.
-    pub fn spawn(&self) -> Result<u32, String> {
+    pub fn spawn(&self) -> Result<u32, LaunchError> {
         let cmdline = match self.restore {
             Some(_) => None,
             None => Some(
                 husk_host::process::cmdline_pipe(&self.kernel_cmdline()?)
-                    .map_err(|e| format!("cannot pass the guest command line: {e}"))?,
+                    .map_err(LaunchError::CmdlinePipe)?,
             ),
         };
         let mut cmd = self.command(cmdline.as_ref());
         let log = &self.files.log;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| format!("cannot open vmm.log: {e}"))?;
-        let log1 = log
-            .try_clone()
-            .map_err(|e| format!("cannot open vmm.log: {e}"))?;
+        let log2 = log.try_clone().map_err(LaunchError::Log)?;
+        let log1 = log.try_clone().map_err(LaunchError::Log)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log1))
             .stderr(Stdio::from(log2));
-        // SAFETY: runs in the child between fork and exec; setsid is async-signal-safe.
+        // SAFETY: runs in the child between fork and exec; setsid is async-signal-safe and
+        // nothing here allocates.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                rustix::process::setsid()?;
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.vmm.display()))?;
+        let child = cmd.spawn().map_err(|cause| LaunchError::Spawn {
+            vmm: self.vmm.to_path_buf(),
+            cause,
+        })?;
         // The Child is dropped without waiting: the monitor reaps it with waitpid.
         Ok(child.id())
     }
@@ -307,19 +303,14 @@ pub struct ProcessHandle {
 impl ProcessHandle {
     /// Opens a pidfd for `pid`; `Ok(None)` when no such process exists any more.
     pub fn open(pid: u32) -> io::Result<Option<Self>> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-        // passed.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if raw < 0 {
-            let err = io::Error::last_os_error();
-            return if err.raw_os_error() == Some(libc::ESRCH) {
-                Ok(None)
-            } else {
-                Err(err)
-            };
-        }
-        // SAFETY: raw is a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+        let Some(target) = to_pid(pid) else {
+            return Ok(None);
+        };
+        let fd = match rustix::process::pidfd_open(target, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::SRCH) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
         // SAFETY: the OwnedFd moves into the AsyncFd and stays open, the same pidfd, until the
         // AsyncFd drops it.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
@@ -344,24 +335,25 @@ impl ProcessHandle {
                 }
             }
         }
-        let mut status = 0;
-        // SAFETY: waitpid writes the status into a local; WNOHANG never blocks. ECHILD (not
-        // our child) leaves it unused.
-        let reaped = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, libc::WNOHANG) };
-        (reaped == self.pid as libc::pid_t).then_some(status)
+        // WNOHANG never blocks; ECHILD (not our child) is an adopted VMM's None.
+        let target = to_pid(self.pid)?;
+        match rustix::process::waitpid(Some(target), WaitOptions::NOHANG) {
+            Ok(Some((reaped, status))) if reaped == target => Some(status.as_raw()),
+            _ => None,
+        }
     }
+}
+
+/// A pid as the kernel takes it; None for 0 and for numbers past `pid_t`, which name no
+/// single process.
+fn to_pid(pid: u32) -> Option<Pid> {
+    Pid::from_raw(i32::try_from(pid).ok()?)
 }
 
 /// Whether a process with this pid exists (it may be a zombie).
 pub fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 checks existence and permission only.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
-}
-
-/// Sends `signal` to `pid`, ignoring a process that is already gone.
-pub fn signal(pid: u32, signal: i32) {
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
+    // Signal 0 checks existence and permission only.
+    to_pid(pid).is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
 }
 
 /// Describes a wait status for humans: "exited with status 3", "killed by signal 9".
@@ -378,6 +370,7 @@ pub fn describe_wait_status(status: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_host::vmm_args::Invocation;
     use husk_proto::v1::Disk;
 
     /// Run files over scratch files (their content does not matter to the command line).
@@ -449,6 +442,11 @@ mod tests {
             files,
         };
         let cmdline = husk_host::process::cmdline_pipe(&launch.kernel_cmdline().unwrap()).unwrap();
+        let typed = launch.vmm_args(Some(&cmdline));
+        assert_eq!(
+            VmmArgs::parse(typed.to_args()),
+            Ok(Invocation::Run(Box::new(typed.clone())))
+        );
         let joined = args(&launch.command(Some(&cmdline)));
         for part in [
             format!("--kernel /proc/self/fd/{k}"),
@@ -522,7 +520,21 @@ mod tests {
             }),
             files,
         };
+        let typed = launch.vmm_args(None);
+        assert_eq!(
+            VmmArgs::parse(typed.to_args()),
+            Ok(Invocation::Run(Box::new(typed.clone())))
+        );
         let joined = args(&launch.command(None));
+        let dash = joined
+            .find(" -- ")
+            .expect("the jailer's -- before the VMM's arguments");
+        let vmm_part: Vec<String> = typed
+            .to_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(&joined[dash + 4..], vmm_part.join(" "));
         for part in [
             "--uid 100007 --gid 100007",
             "--gid 100007 --dir /run/husk/vms/abc/vmm --cgroup cpu.max=250000 100000",

@@ -99,7 +99,7 @@ impl Publisher {
                         };
                         match containerd_shim_protos::ttrpc::asynchronous::Client::connect(&url) {
                             Ok(c) => client = Some(EventsClient::new(c)),
-                            Err(e) => log::warn!("events: cannot connect to {url}: {e}"),
+                            Err(e) => tracing::warn!("events: cannot connect to {url}: {e}"),
                         }
                     }
                     if let Some(c) = &client {
@@ -115,7 +115,7 @@ impl Publisher {
                         match c.forward(ctx, &req).await {
                             Ok(_) => continue,
                             Err(e) => {
-                                log::warn!("events: forward {} failed: {e}", event.topic);
+                                tracing::warn!("events: forward {} failed: {e}", event.topic);
                                 client = None;
                             }
                         }
@@ -149,7 +149,7 @@ async fn publish_with_binary(binary: &str, address: &str, namespace: &str, event
         .stderr(std::process::Stdio::piped())
         .spawn();
     let Ok(mut child) = child else {
-        log::warn!("events: cannot run {binary}");
+        tracing::warn!("events: cannot run {binary}");
         return;
     };
     if let Some(mut stdin) = child.stdin.take() {
@@ -158,12 +158,12 @@ async fn publish_with_binary(binary: &str, address: &str, namespace: &str, event
     }
     match child.wait_with_output().await {
         Ok(out) if out.status.success() => {}
-        Ok(out) => log::warn!(
+        Ok(out) => tracing::warn!(
             "events: {binary} publish {}: {}",
             event.topic,
             String::from_utf8_lossy(&out.stderr).trim()
         ),
-        Err(e) => log::warn!("events: {binary} publish: {e}"),
+        Err(e) => tracing::warn!("events: {binary} publish: {e}"),
     }
 }
 

@@ -6,7 +6,7 @@
 //! A second `start` for the same container finds the socket answering and prints it again.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,7 @@ use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim_async::{create_task, Task};
 use containerd_shim_protos::ttrpc::asynchronous::Server;
+use rustix::fs::OFlags;
 
 use crate::args::ShimArgs;
 use crate::events::{timestamp, Publisher};
@@ -26,6 +27,43 @@ use crate::service::{Service, RECORD_FILE};
 
 /// The fd on which the long-lived shim inherits its listening socket.
 const LISTENER_FD: i32 = 3;
+
+/// Why `start`, `delete` or serving failed (containerd shows the message).
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("creating {path}")]
+    SocketDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("own executable")]
+    OwnExe(#[source] std::io::Error),
+    #[error("cannot spawn the shim")]
+    Spawn(#[source] std::io::Error),
+    #[error("writing the address file")]
+    AddressFile(#[source] std::io::Error),
+    #[error("writing to containerd (stdout)")]
+    Stdout(#[source] std::io::Error),
+    #[error("async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("encoding the DeleteResponse")]
+    Encode(#[source] containerd_shim_protos::protobuf::Error),
+    #[error("ttrpc {what}")]
+    Ttrpc {
+        what: &'static str,
+        #[source]
+        source: containerd_shim_protos::ttrpc::Error,
+    },
+    #[error("SIGTERM handler")]
+    Signal(#[source] std::io::Error),
+}
 
 /// The shim's socket: `<containerd's socket dir>/s/husk-<hash>.sock`, where containerd keeps
 /// its own shims' sockets (`/run/containerd/s` by default); short enough for sun_path.
@@ -43,7 +81,7 @@ pub fn socket_path(args: &ShimArgs) -> PathBuf {
     dir.join(format!("husk-{h:016x}.sock"))
 }
 
-pub fn start(args: &ShimArgs) -> Result<(), String> {
+pub fn start(args: &ShimArgs) -> Result<(), LifecycleError> {
     let path = socket_path(args);
     let address = format!("unix://{}", path.display());
     if std::os::unix::net::UnixStream::connect(&path).is_ok() {
@@ -53,22 +91,28 @@ pub fn start(args: &ShimArgs) -> Result<(), String> {
     }
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| LifecycleError::SocketDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
-    let listener = std::os::unix::net::UnixListener::bind(&path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    let listener =
+        std::os::unix::net::UnixListener::bind(&path).map_err(|source| LifecycleError::Listen {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let exe = std::env::current_exe().map_err(LifecycleError::OwnExe)?;
     // containerd 1.6 reads the shim's log from the `log` FIFO in the bundle; read-write so the
     // open never blocks.
     let log = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
         .open(args.bundle.join("log"))
         .ok()
         .map(|f| {
-            // SAFETY: fcntl on an fd we own; clears O_NONBLOCK so writes wait, not fail.
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
+            // Clear O_NONBLOCK so that the shim's log writes wait, not fail.
+            let _ = rustix::fs::fcntl_setfl(&f, OFlags::empty());
             Stdio::from(f)
         })
         .unwrap_or_else(Stdio::null);
@@ -79,38 +123,38 @@ pub fn start(args: &ShimArgs) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    // SAFETY: runs in the child between fork and exec; dup2 and setsid are async-signal-safe
-    // and use only the fd number copied before the fork.
+    // SAFETY: runs in the child between fork and exec; fcntl, dup2 and setsid are
+    // async-signal-safe and use only the fd number copied before the fork, which is still
+    // open there (FD_CLOEXEC acts at exec).
     unsafe {
         cmd.pre_exec(move || {
-            // dup2 onto itself keeps FD_CLOEXEC: clear it by hand in that case.
+            // SAFETY: `fd` is the listener, open in the child until exec (see above).
+            let listener = BorrowedFd::borrow_raw(fd);
             if fd == LISTENER_FD {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                // dup2 onto itself keeps FD_CLOEXEC: clear it by hand in that case.
+                rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::empty())?;
             } else if libc::dup2(fd, LISTENER_FD) < 0 {
+                // rustix's dup2 wants the target as an OwnedFd, and fd 3 is not ours (it may
+                // not even be open): this one call stays raw.
                 return Err(std::io::Error::last_os_error());
             }
-            libc::setsid();
+            let _ = rustix::process::setsid();
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot spawn the shim: {e}"))?;
+    let child = cmd.spawn().map_err(LifecycleError::Spawn)?;
     drop(listener);
-    std::fs::write(args.bundle.join("address"), &address)
-        .map_err(|e| format!("writing the address file: {e}"))?;
+    std::fs::write(args.bundle.join("address"), &address).map_err(LifecycleError::AddressFile)?;
     // The child is not waited for: it is the long-lived shim (reparented once we exit).
     let _ = child.id();
     print!("{address}");
-    std::io::stdout().flush().map_err(|e| e.to_string())
+    std::io::stdout().flush().map_err(LifecycleError::Stdout)
 }
 
 /// `delete`: containerd cleans up after a shim that is gone. Removes the VM and the rootfs
 /// image named in the bundle's record, and prints a DeleteResponse (status 137, as a killed
 /// process).
-pub fn delete(args: &ShimArgs) -> Result<(), String> {
+pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
     let record = std::fs::read_to_string(args.bundle.join(RECORD_FILE)).unwrap_or_default();
     let mut lines = record.lines();
     let vm = lines.next().map(str::to_string);
@@ -119,15 +163,15 @@ pub fn delete(args: &ShimArgs) -> Result<(), String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(LifecycleError::Runtime)?;
         runtime.block_on(async {
             match huskd::connect(&huskd::host()).await {
                 Ok(mut c) => {
                     if let Err(e) = huskd::delete_vm(&mut c, &vm).await {
-                        eprintln!("containerd-shim-husk-v2 delete: VM {vm}: {e}");
+                        tracing::warn!(vm, "delete: removing the VM: {e}");
                     }
                 }
-                Err(e) => eprintln!("containerd-shim-husk-v2 delete: {e}"),
+                Err(e) => tracing::warn!(vm, "delete: {e}"),
             }
         });
     }
@@ -140,41 +184,22 @@ pub fn delete(args: &ShimArgs) -> Result<(), String> {
     let _ = std::fs::remove_file(args.bundle.join(RECORD_FILE));
     let _ = std::fs::remove_file(socket_path(args));
     let mut r = DeleteResponse::new();
-    r.exit_status = 128 + libc::SIGKILL as u32;
+    r.exit_status = 128 + rustix::process::Signal::KILL.as_raw() as u32;
     r.exited_at = timestamp(std::time::SystemTime::now());
-    let bytes = r.write_to_bytes().map_err(|e| e.to_string())?;
+    let bytes = r.write_to_bytes().map_err(LifecycleError::Encode)?;
     std::io::stdout()
         .write_all(&bytes)
         .and_then(|()| std::io::stdout().flush())
-        .map_err(|e| e.to_string())
-}
-
-struct StderrLogger {
-    debug: bool,
-}
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        self.debug || m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("husk-shim {}: {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
+        .map_err(LifecycleError::Stdout)
 }
 
 /// The long-lived shim: serves the task API on the inherited socket until Shutdown.
-pub fn serve(args: &ShimArgs) -> Result<(), String> {
-    let logger = Box::leak(Box::new(StderrLogger { debug: args.debug }));
-    let _ = log::set_logger(logger);
-    log::set_max_level(log::LevelFilter::Debug);
+pub fn serve(args: &ShimArgs) -> Result<(), LifecycleError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("async runtime: {e}"))?;
+        .map_err(LifecycleError::Runtime)?;
     runtime.block_on(async {
         let events = Publisher::start(
             args.namespace.clone(),
@@ -186,20 +211,26 @@ pub fn serve(args: &ShimArgs) -> Result<(), String> {
         let boxed: Box<dyn Task + Send + Sync> = Box::new(service);
         let mut server = Server::new()
             .add_listener(LISTENER_FD)
-            .map_err(|e| format!("ttrpc listener: {e}"))?
+            .map_err(|source| LifecycleError::Ttrpc {
+                what: "listener",
+                source,
+            })?
             .set_domain_unix()
             .register_service(create_task(Arc::new(boxed)));
         server
             .start()
             .await
-            .map_err(|e| format!("ttrpc server: {e}"))?;
-        log::info!(
-            "serving container {} in namespace {}",
-            args.id,
-            args.namespace
+            .map_err(|source| LifecycleError::Ttrpc {
+                what: "server",
+                source,
+            })?;
+        tracing::info!(
+            container = %args.id,
+            namespace = %args.namespace,
+            "serving the container"
         );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
+            .map_err(LifecycleError::Signal)?;
         tokio::select! {
             _ = shutdown.notified() => {}
             _ = term.recv() => {}
@@ -208,7 +239,7 @@ pub fn serve(args: &ShimArgs) -> Result<(), String> {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let _ = server.shutdown().await;
         let _ = std::fs::remove_file(socket_path(args));
-        Ok::<(), String>(())
+        Ok(())
     })
 }
 

@@ -7,12 +7,15 @@
 //! - no action: the long-lived shim itself (spawned by `start`), serving `containerd.task.v2.Task`
 //!   over ttrpc on the socket it inherits as fd 3.
 //!
-//! Every container runs in its own husk micro-VM, created through huskd's gRPC API.
+//! Every container runs in its own husk micro-VM, created through huskd's gRPC API. This file
+//! is the binary's edge: errors become one line on stderr (which containerd shows) and an exit
+//! code.
 
 mod args;
 mod events;
 mod huskd;
 mod lifecycle;
+mod logging;
 mod oci;
 mod process;
 mod rootfs;
@@ -21,25 +24,43 @@ mod stats;
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+use args::{Action, ArgsError, ShimArgs};
+use clap::error::ErrorKind;
+
 fn main() -> ExitCode {
-    let args = match args::ShimArgs::parse(std::env::args().skip(1)) {
+    let args = match ShimArgs::parse(std::env::args_os().skip(1)) {
         Ok(a) => a,
+        Err(ArgsError::Usage(e))
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) =>
+        {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            eprintln!("containerd-shim-husk-v2: {e}");
+            eprintln!("containerd-shim-husk-v2: {}", one_line(&e.into()));
             return ExitCode::from(2);
         }
     };
-    let result = match args.action.as_deref() {
-        Some("start") => lifecycle::start(&args),
-        Some("delete") => lifecycle::delete(&args),
-        None => lifecycle::serve(&args),
-        Some(other) => Err(format!("unknown action {other:?} (start, delete, or none)")),
-    };
-    match result {
+    logging::init(args.debug);
+    match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("containerd-shim-husk-v2: {e}");
+            eprintln!("containerd-shim-husk-v2: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+fn run(args: &ShimArgs) -> anyhow::Result<()> {
+    match args.action {
+        Some(Action::Start) => lifecycle::start(args).context("start"),
+        Some(Action::Delete) => lifecycle::delete(args).context("delete"),
+        None => lifecycle::serve(args).context("serve"),
+    }
+}
+
+/// An error and its causes on one line, clap's trailing newline and hints trimmed.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").trim_end().to_string()
 }

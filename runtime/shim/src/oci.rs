@@ -1,19 +1,22 @@
-//! The part of an OCI runtime bundle's `config.json` (runtime-spec 1.x) that husk honours:
-//! root, process (args, env, cwd, user, terminal) and memory/CPU limits. Everything else is
-//! ignored (see docs/containerd.md).
+//! The part of an OCI bundle's `config.json` (runtime-spec 1.x) that husk honours: root,
+//! process (args, env, cwd, user) and memory/CPU limits. The document is parsed with the
+//! `oci-spec` crate, so a config that is not a valid runtime spec (a missing `process.cwd` or
+//! `process.user`, a field of the wrong type) is refused with serde's message and its place;
+//! the fields husk does not use are parsed and ignored (see docs/containerd.md).
 
 use std::path::Path;
 
-use serde::Deserialize;
+use oci_spec::runtime as spec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
+    // The cause is in the message: ttrpc carries only the text to containerd.
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("{what} is not a valid OCI document: {source}")]
+    #[error("{what} is not a valid OCI runtime spec: {source}")]
     Parse {
         what: String,
         source: serde_json::Error,
@@ -22,70 +25,41 @@ pub enum OciError {
     NoArgs,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+/// The container's config: the parsed runtime spec.
+#[derive(Debug, Clone)]
 pub struct Spec {
-    #[serde(default)]
-    pub process: Option<Process>,
-    #[serde(default)]
-    pub root: Option<Root>,
-    #[serde(default)]
-    pub linux: Option<Linux>,
+    inner: spec::Spec,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
-pub struct Root {
-    #[serde(default)]
-    pub path: String,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
+/// What the guest agent needs of an OCI process.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Process {
-    #[serde(default)]
     pub user: User,
-    #[serde(default)]
     pub args: Vec<String>,
-    #[serde(default)]
     pub env: Vec<String>,
-    #[serde(default)]
     pub cwd: String,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct User {
-    #[serde(default)]
     pub uid: u32,
-    #[serde(default)]
     pub gid: u32,
-    #[serde(default, rename = "additionalGids")]
     pub additional_gids: Vec<u32>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
-pub struct Linux {
-    #[serde(default)]
-    pub resources: Option<Resources>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-pub struct Resources {
-    #[serde(default)]
-    pub memory: Option<Memory>,
-    #[serde(default)]
-    pub cpu: Option<Cpu>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-pub struct Memory {
-    #[serde(default)]
-    pub limit: Option<i64>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-pub struct Cpu {
-    #[serde(default)]
-    pub quota: Option<i64>,
-    #[serde(default)]
-    pub period: Option<u64>,
+impl From<&spec::Process> for Process {
+    fn from(p: &spec::Process) -> Self {
+        Self {
+            user: User {
+                uid: p.user().uid(),
+                gid: p.user().gid(),
+                additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+            },
+            args: p.args().clone().unwrap_or_default(),
+            env: p.env().clone().unwrap_or_default(),
+            cwd: p.cwd().display().to_string(),
+        }
+    }
 }
 
 impl Spec {
@@ -95,16 +69,37 @@ impl Spec {
             path: path.display().to_string(),
             source,
         })?;
-        serde_json::from_slice(&text).map_err(|source| OciError::Parse {
-            what: path.display().to_string(),
-            source,
-        })
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// Parses a config document; `what` names it in errors.
+    pub fn from_json(bytes: &[u8], what: &str) -> Result<Self, OciError> {
+        serde_json::from_slice(bytes)
+            .map(|inner| Self { inner })
+            .map_err(|source| OciError::Parse {
+                what: what.to_string(),
+                source,
+            })
+    }
+
+    /// The container's process (`None`: the config has none).
+    pub fn process(&self) -> Option<Process> {
+        self.inner.process().as_ref().map(Process::from)
+    }
+
+    /// `root.path` (relative to the bundle, or absolute); empty when there is no root.
+    pub fn root_path(&self) -> String {
+        self.inner
+            .root()
+            .as_ref()
+            .map(|r| r.path().display().to_string())
+            .unwrap_or_default()
     }
 
     /// Guest memory in MiB from `linux.resources.memory.limit` (rounded up, at least 64, the
     /// smallest VM huskd makes); `None`: huskd's default.
     pub fn memory_mib(&self) -> Option<u32> {
-        let limit = self.resources()?.memory.as_ref()?.limit?;
+        let limit = self.resources()?.memory().as_ref()?.limit()?;
         if limit <= 0 {
             return None;
         }
@@ -114,26 +109,27 @@ impl Spec {
 
     /// vCPUs from the CPU quota (`quota / period`, rounded up, 1..=32); `None`: huskd's default.
     pub fn vcpus(&self) -> Option<u32> {
-        let cpu = self.resources()?.cpu.as_ref()?;
-        let (quota, period) = (cpu.quota?, cpu.period?);
+        let cpu = self.resources()?.cpu().as_ref()?;
+        let (quota, period) = (cpu.quota()?, cpu.period()?);
         if quota <= 0 || period == 0 {
             return None;
         }
         Some((quota as u64).div_ceil(period).clamp(1, 32) as u32)
     }
 
-    fn resources(&self) -> Option<&Resources> {
-        self.linux.as_ref()?.resources.as_ref()
+    fn resources(&self) -> Option<&spec::LinuxResources> {
+        self.inner.linux().as_ref()?.resources().as_ref()
     }
 }
 
 impl Process {
     /// An exec's process spec, as containerd sends it (JSON in an `Any`).
     pub fn from_json(bytes: &[u8]) -> Result<Self, OciError> {
-        let p: Process = serde_json::from_slice(bytes).map_err(|source| OciError::Parse {
+        let p: spec::Process = serde_json::from_slice(bytes).map_err(|source| OciError::Parse {
             what: "the exec process spec".into(),
             source,
         })?;
+        let p = Process::from(&p);
         if p.args.first().is_none_or(String::is_empty) {
             return Err(OciError::NoArgs);
         }
@@ -157,39 +153,161 @@ mod tests {
                   "namespaces": [{"type": "pid"}]}
     }"#;
 
+    fn spec(json: &str) -> Spec {
+        Spec::from_json(json.as_bytes(), "config.json").unwrap()
+    }
+
     #[test]
     fn a_containerd_config_is_read() {
-        let spec: Spec = serde_json::from_str(CONFIG).unwrap();
-        let p = spec.process.as_ref().unwrap();
+        let spec = spec(CONFIG);
+        let p = spec.process().unwrap();
         assert_eq!(p.args, ["sh", "-c", "echo hi"]);
         assert_eq!(p.env, ["PATH=/bin", "A=b"]);
         assert_eq!(p.cwd, "/tmp");
         assert_eq!((p.user.uid, p.user.gid), (1000, 100));
         assert_eq!(p.user.additional_gids, [10]);
-        assert_eq!(spec.root.as_ref().unwrap().path, "rootfs");
+        assert_eq!(spec.root_path(), "rootfs");
         assert_eq!(spec.memory_mib(), Some(96)); // 95.4 MiB rounded up
         assert_eq!(spec.vcpus(), Some(2)); // 1.5 CPUs rounded up
     }
 
+    /// The shape of containerd 1.6's default spec (`ctr run`, oci/spec.go
+    /// populateDefaultUnixSpec) with an `ctr run -t --memory-limit` on top.
+    const CTR_DEFAULT: &str = r#"{
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": true, "consoleSize": {"height": 33, "width": 111},
+            "user": {"uid": 0, "gid": 0}, "args": ["sh"],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER",
+                             "CAP_MKNOD", "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID",
+                             "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+                             "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"],
+                "effective": ["CAP_CHOWN"], "permitted": ["CAP_CHOWN"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "web",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620",
+                         "gid=5"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}],
+                          "memory": {"limit": 536870912}},
+            "cgroupsPath": "/default/web",
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"},
+                           {"type": "mount"}, {"type": "network"}],
+            "maskedPaths": ["/proc/acpi", "/proc/kcore", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/sys"]
+        }
+    }"#;
+
+    #[test]
+    fn containerds_default_spec_is_read_and_its_unused_parts_ignored() {
+        let spec = spec(CTR_DEFAULT);
+        let p = spec.process().unwrap();
+        assert_eq!(
+            (p.args.as_slice(), p.cwd.as_str()),
+            (&["sh".to_string()][..], "/")
+        );
+        assert_eq!((p.user.uid, p.user.gid), (0, 0));
+        assert!(p.user.additional_gids.is_empty());
+        assert_eq!(spec.root_path(), "rootfs");
+        assert_eq!((spec.memory_mib(), spec.vcpus()), (Some(512), None));
+    }
+
+    #[test]
+    fn a_bundle_config_is_loaded_and_a_missing_one_named() {
+        let dir = std::env::temp_dir().join(format!("husk-shim-oci-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+        assert_eq!(Spec::load(&dir).unwrap().vcpus(), Some(2));
+        std::fs::remove_file(dir.join("config.json")).unwrap();
+        let err = Spec::load(&dir).unwrap_err();
+        assert!(matches!(err, OciError::Read { .. }), "{err}");
+        assert!(err.to_string().contains("config.json"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn limits_are_clamped_or_absent() {
-        let spec: Spec = serde_json::from_str(
-            r#"{"linux": {"resources": {"memory": {"limit": 1000}, "cpu": {"quota": -1}}}}"#,
-        )
-        .unwrap();
+        let spec =
+            spec(r#"{"linux": {"resources": {"memory": {"limit": 1000}, "cpu": {"quota": -1}}}}"#);
         assert_eq!(spec.memory_mib(), Some(64));
         assert_eq!(spec.vcpus(), None);
-        assert_eq!(Spec::default().memory_mib(), None);
+        let bare = self::spec("{}");
+        assert_eq!(bare.memory_mib(), None);
+        assert_eq!(bare.vcpus(), None);
+        assert!(bare.process().is_none());
+        assert_eq!(bare.root_path(), "");
+        let huge = self::spec(
+            r#"{"linux": {"resources": {"memory": {"limit": 9000000000000},
+                                        "cpu": {"quota": 9900000, "period": 100000}}}}"#,
+        );
+        assert_eq!((huge.memory_mib(), huge.vcpus()), (Some(262_144), Some(32)));
+    }
+
+    #[test]
+    fn configs_that_are_not_runtime_specs_are_refused_with_the_reason() {
+        for (bad, reason) in [
+            ("not json", "expected"),
+            (
+                r#"{"process": {"args": ["sh"], "user": {"uid": 0}}}"#,
+                "cwd",
+            ),
+            (r#"{"process": {"args": ["sh"], "cwd": "/"}}"#, "user"),
+            (
+                r#"{"linux": {"resources": {"memory": {"limit": "lots"}}}}"#,
+                "invalid type",
+            ),
+        ] {
+            let err = Spec::from_json(bad.as_bytes(), "/b/config.json").unwrap_err();
+            let text = err.to_string();
+            assert!(matches!(err, OciError::Parse { .. }), "{bad}: {text}");
+            assert!(
+                text.contains("/b/config.json") && text.contains(reason),
+                "{bad}: {text}"
+            );
+        }
     }
 
     #[test]
     fn exec_specs_need_args() {
+        let user = r#""user": {"uid": 0, "gid": 0}, "cwd": "/""#;
         assert!(matches!(
-            Process::from_json(br#"{"args": []}"#),
+            Process::from_json(format!(r#"{{"args": [], {user}}}"#).as_bytes()),
+            Err(OciError::NoArgs)
+        ));
+        assert!(matches!(
+            Process::from_json(format!(r#"{{"args": [""], {user}}}"#).as_bytes()),
+            Err(OciError::NoArgs)
+        ));
+        assert!(matches!(
+            Process::from_json(format!("{{{user}}}").as_bytes()),
             Err(OciError::NoArgs)
         ));
         assert!(Process::from_json(b"not json").is_err());
-        let p = Process::from_json(br#"{"args": ["ls"], "cwd": "/"}"#).unwrap();
+        let p = Process::from_json(
+            br#"{"args": ["ls"], "cwd": "/", "user": {"uid": 1000, "gid": 1000},
+                 "env": ["A=1"], "terminal": false}"#,
+        )
+        .unwrap();
         assert_eq!(p.args, ["ls"]);
+        assert_eq!((p.user.uid, p.cwd.as_str()), (1000, "/"));
+        assert_eq!(p.env, ["A=1"]);
     }
 }

@@ -5,7 +5,7 @@
 //! back. When the stream fails (the VMM died, huskd went away), the process is recorded as
 //! exited with status 255 and the reason is logged, so containerd never waits forever.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -22,6 +22,12 @@ use crate::oci;
 
 /// Exit status recorded when the process's end could not be observed (VM gone).
 pub const LOST_EXIT_STATUS: u32 = 255;
+
+/// How often the stdin thread looks whether the exec stream is still there.
+const STDIN_POLL: rustix::time::Timespec = rustix::time::Timespec {
+    tv_sec: 0,
+    tv_nsec: 200_000_000,
+};
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,7 +287,7 @@ fn open_output(path: &str) -> Option<tokio::net::unix::pipe::Sender> {
     {
         Ok(s) => Some(s),
         Err(e) => {
-            log::warn!("cannot open output FIFO {path}: {e}");
+            tracing::warn!("cannot open output FIFO {path}: {e}");
             None
         }
     }
@@ -304,12 +310,12 @@ fn open_stdin(path: &str) -> Option<OwnedFd> {
     }
     match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
         .open(path)
     {
         Ok(f) => Some(OwnedFd::from(f)),
         Err(e) => {
-            log::warn!("cannot open stdin FIFO {path}: {e}");
+            tracing::warn!("cannot open stdin FIFO {path}: {e}");
             None
         }
     }
@@ -322,6 +328,8 @@ fn open_stdin(path: &str) -> Option<OwnedFd> {
 /// POLLHUP) only once there is data or a writer came and went: a read of 0 after such a
 /// wake-up is the real end. The thread gives up once the exec stream is gone.
 fn start_stdin(fd: Option<OwnedFd>, tx: mpsc::Sender<ExecRequest>) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::io::Errno;
     let msg = |m| ExecRequest { msg: Some(m) };
     let Some(fd) = fd else {
         let _ = tx.try_send(msg(exec_request::Msg::CloseStdin(true)));
@@ -333,36 +341,24 @@ fn start_stdin(fd: Option<OwnedFd>, tx: mpsc::Sender<ExecRequest>) {
             if tx.is_closed() {
                 return;
             }
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
-            if ready <= 0 {
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ready = poll(&mut fds, Some(&STDIN_POLL));
+            if !ready.is_ok_and(|n| n > 0) {
                 continue; // timeout or EINTR: look at the stream again
             }
-            // SAFETY: reads into a buffer we own, at most its length, from an fd we own.
-            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                let chunk = buf[..n as usize].to_vec();
-                if tx
-                    .blocking_send(msg(exec_request::Msg::Stdin(chunk)))
-                    .is_err()
-                {
-                    return;
+            match rustix::io::read(&fd, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let chunk = buf[..n].to_vec();
+                    if tx
+                        .blocking_send(msg(exec_request::Msg::Stdin(chunk)))
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
-            } else if n == 0 {
-                break;
-            } else {
-                let e = std::io::Error::last_os_error();
-                if !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) {
-                    break;
-                }
+                Err(Errno::AGAIN | Errno::INTR) => {}
+                Err(_) => break,
             }
         }
         let _ = tx.blocking_send(msg(exec_request::Msg::CloseStdin(true)));
@@ -405,9 +401,14 @@ mod tests {
         let path =
             std::env::temp_dir().join(format!("husk-shim-fifo-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
         path.display().to_string()
     }
 

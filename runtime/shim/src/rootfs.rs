@@ -128,10 +128,7 @@ fn mount(m: &Mount, target: &Path) -> Result<(), RootfsError> {
 fn unmount(target: &Path) {
     // Lazy: nothing in the shim keeps files open there, but a stray reader must not make the
     // cleanup fail.
-    if let Ok(c) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) {
-        // SAFETY: c is a valid NUL-terminated path; umount2 only reads it.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
+    let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
 }
 
 /// Bytes and inodes that a copy of `dir` needs.

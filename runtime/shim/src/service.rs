@@ -194,7 +194,7 @@ impl Service {
                             .unwrap_or_default(),
                         Err(_) => String::new(),
                     };
-                    log::error!(
+                    tracing::error!(
                         "container {id} process {exec_id:?} lost ({reason}; VM: {why}); \
                          reported as exited with status {status}"
                     );
@@ -279,24 +279,19 @@ impl Task for Service {
         let spec =
             oci::Spec::load(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
         let process = spec
-            .process
-            .clone()
+            .process()
             .filter(|p| p.args.first().is_some_and(|a| !a.is_empty()))
             .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json: process.args is empty"))?;
         let mut client = self.client().await?;
         let image = image_path(&self.args.namespace, &req.id);
-        let root_path = spec
-            .root
-            .as_ref()
-            .map(|r| r.path.clone())
-            .unwrap_or_default();
+        let root_path = spec.root_path();
         let (b, mounts, img) = (bundle.clone(), req.rootfs.clone(), image.clone());
         let built =
             tokio::task::spawn_blocking(move || rootfs::build(&b, &mounts, &root_path, &img))
                 .await
                 .map_err(|e| err(Code::INTERNAL, e.to_string()))?
                 .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-        log::info!(
+        tracing::info!(
             "container {}: rootfs image {} ({} bytes of files) in {:?}",
             req.id,
             built.image.display(),
@@ -384,7 +379,7 @@ impl Task for Service {
                         && std::time::Instant::now() < deadline
                         && vm_running(&mut client, &vm).await =>
                 {
-                    log::info!(
+                    tracing::info!(
                         "container {}: the guest agent is not up yet ({}); still waiting",
                         req.id,
                         s.message()
@@ -401,7 +396,7 @@ impl Task for Service {
                         .and_then(|v| v.status)
                         .map(|s| s.failure_reason)
                         .unwrap_or_default();
-                    log::error!(
+                    tracing::error!(
                         "container {}: start failed: {e}; VM failure: {reason}; VM console:\n{console}",
                         req.id
                     );

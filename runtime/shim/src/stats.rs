@@ -43,8 +43,7 @@ pub fn vmm_metrics(pid: u32, processes: u64) -> Result<Any, StatsError> {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| StatsError::Gone(pid))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| StatsError::Gone(pid))?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
     let (user, kernel) = cpu_ns(&stat, ticks).ok_or(StatsError::Format(pid))?;
     let rss = rss_bytes(&status).unwrap_or(0);
     let mut m = Metrics::new();

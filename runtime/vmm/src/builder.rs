@@ -31,9 +31,7 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::virtio::{self as virtio_slots, VirtioAttachError, VirtioSlot};
 use crate::loader::{self, KernelEntry, LoaderError};
-use crate::snapshot::devices::{
-    specs_for_restore, transport_from_proto, DeviceSpec, RestoreOverrides,
-};
+use crate::snapshot::devices::{specs_for_restore, DeviceSpec, RestoreOverrides};
 use crate::snapshot::state::SerialState;
 use crate::snapshot::vcpu_state::cpuid_entries;
 use crate::snapshot::{self, cpu_check, vcpu_state, vm_state, LoadedSnapshot};
@@ -131,11 +129,11 @@ pub enum BuildError {
     #[error("cannot restore device {0}")]
     DeviceState(
         String,
-        #[source] husk_devices::virtio::mmio::TransportStateError,
+        #[source] husk_devices::virtio::mmio::persist::TransportStateError,
     ),
     /// The saved UART state is invalid.
-    #[error("cannot restore the serial port: {0}")]
-    SerialState(String),
+    #[error("cannot restore the serial port")]
+    SerialState(#[from] crate::devices::legacy::serial::persist::SerialStateError),
 }
 
 /// What the machine without a kernel needs.
@@ -194,8 +192,7 @@ fn build_machine(
     };
     let serial = Arc::new(Mutex::new(match serial {
         None => SerialDevice::new(irq_event(SERIAL_IRQ)?, cfg.console),
-        Some(state) => SerialDevice::from_state(irq_event(SERIAL_IRQ)?, cfg.console, state)
-            .map_err(BuildError::SerialState)?,
+        Some(state) => SerialDevice::from_state(irq_event(SERIAL_IRQ)?, cfg.console, state)?,
     }));
     let i8042 = Arc::new(Mutex::new(I8042::new(irq_event(KBD_IRQ)?, stop.clone())));
     let control = Arc::new(ControlState::default());
@@ -313,11 +310,7 @@ pub fn restore_vm(
             .transport
             .as_ref()
             .ok_or(BuildError::Snapshot("a device has no transport state"))?;
-        let transport = transport_from_proto(&saved.name, transport)?;
-        slot.transport
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .restore_state(&transport)
+        slot.restore_state(transport)
             .map_err(|e| BuildError::DeviceState(slot.name.clone(), e))?;
     }
     vmm.set_devices(slots);

@@ -4,12 +4,14 @@ use std::path::PathBuf;
 
 use crate::arch::x86_64::layout::{CMDLINE_MAX_LEN, MAX_MEM_MIB, MIN_MEM_MIB};
 
+// The devices and defaults of a VM are the launch description's own types: what `husk run` and
+// huskd write on husk-vmm's command line is what it reads (see husk_host::vmm_args).
+pub use husk_host::vmm_args::{
+    ConsoleConfig, DiskConfig, NetConfig, TapSource, VsockConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS,
+};
+
 /// Most vCPUs a husk VM may have (the MP table and topology are sized for this).
 pub const MAX_VCPUS: u8 = 32;
-/// Default number of vCPUs.
-pub const DEFAULT_VCPUS: u8 = 1;
-/// Default guest memory in MiB.
-pub const DEFAULT_MEM_MIB: u64 = 256;
 /// Always passed first on the kernel command line:
 /// - `console=ttyS0`: the console is the 8250 at 0x3f8;
 /// - `reboot=k panic=-1`: reboot (and panic, at once) through the i8042 reset line, which the VMM
@@ -18,55 +20,6 @@ pub const DEFAULT_MEM_MIB: u64 = 256;
 ///   driver must not probe mouse, multiplexer or PnP (each probe would wait for a timeout).
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp";
-
-/// Where the guest's serial console goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConsoleConfig {
-    /// The VMM's standard output.
-    Stdout,
-    /// Discarded.
-    None,
-    /// Written to (created or truncated) this file.
-    File(PathBuf),
-    /// Written to a stream connection to the Unix socket listening at this path (a supervisor
-    /// that collects consoles, or `socat UNIX-LISTEN:PATH -`).
-    Unix(PathBuf),
-}
-
-/// A virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// Raw image file.
-    pub path: PathBuf,
-    /// The guest may not write it.
-    pub read_only: bool,
-}
-
-/// Where the virtio-net device's tap comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TapSource {
-    /// Create (or attach to) the tap with this name.
-    Name(String),
-    /// An already-open tap fd inherited from the parent (which created and addressed it), with
-    /// the interface name for logs.
-    Fd(i32, String),
-}
-
-/// The virtio-net device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    pub tap: TapSource,
-    pub mac: [u8; 6],
-}
-
-/// The virtio-vsock device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// Guest context ID (>= 3).
-    pub cid: u64,
-    /// Host-side Unix socket path (connections to guest ports; `<path>_<port>` for guest-initiated).
-    pub uds_path: PathBuf,
-}
 
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -10,13 +10,12 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::{bail, Context};
+use husk_host::vmm_args::{Invocation, SeccompMode, VmmArgs};
 use husk_proto::vmm::ExitReport;
 use husk_vmm::api::socket::ApiSocket;
 use husk_vmm::builder::{build_from_snapshot, build_microvm};
-use husk_vmm::config::{
-    ConsoleConfig, DiskConfig, NetConfig, TapSource, VmConfig, VsockConfig, DEFAULT_CMDLINE,
-    DEFAULT_MEM_MIB, DEFAULT_VCPUS,
-};
+use husk_vmm::config::{VmConfig, DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use husk_vmm::exit_report;
 use husk_vmm::seccomp::{self, Filters, Mode};
 use husk_vmm::signals;
@@ -96,6 +95,7 @@ messages suppressed'), and all diagnostics to 4 MiB over the VMM's life."
 }
 
 /// What to run, and the process-level options around it.
+#[derive(Debug)]
 struct Options {
     vm: VmConfig,
     restore: Option<Restore>,
@@ -114,269 +114,76 @@ struct Restore {
     start_paused: bool,
 }
 
-enum Command {
-    Run(Box<Options>),
-    Help,
-    PrintSeccomp,
-}
-
 /// The longest `--cmdline-file` read (x86 Linux takes 2 KiB of command line; room to spare).
 const MAX_CMDLINE_FILE: u64 = 64 * 1024;
 
 /// Reads `--cmdline-file`: one line, bounded; a trailing newline is dropped.
-fn read_cmdline_file(path: &Path) -> Result<String, String> {
+fn read_cmdline_file(path: &Path) -> anyhow::Result<String> {
     use std::io::Read;
+    let what = || format!("--cmdline-file {}", path.display());
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
-    let file = husk_devices::host_files::open(path, &options, false)
-        .map_err(|e| format!("--cmdline-file {}: {e}", path.display()))?;
+    let file = husk_devices::host_files::open(path, &options, false).with_context(what)?;
     let mut text = String::new();
     file.take(MAX_CMDLINE_FILE + 1)
         .read_to_string(&mut text)
-        .map_err(|e| format!("--cmdline-file {}: {e}", path.display()))?;
+        .with_context(what)?;
     if text.len() as u64 > MAX_CMDLINE_FILE {
-        return Err(format!(
-            "--cmdline-file {}: longer than {MAX_CMDLINE_FILE} bytes",
-            path.display()
-        ));
+        bail!("{}: longer than {MAX_CMDLINE_FILE} bytes", what());
     }
     let line = text.strip_suffix('\n').unwrap_or(&text);
     if line.contains(['\n', '\0']) {
-        return Err(format!(
-            "--cmdline-file {}: must be one line without NUL bytes",
-            path.display()
-        ));
+        bail!("{}: must be one line without NUL bytes", what());
     }
     Ok(line.to_string())
 }
 
-fn parse_console(value: &str) -> Result<ConsoleConfig, String> {
-    let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
-    match value {
-        "stdout" => Ok(ConsoleConfig::Stdout),
-        "none" => Ok(ConsoleConfig::None),
-        v => match (v.strip_prefix("file:"), v.strip_prefix("unix:")) {
-            (Some(p), _) if !p.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(p))),
-            (_, Some(p)) if path(p).is_some() => Ok(ConsoleConfig::Unix(PathBuf::from(p))),
-            _ => Err(format!(
-                "invalid --console '{v}': use stdout, none, file:PATH or unix:PATH"
-            )),
-        },
+fn seccomp_mode(mode: SeccompMode) -> Mode {
+    match mode {
+        SeccompMode::Kill => Mode::Kill,
+        SeccompMode::Trap => Mode::Trap,
+        SeccompMode::Log => Mode::Log,
+        SeccompMode::Off => Mode::Off,
     }
 }
 
-fn parse_disk(value: &str) -> DiskConfig {
-    match value.strip_suffix(":ro") {
-        Some(path) => DiskConfig {
-            path: PathBuf::from(path),
-            read_only: true,
-        },
-        None => DiskConfig {
-            path: PathBuf::from(value),
-            read_only: false,
-        },
-    }
-}
-
-/// `key=value` pairs separated by commas.
-fn parse_pairs<'a>(flag: &str, value: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
-    value
-        .split(',')
-        .map(|kv| {
-            kv.split_once('=').ok_or(format!(
-                "invalid {flag} '{value}': expected key=value pairs"
-            ))
-        })
-        .collect()
-}
-
-fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bytes: Vec<u8> = text
-        .split(':')
-        .filter_map(|b| u8::from_str_radix(b, 16).ok())
-        .collect();
-    <[u8; 6]>::try_from(bytes)
-        .ok()
-        .filter(|_| text.split(':').count() == 6)
-        .ok_or(format!("invalid MAC address '{text}'"))
-}
-
-fn parse_net(value: &str) -> Result<NetConfig, String> {
-    let (mut tap, mut fd, mut name, mut mac) = (None, None, None, [0x06, 0, 0xac, 0x10, 0, 2]);
-    for (k, v) in parse_pairs("--net", value)? {
-        match k {
-            "tap" => tap = Some(v.to_string()),
-            "fd" => {
-                fd = Some(
-                    v.parse::<i32>()
-                        .map_err(|_| format!("invalid --net fd '{v}'"))?,
-                )
-            }
-            "name" => name = Some(v.to_string()),
-            "mac" => mac = parse_mac(v)?,
-            _ => return Err(format!("unknown --net key '{k}'")),
-        }
-    }
-    let tap = match (tap, fd) {
-        (Some(tap), None) => TapSource::Name(tap),
-        (None, Some(fd)) if fd > 2 => TapSource::Fd(fd, name.unwrap_or_else(|| format!("fd{fd}"))),
-        _ => return Err("--net needs exactly one of tap=NAME or fd=N (N > 2)".into()),
+/// The VM and process options a parsed command line asks for (the `--cmdline-file` is read
+/// here, before anything else is opened).
+fn options(args: VmmArgs) -> anyhow::Result<Options> {
+    let seccomp = seccomp_mode(args.seccomp_mode());
+    let mut vm = VmConfig::new(args.kernel.unwrap_or_default());
+    vm.initrd = args.initrd;
+    vm.cmdline = match (args.cmdline, args.cmdline_file) {
+        (_, Some(file)) => read_cmdline_file(&file)?,
+        (Some(text), None) => text,
+        (None, None) => String::new(),
     };
-    Ok(NetConfig { tap, mac })
-}
-
-fn parse_vsock(value: &str) -> Result<VsockConfig, String> {
-    let (mut cid, mut path) = (None, None);
-    for (k, v) in parse_pairs("--vsock", value)? {
-        match k {
-            "cid" => {
-                cid = Some(
-                    v.parse::<u64>()
-                        .map_err(|_| format!("invalid --vsock cid '{v}'"))?,
-                )
-            }
-            "path" => path = Some(PathBuf::from(v)),
-            _ => return Err(format!("unknown --vsock key '{k}'")),
-        }
-    }
-    match (cid, path) {
-        (Some(cid), Some(uds_path)) => Ok(VsockConfig { cid, uds_path }),
-        _ => Err("--vsock needs cid=N,path=PATH".into()),
-    }
-}
-
-fn parse_number(flag: &str, value: &str) -> Result<u64, String> {
-    value
-        .parse()
-        .map_err(|_| format!("invalid value '{value}' for {flag}: expected a number"))
-}
-
-fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
-    let mut args = args.into_iter();
-    let mut kernel = None;
-    let mut config = VmConfig::new(PathBuf::new());
-    let (mut api_sock, mut exit_report) = (None, None);
-    let mut seccomp = Mode::default();
-    let (mut restore_state, mut restore_mem, mut start_paused) = (None, None, false);
-    let mut names = husk_vmm::snapshot::LoadNames::default();
-    let mut boot_options = Vec::new();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let takes_value = matches!(
-            flag.as_str(),
-            "--kernel"
-                | "--initrd"
-                | "--cmdline"
-                | "--cmdline-file"
-                | "--cpus"
-                | "--memory"
-                | "--console"
-                | "--console-limit"
-                | "--disk"
-                | "--net"
-                | "--vsock"
-                | "--api-sock"
-                | "--exit-report"
-                | "--seccomp"
-                | "--restore-state"
-                | "--restore-mem"
-                | "--restore-mem-name"
-                | "--restore-base"
-        );
-        let value = if takes_value {
-            match inline.or_else(|| args.next()) {
-                Some(v) => v,
-                None => return Err(format!("{flag} needs a value")),
-            }
-        } else if inline.is_some() {
-            return Err(format!("{flag} takes no value"));
-        } else {
-            String::new()
-        };
-        if !matches!(
-            flag.as_str(),
-            "--console"
-                | "--console-limit"
-                | "--api-sock"
-                | "--exit-report"
-                | "--disk"
-                | "--net"
-                | "--vsock"
-                | "--restore-state"
-                | "--restore-mem"
-                | "--restore-mem-name"
-                | "--restore-base"
-                | "--start-paused"
-                | "-h"
-                | "--help"
-        ) {
-            boot_options.push(flag.clone());
-        }
-        match flag.as_str() {
-            "--restore-state" => restore_state = Some(PathBuf::from(value)),
-            "--restore-mem-name" => names.mem_name = Some(PathBuf::from(value)),
-            "--restore-base" => names.base = Some(PathBuf::from(value)),
-            "--restore-mem" => restore_mem = Some(PathBuf::from(value)),
-            "--start-paused" => start_paused = true,
-            "--kernel" => kernel = Some(PathBuf::from(value)),
-            "--initrd" => config.initrd = Some(PathBuf::from(value)),
-            "--cmdline" => config.cmdline = value,
-            "--cmdline-file" => config.cmdline = read_cmdline_file(Path::new(&value))?,
-            "--cpus" => config.vcpus = parse_number("--cpus", &value)?,
-            "--memory" => config.mem_mib = parse_number("--memory", &value)?,
-            "--console" => config.console = parse_console(&value)?,
-            "--console-limit" => config.console_limit = parse_number("--console-limit", &value)?,
-            "--report-boot-time" => config.report_boot_time = true,
-            "--allow-pvm" => config.allow_pvm = true,
-            "--disk" => config.disks.push(parse_disk(&value)),
-            "--net" => config.net = Some(parse_net(&value)?),
-            "--vsock" => config.vsock = Some(parse_vsock(&value)?),
-            "--no-rng" => config.rng = false,
-            "--api-sock" => api_sock = Some(PathBuf::from(value)),
-            "--exit-report" => exit_report = Some(PathBuf::from(value)),
-            "--seccomp" => seccomp = value.parse().map_err(|e| format!("{e}"))?,
-            "--no-seccomp" => seccomp = Mode::Off,
-            "--print-seccomp" => return Ok(Command::PrintSeccomp),
-            "-h" | "--help" => return Ok(Command::Help),
-            other => return Err(format!("unknown argument '{other}' (see --help)")),
-        }
-    }
-    let empty = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.as_os_str().is_empty());
-    if empty(&api_sock) || empty(&exit_report) || empty(&restore_state) || empty(&restore_mem) {
-        return Err("--api-sock, --exit-report and --restore-* need a non-empty path".into());
-    }
-    let restore = match (restore_state, restore_mem) {
-        (Some(state), Some(mem)) => {
-            // The machine comes from the snapshot: boot options would be silently ignored.
-            if let Some(flag) = boot_options.first() {
-                return Err(format!("{flag} cannot be combined with --restore-state"));
-            }
-            Some(Restore {
-                state,
-                mem,
-                names,
-                start_paused,
-            })
-        }
-        (None, None) if start_paused => {
-            return Err("--start-paused needs --restore-state and --restore-mem".into())
-        }
-        (None, None) => {
-            config.kernel = kernel.ok_or("--kernel is required (see --help)")?;
-            None
-        }
-        _ => return Err("--restore-state and --restore-mem go together".into()),
-    };
-    Ok(Command::Run(Box::new(Options {
-        vm: config,
+    vm.vcpus = args.cpus.unwrap_or(vm.vcpus);
+    vm.mem_mib = args.memory.unwrap_or(vm.mem_mib);
+    vm.console = args.console.unwrap_or(vm.console);
+    vm.console_limit = args.console_limit.unwrap_or(vm.console_limit);
+    vm.report_boot_time = args.report_boot_time;
+    vm.allow_pvm = args.allow_pvm;
+    vm.disks = args.disks;
+    vm.net = args.net;
+    vm.vsock = args.vsock;
+    vm.rng = !args.no_rng;
+    let restore = args.restore.map(|r| Restore {
+        state: r.state,
+        mem: r.mem,
+        names: husk_vmm::snapshot::LoadNames {
+            mem_name: r.mem_name,
+            base: r.base,
+        },
+        start_paused: r.start_paused,
+    });
+    Ok(Options {
+        vm,
         restore,
-        api_sock,
-        exit_report,
+        api_sock: args.api_sock,
+        exit_report: args.exit_report,
         seccomp,
-    })))
+    })
 }
 
 /// Minimal stderr logger for VMM diagnostics.
@@ -434,17 +241,21 @@ fn fail(msg: &str) -> ! {
 fn main() {
     let vmm_start = Instant::now();
     init_logging();
-    let options = match parse_args(std::env::args().skip(1)) {
-        Ok(Command::Run(options)) => options,
-        Ok(Command::Help) => {
+    let args = match VmmArgs::parse(std::env::args_os().skip(1)) {
+        Ok(Invocation::Run(args)) => *args,
+        Ok(Invocation::Help) => {
             println!("{}", usage());
             return;
         }
-        Ok(Command::PrintSeccomp) => {
-            print!("{}", seccomp::describe());
-            return;
-        }
-        Err(msg) => fail(&msg),
+        Err(e) => fail(&e.to_string()),
+    };
+    if args.print_seccomp {
+        print!("{}", seccomp::describe());
+        return;
+    }
+    let options = match options(args) {
+        Ok(options) => options,
+        Err(e) => fail(&one_line(e.as_ref())),
     };
     // Created now: once the filters are on, no file can be opened.
     let pending = match options
@@ -481,7 +292,8 @@ fn main() {
 /// Builds and runs the VM, prints what went wrong if anything did, and says how it ended.
 fn run(options: &Options, vmm_start: Instant) -> ExitReport {
     match build_and_run(options, vmm_start) {
-        Err(msg) => {
+        Err(e) => {
+            let msg = one_line(e.as_ref());
             print_error(&msg);
             exit_report::from_error(EXIT_VMM_ERROR, &msg)
         }
@@ -501,7 +313,7 @@ fn run(options: &Options, vmm_start: Instant) -> ExitReport {
     }
 }
 
-fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, String> {
+fn build_and_run(options: &Options, vmm_start: Instant) -> anyhow::Result<VmOutcome> {
     let mut vmm = match &options.restore {
         None => build_microvm(&options.vm, vmm_start),
         Some(r) => {
@@ -520,32 +332,35 @@ fn build_and_run(options: &Options, vmm_start: Instant) -> Result<VmOutcome, Str
                 },
             )
         }
-    }
-    .map_err(|e| one_line(&e))?;
-    vmm.set_seccomp(Filters::new(options.seccomp).map_err(|e| one_line(&e))?);
-    signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())
-        .map_err(|e| one_line(&e))?;
+    }?;
+    vmm.set_seccomp(Filters::new(options.seccomp)?);
+    signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())?;
     // Bound while this is the only thread (see ApiSocket::bind), just before the VM runs.
     let api = options
         .api_sock
         .as_deref()
         .map(ApiSocket::bind)
-        .transpose()
-        .map_err(|e| one_line(&e))?;
-    vmm.run_with_api(api).map_err(|e| one_line(&e))
+        .transpose()?;
+    Ok(vmm.run_with_api(api)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_vmm::config::{ConsoleConfig, DiskConfig, TapSource, VsockConfig};
 
-    fn parse(args: &[&str]) -> Result<Command, String> {
-        parse_args(args.iter().map(|s| s.to_string()))
+    /// Parses as main does: the command line, then the options it asks for.
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        match VmmArgs::parse(args.iter().copied()) {
+            Ok(Invocation::Run(args)) => options(*args).map_err(|e| one_line(e.as_ref())),
+            Ok(Invocation::Help) => Err("help".into()),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     #[test]
     fn parses_every_option() {
-        let Ok(Command::Run(o)) = parse(&[
+        let o = parse(&[
             "--kernel",
             "/k",
             "--api-sock",
@@ -564,9 +379,8 @@ mod tests {
             "--allow-pvm",
             "--seccomp",
             "trap",
-        ]) else {
-            panic!("did not parse");
-        };
+        ])
+        .expect("did not parse");
         assert_eq!(o.api_sock, Some(PathBuf::from("/run/a.sock")));
         assert_eq!(o.exit_report, Some(PathBuf::from("/run/exit")));
         assert_eq!(o.seccomp, Mode::Trap);
@@ -585,10 +399,8 @@ mod tests {
         assert!(parse(&["--kernel", "/k", "--cpus", "many"]).is_err());
         assert!(parse(&["--kernel", "/k", "--console", "tty"]).is_err());
         assert!(parse(&["--kernel", "/k", "--console", "unix:"]).is_err());
-        let Ok(Command::Run(o)) = parse(&["--kernel", "/k", "--console", "unix:/run/c.sock"])
-        else {
-            panic!("unix console did not parse");
-        };
+        let o = parse(&["--kernel", "/k", "--console", "unix:/run/c.sock"])
+            .expect("unix console did not parse");
         assert_eq!((o.api_sock, o.exit_report), (None, None));
         assert_eq!(
             o.vm.console,
@@ -596,22 +408,20 @@ mod tests {
         );
         let file = std::env::temp_dir().join(format!("husk-cmdline-{}", std::process::id()));
         std::fs::write(&file, "quiet husk.spec=abc\n").unwrap();
-        let Ok(Command::Run(o)) =
-            parse(&["--kernel", "/k", "--cmdline-file", file.to_str().unwrap()])
-        else {
-            panic!("--cmdline-file did not parse");
-        };
+        let o = parse(&["--kernel", "/k", "--cmdline-file", file.to_str().unwrap()])
+            .expect("--cmdline-file did not parse");
         assert_eq!(o.vm.cmdline, "quiet husk.spec=abc");
         std::fs::write(&file, "two\nlines").unwrap();
         assert!(parse(&["--kernel", "/k", "--cmdline-file", file.to_str().unwrap()]).is_err());
         std::fs::remove_file(&file).unwrap();
         assert!(parse(&["--kernel", "/k", "--bogus"]).is_err());
         assert!(parse(&["--kernel", "/k", "--report-boot-time=1"]).is_err());
-        assert!(matches!(parse(&["--help"]), Ok(Command::Help)));
-        assert!(matches!(
-            parse(&["--print-seccomp"]),
-            Ok(Command::PrintSeccomp)
-        ));
+        assert_eq!(VmmArgs::parse(["--help"]), Ok(Invocation::Help));
+        assert!(usage().contains("--restore-state"));
+        let Ok(Invocation::Run(print)) = VmmArgs::parse(["--print-seccomp"]) else {
+            panic!("--print-seccomp did not parse");
+        };
+        assert!(print.print_seccomp);
         assert!(parse(&["--kernel", "/k", "--seccomp", "lax"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "tap=a,fd=4"]).is_err());
         assert!(parse(&["--kernel", "/k", "--net", "fd=1"]).is_err());
@@ -624,8 +434,16 @@ mod tests {
     }
 
     #[test]
+    fn a_usage_error_is_one_line_naming_the_flag() {
+        let e = parse(&["--kernel", "/k", "--cpus", "many"]).unwrap_err();
+        assert!(!e.contains('\n') && e.contains("--cpus"), "{e}");
+        let e = parse(&[]).unwrap_err();
+        assert_eq!(e, "--kernel is required (see --help)");
+    }
+
+    #[test]
     fn parses_restore_and_refuses_boot_options_with_it() {
-        let Ok(Command::Run(o)) = parse(&[
+        let o = parse(&[
             "--restore-state",
             "/s/vm.state",
             "--restore-mem=/s/vm.mem",
@@ -638,9 +456,8 @@ mod tests {
             "/run/a.sock",
             "--console",
             "none",
-        ]) else {
-            panic!("did not parse");
-        };
+        ])
+        .expect("did not parse");
         assert_eq!(
             o.restore,
             Some(Restore {
@@ -672,7 +489,7 @@ mod tests {
 
     #[test]
     fn parses_devices() {
-        let Ok(Command::Run(o)) = parse(&[
+        let o = parse(&[
             "--kernel",
             "/k",
             "--disk",
@@ -685,9 +502,8 @@ mod tests {
             "cid=3,path=/run/v.sock",
             "--no-rng",
             "--no-seccomp",
-        ]) else {
-            panic!("did not parse");
-        };
+        ])
+        .expect("did not parse");
         assert_eq!(o.seccomp, Mode::Off);
         let c = o.vm;
         assert_eq!(
@@ -718,14 +534,17 @@ mod tests {
 
     #[test]
     fn the_console_limit_defaults_to_16_mib_and_is_set_by_its_flag() {
-        let Ok(Command::Run(o)) = parse(&["--kernel", "/k"]) else {
-            panic!("did not parse");
-        };
+        let o = parse(&["--kernel", "/k"]).expect("did not parse");
         assert_eq!(o.vm.console_limit, 16 * 1024 * 1024);
-        let Ok(Command::Run(o)) = parse(&["--kernel", "/k", "--console-limit", "0"]) else {
-            panic!("did not parse");
-        };
+        let o = parse(&["--kernel", "/k", "--console-limit", "0"]).expect("did not parse");
         assert_eq!(o.vm.console_limit, 0);
         assert!(parse(&["--kernel", "/k", "--console-limit", "lots"]).is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_vm_configuration() {
+        let o = parse(&["--kernel", "/k"]).expect("did not parse");
+        assert_eq!(o.vm, VmConfig::new("/k".into()));
+        assert_eq!((o.restore, o.seccomp), (None, Mode::Kill));
     }
 }

@@ -15,6 +15,7 @@
 //! instruction) the whole measured time, which a nested-emulated Linux boot otherwise hides.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use anyhow::{anyhow, bail};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,32 +28,36 @@ struct Args {
     command: Vec<String>,
 }
 
-fn parse_args() -> Result<Args, String> {
+fn parse_args() -> anyhow::Result<Args> {
     let mut args = std::env::args().skip(1);
     let (mut name, mut runs, mut marker, mut guest_mib) = (None, 10, None, 0);
     while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        let mut value = || args.next().ok_or_else(|| anyhow!("{a} needs a value"));
         match a.as_str() {
             "--name" => name = Some(value()?),
-            "--runs" => runs = value()?.parse().map_err(|_| "--runs: not a number")?,
+            "--runs" => {
+                runs = value()?
+                    .parse()
+                    .map_err(|_| anyhow!("--runs: not a number"))?
+            }
             "--marker" => marker = Some(value()?),
             "--guest-mib" => {
-                guest_mib = value()?.parse().map_err(|_| "--guest-mib: not a number")?
+                guest_mib = value()?
+                    .parse()
+                    .map_err(|_| anyhow!("--guest-mib: not a number"))?
             }
             "--" => break,
-            other => return Err(format!("unknown argument {other}")),
+            other => bail!("unknown argument {other}"),
         }
     }
     let command: Vec<String> = args.collect();
     if command.is_empty() || runs == 0 || guest_mib == 0 {
-        return Err(
-            "usage: boot-bench --name N --runs R --marker M --guest-mib G -- CMD...".into(),
-        );
+        bail!("usage: boot-bench --name N --runs R --marker M --guest-mib G -- CMD...");
     }
     Ok(Args {
-        name: name.ok_or("--name is required")?,
+        name: name.ok_or_else(|| anyhow!("--name is required"))?,
         runs,
-        marker: marker.ok_or("--marker is required")?,
+        marker: marker.ok_or_else(|| anyhow!("--marker is required"))?,
         guest_mib,
         command,
     })
@@ -81,7 +86,7 @@ struct Sample {
     own_rss_kib: u64,
 }
 
-fn one_run(args: &Args) -> Result<Sample, String> {
+fn one_run(args: &Args) -> anyhow::Result<Sample> {
     let start = Instant::now();
     let mut child = Command::new(&args.command[0])
         .args(&args.command[1..])
@@ -89,7 +94,7 @@ fn one_run(args: &Args) -> Result<Sample, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", args.command[0]))?;
+        .map_err(|e| anyhow!("cannot start {}: {e}", args.command[0]))?;
     let mut stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     let marker = args.marker.clone().into_bytes();
@@ -116,7 +121,7 @@ fn one_run(args: &Args) -> Result<Sample, String> {
                 own_rss_kib: own,
             })
         }
-        Err(_) => Err("no marker within 120 s".to_string()),
+        Err(_) => Err(anyhow!("no marker within 120 s")),
     };
     // Let the guest finish on its own (it resets after the marker); kill a straggler.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -126,7 +131,7 @@ fn one_run(args: &Args) -> Result<Sample, String> {
     let _ = child.kill();
     let _ = child.wait();
     let console = reader.join().unwrap_or_default();
-    result.map_err(|e| format!("{e}; console:\n{}", String::from_utf8_lossy(&console)))
+    result.map_err(|e| anyhow!("{e}; console:\n{}", String::from_utf8_lossy(&console)))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

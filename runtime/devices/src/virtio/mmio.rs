@@ -9,6 +9,8 @@ use virtio_queue::{Queue, QueueT};
 use super::{features, status, ActivateContext, VirtioDevice, VirtioInterrupt};
 use crate::GuestMemoryMmap;
 
+pub mod persist;
+
 /// Size of one device's MMIO window: registers up to 0x100, then configuration space.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 
@@ -50,8 +52,9 @@ pub mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// Where the device is in its life.
-enum Lifecycle {
+/// Where the device is in its life (saved in snapshots as a number, see [`persist`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
     /// Before DRIVER_OK, or after a reset.
     Setup,
     /// DRIVER_OK was accepted; the device serves its queues.
@@ -372,119 +375,6 @@ impl MmioTransport {
     }
 }
 
-/// A transport's state for a snapshot: the registers the driver programmed, where each queue
-/// stands, and the interrupt status. No fds, no pointers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MmioTransportState {
-    /// Each queue as programmed; `next_avail`/`next_used` are where the device stands.
-    pub queues: Vec<virtio_queue::QueueState>,
-    pub queue_select: u32,
-    pub device_features_select: u32,
-    pub driver_features_select: u32,
-    pub acked_features: u64,
-    pub status: u32,
-    pub config_generation: u32,
-    /// 0: setup, 1: active, 2: needs reset.
-    pub lifecycle: u32,
-    pub interrupt_status: u32,
-}
-
-/// Why a saved transport state cannot be put back.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportStateError {
-    #[error("the snapshot has {saved} queues for a device with {device}")]
-    QueueCount { saved: usize, device: usize },
-    #[error("queue {0}: invalid saved state")]
-    Queue(usize, #[source] virtio_queue::Error),
-    #[error("invalid lifecycle {0}")]
-    Lifecycle(u32),
-    #[error("the restored device did not start")]
-    Activate,
-}
-
-impl MmioTransport {
-    /// The transport's state. Call only while nothing processes the device's queues (the VM is
-    /// paused): every chain a device took is then back on the used ring (devices put back what
-    /// they cannot finish), so the used index in guest memory is where the device stands.
-    pub fn save_state(&self) -> MmioTransportState {
-        let active = self.is_active();
-        let queues = self
-            .queues
-            .iter()
-            .map(|q| {
-                let mut state = q.state();
-                if active && q.ready() {
-                    if let Ok(used) = q.used_idx(&self.mem, std::sync::atomic::Ordering::Acquire) {
-                        state.next_used = used.0;
-                        state.next_avail = used.0;
-                    }
-                }
-                state
-            })
-            .collect();
-        MmioTransportState {
-            queues,
-            queue_select: self.queue_select,
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            acked_features: self.acked_features,
-            status: self.status,
-            config_generation: self.config_generation,
-            lifecycle: match self.lifecycle {
-                Lifecycle::Setup => 0,
-                Lifecycle::Active => 1,
-                Lifecycle::NeedsReset => 2,
-            },
-            interrupt_status: self.interrupt.status(),
-        }
-    }
-
-    /// Puts a fresh transport (same device kind, not yet seen by the guest) in `state`; an
-    /// active device is started again on its saved queues and told it was restored.
-    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), TransportStateError> {
-        if state.queues.len() != self.queues.len() {
-            return Err(TransportStateError::QueueCount {
-                saved: state.queues.len(),
-                device: self.queues.len(),
-            });
-        }
-        let lifecycle = match state.lifecycle {
-            0 => Lifecycle::Setup,
-            1 => Lifecycle::Active,
-            2 => Lifecycle::NeedsReset,
-            other => return Err(TransportStateError::Lifecycle(other)),
-        };
-        let mut queues = Vec::with_capacity(state.queues.len());
-        for (i, (saved, current)) in state.queues.iter().zip(&self.queues).enumerate() {
-            let mut saved = *saved;
-            // The device decides its queue limits, not the file.
-            saved.max_size = current.max_size();
-            queues.push(Queue::try_from(saved).map_err(|e| TransportStateError::Queue(i, e))?);
-        }
-        self.queues = queues;
-        self.queue_select = state.queue_select;
-        self.device_features_select = state.device_features_select;
-        self.driver_features_select = state.driver_features_select;
-        self.acked_features = state.acked_features;
-        self.status = state.status;
-        self.config_generation = state.config_generation;
-        self.interrupt.acknowledge(u32::MAX);
-        self.interrupt.restore_status(state.interrupt_status);
-        self.lifecycle = Lifecycle::Setup;
-        match lifecycle {
-            Lifecycle::Active => {
-                self.activate();
-                if !self.is_active() {
-                    return Err(TransportStateError::Activate);
-                }
-                self.device.restored();
-            }
-            other => self.lifecycle = other,
-        }
-        Ok(())
-    }
-}
-
 fn new_queues(max_sizes: &[u16]) -> Result<Vec<Queue>, virtio_queue::Error> {
     max_sizes.iter().map(|&max| Queue::new(max)).collect()
 }
@@ -495,25 +385,25 @@ mod tests {
     use crate::virtio::test_utils::{guest_memory, CountingLine, FakeDevice};
     use crate::virtio::INTERRUPT_CONFIG_CHANGE;
 
-    fn transport() -> (MmioTransport, Arc<FakeDevice>) {
+    pub(super) fn transport() -> (MmioTransport, Arc<FakeDevice>) {
         let state = Arc::new(FakeDevice::default());
         let irq = Arc::new(VirtioInterrupt::new(Box::new(CountingLine::default())));
         let t = MmioTransport::new(Box::new(state.handle()), guest_memory(), irq).unwrap();
         (t, state)
     }
 
-    fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
+    pub(super) fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(offset, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn write32(t: &mut MmioTransport, offset: u64, v: u32) {
+    pub(super) fn write32(t: &mut MmioTransport, offset: u64, v: u32) {
         t.write(offset, &v.to_le_bytes());
     }
 
     /// The Linux driver's sequence (virtio 1.2 §3.1.1), queue 0 at valid addresses.
-    fn bring_up(t: &mut MmioTransport, features_hi: u32) {
+    pub(super) fn bring_up(t: &mut MmioTransport, features_hi: u32) {
         write32(t, reg::STATUS, status::ACKNOWLEDGE);
         write32(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         write32(t, reg::DRIVER_FEATURES_SEL, 1);
@@ -660,42 +550,5 @@ mod tests {
         assert_ne!(read32(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         write32(&mut t, reg::QUEUE_NOTIFY, 0);
         assert_eq!(dev.notifications(), 1, "no queue work after the failure");
-    }
-
-    #[test]
-    fn an_active_transport_state_round_trips_into_a_fresh_transport() {
-        let (mut t, _) = transport();
-        bring_up(&mut t, 1);
-        write32(&mut t, reg::QUEUE_SEL, 0);
-        let saved = t.save_state();
-        assert_eq!(saved.lifecycle, 1);
-        assert_eq!(saved.queues[0].desc_table, 0x1000);
-        assert_eq!(saved.queues[0].size, 16);
-
-        let (mut fresh, device) = transport();
-        fresh.restore_state(&saved).unwrap();
-        assert!(fresh.is_active());
-        assert_eq!(
-            device.activations(),
-            1,
-            "the restored device was not started"
-        );
-        assert_eq!(fresh.save_state(), saved);
-        assert_eq!(read32(&mut fresh, reg::STATUS), saved.status);
-    }
-
-    #[test]
-    fn saved_states_that_do_not_fit_are_refused() {
-        let (mut t, _) = transport();
-        bring_up(&mut t, 1);
-        let mut saved = t.save_state();
-        saved.lifecycle = 9;
-        assert!(transport().0.restore_state(&saved).is_err());
-        let mut saved = t.save_state();
-        saved.queues.push(saved.queues[0]);
-        assert!(transport().0.restore_state(&saved).is_err());
-        let mut saved = t.save_state();
-        saved.queues[0].size = 1000; // larger than the device's maximum
-        assert!(transport().0.restore_state(&saved).is_err());
     }
 }

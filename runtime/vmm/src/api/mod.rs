@@ -16,19 +16,36 @@ use husk_proto::vmm::{
     info, vmm_request, vmm_response, Info, Snapshot, SnapshotDone, VmmRequest, VmmResponse,
 };
 
-/// What the control socket can do to a VM. Errors are messages for the client.
+/// Why a request failed; the client gets [`error_chain`] of it as the response's message.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error(transparent)]
+    Pause(#[from] crate::pause::PauseError),
+    #[error("snapshot needs a state_path and a mem_path")]
+    SnapshotPaths,
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("this VM cannot take snapshots")]
+    NoSnapshots,
+    #[error("empty or unknown request: expected describe, pause, resume, stop or snapshot")]
+    UnknownRequest,
+}
+
+/// What the control socket can do to a VM.
 pub trait VmControl {
     /// The VM as it is now.
     fn describe(&self) -> Info;
     /// Parks every vCPU and the device event loop; returns once they are parked.
-    fn pause(&self) -> Result<Info, String>;
+    fn pause(&self) -> Result<Info, ControlError>;
     /// Lets a paused VM run again.
-    fn resume(&self) -> Result<Info, String>;
+    fn resume(&self) -> Result<Info, ControlError>;
     /// Asks the VM to stop; the VMM exits soon after.
     fn stop(&self) -> Info;
     /// Writes a snapshot of the paused VM.
-    fn snapshot(&self, _request: &Snapshot) -> Result<SnapshotDone, String> {
-        Err(String::from("this VM cannot take snapshots"))
+    fn snapshot(&self, _request: &Snapshot) -> Result<SnapshotDone, ControlError> {
+        Err(ControlError::NoSnapshots)
     }
 }
 
@@ -39,7 +56,7 @@ pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
         return VmmResponse {
             msg: Some(match vm.snapshot(snapshot) {
                 Ok(done) => vmm_response::Msg::Snapshot(done),
-                Err(message) => vmm_response::Msg::Error(message),
+                Err(e) => vmm_response::Msg::Error(error_chain(&e)),
             }),
         };
     }
@@ -48,14 +65,12 @@ pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
         Some(Msg::Pause(_)) => vm.pause(),
         Some(Msg::Resume(_)) => vm.resume(),
         Some(Msg::Stop(_)) => Ok(vm.stop()),
-        Some(Msg::Snapshot(_)) | None => Err(String::from(
-            "empty or unknown request: expected describe, pause, resume, stop or snapshot",
-        )),
+        Some(Msg::Snapshot(_)) | None => Err(ControlError::UnknownRequest),
     };
     VmmResponse {
         msg: Some(match result {
             Ok(info) => vmm_response::Msg::Info(info),
-            Err(message) => vmm_response::Msg::Error(message),
+            Err(e) => vmm_response::Msg::Error(error_chain(&e)),
         }),
     }
 }
@@ -116,21 +131,21 @@ pub(crate) mod tests {
         fn describe(&self) -> Info {
             self.info()
         }
-        fn pause(&self) -> Result<Info, String> {
+        fn pause(&self) -> Result<Info, ControlError> {
             {
                 let mut s = self.state.lock().unwrap();
                 if s.0 {
-                    return Err("the VM is already paused".into());
+                    return Err(crate::pause::PauseError::AlreadyPaused.into());
                 }
                 s.0 = true;
             }
             Ok(self.info())
         }
-        fn resume(&self) -> Result<Info, String> {
+        fn resume(&self) -> Result<Info, ControlError> {
             {
                 let mut s = self.state.lock().unwrap();
                 if !s.0 {
-                    return Err("the VM is not paused".into());
+                    return Err(crate::pause::PauseError::NotPaused.into());
                 }
                 s.0 = false;
             }
@@ -146,12 +161,26 @@ pub(crate) mod tests {
         VmmRequest { msg: Some(msg) }
     }
 
-    fn state_of(response: &VmmResponse) -> Result<info::State, String> {
+    /// The state a response reports, or the message it carries instead.
+    #[derive(Debug, PartialEq)]
+    enum Answer {
+        State(info::State),
+        Error(String),
+        Other,
+    }
+
+    fn state_of(response: &VmmResponse) -> Answer {
         match &response.msg {
-            Some(vmm_response::Msg::Info(i)) => Ok(i.state()),
-            Some(vmm_response::Msg::Error(e)) => Err(e.clone()),
-            Some(vmm_response::Msg::Snapshot(_)) => Err("a snapshot response".into()),
-            None => Err("no message".into()),
+            Some(vmm_response::Msg::Info(i)) => Answer::State(i.state()),
+            Some(vmm_response::Msg::Error(e)) => Answer::Error(e.clone()),
+            Some(vmm_response::Msg::Snapshot(_)) | None => Answer::Other,
+        }
+    }
+
+    fn error_of(response: &VmmResponse) -> String {
+        match state_of(response) {
+            Answer::Error(e) => e,
+            other => panic!("expected an error, got {other:?}"),
         }
     }
 
@@ -165,26 +194,29 @@ pub(crate) mod tests {
 
         assert_eq!(
             state_of(&handle_request(&describe, &vm)),
-            Ok(info::State::Running)
+            Answer::State(info::State::Running)
         );
-        let err = state_of(&handle_request(&resume, &vm)).unwrap_err();
+        let err = error_of(&handle_request(&resume, &vm));
         assert!(err.contains("not paused"), "{err}");
         assert_eq!(
             state_of(&handle_request(&pause, &vm)),
-            Ok(info::State::Paused)
+            Answer::State(info::State::Paused)
         );
-        let err = state_of(&handle_request(&pause, &vm)).unwrap_err();
+        let err = error_of(&handle_request(&pause, &vm));
         assert!(err.contains("already paused"), "{err}");
         assert_eq!(
             state_of(&handle_request(&resume, &vm)),
-            Ok(info::State::Running)
+            Answer::State(info::State::Running)
         );
         assert_eq!(
             state_of(&handle_request(&stop, &vm)),
-            Ok(info::State::Stopping)
+            Answer::State(info::State::Stopping)
         );
-        let err = state_of(&handle_request(&VmmRequest::default(), &vm)).unwrap_err();
+        let err = error_of(&handle_request(&VmmRequest::default(), &vm));
         assert!(err.contains("empty or unknown request"), "{err}");
+        let snapshot = request(vmm_request::Msg::Snapshot(Snapshot::default()));
+        let err = error_of(&handle_request(&snapshot, &vm));
+        assert_eq!(err, "this VM cannot take snapshots");
     }
 
     #[test]

@@ -266,10 +266,10 @@ mod tests {
         fn describe(&self) -> husk_proto::vmm::Info {
             self.0.describe()
         }
-        fn pause(&self) -> Result<husk_proto::vmm::Info, String> {
+        fn pause(&self) -> Result<husk_proto::vmm::Info, crate::api::ControlError> {
             self.0.pause()
         }
-        fn resume(&self) -> Result<husk_proto::vmm::Info, String> {
+        fn resume(&self) -> Result<husk_proto::vmm::Info, crate::api::ControlError> {
             self.0.resume()
         }
         fn stop(&self) -> husk_proto::vmm::Info {

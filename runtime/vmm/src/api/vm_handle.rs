@@ -10,15 +10,15 @@ use husk_devices::virtio::device_id;
 use husk_proto::vmm::{DeviceCounters, Info, Snapshot, SnapshotDone};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{error_chain, state, VmControl};
+use super::{state, ControlError, VmControl};
 use crate::devices::legacy::control_port::ControlState;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::VirtioSlot;
 use crate::pause::PauseGate;
 use crate::signals;
-use crate::snapshot::vcpu_state::VcpuRequest;
 use crate::snapshot::{self, SaveSource};
 use crate::stop::{StopReason, StopState};
+use crate::vstate::vcpu::VcpuRequest;
 use crate::vstate::vm::Vm;
 
 /// Longest wait for every vCPU and the event loop to park.
@@ -87,9 +87,9 @@ impl VmHandle {
         let _ = self.event_loop_waker.write(1);
     }
 
-    fn stopping_error(&self) -> Result<(), String> {
+    fn stopping_error(&self) -> Result<(), ControlError> {
         if self.stop.is_stopping() {
-            return Err(String::from("the VM is stopping"));
+            return Err(ControlError::Stopping);
         }
         Ok(())
     }
@@ -124,19 +124,17 @@ impl VmControl for VmHandle {
         }
     }
 
-    fn pause(&self) -> Result<Info, String> {
+    fn pause(&self) -> Result<Info, ControlError> {
         self.stopping_error()?;
         let started = Instant::now();
-        self.gate
-            .pause(PAUSE_TIMEOUT, || self.wake_members())
-            .map_err(|e| e.to_string())?;
+        self.gate.pause(PAUSE_TIMEOUT, || self.wake_members())?;
         log::info!("VM paused in {} us", started.elapsed().as_micros());
         Ok(self.describe())
     }
 
-    fn resume(&self) -> Result<Info, String> {
+    fn resume(&self) -> Result<Info, ControlError> {
         self.stopping_error()?;
-        self.gate.resume().map_err(|e| e.to_string())?;
+        self.gate.resume()?;
         log::info!("VM resumed");
         Ok(self.describe())
     }
@@ -146,10 +144,10 @@ impl VmControl for VmHandle {
         self.describe()
     }
 
-    fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, String> {
+    fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, ControlError> {
         self.stopping_error()?;
         if request.state_path.is_empty() || request.mem_path.is_empty() {
-            return Err(String::from("snapshot needs a state_path and a mem_path"));
+            return Err(ControlError::SnapshotPaths);
         }
         let parts = &self.snapshot;
         let mut base = parts
@@ -177,8 +175,7 @@ impl VmControl for VmHandle {
             Path::new(&request.mem_path),
             request.diff,
             &mut |_, _| {},
-        )
-        .map_err(|e| error_chain(&e))?;
+        )?;
         // A VM whose RAM maps a file keeps diffing against it (pagemap finds its changes);
         // otherwise the newest full snapshot becomes the base.
         if !base.as_ref().is_some_and(|b| b.mapped) {

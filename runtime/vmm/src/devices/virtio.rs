@@ -6,6 +6,7 @@
 use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use husk_devices::virtio::mmio::persist::{TransportState, TransportStateError};
 use husk_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
 use husk_devices::virtio::{BackendTrigger, CounterSnapshot, VirtioDevice, VirtioInterrupt};
 use kvm_ioctls::IoEventAddress;
@@ -77,6 +78,23 @@ impl VirtioSlot {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         t.device().counters().snapshot()
+    }
+
+    /// The transport's snapshot state (the VM must be paused, see
+    /// [`MmioTransport::save_state`]).
+    pub fn save_state(&self) -> TransportState {
+        self.transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .save_state()
+    }
+
+    /// Puts a freshly attached device back in a saved state.
+    pub fn restore_state(&self, state: &TransportState) -> Result<(), TransportStateError> {
+        self.transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .restore_state(state)
     }
 
     /// The device's virtio type ([`husk_devices::virtio::device_id`]).

@@ -13,6 +13,7 @@
 //! - `log`: allowed, but the kernel logs it (audit log / dmesg);
 //! - `off`: no filters.
 
+mod ioctls;
 pub mod tables;
 
 use std::collections::BTreeMap;

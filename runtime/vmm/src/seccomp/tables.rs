@@ -19,7 +19,7 @@
 //! the thread's table; `husk-vmm --print-seccomp` shows the result.
 //!
 //! Sources: syscall semantics from the Linux man pages (seccomp(2), ioctl_list); ioctl numbers
-//! from linux/kvm.h (`_IO(KVMIO, 0x80)`) and linux/if_tun.h (`_IOW('T', 208, unsigned int)`).
+//! computed in [`super::ioctls`] as linux/kvm.h and linux/if_tun.h define them.
 
 /// Which thread a filter is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -87,30 +87,12 @@ const fn r(nr: i64, name: &'static str, args: Args) -> Rule {
     Rule { nr, name, args }
 }
 
-/// `_IO(KVMIO, 0x80)` (linux/kvm.h).
-pub const KVM_RUN: u32 = 0xae80;
-/// `_IOW('T', 208, unsigned int)` (linux/if_tun.h).
-pub const TUNSETOFFLOAD: u32 = 0x4004_54d0;
-/// FIONBIO (asm-generic/ioctls.h): std's `set_nonblocking` on sockets.
-pub const FIONBIO: u32 = 0x5421;
-
-/// The state reads of a snapshot (linux/kvm.h; `_IOR`/`_IOWR(KVMIO, nr, struct)` with the
-/// struct's x86-64 size in bits 16..29). vCPU ioctls, made by each parked vCPU thread:
-const KVM_GET_REGS: u32 = 0x8090_ae81; // _IOR(0x81, kvm_regs: 144)
-const KVM_GET_SREGS: u32 = 0x8138_ae83; // _IOR(0x83, kvm_sregs: 312)
-const KVM_GET_MSRS: u32 = 0xc008_ae88; // _IOWR(0x88, kvm_msrs: 8)
-const KVM_GET_FPU: u32 = 0x81a0_ae8c; // _IOR(0x8c, kvm_fpu: 416)
-const KVM_GET_LAPIC: u32 = 0x8400_ae8e; // _IOR(0x8e, kvm_lapic_state: 1024)
-const KVM_GET_MP_STATE: u32 = 0x8004_ae98; // _IOR(0x98, kvm_mp_state: 4)
-const KVM_GET_VCPU_EVENTS: u32 = 0x8040_ae9f; // _IOR(0x9f, kvm_vcpu_events: 64)
-const KVM_GET_DEBUGREGS: u32 = 0x8080_aea1; // _IOR(0xa1, kvm_debugregs: 128)
-const KVM_GET_TSC_KHZ: u32 = 0xaea3; // _IO(0xa3)
-const KVM_GET_XSAVE: u32 = 0x9000_aea4; // _IOR(0xa4, kvm_xsave: 4096)
-const KVM_GET_XCRS: u32 = 0x8188_aea6; // _IOR(0xa6, kvm_xcrs: 392)
-/// VM ioctls, made by the control-socket thread:
-const KVM_GET_CLOCK: u32 = 0x8030_ae7c; // _IOR(0x7c, kvm_clock_data: 48)
-const KVM_GET_IRQCHIP: u32 = 0xc208_ae62; // _IOWR(0x62, kvm_irqchip: 520)
-const KVM_GET_PIT2: u32 = 0x8070_ae9f; // _IOR(0x9f, kvm_pit_state2: 112)
+pub use super::ioctls::{FIONBIO, KVM_RUN, TUNSETOFFLOAD};
+use super::ioctls::{
+    KVM_GET_CLOCK, KVM_GET_DEBUGREGS, KVM_GET_FPU, KVM_GET_IRQCHIP, KVM_GET_LAPIC,
+    KVM_GET_MP_STATE, KVM_GET_MSRS, KVM_GET_PIT2, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_TSC_KHZ,
+    KVM_GET_VCPU_EVENTS, KVM_GET_XCRS, KVM_GET_XSAVE,
+};
 
 use libc as l;
 

@@ -1,14 +1,10 @@
 //! Virtio devices in a snapshot: their backend identity (disk path, tap, vsock CID and socket)
-//! with the overrides a restore may apply, and the transport state in protobuf form.
+//! and the overrides a restore may apply. Each transport saves and restores its own state
+//! (`husk_devices::virtio::mmio::persist`).
 
 use std::path::PathBuf;
 
-use husk_devices::virtio::mmio::MmioTransportState;
-
-use super::state::{
-    Backend, DeviceBackend, DiskBackend, NetBackend, QueueState, RngBackend, TransportState,
-    VsockBackend,
-};
+use super::state::{Backend, DeviceBackend, DiskBackend, NetBackend, RngBackend, VsockBackend};
 use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig};
 
 /// A virtio device to create: the same list drives a fresh boot and a restore.
@@ -56,9 +52,6 @@ pub enum DeviceStateError {
     /// A damaged MAC.
     #[error("device {0} has an invalid MAC address")]
     Mac(String),
-    /// A queue field out of range.
-    #[error("device {0} has an invalid queue")]
-    Queue(String),
 }
 
 /// The backend identity of `spec`, as recorded in a snapshot.
@@ -156,75 +149,9 @@ pub fn specs_for_restore(
     Ok(specs)
 }
 
-/// A transport's state in protobuf form.
-pub fn transport_to_proto(s: &MmioTransportState) -> TransportState {
-    TransportState {
-        queues: s
-            .queues
-            .iter()
-            .map(|q| QueueState {
-                max_size: q.max_size.into(),
-                next_avail: q.next_avail.into(),
-                next_used: q.next_used.into(),
-                event_idx: q.event_idx_enabled,
-                size: q.size.into(),
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            })
-            .collect(),
-        queue_select: s.queue_select,
-        device_features_select: s.device_features_select,
-        driver_features_select: s.driver_features_select,
-        acked_features: s.acked_features,
-        status: s.status,
-        config_generation: s.config_generation,
-        lifecycle: s.lifecycle,
-        interrupt_status: s.interrupt_status,
-    }
-}
-
-/// A transport's state from protobuf form; 16-bit fields must fit.
-pub fn transport_from_proto(
-    name: &str,
-    s: &TransportState,
-) -> Result<MmioTransportState, DeviceStateError> {
-    let u16_of = |v: u32| u16::try_from(v).map_err(|_| DeviceStateError::Queue(name.into()));
-    let queues = s
-        .queues
-        .iter()
-        .map(|q| {
-            Ok(virtio_queue::QueueState {
-                max_size: u16_of(q.max_size)?,
-                next_avail: u16_of(q.next_avail)?,
-                next_used: u16_of(q.next_used)?,
-                event_idx_enabled: q.event_idx,
-                size: u16_of(q.size)?,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-            })
-        })
-        .collect::<Result<Vec<_>, DeviceStateError>>()?;
-    Ok(MmioTransportState {
-        queues,
-        queue_select: s.queue_select,
-        device_features_select: s.device_features_select,
-        driver_features_select: s.driver_features_select,
-        acked_features: s.acked_features,
-        status: s.status,
-        config_generation: s.config_generation,
-        lifecycle: s.lifecycle,
-        interrupt_status: s.interrupt_status,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::state::tests::sample;
 
     fn saved(specs: &[DeviceSpec]) -> Vec<(String, Option<DeviceBackend>)> {
         specs
@@ -313,16 +240,5 @@ mod tests {
             Err(DeviceStateError::NothingToOverride("vsock"))
         );
         assert!(specs_for_restore(&[("x".into(), None)], &RestoreOverrides::default()).is_err());
-    }
-
-    #[test]
-    fn transport_state_round_trips_and_bad_queues_are_refused() {
-        let proto = sample().devices[0].transport.clone().unwrap();
-        let state = transport_from_proto("vsock0", &proto).unwrap();
-        assert_eq!(state.queues[0].next_avail, 7);
-        assert_eq!(transport_to_proto(&state), proto);
-        let mut bad = proto;
-        bad.queues[0].size = 70_000;
-        assert!(transport_from_proto("vsock0", &bad).is_err());
     }
 }

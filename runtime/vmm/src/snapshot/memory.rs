@@ -84,9 +84,8 @@ pub enum MemoryFileError {
 /// A fresh random snapshot id.
 pub fn new_id() -> [u8; 16] {
     let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most `id.len()` bytes into the live buffer `id`.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != id.len() as isize {
+    let n = rustix::rand::getrandom(&mut id, rustix::rand::GetRandomFlags::empty());
+    if n.ok() != Some(id.len()) {
         // Not cryptographic, only distinct: time and pid are enough to tell snapshots apart.
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -8,7 +8,8 @@
 //! - [`vcpu_state`], [`vm_state`]: reading and writing KVM's vCPU and VM state;
 //! - [`memory`]: the sparse memory file, mapped back MAP_PRIVATE (lazy, copy-on-write);
 //! - [`diff`]: diff memory files (pages changed since a base) and layered restore;
-//! - [`devices`]: virtio backends (with restore overrides) and transport state;
+//! - [`devices`]: virtio backends, with the overrides a restore applies (each device's own
+//!   state is saved and restored beside it: `VirtioSlot::save_state`, `SerialDevice::save_state`);
 //! - [`cpu_check`]: refusing a host that lacks CPU features the guest used.
 //!
 //! Taking a snapshot ([`save`]) needs a paused VM: every vCPU is parked outside KVM_RUN and the
@@ -36,9 +37,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::VirtioSlot;
 use crate::pause::PauseGate;
+use crate::vstate::vcpu::VcpuRequest;
 use crate::vstate::vm::Vm;
 use state::{MachineState, SnapshotState};
-use vcpu_state::{VcpuRequest, VcpuStateError};
+use vcpu_state::VcpuStateError;
 
 /// Longest wait for a parked vCPU to hand over its state.
 const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -187,13 +189,7 @@ pub fn save(
         .map(|(slot, backend)| state::DeviceState {
             name: slot.name.clone(),
             backend: Some(backend.clone()),
-            transport: Some(devices::transport_to_proto(
-                &slot
-                    .transport
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .save_state(),
-            )),
+            transport: Some(slot.save_state()),
         })
         .collect();
     let state_us = started.elapsed().as_micros() as u64;

@@ -8,6 +8,11 @@
 
 use prost::Message;
 
+// A device's state is defined beside the device, with its save and restore; the snapshot embeds
+// it as is.
+pub use crate::devices::legacy::serial::persist::SerialState;
+pub use husk_devices::virtio::mmio::persist::{QueueState, TransportState};
+
 /// Why a payload could not be turned back into state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -191,70 +196,6 @@ pub struct VsockBackend {
 #[derive(Clone, PartialEq, Message)]
 pub struct RngBackend {}
 
-/// A virtio-mmio transport (see `husk_devices::virtio::mmio::MmioTransportState`).
-#[derive(Clone, PartialEq, Message)]
-pub struct TransportState {
-    /// Queues in index order.
-    #[prost(message, repeated, tag = "1")]
-    pub queues: Vec<QueueState>,
-    /// QueueSel.
-    #[prost(uint32, tag = "2")]
-    pub queue_select: u32,
-    /// DeviceFeaturesSel.
-    #[prost(uint32, tag = "3")]
-    pub device_features_select: u32,
-    /// DriverFeaturesSel.
-    #[prost(uint32, tag = "4")]
-    pub driver_features_select: u32,
-    /// Features the driver accepted.
-    #[prost(uint64, tag = "5")]
-    pub acked_features: u64,
-    /// Device status.
-    #[prost(uint32, tag = "6")]
-    pub status: u32,
-    /// ConfigGeneration.
-    #[prost(uint32, tag = "7")]
-    pub config_generation: u32,
-    /// 0 setup, 1 active, 2 needs reset.
-    #[prost(uint32, tag = "8")]
-    pub lifecycle: u32,
-    /// InterruptStatus.
-    #[prost(uint32, tag = "9")]
-    pub interrupt_status: u32,
-}
-
-/// One virtqueue.
-#[derive(Clone, PartialEq, Message)]
-pub struct QueueState {
-    /// Device maximum.
-    #[prost(uint32, tag = "1")]
-    pub max_size: u32,
-    /// Next available-ring entry the device reads.
-    #[prost(uint32, tag = "2")]
-    pub next_avail: u32,
-    /// Next used-ring entry the device writes.
-    #[prost(uint32, tag = "3")]
-    pub next_used: u32,
-    /// VIRTIO_F_RING_EVENT_IDX negotiated.
-    #[prost(bool, tag = "4")]
-    pub event_idx: bool,
-    /// Size the driver chose.
-    #[prost(uint32, tag = "5")]
-    pub size: u32,
-    /// QueueReady.
-    #[prost(bool, tag = "6")]
-    pub ready: bool,
-    /// Descriptor table address.
-    #[prost(uint64, tag = "7")]
-    pub desc_table: u64,
-    /// Available (driver) ring address.
-    #[prost(uint64, tag = "8")]
-    pub avail_ring: u64,
-    /// Used (device) ring address.
-    #[prost(uint64, tag = "9")]
-    pub used_ring: u64,
-}
-
 /// Size of the machine.
 #[derive(Clone, PartialEq, Message)]
 pub struct MachineState {
@@ -372,41 +313,6 @@ pub struct MemoryRegionState {
     pub file_offset: u64,
 }
 
-/// The 16550 UART registers and its unread input (vm-superio's `SerialState`).
-#[derive(Clone, PartialEq, Message)]
-pub struct SerialState {
-    /// DLL.
-    #[prost(uint32, tag = "1")]
-    pub baud_divisor_low: u32,
-    /// DLM.
-    #[prost(uint32, tag = "2")]
-    pub baud_divisor_high: u32,
-    /// IER.
-    #[prost(uint32, tag = "3")]
-    pub interrupt_enable: u32,
-    /// IIR.
-    #[prost(uint32, tag = "4")]
-    pub interrupt_identification: u32,
-    /// LCR.
-    #[prost(uint32, tag = "5")]
-    pub line_control: u32,
-    /// LSR.
-    #[prost(uint32, tag = "6")]
-    pub line_status: u32,
-    /// MCR.
-    #[prost(uint32, tag = "7")]
-    pub modem_control: u32,
-    /// MSR.
-    #[prost(uint32, tag = "8")]
-    pub modem_status: u32,
-    /// SCR.
-    #[prost(uint32, tag = "9")]
-    pub scratch: u32,
-    /// Input bytes the guest has not read yet.
-    #[prost(bytes = "vec", tag = "10")]
-    pub in_buffer: Vec<u8>,
-}
-
 impl SnapshotState {
     /// The protobuf bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -432,6 +338,7 @@ impl SnapshotState {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use husk_devices::virtio::mmio::Lifecycle;
     use kvm_bindings::{kvm_irqchip, kvm_regs, kvm_sregs};
 
     /// A state with every field set to something recognisable.
@@ -516,7 +423,7 @@ pub(crate) mod tests {
                         used_ring: 0x3000,
                     }],
                     status: 15,
-                    lifecycle: 1,
+                    lifecycle: Lifecycle::Active.into(),
                     acked_features: 1 << 32,
                     ..Default::default()
                 }),

@@ -1,13 +1,12 @@
-//! One vCPU's state: read while the vCPU is parked (on its own thread, see
-//! [`VcpuRequest`]) and written into a fresh vCPU before it first runs.
+//! One vCPU's state: read while the vCPU is parked (on its own thread, which serves a
+//! `crate::vstate::vcpu::VcpuRequest` by calling [`save`]) and written into a fresh vCPU before
+//! it first runs. This module works on a vCPU fd only; the vCPU thread and its run loop depend
+//! on it, never the other way round.
 //!
 //! Restore order matters to KVM: CPUID first (it decides which MSRs and XSAVE features exist),
 //! then the TSC frequency, general and special registers (EFER, APIC base), FPU/XSAVE and XCRs,
 //! the LAPIC (after the APIC base in sregs), MSRs (after EFER and the TSC frequency), debug
 //! registers, pending events, and the MP state last (it may make the vCPU runnable).
-
-use std::sync::mpsc::Sender;
-use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -16,7 +15,6 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 
 use super::state::{pod_bytes, pod_from, StateError, VcpuState};
-use crate::vstate::vcpu::Vcpu;
 
 /// Errors reading or writing one vCPU's state.
 #[derive(Debug, thiserror::Error)]
@@ -55,30 +53,6 @@ pub enum VcpuStateError {
     NoAnswer(u32),
 }
 
-/// A request served by a parked vCPU thread (KVM expects vCPU ioctls from the thread that runs
-/// the vCPU; reading there also needs no lock around the vCPU fd).
-pub enum VcpuRequest {
-    /// Read the vCPU's state; `msrs` is the MSR index list to try.
-    Save {
-        /// MSRs to save (KVM_GET_MSR_INDEX_LIST of the host).
-        msrs: Arc<Vec<u32>>,
-        /// Where the answer goes.
-        reply: Sender<Result<VcpuState, VcpuStateError>>,
-    },
-}
-
-impl VcpuRequest {
-    /// Serves the request for `vcpu`.
-    pub fn serve(self, vcpu: &Vcpu) {
-        match self {
-            VcpuRequest::Save { msrs, reply } => {
-                // The requester may have given up (timeout); nothing to do then.
-                let _ = reply.send(save(vcpu, &msrs));
-            }
-        }
-    }
-}
-
 fn ioctl(index: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
     move |source| VcpuStateError::Ioctl { index, op, source }
 }
@@ -114,11 +88,15 @@ fn save_msrs(
     Ok(saved)
 }
 
-/// Reads every piece of state of a vCPU that is outside KVM_RUN. The CPUID recorded is the one
-/// the VMM set ([`Vcpu::cpuid`]).
-pub fn save(vcpu: &Vcpu, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
-    let (fd, index) = (&vcpu.fd, u32::from(vcpu.index));
-    let cpuid_bytes = vcpu.cpuid.iter().flat_map(pod_bytes).collect();
+/// Reads every piece of state of vCPU `index` (its fd `fd`), which is outside KVM_RUN. The
+/// CPUID recorded is `cpuid`, the one the VMM set: KVM_GET_CPUID2 need not return it verbatim.
+pub fn save(
+    fd: &VcpuFd,
+    index: u32,
+    cpuid: &[kvm_cpuid_entry2],
+    msr_list: &[u32],
+) -> Result<VcpuState, VcpuStateError> {
+    let cpuid_bytes = cpuid.iter().flat_map(pod_bytes).collect();
     let mp_state = fd.get_mp_state().map_err(ioctl(index, "get MP state"))?;
     // Not every host can tell (no constant TSC); 0 means "leave KVM's default" on restore.
     let tsc_khz = fd.get_tsc_khz().unwrap_or(0);

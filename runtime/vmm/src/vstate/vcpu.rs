@@ -2,7 +2,7 @@
 //! turns KVM exits into bus accesses or stop requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 
 use kvm_bindings::{
@@ -16,7 +16,8 @@ use crate::arch::x86_64::{lapic, msr, regs};
 use crate::devices::bus::Bus;
 use crate::pause::{GateMember, PauseGate};
 use crate::signals;
-use crate::snapshot::vcpu_state::VcpuRequest;
+use crate::snapshot::state::VcpuState;
+use crate::snapshot::vcpu_state::{self, VcpuStateError};
 use crate::stop::{StopReason, StopState};
 use crate::vstate::vm::Vm;
 
@@ -110,6 +111,31 @@ impl Vcpu {
         };
         if let Err(e) = self.fd.set_xcrs(&xcrs) {
             log::warn!("vcpu{}: cannot preload XCR0 {xcr0:#x}: {e}", self.index);
+        }
+    }
+}
+
+/// A request served by a parked vCPU thread (KVM expects vCPU ioctls from the thread that runs
+/// the vCPU; reading there also needs no lock around the vCPU fd).
+pub enum VcpuRequest {
+    /// Read the vCPU's state; `msrs` is the MSR index list to try.
+    Save {
+        /// MSRs to save (KVM_GET_MSR_INDEX_LIST of the host).
+        msrs: Arc<Vec<u32>>,
+        /// Where the answer goes.
+        reply: Sender<Result<VcpuState, VcpuStateError>>,
+    },
+}
+
+impl VcpuRequest {
+    /// Serves the request for `vcpu`.
+    fn serve(self, vcpu: &Vcpu) {
+        match self {
+            VcpuRequest::Save { msrs, reply } => {
+                let state = vcpu_state::save(&vcpu.fd, u32::from(vcpu.index), &vcpu.cpuid, &msrs);
+                // The requester may have given up (timeout); nothing to do then.
+                let _ = reply.send(state);
+            }
         }
     }
 }

@@ -6,6 +6,8 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use rustix::fs::{FallocateFlags, FlockOperation};
+
 /// Storage behind a block device. Offsets and lengths are in bytes and already range-checked.
 pub trait DiskBackend: Send {
     /// Size in bytes.
@@ -36,13 +38,12 @@ impl RawFile {
         options.read(true).write(!read_only);
         let file = crate::host_files::open(path, &options, !read_only)?;
         let lock = if read_only {
-            libc::LOCK_SH
+            FlockOperation::NonBlockingLockShared
         } else {
-            libc::LOCK_EX
+            FlockOperation::NonBlockingLockExclusive
         };
-        // SAFETY: flock on a valid fd we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = rustix::fs::flock(&file, lock) {
+            let e = io::Error::from(e);
             return Err(io::Error::new(
                 e.kind(),
                 format!("image is in use by another VM ({e})"),
@@ -52,20 +53,15 @@ impl RawFile {
         Ok(Self { file, size })
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
-        else {
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        // The kernel takes signed offsets (off_t).
+        if i64::try_from(offset).is_err() || i64::try_from(len).is_err() {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        };
-        // SAFETY: fallocate on a valid fd; no memory is involved.
-        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset, len) } == 0 {
-            return Ok(());
         }
-        match io::Error::last_os_error() {
-            e if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                Err(io::ErrorKind::Unsupported.into())
-            }
-            e => Err(e),
+        match rustix::fs::fallocate(&self.file, mode, offset, len) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => Err(io::ErrorKind::Unsupported.into()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -144,16 +140,16 @@ impl DiskBackend for RawFile {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
             offset,
             len,
         )
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let mode = if unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
         };
         match self.fallocate(mode, offset, len) {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {

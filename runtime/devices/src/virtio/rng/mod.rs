@@ -27,17 +27,11 @@ impl EntropySource for HostRandom {
     fn fill(&mut self, buf: &mut [u8]) -> std::io::Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            let rest = &mut buf[done..];
-            // SAFETY: the pointer and length describe `rest`, a live writable slice.
-            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
+            match rustix::rand::getrandom(&mut buf[done..], rustix::rand::GetRandomFlags::empty()) {
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
             }
-            done += n as usize;
         }
         Ok(())
     }

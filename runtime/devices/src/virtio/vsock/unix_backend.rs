@@ -14,14 +14,18 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, ErrorKind, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// Token of the listening socket; connection tokens start after it.
 const LISTENER_TOKEN: u64 = 0;
+/// Size of `sockaddr_un.sun_path` (108 on Linux).
+const SUN_PATH_LEN: usize =
+    std::mem::size_of::<libc::sockaddr_un>() - std::mem::offset_of!(libc::sockaddr_un, sun_path);
 /// Clients that connected but have not finished their `CONNECT` line; beyond this the oldest
 /// is dropped, so idle clients cannot pin memory or fds.
 pub const MAX_HANDSHAKES: usize = 64;
@@ -301,46 +305,23 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 /// connect(2) on a non-blocking Unix stream socket: it completes at once or fails (EAGAIN when
 /// the listener's backlog is full), never blocks.
 fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
-    // SAFETY: plain syscall with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a socket just created and owned by nobody else; the stream closes it.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data for which all zeroes is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    // Keep a terminating NUL.
-    if bytes.len() >= addr.sun_path.len() {
+    // Keep a terminating NUL (sun_path is 108 bytes).
+    if path.as_os_str().as_bytes().len() >= SUN_PATH_LEN {
         return Err(io::Error::new(
             ErrorKind::InvalidInput,
             "socket path too long",
         ));
     }
-    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
-    // SAFETY: `addr` is a valid sockaddr_un of at least `len` bytes, alive for the call.
-    let r = unsafe {
-        libc::connect(
-            fd,
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(stream)
+    let addr = SocketAddrUnix::new(path)?;
+    // The same socket(2) arguments the event loop's seccomp filter allows.
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, &addr)?;
+    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]

@@ -17,12 +17,15 @@ use std::time::Instant;
 
 use crate::devices::bus::BusDevice;
 
-/// First port of the control device.
-pub const CONTROL_PORT_BASE: u64 = 0x600;
+// The numbers are husk-init's (the host/guest contract crate): one definition for both sides.
+/// First port of the control device: boot progress.
+pub const CONTROL_PORT_BASE: u64 = husk_init::CONTROL_PORT_BOOT as u64;
+/// Offset of the exit-code port in the device (fails to build if it comes before the base).
+const EXIT_CODE_OFFSET: u64 = husk_init::CONTROL_PORT_EXIT_CODE as u64 - CONTROL_PORT_BASE;
 /// Ports 0x600 (boot progress) and 0x601 (exit code).
-pub const CONTROL_PORT_LEN: u64 = 2;
+pub const CONTROL_PORT_LEN: u64 = EXIT_CODE_OFFSET + 1;
 /// Value written to 0x600 when the guest init starts.
-pub const BOOT_INIT_STARTED: u8 = 0x01;
+pub const BOOT_INIT_STARTED: u8 = husk_init::CONTROL_INIT_STARTED;
 
 const NO_EXIT_CODE: i32 = -1;
 const NO_TIME: u64 = u64::MAX;
@@ -96,7 +99,7 @@ impl BusDevice for ControlPort {
                     eprintln!("husk-vmm: guest init after {us} us");
                 }
             }
-            1 => self
+            EXIT_CODE_OFFSET => self
                 .state
                 .exit_code
                 .store(i32::from(*value), Ordering::SeqCst),
@@ -108,6 +111,13 @@ impl BusDevice for ControlPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ports_are_the_documented_ones() {
+        // The table above, the guest kernels' ioperm and existing guests rely on these.
+        assert_eq!((CONTROL_PORT_BASE, CONTROL_PORT_LEN), (0x600, 2));
+        assert_eq!((EXIT_CODE_OFFSET, BOOT_INIT_STARTED), (1, 0x01));
+    }
 
     #[test]
     fn records_last_exit_code_and_first_init_time() {

@@ -8,6 +8,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
 
+pub mod persist;
+
 /// COM1 port base.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
 /// Number of UART registers.
@@ -37,6 +39,15 @@ struct DiscardAfterFailure {
     failed: bool,
 }
 
+impl DiscardAfterFailure {
+    fn wrap(inner: ConsoleOut) -> ConsoleOut {
+        Box::new(DiscardAfterFailure {
+            inner,
+            failed: false,
+        })
+    }
+}
+
 impl Write for DiscardAfterFailure {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !self.failed {
@@ -64,64 +75,14 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART that interrupts through `irq` and writes to `out`.
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
-        let out: ConsoleOut = Box::new(DiscardAfterFailure {
-            inner: out,
-            failed: false,
-        });
         SerialDevice {
-            serial: Serial::new(EventFdTrigger(irq), out),
+            serial: Serial::new(EventFdTrigger(irq), DiscardAfterFailure::wrap(out)),
         }
     }
 
     /// Flushes console output.
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();
-    }
-
-    /// The UART's registers and unread input, for a snapshot.
-    pub fn save_state(&self) -> crate::snapshot::state::SerialState {
-        let s = self.serial.state();
-        crate::snapshot::state::SerialState {
-            baud_divisor_low: s.baud_divisor_low.into(),
-            baud_divisor_high: s.baud_divisor_high.into(),
-            interrupt_enable: s.interrupt_enable.into(),
-            interrupt_identification: s.interrupt_identification.into(),
-            line_control: s.line_control.into(),
-            line_status: s.line_status.into(),
-            modem_control: s.modem_control.into(),
-            modem_status: s.modem_status.into(),
-            scratch: s.scratch.into(),
-            in_buffer: s.in_buffer,
-        }
-    }
-
-    /// A UART in the state a snapshot recorded. Registers are 8-bit: a wider value in the file
-    /// (damage) is truncated rather than trusted; an overfull input FIFO is refused.
-    pub fn from_state(
-        irq: EventFd,
-        out: ConsoleOut,
-        state: &crate::snapshot::state::SerialState,
-    ) -> Result<Self, String> {
-        let r = |v: u32| v as u8;
-        let s = vm_superio::serial::SerialState {
-            baud_divisor_low: r(state.baud_divisor_low),
-            baud_divisor_high: r(state.baud_divisor_high),
-            interrupt_enable: r(state.interrupt_enable),
-            interrupt_identification: r(state.interrupt_identification),
-            line_control: r(state.line_control),
-            line_status: r(state.line_status),
-            modem_control: r(state.modem_control),
-            modem_status: r(state.modem_status),
-            scratch: r(state.scratch),
-            in_buffer: state.in_buffer.clone(),
-        };
-        let out: ConsoleOut = Box::new(DiscardAfterFailure {
-            inner: out,
-            failed: false,
-        });
-        let serial = Serial::from_state(&s, EventFdTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("invalid serial state: {e:?}"))?;
-        Ok(SerialDevice { serial })
     }
 }
 
@@ -199,28 +160,5 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
-    }
-
-    #[test]
-    fn state_round_trips_and_an_overfull_fifo_is_refused() {
-        let mut dev = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(io::sink()));
-        dev.write(3, &[0x83]); // LCR: DLAB on, 8 data bits
-        dev.write(0, &[0x0c]); // DLL: 9600 baud
-        dev.write(3, &[0x03]); // DLAB off
-        dev.write(7, &[0x5a]); // scratch
-        let state = dev.save_state();
-        assert_eq!(
-            (state.line_control, state.baud_divisor_low, state.scratch),
-            (3, 0x0c, 0x5a)
-        );
-        let back = SerialDevice::from_state(EventFd::new(0).unwrap(), Box::new(io::sink()), &state)
-            .unwrap();
-        assert_eq!(back.save_state(), state);
-        let mut full = state.clone();
-        full.in_buffer = vec![0; 4096];
-        assert!(
-            SerialDevice::from_state(EventFd::new(0).unwrap(), Box::new(io::sink()), &full)
-                .is_err()
-        );
     }
 }

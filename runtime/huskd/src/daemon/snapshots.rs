@@ -4,26 +4,24 @@
 //! A snapshot directory holds `vm.state` and `vm.mem` (written by husk-vmm, see its control
 //! socket's `snapshot` request) and `vm.pb`, the VM record (its spec) at snapshot time. A
 //! restore is a new VM (new id, name, vsock CID and tap) that starts where the snapshot was
-//! taken; its guest wall clock is set through the guest agent as soon as the agent answers.
+//! taken, through the same [`Daemon::launch`] as a boot; as soon as its guest agent answers,
+//! its wall clock and, with a tap, its eth0 are set anew (see `agent.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use husk_host::confined::Dir;
-use husk_host::net::VmLink;
 use husk_host::policy::PolicyError;
-use husk_proto::agent::{host_message, HostMessage, SetTime};
 use husk_proto::v1::{
     event, network, RestoreVmRequest, SnapshotVmRequest, SnapshotVmResponse, Vm, VmState,
 };
 use husk_proto::vmm::{vmm_request, vmm_response, Snapshot, VmmRequest, VmmResponse};
 use prost::Message;
-use tokio::sync::watch;
 use tonic::Status;
 
-use super::{policy_status, vmm_call, Daemon, VmEntry};
-use crate::agent_client;
+use super::vm::VmEntry;
+use super::{policy_status, vmm_call, Daemon, VmmCallError};
 use crate::snapshot_files;
 use crate::store;
 use crate::validate;
@@ -31,13 +29,13 @@ use crate::vmm_process::Restore;
 use crate::wire::{self, VmSocket};
 
 /// Files of a snapshot directory.
-pub const STATE_FILE: &str = "vm.state";
+pub(super) const STATE_FILE: &str = "vm.state";
 /// Guest memory.
-pub const MEM_FILE: &str = "vm.mem";
+pub(super) const MEM_FILE: &str = "vm.mem";
 /// The VM record at snapshot time.
-pub const RECORD_FILE: &str = "vm.pb";
+pub(super) const RECORD_FILE: &str = "vm.pb";
 /// A diff's base memory file (its path, as text).
-pub const BASE_FILE: &str = "vm.base";
+pub(super) const BASE_FILE: &str = "vm.base";
 /// Longest a snapshot may take (a large guest's memory file is written meanwhile).
 const SNAPSHOT_LIMIT: Duration = Duration::from_secs(600);
 
@@ -63,37 +61,24 @@ fn dir_status(e: PolicyError) -> Status {
     }
 }
 
-/// The shell commands that move a restored guest's eth0 to its new link (MAC, addresses).
-pub fn net_script(link: &VmLink) -> String {
-    let m = link.mac;
-    format!(
-        "ip link set dev eth0 down && \
-         ip link set dev eth0 address {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} && \
-         ip addr flush dev eth0 && ip addr add {}/30 dev eth0 && \
-         ip link set dev eth0 up && ip route replace default via {}",
-        m[0], m[1], m[2], m[3], m[4], m[5], link.guest_ip, link.host_ip
-    )
-}
-
 /// Asks the VMM to write its snapshot.
 async fn vmm_snapshot(
     api: &VmSocket,
     dir: &Path,
     diff: bool,
-) -> Result<husk_proto::vmm::SnapshotDone, String> {
+) -> Result<husk_proto::vmm::SnapshotDone, VmmCallError> {
     let msg = vmm_request::Msg::Snapshot(Snapshot {
         state_path: dir.join(STATE_FILE).display().to_string(),
         mem_path: dir.join(MEM_FILE).display().to_string(),
         diff,
     });
     let reply: VmmResponse =
-        wire::request_reply(api, &VmmRequest { msg: Some(msg) }, SNAPSHOT_LIMIT)
-            .await
-            .map_err(|e| e.to_string())?;
+        wire::request_reply(api, &VmmRequest { msg: Some(msg) }, SNAPSHOT_LIMIT).await?;
     match reply.msg {
         Some(vmm_response::Msg::Snapshot(done)) => Ok(done),
-        Some(vmm_response::Msg::Error(e)) => Err(e),
-        _ => Err("unexpected reply".into()),
+        Some(vmm_response::Msg::Error(e)) => Err(VmmCallError::Refused(e)),
+        Some(_) => Err(VmmCallError::Unexpected),
+        None => Err(VmmCallError::Empty),
     }
 }
 
@@ -148,7 +133,9 @@ impl Daemon {
                 .await
                 .map_err(|e| Status::internal(format!("SnapshotVm: cannot pause: {e}")))?;
         }
-        let mut result = vmm_snapshot(&api, &write_to, request.diff).await;
+        let mut result = vmm_snapshot(&api, &write_to, request.diff)
+            .await
+            .map_err(|e| e.to_string());
         if result.is_ok() {
             let vm_dir = entry.dir.clone();
             let moved = tokio::task::spawn_blocking(move || {
@@ -191,9 +178,10 @@ impl Daemon {
         snapshot_files::remove_staging(&entry.dir);
         if was_running && (!request.leave_paused || result.is_err()) {
             if let Err(e) = vmm_call(&api, vmm_request::Msg::Resume(Default::default())).await {
-                eprintln!(
-                    "huskd: warning: VM {} stays paused after its snapshot: {e}",
-                    entry.id
+                tracing::warn!(
+                    vm_id = %entry.id,
+                    error = %e,
+                    "the VM stays paused after its snapshot"
                 );
                 entry.update(|vm| vm.state = VmState::Paused as i32);
             }
@@ -276,63 +264,6 @@ impl Daemon {
             }
         }
     }
-
-    /// Once the restored guest's agent answers: sets its wall clock (it stood still while the
-    /// snapshot lay on disk) and, with a new tap, moves eth0 to the new MAC and addresses.
-    /// Waits as long as the VM runs or is paused.
-    pub(crate) async fn after_restore(
-        &self,
-        entry: &Arc<VmEntry>,
-        ended: watch::Receiver<bool>,
-        net_script: Option<String>,
-    ) {
-        if !self.correct_clock(entry, &ended).await {
-            return;
-        }
-        if let Some(script) = net_script {
-            let socket = entry.vsock_socket();
-            let argv = vec!["sh".to_string(), "-c".to_string(), script];
-            match guest_run(&socket, argv, Duration::from_secs(30)).await {
-                Ok(0) => {}
-                Ok(code) => eprintln!(
-                    "huskd: warning: VM {}: reconfiguring eth0 after restore exited {code}",
-                    entry.id
-                ),
-                Err(e) => eprintln!(
-                    "huskd: warning: VM {}: cannot reconfigure eth0 after restore: {e}",
-                    entry.id
-                ),
-            }
-        }
-    }
-
-    /// Sets the guest's wall clock through the agent; false if the VM ended first.
-    async fn correct_clock(&self, entry: &Arc<VmEntry>, ended: &watch::Receiver<bool>) -> bool {
-        let socket = entry.vsock_socket();
-        while !*ended.borrow() {
-            if entry.state() == VmState::Running {
-                let now_ns = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as i64);
-                let message = HostMessage {
-                    msg: Some(host_message::Msg::SetTime(SetTime { unix_ns: now_ns })),
-                };
-                match agent_client::request(&socket, &message, Duration::from_secs(2)).await {
-                    Ok(_) => return true,
-                    Err(e) if e.to_string().contains("guest agent:") => {
-                        eprintln!(
-                            "huskd: warning: VM {}: cannot set the guest clock: {e}",
-                            entry.id
-                        );
-                        return true;
-                    }
-                    Err(_) => {}
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        false
-    }
 }
 
 /// Opens a snapshot file: a regular file in the directory, never through a link.
@@ -396,29 +327,4 @@ fn restored_spec(source: Vm, request: &RestoreVmRequest) -> Result<husk_proto::v
         spec.disks = given.collect();
     }
     Ok(spec)
-}
-
-/// Runs `argv` in the guest through the agent; its exit code.
-async fn guest_run(socket: &VmSocket, argv: Vec<String>, limit: Duration) -> std::io::Result<i32> {
-    use husk_proto::agent::{guest_message, Exec, GuestMessage};
-    let mut stream = agent_client::connect(socket, limit).await?;
-    let exec = HostMessage {
-        msg: Some(host_message::Msg::Exec(Exec {
-            argv,
-            ..Default::default()
-        })),
-    };
-    wire::write_frame(&mut stream, &exec).await?;
-    loop {
-        let reply: Option<GuestMessage> =
-            tokio::time::timeout(limit, wire::read_frame(&mut stream))
-                .await
-                .map_err(|_| std::io::Error::other("the guest command timed out"))??;
-        match reply.and_then(|r| r.msg) {
-            Some(guest_message::Msg::Exit(exit)) => return Ok(exit.code),
-            Some(guest_message::Msg::Error(e)) => return Err(std::io::Error::other(e)),
-            None => return Err(std::io::Error::other("the agent closed the connection")),
-            Some(_) => {}
-        }
-    }
 }

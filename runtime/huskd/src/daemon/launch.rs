@@ -1,0 +1,372 @@
+//! The one launch sequence of a boot (StartVm) and a restore (RestoreVm), the monitor that
+//! turns the VMM's end into STOPPED or FAILED, and what that end leaves to clean.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use husk_host::confined::Dir;
+use husk_host::net::VmLink;
+use husk_proto::v1::{event, network, Vm, VmSpec, VmState};
+use husk_proto::vmm::ExitReport;
+use prost::Message;
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::host::ExitWait;
+use super::vm::{lock, now_ms, RunHandle, VmEntry};
+use super::{policy_status, Daemon};
+use crate::store;
+use crate::validate;
+use crate::vmm_process::{self, Launch, Restore, RunFiles};
+
+/// The most `vmm.log` keeps across runs: past it, the log starts over at the next start (the
+/// VMM caps what it writes in one run itself).
+const VMM_LOG_KEEP: u64 = 1 << 20;
+
+impl Daemon {
+    /// Starts the VM's VMM: CREATED, STOPPED or FAILED -> STARTING -> RUNNING.
+    pub async fn start(self: &Arc<Self>, entry: &Arc<VmEntry>) -> Result<Vm, Status> {
+        let _op = entry.op.lock().await;
+        if !matches!(
+            entry.state(),
+            VmState::Created | VmState::Stopped | VmState::Failed
+        ) {
+            return Err(entry.wrong_state("StartVm"));
+        }
+        let spec = entry.snapshot().spec.unwrap_or_default();
+        self.launch(entry, &spec, None).await
+    }
+
+    /// The one launch sequence of a boot (StartVm) and a restore (RestoreVm): files opened by
+    /// fd, the tap, STARTING recorded before the VMM exists (so that a huskd that dies in
+    /// between finds and cleans what it left), the spawn, then RUNNING (or PAUSED). The caller
+    /// holds the VM's operation lock.
+    pub(super) async fn launch(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        spec: &VmSpec,
+        restore: Option<Restore>,
+    ) -> Result<Vm, Status> {
+        let start_paused = restore.as_ref().is_some_and(|r| r.start_paused);
+        let is_restore = restore.is_some();
+        let files = self.open_run_files(entry, spec, restore.is_none())?;
+        let net_mode = spec
+            .network
+            .as_ref()
+            .and_then(|n| network::Mode::try_from(n.mode).ok())
+            .unwrap_or(network::Mode::None);
+        let mut link = match net_mode {
+            network::Mode::Tap => Some(
+                self.host
+                    .create_link()
+                    .map_err(|e| Status::unavailable(e.to_string()))?,
+            ),
+            network::Mode::None => None,
+        };
+        if let (Some(link), Some(mac)) = (
+            link.as_mut(),
+            spec.network
+                .as_ref()
+                .and_then(|n| validate::parse_mac(&n.mac)),
+        ) {
+            link.mac = mac;
+        }
+        let cid = entry.snapshot().status.as_ref().map_or(3, |s| s.vsock_cid);
+        entry.update(|vm| {
+            vm.state = VmState::Starting as i32;
+            VmEntry::status_mut(vm).failure_reason.clear();
+        });
+        let launch = Launch {
+            jail: self.config.jail.as_ref(),
+            controllers: &self.config.controllers,
+            uid: entry.vmm_uid(),
+            id: &entry.id,
+            vmm: &self.config.vmm,
+            dir: &entry.dir,
+            spec,
+            limits: vmm_process::effective_limits(spec),
+            vsock_cid: cid,
+            link: link.as_ref(),
+            restore,
+            files,
+        };
+        let pid = match self.spawn_vmm(entry, &launch) {
+            Ok(pid) => pid,
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::warn!(vm_id = %entry.id, error = %reason, "cannot start husk-vmm");
+                entry.update(|vm| {
+                    vm.state = VmState::Failed as i32;
+                    VmEntry::status_mut(vm).failure_reason = reason.clone();
+                });
+                return Err(Status::internal(reason));
+            }
+        };
+        let (tap, host_ip, guest_ip) = link_addresses(link.as_ref());
+        // A restored guest kept the snapshot's MAC and addresses: it gets the new link's.
+        let net_config = link
+            .as_ref()
+            .filter(|_| is_restore)
+            .map(super::agent::net_config);
+        // husk-vmm holds the tap and files now: with huskd's copies closed, they live as long
+        // as the VMM.
+        drop(launch);
+        drop(link);
+        let state = if start_paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        let vm = entry.update(|vm| {
+            vm.state = state as i32;
+            let status = VmEntry::status_mut(vm);
+            status.vmm_pid = pid;
+            status.exit_code = None;
+            status.failure_reason.clear();
+            status.started_unix_ms = now_ms();
+            status.stopped_unix_ms = 0;
+            status.tap = tap;
+            status.host_ip = host_ip;
+            status.guest_ip = guest_ip;
+            status.agent_ready = false;
+        });
+        tracing::info!(vm_id = %entry.id, pid, restore = is_restore, "husk-vmm started");
+        self.emit(entry, event::Kind::Started, None, String::new());
+        match self.host.watch(pid) {
+            Ok(Some(exited)) => {
+                let ended = self.watch_run(entry, pid, exited);
+                if is_restore {
+                    let daemon = self.clone();
+                    let entry = entry.clone();
+                    tokio::spawn(
+                        async move { daemon.after_restore(&entry, ended, net_config).await },
+                    );
+                }
+            }
+            // Gone already (it could not start): record how it ended.
+            _ => self.record_end(entry, None, false),
+        }
+        Ok(vm)
+    }
+
+    /// Opens what one run of the VM's VMM needs, all by fd: kernel and initrd (for a boot),
+    /// disks under the path policy, and the console, exit report and log in huskd's own VM
+    /// directory. The `vmm/` directory is made anew, empty and owned by the VM's uid.
+    fn open_run_files(
+        &self,
+        entry: &VmEntry,
+        spec: &VmSpec,
+        boot: bool,
+    ) -> Result<RunFiles, Status> {
+        let policy = &self.config.policy;
+        let open = |what: &str, path: &str, write: bool| {
+            policy
+                .open_file(what, Path::new(path), write)
+                .map(|o| o.file)
+                .map_err(|e| policy_status(e, |m: String| Status::failed_precondition(m)))
+        };
+        let (kernel, initrd) = if boot {
+            (
+                Some(open("kernel", &spec.kernel, false)?),
+                Some(open("initrd", &spec.initrd, false)?),
+            )
+        } else {
+            (None, None)
+        };
+        let mut disks = Vec::new();
+        if !spec.rootfs.is_empty() {
+            disks.push((open("rootfs", &spec.rootfs, true)?, false));
+        }
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let file = open(&format!("disks[{i}]"), &disk.path, !disk.read_only)?;
+            disks.push((file, disk.read_only));
+        }
+        let internal = |what: &str| {
+            let what = what.to_string();
+            move |e: std::io::Error| Status::internal(format!("{what}: {e}"))
+        };
+        let dir = Dir::open(&entry.dir).map_err(internal("the VM's directory"))?;
+        let vmm_dir = dir
+            .create_subdir(store::VMM_DIR, store::DIR_MODE, true)
+            .map_err(internal("the VMM's directory"))?;
+        self.host
+            .give_dir(vmm_dir.fd(), entry.vmm_uid())
+            .map_err(internal("the VMM's directory"))?;
+        let console = dir
+            .create_file(store::CONSOLE_LOG, store::FILE_MODE, true, None)
+            .map_err(internal("the console log"))?;
+        let exit_report = dir
+            .create_file(store::EXIT_REPORT, store::FILE_MODE, false, None)
+            .map_err(internal("the exit report"))?;
+        let log = open_vmm_log(&dir).map_err(internal("vmm.log"))?;
+        Ok(RunFiles {
+            kernel,
+            initrd,
+            disks,
+            console,
+            exit_report,
+            log,
+        })
+    }
+
+    /// Starts the VM's husk-vmm and records its pid (with its start time, against pid reuse).
+    fn spawn_vmm(&self, entry: &VmEntry, launch: &Launch<'_>) -> Result<u32, super::HostError> {
+        let pid = self.host.spawn(launch)?;
+        let ticks = store::process_start_ticks(pid).unwrap_or(0);
+        if let Err(e) = store::save_pid(&entry.dir, pid, ticks) {
+            tracing::warn!(vm_id = %entry.id, error = %e, "cannot save the VMM's pid");
+        }
+        Ok(pid)
+    }
+
+    /// Starts the monitor and agent-readiness tasks of a running VMM; the receiver turns true
+    /// once its end is recorded.
+    pub(super) fn watch_run(
+        self: &Arc<Self>,
+        entry: &Arc<VmEntry>,
+        pid: u32,
+        exited: ExitWait,
+    ) -> watch::Receiver<bool> {
+        let (ended_tx, ended_rx) = watch::channel(false);
+        let stop_requested = Arc::new(AtomicBool::new(false));
+        *lock(&entry.run) = Some(RunHandle {
+            pid,
+            ended: ended_rx.clone(),
+            stop_requested: stop_requested.clone(),
+        });
+        let daemon = self.clone();
+        let monitored = entry.clone();
+        tokio::spawn(async move {
+            let status = exited.await;
+            let stopped = stop_requested.load(Ordering::SeqCst);
+            daemon.record_end(&monitored, status, stopped);
+            let _ = ended_tx.send(true);
+        });
+        let daemon = self.clone();
+        let ready = entry.clone();
+        let ended = ended_rx.clone();
+        tokio::spawn(async move { daemon.await_agent(&ready, ended).await });
+        ended_rx
+    }
+
+    /// Records how a VMM ended, from its exit report and wait status, and cleans its run files
+    /// and jail.
+    pub(super) fn record_end(
+        &self,
+        entry: &Arc<VmEntry>,
+        wait_status: Option<i32>,
+        stop_requested: bool,
+    ) {
+        // Written by the VMM into the file huskd gave it; empty when the VMM was killed first.
+        // Bounded and never through a link, like everything huskd reads of a VMM's.
+        let report = Dir::open(&entry.dir)
+            .and_then(|dir| dir.read_bounded(store::EXIT_REPORT, store::MAX_EXIT_REPORT))
+            .ok()
+            .flatten()
+            .filter(|bytes| !bytes.is_empty())
+            .and_then(|bytes| ExitReport::decode(&bytes[..]).ok());
+        store::remove_run_files(&entry.dir);
+        // The jail's cgroup (and anything left in it) and directory, also after a kill -9 or
+        // when the VMM ended while no huskd watched.
+        if let Some(jail) = &self.config.jail {
+            if let Err(e) = self.host.release_jail(jail, &entry.id) {
+                tracing::warn!(vm_id = %entry.id, error = %e, "cannot clean up the VM's jail");
+            }
+        }
+        *lock(&entry.run) = None;
+        let has_app = lock(&entry.record)
+            .spec
+            .as_ref()
+            .is_some_and(|s| !s.command.is_empty());
+        let guest_code = report.as_ref().and_then(|r| r.guest_exit_code);
+        let failure = match (&report, wait_status) {
+            _ if stop_requested => None,
+            (Some(r), _) if guest_code.is_some() || r.exit_status == 0 => None,
+            (Some(r), _) => Some(format!(
+                "husk-vmm ended: {} (status {})",
+                r.reason, r.exit_status
+            )),
+            (None, Some(status)) => Some(format!(
+                "husk-vmm {} without an exit report{}",
+                vmm_process::describe_wait_status(status),
+                last_log_line(&entry.dir)
+            )),
+            (None, None) => Some(format!(
+                "husk-vmm ended without an exit report (killed?){}",
+                last_log_line(&entry.dir)
+            )),
+        };
+        entry.update(|vm| {
+            vm.state = if failure.is_some() {
+                VmState::Failed as i32
+            } else {
+                VmState::Stopped as i32
+            };
+            let status = VmEntry::status_mut(vm);
+            status.vmm_pid = 0;
+            status.exit_code = guest_code;
+            status.stopped_unix_ms = now_ms();
+            status.agent_ready = false;
+            status.failure_reason = failure.clone().unwrap_or_else(|| {
+                report
+                    .as_ref()
+                    .map(|r| r.reason.clone())
+                    .unwrap_or_default()
+            });
+        });
+        if has_app && guest_code.is_some() {
+            self.emit(entry, event::Kind::AppExited, guest_code, String::new());
+        }
+        match failure {
+            Some(reason) => {
+                tracing::warn!(vm_id = %entry.id, %reason, "VM failed");
+                self.emit(entry, event::Kind::Failed, None, reason)
+            }
+            None => {
+                tracing::info!(vm_id = %entry.id, exit_code = ?guest_code, "VM stopped");
+                self.emit(entry, event::Kind::Stopped, guest_code, String::new())
+            }
+        }
+    }
+}
+
+/// The tap's name and the link's host and guest addresses, for a VM's status (empty without).
+fn link_addresses(link: Option<&VmLink>) -> (String, String, String) {
+    link.map(|l| {
+        (
+            l.tap_name.clone(),
+            l.host_ip.to_string(),
+            l.guest_ip.to_string(),
+        )
+    })
+    .unwrap_or_default()
+}
+
+/// ": <last line of vmm.log>", or nothing: the VMM's own words on why it ended.
+fn last_log_line(dir: &Path) -> String {
+    let tail = Dir::open(dir)
+        .and_then(|d| d.read_tail(store::VMM_LOG, 4096))
+        .unwrap_or_default();
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| format!(": {}", l.trim()))
+        .unwrap_or_default()
+}
+
+/// Opens `vmm.log` for a new run (0600, appending; emptied first when it grew past
+/// [`VMM_LOG_KEEP`]).
+fn open_vmm_log(dir: &Dir) -> std::io::Result<std::fs::File> {
+    use rustix::fs::OFlags;
+    let log = dir.open_file(
+        store::VMM_LOG,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND,
+        store::FILE_MODE,
+    )?;
+    if log.metadata()?.len() > VMM_LOG_KEEP {
+        log.set_len(0)?;
+    }
+    Ok(log)
+}
