@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use husk_host::policy::{PathPolicy, PolicyError};
 use husk_proto::v1::{event, Event, Vm, VmSpec, VmState, VmStatus};
-use husk_proto::vmm::{vmm_request, vmm_response, VmmRequest, VmmResponse};
+use husk_proto::vmm::{vmm_request, vmm_response, ErrorKind, VmmRequest, VmmResponse};
 use tokio::sync::broadcast;
 use tonic::Status;
 
@@ -166,6 +166,7 @@ impl Daemon {
             wire::request_reply(&entry.api_socket(), &request, Duration::from_secs(5)).await;
         let Ok(VmmResponse {
             msg: Some(vmm_response::Msg::Info(info)),
+            ..
         }) = reply
         else {
             return;
@@ -486,9 +487,9 @@ enum VmmCallError {
     /// The socket could not be reached or the exchange broke.
     #[error(transparent)]
     Io(#[from] io::Error),
-    /// The VMM answered with an error.
-    #[error("{0}")]
-    Refused(String),
+    /// The VMM answered with an error; `kind` says which, where a caller acts on it.
+    #[error("{message}")]
+    Refused { message: String, kind: ErrorKind },
     #[error("empty reply")]
     Empty,
     #[error("unexpected reply")]
@@ -499,8 +500,9 @@ enum VmmCallError {
 async fn vmm_call(api: &VmSocket, msg: vmm_request::Msg) -> Result<(), VmmCallError> {
     let reply: VmmResponse =
         wire::request_reply(api, &VmmRequest { msg: Some(msg) }, Duration::from_secs(5)).await?;
+    let kind = reply.error_kind();
     match reply.msg {
-        Some(vmm_response::Msg::Error(e)) => Err(VmmCallError::Refused(e)),
+        Some(vmm_response::Msg::Error(message)) => Err(VmmCallError::Refused { message, kind }),
         Some(vmm_response::Msg::Info(_) | vmm_response::Msg::Snapshot(_)) => Ok(()),
         None => Err(VmmCallError::Empty),
     }

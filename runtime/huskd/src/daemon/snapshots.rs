@@ -16,7 +16,7 @@ use husk_host::policy::PolicyError;
 use husk_proto::v1::{
     event, network, RestoreVmRequest, SnapshotVmRequest, SnapshotVmResponse, Vm, VmState,
 };
-use husk_proto::vmm::{vmm_request, vmm_response, Snapshot, VmmRequest, VmmResponse};
+use husk_proto::vmm::{vmm_request, vmm_response, ErrorKind, Snapshot, VmmRequest, VmmResponse};
 use prost::Message;
 use tonic::Status;
 
@@ -62,6 +62,15 @@ fn dir_status(e: PolicyError) -> Status {
 }
 
 /// Asks the VMM to write its snapshot.
+/// Why a snapshot failed: the VMM refused or broke, or huskd could not keep its files.
+#[derive(Debug, thiserror::Error)]
+enum SnapshotFailure {
+    #[error(transparent)]
+    Vmm(VmmCallError),
+    #[error("{0}")]
+    Files(String),
+}
+
 async fn vmm_snapshot(
     api: &VmSocket,
     dir: &Path,
@@ -74,9 +83,10 @@ async fn vmm_snapshot(
     });
     let reply: VmmResponse =
         wire::request_reply(api, &VmmRequest { msg: Some(msg) }, SNAPSHOT_LIMIT).await?;
+    let kind = reply.error_kind();
     match reply.msg {
         Some(vmm_response::Msg::Snapshot(done)) => Ok(done),
-        Some(vmm_response::Msg::Error(e)) => Err(VmmCallError::Refused(e)),
+        Some(vmm_response::Msg::Error(message)) => Err(VmmCallError::Refused { message, kind }),
         Some(_) => Err(VmmCallError::Unexpected),
         None => Err(VmmCallError::Empty),
     }
@@ -135,7 +145,7 @@ impl Daemon {
         }
         let mut result = vmm_snapshot(&api, &write_to, request.diff)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(SnapshotFailure::Vmm);
         if result.is_ok() {
             let vm_dir = entry.dir.clone();
             let moved = tokio::task::spawn_blocking(move || {
@@ -167,10 +177,12 @@ impl Daemon {
                         target.write_new(RECORD_FILE, &record.encode_to_vec(), store::FILE_MODE)
                     });
                     if let Err(e) = saved {
-                        result = Err(format!("cannot write {RECORD_FILE}: {e}"));
+                        result = Err(SnapshotFailure::Files(format!(
+                            "cannot write {RECORD_FILE}: {e}"
+                        )));
                     }
                 }
-                Err(e) => result = Err(e),
+                Err(e) => result = Err(SnapshotFailure::Files(e)),
             }
         }
         // Whatever happened, nothing stays behind in the VMM's directory (a partial memory
@@ -190,9 +202,13 @@ impl Daemon {
             self.emit(entry, event::Kind::Paused, None, String::new());
         }
         let done = result.map_err(|e| {
-            if e.contains("needs a base") {
+            let kind = match &e {
+                SnapshotFailure::Vmm(VmmCallError::Refused { kind, .. }) => *kind,
+                _ => ErrorKind::Unspecified,
+            };
+            if kind == ErrorKind::NoBase {
                 Status::failed_precondition(format!("SnapshotVm: {e}"))
-            } else if request.diff && e.contains(&*staging_path.to_string_lossy()) {
+            } else if kind == ErrorKind::BaseUnavailable {
                 // The VMM's last full snapshot was moved out of its directory (see
                 // snapshot_files); a VM restored from a full snapshot diffs against that one.
                 Status::failed_precondition(format!(

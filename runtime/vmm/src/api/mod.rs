@@ -13,7 +13,8 @@ pub mod socket;
 pub mod vm_handle;
 
 use husk_proto::vmm::{
-    info, vmm_request, vmm_response, Info, Snapshot, SnapshotDone, VmmRequest, VmmResponse,
+    info, vmm_request, vmm_response, ErrorKind, Info, Snapshot, SnapshotDone, VmmRequest,
+    VmmResponse,
 };
 
 /// Why a request failed; the client gets [`error_chain`] of it as the response's message.
@@ -31,6 +32,21 @@ pub enum ControlError {
     NoSnapshots,
     #[error("empty or unknown request: expected describe, pause, resume, stop or snapshot")]
     UnknownRequest,
+}
+
+impl ControlError {
+    /// The kind a client acts on (see `ErrorKind` in the protocol).
+    pub fn kind(&self) -> ErrorKind {
+        use crate::snapshot::memory::MemoryFileError;
+        use crate::snapshot::SnapshotError;
+        match self {
+            Self::Snapshot(SnapshotError::NoBase) => ErrorKind::NoBase,
+            Self::Snapshot(SnapshotError::Memory(MemoryFileError::BaseUnavailable { .. })) => {
+                ErrorKind::BaseUnavailable
+            }
+            _ => ErrorKind::Unspecified,
+        }
+    }
 }
 
 /// What the control socket can do to a VM.
@@ -53,11 +69,12 @@ pub trait VmControl {
 pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
     use vmm_request::Msg;
     if let Some(Msg::Snapshot(snapshot)) = &request.msg {
-        return VmmResponse {
-            msg: Some(match vm.snapshot(snapshot) {
-                Ok(done) => vmm_response::Msg::Snapshot(done),
-                Err(e) => vmm_response::Msg::Error(error_chain(&e)),
-            }),
+        return match vm.snapshot(snapshot) {
+            Ok(done) => VmmResponse {
+                msg: Some(vmm_response::Msg::Snapshot(done)),
+                ..VmmResponse::default()
+            },
+            Err(e) => refusal(&e),
         };
     }
     let result = match request.msg {
@@ -67,11 +84,20 @@ pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
         Some(Msg::Stop(_)) => Ok(vm.stop()),
         Some(Msg::Snapshot(_)) | None => Err(ControlError::UnknownRequest),
     };
+    match result {
+        Ok(info) => VmmResponse {
+            msg: Some(vmm_response::Msg::Info(info)),
+            ..VmmResponse::default()
+        },
+        Err(e) => refusal(&e),
+    }
+}
+
+/// The error response for `e`: its message chain and its kind.
+fn refusal(e: &ControlError) -> VmmResponse {
     VmmResponse {
-        msg: Some(match result {
-            Ok(info) => vmm_response::Msg::Info(info),
-            Err(e) => vmm_response::Msg::Error(error_chain(&e)),
-        }),
+        msg: Some(vmm_response::Msg::Error(error_chain(e))),
+        error_kind: e.kind() as i32,
     }
 }
 
@@ -91,6 +117,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 pub fn error_response(message: impl Into<String>) -> VmmResponse {
     VmmResponse {
         msg: Some(vmm_response::Msg::Error(message.into())),
+        ..VmmResponse::default()
     }
 }
 
@@ -217,6 +244,64 @@ pub(crate) mod tests {
         let snapshot = request(vmm_request::Msg::Snapshot(Snapshot::default()));
         let err = error_of(&handle_request(&snapshot, &vm));
         assert_eq!(err, "this VM cannot take snapshots");
+    }
+
+    /// A VM whose snapshots fail with one fixed error.
+    struct RefusingVm(fn() -> ControlError);
+
+    impl VmControl for RefusingVm {
+        fn describe(&self) -> Info {
+            Info::default()
+        }
+        fn pause(&self) -> Result<Info, ControlError> {
+            Err((self.0)())
+        }
+        fn resume(&self) -> Result<Info, ControlError> {
+            Ok(Info::default())
+        }
+        fn stop(&self) -> Info {
+            Info::default()
+        }
+        fn snapshot(&self, _request: &Snapshot) -> Result<SnapshotDone, ControlError> {
+            Err((self.0)())
+        }
+    }
+
+    #[test]
+    fn refusals_a_client_acts_on_carry_their_kind_and_others_none() {
+        use crate::snapshot::memory::MemoryFileError;
+        use crate::snapshot::SnapshotError;
+        let snapshot = request(vmm_request::Msg::Snapshot(Snapshot::default()));
+        let pause = request(vmm_request::Msg::Pause(Pause {}));
+        let cases: [(fn() -> ControlError, ErrorKind); 4] = [
+            (|| SnapshotError::NoBase.into(), ErrorKind::NoBase),
+            (
+                || {
+                    SnapshotError::Memory(MemoryFileError::BaseUnavailable {
+                        path: "/gone/mem".into(),
+                        source: std::io::ErrorKind::NotFound.into(),
+                    })
+                    .into()
+                },
+                ErrorKind::BaseUnavailable,
+            ),
+            (|| SnapshotError::NotPaused.into(), ErrorKind::Unspecified),
+            (|| ControlError::Stopping, ErrorKind::Unspecified),
+        ];
+        for (error, kind) in cases {
+            let response = handle_request(&snapshot, &RefusingVm(error));
+            assert_eq!(response.error_kind(), kind, "{response:?}");
+            assert_eq!(error_of(&response), error_chain(&error()));
+        }
+        // Outside snapshots too: the kind follows the error, not the request.
+        let response = handle_request(&pause, &RefusingVm(|| SnapshotError::NoBase.into()));
+        assert_eq!(response.error_kind(), ErrorKind::NoBase);
+        // Successes carry no kind.
+        let ok = handle_request(
+            &request(vmm_request::Msg::Describe(Describe {})),
+            &FakeVm::default(),
+        );
+        assert_eq!(ok.error_kind(), ErrorKind::Unspecified);
     }
 
     #[test]

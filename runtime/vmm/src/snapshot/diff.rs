@@ -135,7 +135,10 @@ pub fn write_diff_file(
     let base_file = match &base.handle {
         Some(handle) => handle.file(),
         None => {
-            opened = File::open(&base.path).map_err(io_err("cannot open", &base.path))?;
+            opened = File::open(&base.path).map_err(|source| MemoryFileError::BaseUnavailable {
+                path: base.path.clone(),
+                source,
+            })?;
             &opened
         }
     };

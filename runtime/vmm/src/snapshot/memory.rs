@@ -48,6 +48,15 @@ pub enum MemoryFileError {
         #[source]
         source: io::Error,
     },
+    /// A diff's base memory file cannot be opened (moved or removed since the full snapshot).
+    #[error("cannot open the base memory file {path}")]
+    BaseUnavailable {
+        /// The base file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// Not a husk memory file, or another version.
     #[error("{0} is not a husk memory file of version {MEM_VERSION}")]
     BadHeader(PathBuf),
