@@ -13,6 +13,7 @@
 mod agent;
 mod children;
 mod control_port;
+mod dns;
 mod launch;
 mod mounts;
 mod rootfs;
@@ -157,6 +158,11 @@ fn read_spec() -> Result<(BootSpec, Option<String>), StartError> {
         }
         None => None,
     };
+    if let Some(ip) = dns::nameserver(&cmdline) {
+        if let Err(e) = dns::configure(ip, root.as_deref()) {
+            eprintln!("husk-init: warning: husk.dns: cannot write /etc/resolv.conf: {e}");
+        }
+    }
     Ok((spec, root))
 }
 

@@ -189,7 +189,8 @@ fn the_guest_pings_the_host_and_64_mib_cross_tcp_intact() {
          nc $HUSK_HOST_IP {port} < /tmp/blob && echo SENT"
     );
     let start = Instant::now();
-    let run = husk_run(&["--net", "--memory", "512"], &script);
+    // --host-access: the sink listens on the host, behind the link's host end.
+    let run = husk_run(&["--net", "--host-access", "--memory", "512"], &script);
     let out = run.stdout();
     assert!(
         out.contains("PING-OK"),

@@ -85,6 +85,7 @@ fn bad_requests_get_precise_status_codes() {
             disks: vec![husk_proto::v1::Disk {
                 path: "/etc/shadow".into(),
                 read_only: false,
+                rate_limit: None,
             }],
             ..spec("a")
         },

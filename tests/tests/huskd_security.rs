@@ -202,6 +202,7 @@ fn host_files_and_snapshots_outside_the_allowed_directories_are_refused() {
         disks: vec![Disk {
             path: path.into(),
             read_only: false,
+            rate_limit: None,
         }],
         ..named("d")
     };

@@ -33,6 +33,7 @@ fn sandbox(name: &str, net: bool) -> VmSpec {
                 network::Mode::None
             } as i32,
             mac: String::new(),
+            ..Default::default()
         }),
         ..Default::default()
     }

@@ -7,6 +7,7 @@
 mod opts;
 mod output;
 mod quick_launch;
+mod rate_limit_cmd;
 mod remote;
 mod run_args;
 mod snapshot_cmd;

@@ -5,6 +5,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::rate_limit_cmd::{LimitArgs, UpdateArgs};
 use crate::remote::DEFAULT_HOST;
 use crate::run_args::RunArgs;
 use crate::snapshot_cmd::{RestoreArgs, SnapshotArgs};
@@ -49,6 +50,8 @@ pub enum Verb {
     Logs(LogsArgs),
     /// Stop VMs' vCPUs
     Pause(VmList),
+    /// Change a running VM's rate limits (--disk-limit, --net-rx-limit, --net-tx-limit)
+    Update(UpdateArgs),
     /// Restart paused VMs' vCPUs
     Resume(VmList),
     /// Lifecycle events as they happen
@@ -80,6 +83,7 @@ impl Verb {
                 | "exec"
                 | "logs"
                 | "pause"
+                | "update"
                 | "resume"
                 | "events"
                 | "snapshot"
@@ -113,12 +117,32 @@ pub struct CreateArgs {
     /// Attach a raw disk image (repeatable)
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<String>,
-    /// Give the guest an IPv4 link to the host over a tap
+    /// Give the guest an IPv4 link to the host over a tap, with NAT and DNS
+    /// (docs/networking.md)
     #[arg(long)]
     pub net: bool,
     /// The guest's MAC address
     #[arg(long, value_name = "M")]
     pub mac: Option<String>,
+    /// With --net: publish guest port GUESTPORT on the host's HOSTPORT (all of the host's
+    /// addresses, or HOSTIP only); repeatable
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]"
+    )]
+    pub publish: Vec<husk_host::firewall::PortMapping>,
+    /// With --net: let the guest reach only these networks (repeatable; allow-list mode)
+    #[arg(long = "egress-allow", value_name = "CIDR")]
+    pub egress_allow: Vec<husk_host::firewall::Cidr>,
+    /// With --net: never let the guest reach these networks (repeatable; wins over
+    /// --egress-allow)
+    #[arg(long = "egress-deny", value_name = "CIDR")]
+    pub egress_deny: Vec<husk_host::firewall::Cidr>,
+    /// With --net: let the guest connect to any port of the link's host end (without it only
+    /// ping answers there)
+    #[arg(long = "host-access")]
+    pub host_access: bool,
     /// vCPUs [default: huskd's]
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub cpus: u32,
@@ -161,6 +185,8 @@ pub struct CreateArgs {
     /// Host limit on the VMM's processes and threads [default: huskd's]
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub pids_limit: u32,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Start the VM at once
     #[arg(long)]
     pub start: bool,

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use husk_proto::v1::{event, network, Event, Vm, VmSpec, VmState, VmStatus};
+use husk_proto::v1::{event, network, port_mapping, Event, Vm, VmSpec, VmState, VmStatus};
 use serde::Serialize;
 
 pub fn state_name(state: i32) -> &'static str {
@@ -79,7 +79,12 @@ pub fn vm_table(vms: &[Vm]) -> String {
                 if status.guest_ip.is_empty() {
                     "-".into()
                 } else {
-                    status.guest_ip
+                    status.guest_ip.clone()
+                },
+                if status.published_ports.is_empty() {
+                    "-".into()
+                } else {
+                    published(&status).join(",")
                 },
                 if spec.command.is_empty() {
                     "(sandbox)".into()
@@ -90,9 +95,31 @@ pub fn vm_table(vms: &[Vm]) -> String {
         })
         .collect();
     table(
-        &["ID", "NAME", "STATE", "CPUS", "MEMORY", "IP", "COMMAND"],
+        &[
+            "ID", "NAME", "STATE", "CPUS", "MEMORY", "IP", "PORTS", "COMMAND",
+        ],
         &rows,
     )
+}
+
+/// The published ports of a VM as docker prints them: `[HOSTIP:]HOSTPORT->GUESTPORT/PROTO`.
+fn published(status: &VmStatus) -> Vec<String> {
+    status
+        .published_ports
+        .iter()
+        .map(|p| {
+            let ip = if p.host_ip.is_empty() {
+                String::new()
+            } else {
+                format!("{}:", p.host_ip)
+            };
+            let proto = match port_mapping::Protocol::try_from(p.protocol) {
+                Ok(port_mapping::Protocol::Udp) => "udp",
+                _ => "tcp",
+            };
+            format!("{ip}{}->{}/{proto}", p.host_port, p.guest_port)
+        })
+        .collect()
 }
 
 /// One VM as `--json` prints it: stable field names, as in husk.proto; enums as names.
@@ -141,6 +168,12 @@ struct StatusJson<'a> {
     vsock_cid: u32,
     console_log: &'a str,
     agent_ready: bool,
+    /// `[HOSTIP:]HOSTPORT->GUESTPORT/PROTO`, as `husk ps` prints them.
+    published_ports: Vec<String>,
+    egress_allow: &'a [String],
+    egress_deny: &'a [String],
+    host_access: bool,
+    dns: bool,
 }
 
 impl<'a> VmJson<'a> {
@@ -193,6 +226,11 @@ impl<'a> VmJson<'a> {
                 vsock_cid: status.vsock_cid,
                 console_log: &status.console_log,
                 agent_ready: status.agent_ready,
+                published_ports: published(status),
+                egress_allow: status.egress.as_ref().map_or(&[], |e| &e.allow),
+                egress_deny: status.egress.as_ref().map_or(&[], |e| &e.deny),
+                host_access: status.egress.as_ref().is_some_and(|e| e.host_access),
+                dns: status.dns,
             },
         }
     }
@@ -305,6 +343,29 @@ pub fn vm_details(vm: &Vm) -> String {
                 status.tap, status.host_ip, status.guest_ip
             ),
         ));
+        rows.push((
+            "dns",
+            if status.dns {
+                "through the host"
+            } else {
+                "none"
+            }
+            .into(),
+        ));
+    }
+    for p in published(&status) {
+        rows.push(("published", p));
+    }
+    if let Some(e) = &status.egress {
+        for c in &e.deny {
+            rows.push(("egress deny", c.clone()));
+        }
+        for c in &e.allow {
+            rows.push(("egress allow", c.clone()));
+        }
+        if e.host_access {
+            rows.push(("host access", "any port of the link's host end".into()));
+        }
     }
     rows.push(("vsock cid", status.vsock_cid.to_string()));
     rows.push(("agent ready", status.agent_ready.to_string()));
@@ -358,10 +419,12 @@ mod tests {
                 disks: vec![Disk {
                     path: "/d.img".into(),
                     read_only: true,
+                    rate_limit: None,
                 }],
                 network: Some(Network {
                     mode: network::Mode::Tap as i32,
                     mac: String::new(),
+                    ..Default::default()
                 }),
                 env: [("B".to_string(), "2".to_string()), ("A".into(), "1".into())].into(),
                 labels: [("tier".to_string(), "front".to_string())].into(),
@@ -392,7 +455,9 @@ mod tests {
             "status": {"vmm_pid": 42, "exit_code": 3, "failure_reason": "",
                        "created_unix_ms": 0, "started_unix_ms": 0, "stopped_unix_ms": 0,
                        "tap": "", "host_ip": "", "guest_ip": "", "vsock_cid": 0,
-                       "console_log": "", "agent_ready": true}
+                       "console_log": "", "agent_ready": true, "published_ports": [],
+                       "egress_allow": [], "egress_deny": [], "host_access": false,
+                       "dns": false}
         });
         assert_eq!(parsed, expected);
         // The layout scripts and tests grep for: `"key": value`, fields in proto order.
@@ -414,6 +479,54 @@ mod tests {
         assert!(
             row.contains("stopped (3)") && row.contains("sh -c exit 3"),
             "{row}"
+        );
+    }
+
+    #[test]
+    fn published_ports_and_the_egress_policy_show_in_ps_and_inspect() {
+        let mut vm = stopped_vm();
+        let status = vm.status.as_mut().unwrap();
+        status.tap = "husk0".into();
+        status.dns = true;
+        status.published_ports = vec![
+            husk_proto::v1::PortMapping {
+                host_ip: String::new(),
+                host_port: 8080,
+                guest_port: 80,
+                protocol: port_mapping::Protocol::Tcp as i32,
+            },
+            husk_proto::v1::PortMapping {
+                host_ip: "127.0.0.1".into(),
+                host_port: 5353,
+                guest_port: 53,
+                protocol: port_mapping::Protocol::Udp as i32,
+            },
+        ];
+        status.egress = Some(husk_proto::v1::Egress {
+            allow: vec!["10.0.0.0/8".into()],
+            deny: vec!["10.9.0.0/16".into()],
+            host_access: true,
+        });
+        let row = vm_table(std::slice::from_ref(&vm));
+        assert!(row.contains(" PORTS "), "{row}");
+        assert!(row.contains("8080->80/tcp,127.0.0.1:5353->53/udp"), "{row}");
+        let parsed: Value = serde_json::from_str(&vm_json(&vm)).unwrap();
+        assert_eq!(
+            parsed["status"]["published_ports"],
+            json!(["8080->80/tcp", "127.0.0.1:5353->53/udp"])
+        );
+        assert_eq!(parsed["status"]["egress_allow"], json!(["10.0.0.0/8"]));
+        assert_eq!(parsed["status"]["egress_deny"], json!(["10.9.0.0/16"]));
+        assert_eq!(parsed["status"]["host_access"], json!(true));
+        assert_eq!(parsed["status"]["dns"], json!(true));
+        let details = vm_details(&vm);
+        assert!(details.contains("published    8080->80/tcp\n"), "{details}");
+        assert!(details.contains("egress deny  10.9.0.0/16\n"), "{details}");
+        assert!(details.contains("egress allow 10.0.0.0/8\n"), "{details}");
+        assert!(details.contains("host access  any port"), "{details}");
+        assert!(
+            details.contains("dns          through the host\n"),
+            "{details}"
         );
     }
 

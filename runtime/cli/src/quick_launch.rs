@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use husk_init::spec::{BootSpec, SpecError, PARAM};
 
 use crate::run_args::RunArgs;
+use husk_host::firewall::{self, FirewallError};
 use husk_host::jail::{self, JailConfig, JailError, JailSpec};
 use husk_host::net::{NetError, VmLink};
 use husk_host::paths::{husk_home, require_file, vmm_binary, FileError, LookupError};
@@ -32,6 +33,8 @@ pub enum RunError {
     Jail(#[from] JailError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error("--disk {value}: {reason}")]
@@ -118,12 +121,21 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     } else {
         None
     };
+    // The link's firewall: NAT, DNS, published ports, egress policy (removed when the VM ends,
+    // or by the next garbage collection when husk itself is killed).
+    let dns = match &link {
+        Some(link) => Some(install_firewall(args, link)?),
+        None => None,
+    };
     let mut cmdline = vec![String::from("quiet")];
     if args.rootfs.is_some() {
         cmdline.push("husk.root=/dev/vda".into());
     }
     if let Some(link) = &link {
         cmdline.push(link.kernel_param());
+        if dns == Some(true) {
+            cmdline.push(firewall::dns_kernel_param(link.host_ip));
+        }
         spec.env
             .push(format!("HUSK_HOST_IP={}", link.host_ip).into_bytes());
         spec.env
@@ -198,12 +210,35 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     drop(disk_files);
     drop(cmdline_fd);
     let result = spawned.and_then(|child| wait(child, &vmm));
+    if dns.is_some() {
+        // The tap went with the VMM: its rules are garbage now. Collected rather than removed
+        // by name, since the name may already be a newer VM's.
+        if let Err(e) = firewall::collect_garbage() {
+            eprintln!("husk: warning: removing the VM's firewall rules: {e}");
+        }
+    }
     if let Some(j) = &jail_config {
         if let Err(e) = jail::cleanup(&j.jailer, &jail_id) {
             eprintln!("husk: warning: cleaning up jail {jail_id}: {e}");
         }
     }
     result
+}
+
+/// Applies the firewall of `link`; whether the guest gets DNS through the host.
+fn install_firewall(args: &RunArgs, link: &VmLink) -> Result<bool, RunError> {
+    let upstream = firewall::resolv::upstream();
+    if upstream.is_none() {
+        eprintln!(
+            "husk: warning: the host has no usable IPv4 nameserver in {} or {} (only loopback \
+             ones): the guest gets no DNS, addresses still work",
+            firewall::resolv::RESOLV_CONF,
+            firewall::resolv::RESOLVED_UPSTREAM
+        );
+    }
+    let rules = firewall::VmRules::new(link, &args.network_policy(), upstream);
+    firewall::apply(&rules)?;
+    Ok(upstream.is_some())
 }
 
 /// What `husk run` resolved or opened for husk-vmm.
@@ -229,6 +264,9 @@ fn vmm_args(args: &RunArgs, files: VmmFiles, link: Option<&VmLink>) -> VmmArgs {
         net: link.map(VmLink::net_config),
         vsock: files.vsock.map(|uds_path| VsockConfig { cid: 3, uds_path }),
         report_boot_time: args.report_boot_time,
+        disk_limits: args.disk_limits.clone(),
+        net_rx_limit: link.and(args.net_rx_limit),
+        net_tx_limit: link.and(args.net_tx_limit),
         ..VmmArgs::default()
     }
 }

@@ -7,9 +7,10 @@ use std::io::Write;
 
 use husk_proto::v1::husk_client::HuskClient;
 use husk_proto::v1::{
-    exec_request, exec_response, network, CreateVmRequest, DeleteVmRequest, Disk, ExecRequest,
-    ExecStart, GetVmRequest, Limits, ListVmsRequest, Network, PauseVmRequest, ResumeVmRequest,
-    StartVmRequest, StopVmRequest, StreamConsoleRequest, VmSpec, WatchEventsRequest, WindowSize,
+    exec_request, exec_response, network, port_mapping, CreateVmRequest, DeleteVmRequest, Disk,
+    Egress, ExecRequest, ExecStart, GetVmRequest, Limits, ListVmsRequest, Network, PauseVmRequest,
+    PortMapping, ResumeVmRequest, StartVmRequest, StopVmRequest, StreamConsoleRequest, VmSpec,
+    WatchEventsRequest, WindowSize,
 };
 use tokio::io::AsyncReadExt;
 use tokio_stream::StreamExt;
@@ -44,6 +45,9 @@ pub enum RemoteError {
     },
     #[error("exec: the stream ended without an exit status")]
     NoExitStatus,
+    /// A flag that cannot be sent as given.
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Connects to huskd.
@@ -94,6 +98,7 @@ pub fn run_verb(host: &str, verb: &Verb) -> Result<i32, RemoteError> {
                 })
                 .await
             }
+            Verb::Update(args) => crate::rate_limit_cmd::update(&mut client, args).await,
             Verb::Events(args) => events(&mut client, args).await,
             Verb::Snapshot(args) => crate::snapshot_cmd::snapshot(&mut client, args).await,
             Verb::Restore(args) => crate::snapshot_cmd::restore(&mut client, args).await,
@@ -129,11 +134,26 @@ pub fn disk_arg(value: &str) -> Disk {
         Some(path) => Disk {
             path: absolute(path),
             read_only: true,
+            rate_limit: None,
         },
         None => Disk {
             path: absolute(value),
             read_only: false,
+            rate_limit: None,
         },
+    }
+}
+
+/// A published port as the API carries it (huskd checks it again).
+fn port_mapping(p: &husk_host::firewall::PortMapping) -> PortMapping {
+    PortMapping {
+        host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        host_port: u32::from(p.host_port),
+        guest_port: u32::from(p.guest_port),
+        protocol: match p.protocol {
+            husk_host::firewall::Protocol::Tcp => port_mapping::Protocol::Tcp,
+            husk_host::firewall::Protocol::Udp => port_mapping::Protocol::Udp,
+        } as i32,
     }
 }
 
@@ -152,6 +172,16 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
                 network::Mode::None
             } as i32,
             mac: args.mac.clone().unwrap_or_default(),
+            ports: args.publish.iter().map(port_mapping).collect(),
+            egress: (!args.egress_allow.is_empty()
+                || !args.egress_deny.is_empty()
+                || args.host_access)
+                .then(|| Egress {
+                    allow: args.egress_allow.iter().map(ToString::to_string).collect(),
+                    deny: args.egress_deny.iter().map(ToString::to_string).collect(),
+                    host_access: args.host_access,
+                }),
+            ..Default::default()
         }),
         // Range checks are the daemon's: it answers INVALID_ARGUMENT with the limits.
         vcpus: args.cpus,
@@ -173,7 +203,8 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
 }
 
 async fn create(client: &mut HuskClient<Channel>, args: &CreateArgs) -> Result<i32, RemoteError> {
-    let (spec, start) = create_spec(args);
+    let (mut spec, start) = create_spec(args);
+    crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits).map_err(RemoteError::Usage)?;
     let vm = client
         .create_vm(CreateVmRequest {
             spec: Some(spec),
@@ -424,7 +455,8 @@ mod tests {
             spec.disks,
             vec![Disk {
                 path: "/d.img".into(),
-                read_only: true
+                read_only: true,
+                rate_limit: None,
             }]
         );
         assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));
@@ -448,6 +480,46 @@ mod tests {
             stray.contains("'stray'") && stray.contains("[-- <CMD>...]"),
             "{stray}"
         );
+    }
+
+    #[test]
+    fn published_ports_and_the_egress_policy_reach_the_spec() {
+        let (spec, _) = create_spec_of(&[
+            "--net",
+            "-p",
+            "8080:80",
+            "--publish",
+            "127.0.0.1:5353:53/udp",
+            "--egress-allow",
+            "10.1.2.3/8",
+            "--egress-deny",
+            "10.9.9.9",
+        ])
+        .unwrap();
+        let network = spec.network.unwrap();
+        assert_eq!(
+            network.ports,
+            [
+                PortMapping {
+                    host_ip: String::new(),
+                    host_port: 8080,
+                    guest_port: 80,
+                    protocol: port_mapping::Protocol::Tcp as i32,
+                },
+                PortMapping {
+                    host_ip: "127.0.0.1".into(),
+                    host_port: 5353,
+                    guest_port: 53,
+                    protocol: port_mapping::Protocol::Udp as i32,
+                },
+            ]
+        );
+        let egress = network.egress.unwrap();
+        assert_eq!(egress.allow, ["10.0.0.0/8"]);
+        assert_eq!(egress.deny, ["10.9.9.9/32"]);
+        assert!(create_spec_of(&["--net", "-p", "80"]).is_err());
+        let (plain, _) = create_spec_of(&["--net"]).unwrap();
+        assert_eq!(plain.network.unwrap().egress, None);
     }
 
     #[test]

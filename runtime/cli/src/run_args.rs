@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use husk_host::firewall::{Cidr, EgressPolicy, NetworkPolicy, PolicyError, PortMapping};
+use husk_host::vmm_args::{DiskLimit, RateLimit};
+
 /// Boot a micro-VM, run CMD in it, stream its output and exit with its exit code.
 ///
 /// Everything after `--` (or from the first argument that is not an option on) is CMD and its
@@ -21,10 +24,42 @@ pub struct RunArgs {
     /// Attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<String>,
-    /// Give the guest an IPv4 link to the host over a tap (needs root); CMD sees HUSK_HOST_IP
-    /// and HUSK_GUEST_IP
+    /// Give the guest an IPv4 link to the host over a tap (needs root and nftables), with NAT
+    /// to the host's uplinks and DNS through the host's resolver (docs/networking.md); CMD sees
+    /// HUSK_HOST_IP and HUSK_GUEST_IP
     #[arg(long)]
     pub net: bool,
+    /// With --net: publish guest port GUESTPORT on the host's HOSTPORT (all of the host's
+    /// addresses, or HOSTIP only); repeatable
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp]"
+    )]
+    pub publish: Vec<PortMapping>,
+    /// With --net: let the guest reach only these networks (repeatable; allow-list mode; also
+    /// opens the host's own addresses and 169.254.0.0/16, denied by default)
+    #[arg(long = "egress-allow", value_name = "CIDR")]
+    pub egress_allow: Vec<Cidr>,
+    /// With --net: never let the guest reach these networks (repeatable; wins over
+    /// --egress-allow)
+    #[arg(long = "egress-deny", value_name = "CIDR")]
+    pub egress_deny: Vec<Cidr>,
+    /// With --net: let the guest connect to any port of the link's host end ($HUSK_HOST_IP);
+    /// without it only ping answers there
+    #[arg(long = "host-access")]
+    pub host_access: bool,
+    /// Rate limit of a disk: bw=RATE[:BURST] (bytes/s) and/or ops=RATE[:BURST] (requests/s),
+    /// comma-separated; K, M, G (powers of 1024); a burst of 0 or none is one second's worth.
+    /// N: the disk (0 = --rootfs if given, else the first --disk; 0 when left out); repeatable
+    #[arg(long = "disk-limit", value_name = "[N:]LIMIT")]
+    pub disk_limits: Vec<DiskLimit>,
+    /// With --net: rate limit of the frames the guest receives (LIMIT as for --disk-limit)
+    #[arg(long = "net-rx-limit", value_name = "LIMIT")]
+    pub net_rx_limit: Option<RateLimit>,
+    /// With --net: rate limit of the frames the guest sends (LIMIT as for --disk-limit)
+    #[arg(long = "net-tx-limit", value_name = "LIMIT")]
+    pub net_tx_limit: Option<RateLimit>,
     /// virtio-vsock, guest CID 3; host side on the Unix socket PATH (a client writes
     /// CONNECT <port> to reach a guest port; the guest's connections to host port P go to
     /// PATH_P)
@@ -75,6 +110,12 @@ pub enum RunArgsError {
     Env(String),
     #[error("--cgroup {0:?} is not FILE=VALUE")]
     Cgroup(String),
+    #[error("{0} needs --net")]
+    NeedsNet(&'static str),
+    #[error("--publish: {0}")]
+    Publish(PolicyError),
+    #[error("--disk-limit {0}: there is no such disk ({1} given with --rootfs and --disk)")]
+    NoSuchDisk(u32, usize),
 }
 
 impl RunArgs {
@@ -100,7 +141,40 @@ impl RunArgs {
         if let Some(bad) = self.cgroup.iter().find(|c| !c.contains('=')) {
             return Err(RunArgsError::Cgroup(bad.clone()));
         }
+        if !self.net {
+            for (flag, given) in [
+                ("--publish", !self.publish.is_empty()),
+                ("--egress-allow", !self.egress_allow.is_empty()),
+                ("--egress-deny", !self.egress_deny.is_empty()),
+                ("--host-access", self.host_access),
+                ("--net-rx-limit", self.net_rx_limit.is_some()),
+                ("--net-tx-limit", self.net_tx_limit.is_some()),
+            ] {
+                if given {
+                    return Err(RunArgsError::NeedsNet(flag));
+                }
+            }
+        }
+        let disks = self.disks.len() + usize::from(self.rootfs.is_some());
+        if let Some(bad) = self.disk_limits.iter().find(|l| l.disk as usize >= disks) {
+            return Err(RunArgsError::NoSuchDisk(bad.disk, disks));
+        }
+        self.network_policy()
+            .check()
+            .map_err(RunArgsError::Publish)?;
         Ok(())
+    }
+
+    /// The published ports and egress policy of `--net`.
+    pub fn network_policy(&self) -> NetworkPolicy {
+        NetworkPolicy {
+            published: self.publish.clone(),
+            egress: EgressPolicy {
+                allow: self.egress_allow.clone(),
+                deny: self.egress_deny.clone(),
+                host_access: self.host_access,
+            },
+        }
     }
 }
 
@@ -211,6 +285,34 @@ mod tests {
     }
 
     #[test]
+    fn published_ports_and_egress_cidrs_are_repeatable_and_parsed() {
+        let a = parse(&[
+            "--net",
+            "-p",
+            "8080:80",
+            "--publish=127.0.0.1:5353:53/udp",
+            "--egress-allow",
+            "10.0.0.0/8",
+            "--egress-allow=192.0.2.1",
+            "--egress-deny",
+            "10.9.0.0/16",
+            "true",
+        ])
+        .unwrap();
+        let policy = a.network_policy();
+        let ports: Vec<String> = policy.published.iter().map(ToString::to_string).collect();
+        assert_eq!(ports, ["8080:80/tcp", "127.0.0.1:5353:53/udp"]);
+        let allow: Vec<String> = policy
+            .egress
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(allow, ["10.0.0.0/8", "192.0.2.1/32"]);
+        assert_eq!(policy.egress.deny[0].to_string(), "10.9.0.0/16");
+    }
+
+    #[test]
     fn refuses_bad_values_with_a_precise_message() {
         assert!(refusal(&["--",]).contains("no command"));
         assert!(refusal(&[]).contains("no command"));
@@ -236,7 +338,57 @@ mod tests {
             clap_error(&["--frobnicate", "true"]),
             ErrorKind::UnknownArgument
         );
+        assert!(refusal(&["-p", "8080:80", "true"]).contains("--publish needs --net"));
+        assert!(refusal(&["--egress-deny", "10.0.0.0/8", "true"]).contains("needs --net"));
+        let twice = refusal(&["--net", "-p", "80:80", "--publish=80:81", "true"]);
+        assert!(
+            twice.contains("host port 80/tcp is published twice"),
+            "{twice}"
+        );
+        let port = refusal(&["--net", "-p", "0:80", "true"]);
+        assert!(port.contains("\"0\" is not a port"), "{port}");
+        assert_eq!(
+            clap_error(&["--net", "-p", "x", "true"]),
+            ErrorKind::ValueValidation
+        );
+        let cidr = refusal(&["--net", "--egress-allow", "10.0.0.0/40", "true"]);
+        assert!(cidr.contains("expected an IPv4 address"), "{cidr}");
         assert!(refusal(&["--kernel"]).contains("--kernel"));
         assert_eq!(clap_error(&["--kernel"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn rate_limits_parse_and_need_their_device() {
+        let a = parse(&[
+            "--rootfs",
+            "/r.ext4",
+            "--disk",
+            "/d.img",
+            "--disk-limit",
+            "bw=10M",
+            "--disk-limit=1:ops=100:200",
+            "--net",
+            "--net-rx-limit",
+            "bw=1G:2G,ops=10k",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(a.disk_limits.len(), 2);
+        assert_eq!(a.disk_limits[0].disk, 0);
+        assert_eq!(a.disk_limits[0].limit.bandwidth.unwrap().rate, 10 << 20);
+        assert_eq!(a.disk_limits[1].limit.ops.unwrap().burst, 200);
+        assert_eq!(a.net_rx_limit.unwrap().ops.unwrap().rate, 10 << 10);
+        assert!(
+            refusal(&["--net-tx-limit", "bw=1M", "true"]).contains("--net-tx-limit needs --net")
+        );
+        let no_disk = refusal(&["--disk", "/d", "--disk-limit", "1:bw=1M", "true"]);
+        assert!(
+            no_disk.contains("--disk-limit 1: there is no such disk"),
+            "{no_disk}"
+        );
+        assert_eq!(
+            clap_error(&["--disk-limit", "bw=0", "true"]),
+            ErrorKind::ValueValidation
+        );
     }
 }

@@ -186,7 +186,8 @@ mod tests {
             r.disks,
             vec![Disk {
                 path: "/d/a.img".into(),
-                read_only: true
+                read_only: true,
+                rate_limit: None,
             }]
         );
         assert!(r.start_paused);

@@ -1,6 +1,7 @@
 //! husk's device models. They see guest memory and their backends, nothing else: the VMM wires
 //! them to its MMIO bus, to KVM interrupts and to its event loop.
 pub mod host_files;
+pub mod rate_limiter;
 pub mod ratelimit;
 pub mod virtio;
 

@@ -108,6 +108,24 @@ fn addresses(index: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((host, guest))
 }
 
+/// Whether a network interface named `name` exists in this thread's network namespace (taps
+/// vanish with their VMM: the firewall's garbage collection asks this).
+pub fn link_exists(name: &str) -> bool {
+    let Ok(sock) = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    ) else {
+        // Without a socket nothing can be known: keep the rules rather than drop a live VM's.
+        return true;
+    };
+    match if_ioctl::<{ libc::SIOCGIFFLAGS as Opcode }>(&sock, IfReq::new(name)) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() != Some(libc::ENODEV),
+    }
+}
+
 fn configure_host_side(name: &str, ip: Ipv4Addr) -> io::Result<()> {
     // A datagram socket used only for interface ioctls; closed when `sock` drops.
     let sock = rustix::net::socket_with(
@@ -200,6 +218,12 @@ mod tests {
         );
         flagged.set_flags(0x41);
         assert_eq!(flagged.flags(), 0x41);
+    }
+
+    #[test]
+    fn the_loopback_interface_exists_and_a_made_up_one_does_not() {
+        assert!(link_exists("lo"));
+        assert!(!link_exists("husk-nosuch0"));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! spelt one way on one side and another way on the other.
 //!
 //! [`VmmArgs::to_args`] writes the argv; [`VmmArgs::parse`] reads it back. The device values
-//! (`--disk`, `--net`, `--vsock`, `--console`) are types of their own with `FromStr` and
-//! `Display` that are each other's inverse.
+//! (`--disk`, `--net`, `--vsock`, `--console`, the rate limits) are types of their own with
+//! `FromStr` and `Display` that are each other's inverse.
 //!
 //! The parser is written by hand rather than with clap: husk-vmm is started once per VM and
 //! clap measured at about 2 ms of start-up and 0.6 MiB of RSS there (docs/benchmarks.md).
@@ -46,6 +46,10 @@ pub enum ValueError {
     EmptyPath,
     #[error("not valid UTF-8")]
     NotUtf8,
+    #[error("'{0}': use bw=RATE[:BURST] and/or ops=RATE[:BURST] (K, M, G suffixes), or none")]
+    RateLimit(String),
+    #[error("a rate must be above zero")]
+    ZeroRate,
 }
 
 /// Where the guest's serial console goes.
@@ -185,6 +189,125 @@ impl fmt::Display for NetConfig {
             TapSource::Fd(fd, name) => write!(f, "fd={fd},name={name}")?,
         }
         write!(f, ",mac={}", format_mac(&self.mac))
+    }
+}
+
+/// One token bucket of a rate limiter: `RATE[:BURST]` per second, with K, M or G (powers of
+/// 1024) allowed after each number. A burst of 0 (or none given) is one second's worth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub rate: u64,
+    pub burst: u64,
+}
+
+/// A count with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, ValueError> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = number(digits)?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| ValueError::Number(text.into()))
+}
+
+impl FromStr for Bucket {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        let (rate, burst) = match value.split_once(':') {
+            Some((rate, burst)) => (parse_size(rate)?, parse_size(burst)?),
+            None => (parse_size(value)?, 0),
+        };
+        if rate == 0 {
+            return Err(ValueError::ZeroRate);
+        }
+        Ok(Self { rate, burst })
+    }
+}
+
+impl fmt::Display for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.rate)?;
+        if self.burst != 0 {
+            write!(f, ":{}", self.burst)?;
+        }
+        Ok(())
+    }
+}
+
+/// A queue's rate limit: `bw=RATE[:BURST]` (bytes) and/or `ops=RATE[:BURST]` (requests or
+/// frames), comma-separated; `none` is no limit (to lift one at run time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub bandwidth: Option<Bucket>,
+    pub ops: Option<Bucket>,
+}
+
+impl RateLimit {
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none() && self.ops.is_none()
+    }
+}
+
+impl FromStr for RateLimit {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        if value == "none" {
+            return Ok(Self::default());
+        }
+        let refused = || ValueError::RateLimit(value.into());
+        let mut limit = Self::default();
+        for (k, v) in pairs(value).map_err(|_| refused())? {
+            let slot = match k {
+                "bw" => &mut limit.bandwidth,
+                "ops" => &mut limit.ops,
+                _ => return Err(ValueError::UnknownKey(k.into())),
+            };
+            *slot = Some(v.parse()?);
+        }
+        Ok(limit)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.bandwidth, &self.ops) {
+            (None, None) => f.write_str("none"),
+            (Some(bw), None) => write!(f, "bw={bw}"),
+            (None, Some(ops)) => write!(f, "ops={ops}"),
+            (Some(bw), Some(ops)) => write!(f, "bw={bw},ops={ops}"),
+        }
+    }
+}
+
+/// `--disk-limit [N:]LIMIT`: the rate limit of disk N (0, the first `--disk`, when left out).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskLimit {
+    pub disk: u32,
+    pub limit: RateLimit,
+}
+
+impl FromStr for DiskLimit {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        let (disk, limit) = match value.split_once(':') {
+            Some((n, rest)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                (number(n)?, rest)
+            }
+            _ => (0, value),
+        };
+        Ok(Self {
+            disk,
+            limit: limit.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for DiskLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.disk, self.limit)
     }
 }
 
@@ -348,6 +471,9 @@ const FLAGS: &[Flag] = &[
     flag_def("--disk", true, false),
     flag_def("--net", true, false),
     flag_def("--vsock", true, false),
+    flag_def("--disk-limit", true, false),
+    flag_def("--net-rx-limit", true, false),
+    flag_def("--net-tx-limit", true, false),
     flag_def("--no-rng", false, true),
     flag_def("--api-sock", true, false),
     flag_def("--exit-report", true, false),
@@ -497,12 +623,20 @@ pub struct VmmArgs {
     /// virtio-vsock with guest CID N (>= 3); host side on the Unix socket PATH (CONNECT <port>
     /// for guest ports; PATH_<port> for guest-initiated)
     pub vsock: Option<VsockConfig>,
+    /// Rate limit of a disk: [N:]bw=RATE[:BURST],ops=RATE[:BURST] (N: the disk's position among
+    /// the --disk flags, 0 when left out; K, M, G suffixes; a burst of 0 is one second's
+    /// worth; repeatable)
+    pub disk_limits: Vec<DiskLimit>,
+    /// Rate limit of the frames the guest receives (bw=...,ops=..., as --disk-limit)
+    pub net_rx_limit: Option<RateLimit>,
+    /// Rate limit of the frames the guest sends (bw=...,ops=..., as --disk-limit)
+    pub net_tx_limit: Option<RateLimit>,
     /// No virtio-rng device (on by default)
     pub no_rng: bool,
     /// Serve the control socket at PATH (protocol husk.vmm.v1: describe, pause, resume, stop,
-    /// snapshot; 4-byte big-endian length + protobuf message each way). Mode 0600; a stale
-    /// socket at PATH is replaced, anything else there is refused; PATH is removed when
-    /// husk-vmm exits
+    /// snapshot, set_rate_limits; 4-byte big-endian length + protobuf message each way). Mode
+    /// 0600; a stale socket at PATH is replaced, anything else there is refused; PATH is removed
+    /// when husk-vmm exits
     pub api_sock: Option<PathBuf>,
     /// When husk-vmm exits after starting (guest exit or reset, signal, stop request, error),
     /// write a husk.vmm.v1.ExitReport (plain protobuf bytes, not framed) to PATH.tmp and rename
@@ -567,6 +701,15 @@ impl VmmArgs {
         }
         if let Some(vsock) = &self.vsock {
             flag(&mut a, "--vsock", vsock.to_string());
+        }
+        for limit in &self.disk_limits {
+            flag(&mut a, "--disk-limit", limit.to_string());
+        }
+        if let Some(limit) = &self.net_rx_limit {
+            flag(&mut a, "--net-rx-limit", limit.to_string());
+        }
+        if let Some(limit) = &self.net_tx_limit {
+            flag(&mut a, "--net-tx-limit", limit.to_string());
         }
         if let Some(console) = &self.console {
             flag(&mut a, "--console", console.to_string());
@@ -660,6 +803,9 @@ impl VmmArgs {
                 "--disk" => out.disks.push(typed(flag, value)?),
                 "--net" => out.net = Some(typed(flag, value)?),
                 "--vsock" => out.vsock = Some(typed(flag, value)?),
+                "--disk-limit" => out.disk_limits.push(typed(flag, value)?),
+                "--net-rx-limit" => out.net_rx_limit = Some(typed(flag, value)?),
+                "--net-tx-limit" => out.net_tx_limit = Some(typed(flag, value)?),
                 "--no-rng" => out.no_rng = true,
                 "--api-sock" => out.api_sock = Some(non_empty(flag, value)?),
                 "--exit-report" => out.exit_report = Some(non_empty(flag, value)?),
@@ -748,6 +894,12 @@ mod tests {
                 cid: 3,
                 uds_path: "/run/v.sock".into(),
             }),
+            disk_limits: vec![
+                "bw=10M:20M,ops=1000".parse().unwrap(),
+                "1:ops=50:100".parse().unwrap(),
+            ],
+            net_rx_limit: Some("bw=1G".parse().unwrap()),
+            net_tx_limit: Some("none".parse().unwrap()),
             no_rng: true,
             api_sock: Some("/run/a.sock".into()),
             exit_report: Some("/run/exit".into()),
@@ -1067,5 +1219,63 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn rate_limits_read_sizes_bursts_and_disk_numbers() {
+        let l: DiskLimit = "2:bw=10M:20M,ops=1k".parse().unwrap();
+        assert_eq!(l.disk, 2);
+        assert_eq!(
+            l.limit.bandwidth,
+            Some(Bucket {
+                rate: 10 << 20,
+                burst: 20 << 20
+            })
+        );
+        assert_eq!(
+            l.limit.ops,
+            Some(Bucket {
+                rate: 1024,
+                burst: 0
+            })
+        );
+        assert_eq!(l.to_string(), "2:bw=10485760:20971520,ops=1024");
+        let first: DiskLimit = "bw=1M".parse().unwrap();
+        assert_eq!(first.disk, 0);
+        assert!("none".parse::<RateLimit>().unwrap().is_unlimited());
+        assert_eq!(RateLimit::default().to_string(), "none");
+    }
+
+    #[test]
+    fn bad_rate_limits_are_refused() {
+        for bad in [
+            "bw=0",
+            "bw=",
+            "bw=10X",
+            "speed=1",
+            "bw",
+            "bw=1:2:3",
+            "bw=99999999999G",
+            "",
+            "x:bw=1",
+        ] {
+            assert!(bad.parse::<DiskLimit>().is_err(), "{bad} was accepted");
+        }
+        assert!(parse(&["--kernel", "/k", "--net-rx-limit", "ops=0"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--disk-limit", "bw=1M"]).is_ok());
+    }
+
+    #[test]
+    fn rate_limits_are_allowed_with_a_restore() {
+        let args = parse(&[
+            "--restore-state",
+            "/s",
+            "--restore-mem",
+            "/m",
+            "--net-tx-limit",
+            "bw=1M",
+        ])
+        .unwrap();
+        assert_eq!(args.net_tx_limit.unwrap().bandwidth.unwrap().rate, 1 << 20);
     }
 }

@@ -11,6 +11,7 @@ mod vmm_process;
 mod wire;
 
 // Request validation lives in the library (fuzzed there); `crate::validate` stays its name.
+use huskd::rate_limits;
 use huskd::validate;
 
 use std::net::SocketAddr;

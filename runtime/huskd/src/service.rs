@@ -10,7 +10,8 @@ use husk_proto::v1::{
     exec_request, exec_response, ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse,
     Event, ExecExit, ExecRequest, ExecResponse, GetVmRequest, ListVmsRequest, ListVmsResponse,
     PauseVmRequest, RestoreVmRequest, ResumeVmRequest, SnapshotVmRequest, SnapshotVmResponse,
-    StartVmRequest, StopVmRequest, StreamConsoleRequest, Vm, WatchEventsRequest,
+    StartVmRequest, StopVmRequest, StreamConsoleRequest, UpdateRateLimitsRequest, Vm,
+    WatchEventsRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -98,6 +99,17 @@ impl Husk for HuskService {
     async fn resume_vm(&self, request: Request<ResumeVmRequest>) -> Result<Response<Vm>, Status> {
         let entry = self.daemon.resolve(&request.into_inner().vm)?;
         Ok(Response::new(self.daemon.set_paused(&entry, false).await?))
+    }
+
+    async fn update_rate_limits(
+        &self,
+        request: Request<UpdateRateLimitsRequest>,
+    ) -> Result<Response<Vm>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.update_rate_limits(&entry, &request).await?,
+        ))
     }
 
     async fn snapshot_vm(

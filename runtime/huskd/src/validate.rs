@@ -4,8 +4,12 @@
 
 use std::path::Path;
 
+use husk_host::firewall::{Cidr, EgressPolicy, NetworkPolicy, PolicyError, PortMapping, Protocol};
 use husk_host::policy::PathPolicy;
-use husk_proto::v1::{network, Disk, Limits, VmSpec};
+use husk_proto::v1::{
+    network, port_mapping, Disk, Egress, Limits, Network, RateLimit, UpdateRateLimitsRequest,
+    VmSpec,
+};
 use tonic::Status;
 
 /// vCPU range, as husk-vmm accepts it.
@@ -55,6 +59,7 @@ pub fn normalize(
                 !disk.read_only,
             )?,
             read_only: disk.read_only,
+            rate_limit: checked_limit(&format!("disks[{i}].rate_limit"), disk.rate_limit.take())?,
         };
     }
     if spec.vcpus == 0 {
@@ -121,7 +126,99 @@ pub fn normalize(
             ))
         })?;
     }
+    network.rx_rate_limit = checked_limit("network.rx_rate_limit", network.rx_rate_limit.take())?;
+    network.tx_rate_limit = checked_limit("network.tx_rate_limit", network.tx_rate_limit.take())?;
+    let policy = network_policy(network)?;
+    if network.mode != network::Mode::Tap as i32 && policy != NetworkPolicy::default() {
+        return Err(invalid(
+            "network.ports, network.egress: need network.mode MODE_TAP",
+        ));
+    }
+    // Stored normalized, as the firewall applies them (CIDRs as network/prefix).
+    network.egress = Some(Egress {
+        allow: policy
+            .egress
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        deny: policy.egress.deny.iter().map(ToString::to_string).collect(),
+        host_access: policy.egress.host_access,
+    })
+    .filter(|e| !e.allow.is_empty() || !e.deny.is_empty() || e.host_access);
     Ok(spec)
+}
+
+/// The published ports and egress policy of `network`, checked: ports 1..65535, a host port
+/// published once per protocol, a host address that is this host's, CIDRs that parse.
+pub fn network_policy(network: &Network) -> Result<NetworkPolicy, Status> {
+    let mut published = Vec::new();
+    for (i, p) in network.ports.iter().enumerate() {
+        let field = format!("network.ports[{i}]");
+        let port = |name: &str, value: u32| {
+            u16::try_from(value)
+                .ok()
+                .filter(|v| *v != 0)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "{field}.{name}: {value} is out of range (1..65535)"
+                    ))
+                })
+        };
+        let host_ip =
+            match p.host_ip.as_str() {
+                "" => None,
+                ip => Some(ip.parse().map_err(|_| {
+                    invalid(format!("{field}.host_ip: {ip:?} is not an IPv4 address"))
+                })?),
+            };
+        let protocol = match port_mapping::Protocol::try_from(p.protocol) {
+            Ok(port_mapping::Protocol::Tcp) => Protocol::Tcp,
+            Ok(port_mapping::Protocol::Udp) => Protocol::Udp,
+            Err(_) => {
+                return Err(invalid(format!(
+                    "{field}.protocol: unknown protocol {}",
+                    p.protocol
+                )))
+            }
+        };
+        published.push(PortMapping {
+            host_ip,
+            host_port: port("host_port", p.host_port)?,
+            guest_port: port("guest_port", p.guest_port)?,
+            protocol,
+        });
+    }
+    let cidrs = |name: &str, list: &[String]| -> Result<Vec<Cidr>, Status> {
+        list.iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.parse().map_err(|_| {
+                    invalid(format!(
+                        "network.egress.{name}[{i}]: {c:?} is not an IPv4 CIDR (A.B.C.D/N)"
+                    ))
+                })
+            })
+            .collect()
+    };
+    let egress = network.egress.clone().unwrap_or_default();
+    let policy = NetworkPolicy {
+        published,
+        egress: EgressPolicy {
+            allow: cidrs("allow", &egress.allow)?,
+            deny: cidrs("deny", &egress.deny)?,
+            host_access: egress.host_access,
+        },
+    };
+    policy.check().map_err(|e| {
+        let i = match &e {
+            PolicyError::DuplicateHostPort(p, ..) | PolicyError::NotLocal(p, _) => {
+                policy.published.iter().rposition(|q| q == p).unwrap_or(0)
+            }
+        };
+        invalid(format!("network.ports[{i}]: {e}"))
+    })?;
+    Ok(policy)
 }
 
 /// Names: 1..=63 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
@@ -219,6 +316,53 @@ fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
 }
 
+/// A rate limit with every bucket's rate above zero; one with no bucket is stored as none.
+fn checked_limit(field: &str, limit: Option<RateLimit>) -> Result<Option<RateLimit>, Status> {
+    let Some(limit) = limit else {
+        return Ok(None);
+    };
+    for (name, bucket) in [("bandwidth", &limit.bandwidth), ("ops", &limit.ops)] {
+        if bucket.as_ref().is_some_and(|b| b.rate == 0) {
+            return Err(invalid(format!("{field}.{name}.rate: must be above zero")));
+        }
+    }
+    Ok(Some(limit).filter(|l| !crate::rate_limits::is_unlimited(l)))
+}
+
+/// The values of an UpdateRateLimits request (before the VM is looked at).
+pub fn rate_limit_values(request: &UpdateRateLimitsRequest) -> Result<(), Status> {
+    if request.disks.is_empty() && request.net_rx.is_none() && request.net_tx.is_none() {
+        return Err(invalid("disks, net_rx, net_tx: give at least one limit"));
+    }
+    for (i, d) in request.disks.iter().enumerate() {
+        checked_limit(&format!("disks[{i}].limit"), d.limit)?;
+    }
+    checked_limit("net_rx", request.net_rx)?;
+    checked_limit("net_tx", request.net_tx)?;
+    Ok(())
+}
+
+/// The devices an UpdateRateLimits request names, against the VM's spec: disks by their
+/// number (the rootfs first), network limits only with a network device.
+pub fn rate_limit_targets(request: &UpdateRateLimitsRequest, spec: &VmSpec) -> Result<(), Status> {
+    let disks = spec.disks.len() + usize::from(!spec.rootfs.is_empty());
+    for (i, d) in request.disks.iter().enumerate() {
+        if d.disk as usize >= disks {
+            return Err(invalid(format!(
+                "disks[{i}].disk: the VM has {disks} disk(s), numbered from 0 (the rootfs first)"
+            )));
+        }
+    }
+    let has_net = spec
+        .network
+        .as_ref()
+        .is_some_and(|n| n.mode != network::Mode::None as i32);
+    if !has_net && (request.net_rx.is_some() || request.net_tx.is_some()) {
+        return Err(invalid("net_rx, net_tx: the VM has no network device"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +432,7 @@ mod tests {
                     disks: vec![Disk {
                         path: path.to_string(),
                         read_only: true,
+                        rate_limit: None,
                     }],
                     ..Default::default()
                 },
@@ -437,6 +582,7 @@ mod tests {
                     network: Some(husk_proto::v1::Network {
                         mode: 7,
                         mac: String::new(),
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },
@@ -447,6 +593,7 @@ mod tests {
                     network: Some(husk_proto::v1::Network {
                         mode: 1,
                         mac: "01:00:00:00:00:01".into(),
+                        ..Default::default()
                     }),
                     ..Default::default()
                 },
@@ -457,6 +604,7 @@ mod tests {
                     disks: vec![Disk {
                         path: f.path("nonexistent.img"),
                         read_only: false,
+                        rate_limit: None,
                     }],
                     ..Default::default()
                 },
@@ -481,5 +629,99 @@ mod tests {
         assert_eq!(parse_mac("06:00:0a:0b:0c:0d:0e"), None);
         assert_eq!(parse_mac("6:00:0a:0b:0c:0d"), None);
         assert_eq!(parse_mac("07:00:0a:0b:0c:0d"), None);
+    }
+
+    fn tap(
+        ports: Vec<husk_proto::v1::PortMapping>,
+        allow: &[&str],
+        deny: &[&str],
+    ) -> husk_proto::v1::Network {
+        husk_proto::v1::Network {
+            mode: network::Mode::Tap as i32,
+            ports,
+            egress: Some(Egress {
+                allow: allow.iter().map(|s| s.to_string()).collect(),
+                deny: deny.iter().map(|s| s.to_string()).collect(),
+                host_access: false,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn port(
+        host_ip: &str,
+        host_port: u32,
+        guest_port: u32,
+        udp: bool,
+    ) -> husk_proto::v1::PortMapping {
+        husk_proto::v1::PortMapping {
+            host_ip: host_ip.into(),
+            host_port,
+            guest_port,
+            protocol: if udp {
+                port_mapping::Protocol::Udp as i32
+            } else {
+                port_mapping::Protocol::Tcp as i32
+            },
+        }
+    }
+
+    #[test]
+    fn published_ports_and_egress_cidrs_are_checked_and_stored_normalized() {
+        let f = Fixture::new("net");
+        let spec = VmSpec {
+            network: Some(tap(
+                vec![port("", 8080, 80, false), port("127.0.0.1", 8080, 80, true)],
+                &["10.1.2.3/8"],
+                &["192.0.2.9"],
+            )),
+            ..Default::default()
+        };
+        let network = f.normalize(spec).unwrap().network.unwrap();
+        let egress = network.egress.unwrap();
+        assert_eq!(egress.allow, ["10.0.0.0/8"]);
+        assert_eq!(egress.deny, ["192.0.2.9/32"]);
+        assert_eq!(network.ports.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_published_port_or_cidr_is_refused_naming_the_field() {
+        let f = Fixture::new("net");
+        let cases = [
+            (tap(vec![port("", 0, 80, false)], &[], &[]), "network.ports[0].host_port: 0 is out of range (1..65535)"),
+            (tap(vec![port("", 80, 65536, false)], &[], &[]), "network.ports[0].guest_port: 65536 is out of range"),
+            (tap(vec![port("x", 80, 80, false)], &[], &[]), "network.ports[0].host_ip: \"x\" is not an IPv4 address"),
+            (
+                tap(vec![port("", 80, 80, false), port("", 80, 81, false)], &[], &[]),
+                "network.ports[1]: published port 80:81/tcp: host port 80/tcp is published twice",
+            ),
+            (
+                tap(vec![port("192.0.2.77", 80, 80, false)], &[], &[]),
+                "network.ports[0]: published port 192.0.2.77:80:80/tcp: 192.0.2.77 is not an address of this host",
+            ),
+            (tap(vec![], &["10.0.0.0/33"], &[]), "network.egress.allow[0]: \"10.0.0.0/33\" is not an IPv4 CIDR"),
+            (tap(vec![], &[], &["ten"]), "network.egress.deny[0]: \"ten\" is not an IPv4 CIDR"),
+            (
+                husk_proto::v1::Network {
+                    ports: vec![port("", 80, 80, false)],
+                    ..Default::default()
+                },
+                "need network.mode MODE_TAP",
+            ),
+        ];
+        for (network, want) in cases {
+            let err = f
+                .normalize(VmSpec {
+                    network: Some(network),
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(
+                err.message().contains(want),
+                "{} lacks {want}",
+                err.message()
+            );
+        }
     }
 }

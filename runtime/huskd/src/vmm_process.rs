@@ -67,6 +67,8 @@ pub struct Launch<'a> {
     pub limits: Limits,
     pub vsock_cid: u32,
     pub link: Option<&'a VmLink>,
+    /// With a link: the guest's DNS goes through the host (`husk.dns=`, its host end).
+    pub dns: bool,
     pub restore: Option<Restore>,
     pub files: RunFiles,
 }
@@ -147,6 +149,9 @@ impl Launch<'_> {
         }
         if let Some(link) = self.link {
             parts.push(link.kernel_param());
+            if self.dns {
+                parts.push(husk_host::firewall::dns_kernel_param(link.host_ip));
+            }
             env.push(format!("HUSK_HOST_IP={}", link.host_ip).into_bytes());
             env.push(format!("HUSK_GUEST_IP={}", link.guest_ip).into_bytes());
         }
@@ -212,6 +217,14 @@ impl Launch<'_> {
             cmdline_file: cmdline.map(|fd| fd_path(fd.as_raw_fd())),
             ..VmmArgs::default()
         };
+        // Limits hold for a boot and a restore alike (a restore's spec is the snapshot's).
+        args.disk_limits = crate::rate_limits::disk_limits(spec);
+        if self.link.is_some() {
+            let network = spec.network.as_ref();
+            let limit = |l: Option<&husk_proto::v1::RateLimit>| l.map(crate::rate_limits::to_arg);
+            args.net_rx_limit = limit(network.and_then(|n| n.rx_rate_limit.as_ref()));
+            args.net_tx_limit = limit(network.and_then(|n| n.tx_rate_limit.as_ref()));
+        }
         match &self.restore {
             // The machine comes from the snapshot; the devices above replace its backends.
             Some(restore) => {
@@ -409,6 +422,7 @@ mod tests {
             disks: vec![Disk {
                 path: "/data.img".into(),
                 read_only: true,
+                rate_limit: None,
             }],
             vcpus: 2,
             memory_mib: 512,
@@ -438,6 +452,7 @@ mod tests {
             limits: effective_limits(&spec),
             vsock_cid: 7,
             link: None,
+            dns: false,
             restore: None,
             files,
         };
@@ -486,6 +501,50 @@ mod tests {
     }
 
     #[test]
+    fn disk_rate_limits_reach_the_vmm_numbered_after_the_rootfs() {
+        use husk_proto::v1::{RateLimit, TokenBucket};
+        let limit = RateLimit {
+            bandwidth: Some(TokenBucket {
+                rate: 1 << 20,
+                burst: 0,
+            }),
+            ops: None,
+        };
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            rootfs: "/root.ext4".into(),
+            disks: vec![Disk {
+                path: "/data.img".into(),
+                read_only: false,
+                rate_limit: Some(limit),
+            }],
+            ..Default::default()
+        };
+        let (files, _scratch) = run_files("limits", 2, true);
+        let launch = Launch {
+            jail: None,
+            controllers: &[],
+            uid: 0,
+            id: "vm1",
+            vmm: Path::new("/bin/husk-vmm"),
+            dir: Path::new("/run/husk/vms/abc"),
+            spec: &spec,
+            limits: effective_limits(&spec),
+            vsock_cid: 7,
+            link: None,
+            dns: false,
+            restore: None,
+            files,
+        };
+        let typed = launch.vmm_args(None);
+        assert_eq!(typed.disk_limits.len(), 1);
+        assert_eq!(typed.disk_limits[0].to_string(), "1:bw=1048576");
+        assert_eq!(typed.net_rx_limit, None, "no link, no net limits");
+        assert!(args(&launch.command(None)).contains("--disk-limit 1:bw=1048576"));
+    }
+
+    #[test]
     fn a_jailed_launch_carries_the_vms_uid_limits_and_only_its_vmm_directory() {
         let spec = VmSpec {
             vcpus: 2,
@@ -511,6 +570,7 @@ mod tests {
             limits: effective_limits(&spec),
             vsock_cid: 3,
             link: None,
+            dns: false,
             restore: Some(Restore {
                 state: file("vm.state"),
                 mem: file("vm.mem"),

@@ -64,6 +64,7 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
         network: Some(Network {
             mode: network::Mode::None as i32,
             mac: String::new(),
+            ..Default::default()
         }),
         vcpus: plan.vcpus.unwrap_or(0),
         memory_mib: plan.memory_mib.unwrap_or(0),

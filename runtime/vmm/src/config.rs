@@ -67,6 +67,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-rng device (on by default).
     pub rng: bool,
+    /// Rate limits of the disks and the net device (none by default), set once the devices
+    /// exist (see [`crate::vmm::Vmm::set_rate_limits`]).
+    pub rate_limits: crate::devices::rate_limits::RateLimits,
 }
 
 impl VmConfig {
@@ -86,6 +89,7 @@ impl VmConfig {
             net: None,
             vsock: None,
             rng: true,
+            rate_limits: Default::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use husk_proto::vmm::ExitReport;
 use husk_vmm::api::socket::ApiSocket;
 use husk_vmm::builder::{build_from_snapshot, build_microvm};
 use husk_vmm::config::{VmConfig, DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use husk_vmm::devices::rate_limits::RateLimits;
 use husk_vmm::exit_report;
 use husk_vmm::seccomp::{self, Filters, Mode};
 use husk_vmm::signals;
@@ -30,10 +31,12 @@ fn usage() -> String {
                 [--report-boot-time] [--allow-pvm]
                 [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
+                [--disk-limit [N:]LIMIT]... [--net-rx-limit LIMIT] [--net-tx-limit LIMIT]
                 [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
        husk-vmm --restore-state PATH --restore-mem PATH [--start-paused]
                 [--console DEST] [--api-sock PATH] [--exit-report PATH]
                 [--disk PATH[:ro]]... [--net SPEC] [--vsock cid=N,path=PATH]
+                [--disk-limit [N:]LIMIT]... [--net-rx-limit LIMIT] [--net-tx-limit LIMIT]
 
   --kernel PATH         guest kernel: ELF vmlinux (PVH entry used when present) or bzImage
   --initrd PATH         initramfs
@@ -58,8 +61,15 @@ fn usage() -> String {
   --vsock cid=N,path=PATH  virtio-vsock with guest CID N (>= 3); host side on the Unix socket
                         PATH (CONNECT <port> for guest ports; PATH_<port> for guest-initiated)
   --no-rng              no virtio-rng device (on by default)
+  --disk-limit [N:]LIMIT  rate limit of disk N (its place among the --disk flags, 0 when left
+                        out; repeatable). LIMIT: bw=RATE[:BURST] (bytes/s) and/or
+                        ops=RATE[:BURST] (requests/s), comma-separated, or none; K, M, G
+                        (powers of 1024) after a number; a burst of 0 or none given is one
+                        second's worth. Changeable at run time on the control socket
+  --net-rx-limit LIMIT  rate limit of the frames the guest receives (frames wait in the tap)
+  --net-tx-limit LIMIT  rate limit of the frames the guest sends
   --api-sock PATH       serve the control socket at PATH (protocol husk.vmm.v1: describe, pause,
-                        resume, stop; 4-byte big-endian length + protobuf message each way).
+                        resume, stop, snapshot, set_rate_limits; 4-byte big-endian length + protobuf message each way).
                         Mode 0600; a stale socket at PATH is replaced, anything else there is
                         refused; PATH is removed when husk-vmm exits
   --exit-report PATH    when husk-vmm exits after starting (guest exit or reset, signal, stop
@@ -168,6 +178,11 @@ fn options(args: VmmArgs) -> anyhow::Result<Options> {
     vm.net = args.net;
     vm.vsock = args.vsock;
     vm.rng = !args.no_rng;
+    vm.rate_limits = RateLimits::from_args(
+        &args.disk_limits,
+        args.net_rx_limit.as_ref(),
+        args.net_tx_limit.as_ref(),
+    );
     let restore = args.restore.map(|r| Restore {
         state: r.state,
         mem: r.mem,
@@ -328,11 +343,13 @@ fn build_and_run(options: &Options, vmm_start: Instant) -> anyhow::Result<VmOutc
             build_from_snapshot(state, mem, &r.names, console, limit, &overrides, vmm_start).map(
                 |mut vmm| {
                     vmm.set_start_paused(r.start_paused);
+                    vmm.notify_all_queues();
                     vmm
                 },
             )
         }
     }?;
+    vmm.set_rate_limits(&options.vm.rate_limits)?;
     vmm.set_seccomp(Filters::new(options.seccomp)?);
     signals::install_stop_handlers(vmm.stop_state().wake_fd().as_raw_fd())?;
     // Bound while this is the only thread (see ApiSocket::bind), just before the VM runs.

@@ -182,6 +182,26 @@ impl Vmm {
         self.devices = devices;
     }
 
+    /// Sets the devices' rate limits (the command line's, before the VM runs; at run time the
+    /// control socket does the same).
+    pub fn set_rate_limits(
+        &self,
+        limits: &crate::devices::rate_limits::RateLimits,
+    ) -> Result<(), crate::devices::rate_limits::RateLimitError> {
+        crate::devices::rate_limits::apply(&self.devices, limits)
+    }
+
+    /// Signals every virtio queue once, so that the event loop walks each when it starts. After
+    /// a restore: a queue that was parked by its rate limiter (or cut short at its budget) when
+    /// the snapshot was taken has guest notifications off and nothing else would resume it.
+    pub fn notify_all_queues(&self) {
+        for slot in &self.devices {
+            for evt in &slot.queue_events {
+                let _ = evt.write(1);
+            }
+        }
+    }
+
     /// The seccomp filters the VM's threads install when it runs (none by default).
     pub fn set_seccomp(&mut self, filters: Filters) {
         self.seccomp = Arc::new(filters);

@@ -110,6 +110,18 @@ impl MmioTransport {
         self.device.as_ref()
     }
 
+    /// The device behind this transport, to change its settings (rate limits) from another
+    /// thread while the transport is locked.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// The device's rate-limit timer fired: parked queues come back through
+    /// [`MmioTransport::take_unfinished`] (only while the device is active).
+    pub fn process_timer(&mut self) {
+        self.device.timer_expired();
+    }
+
     /// Whether the driver has started the device.
     pub fn is_active(&self) -> bool {
         matches!(self.lifecycle, Lifecycle::Active)

@@ -6,6 +6,7 @@ pub mod mmio;
 pub mod net;
 pub mod queue_worker;
 pub mod rng;
+pub mod throttle;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -244,6 +245,25 @@ pub trait VirtioDevice: Send {
     /// turn, after the other ready events.
     fn take_unfinished(&mut self) -> QueueSet {
         QueueSet::default()
+    }
+    /// A timer fd the VMM's event loop watches (level-triggered) for a rate-limited device;
+    /// when it is readable the loop calls [`VirtioDevice::timer_expired`]. Fixed for the
+    /// device's life.
+    fn timer_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        None
+    }
+    /// The timer fired: the device clears it and reports the queues it had parked through
+    /// [`VirtioDevice::take_unfinished`].
+    fn timer_expired(&mut self) {}
+    /// Replaces the rate limit of queue `index` (full buckets; an unlimited config removes
+    /// it). `false` when the device cannot limit that queue. The caller then notifies the
+    /// device's queues, so that a parked queue runs under the new limit at once.
+    fn set_rate_limit(
+        &mut self,
+        _index: usize,
+        _config: crate::rate_limiter::RateLimitConfig,
+    ) -> bool {
+        false
     }
     /// The driver reset the device: drop the queues and go back to the initial state.
     fn reset(&mut self);

@@ -40,11 +40,40 @@ pub fn serve_queue_bounded(
     mem: &GuestMemoryMmap,
     interrupt: &VirtioInterrupt,
     budget: usize,
-    mut handle: impl FnMut(Chain<'_>) -> u32,
+    handle: impl FnMut(Chain<'_>) -> u32,
 ) -> Result<Progress, DeviceError> {
+    let ungated = |_: &Chain<'_>| Ok(());
+    match serve_queue_gated(queue, index, mem, interrupt, budget, ungated, handle)? {
+        Gated::Done(progress) => Ok(progress),
+        // The gate above never refuses.
+        Gated::Parked(_) => Ok(Progress::More),
+    }
+}
+
+/// How a gated walk ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gated {
+    /// As [`serve_queue_bounded`] would have ended.
+    Done(Progress),
+    /// The gate refused a chain, which stays available: come back after this long. Guest
+    /// notifications stay disabled meanwhile (a kick could not be served anyway).
+    Parked(std::time::Duration),
+}
+
+/// [`serve_queue_bounded`] that asks `gate` before taking each chain (a rate limiter): a
+/// refused chain is put back on the available ring untouched and the walk stops.
+pub fn serve_queue_gated(
+    queue: &mut Queue,
+    index: usize,
+    mem: &GuestMemoryMmap,
+    interrupt: &VirtioInterrupt,
+    budget: usize,
+    mut gate: impl FnMut(&Chain<'_>) -> Result<(), std::time::Duration>,
+    mut handle: impl FnMut(Chain<'_>) -> u32,
+) -> Result<Gated, DeviceError> {
     let broken = |_| DeviceError::BrokenQueue(index);
     let mut served = 0usize;
-    let progress = 'walk: loop {
+    let outcome = 'walk: loop {
         queue.disable_notification(mem).map_err(broken)?;
         loop {
             if served >= budget {
@@ -52,11 +81,15 @@ pub fn serve_queue_bounded(
                 if !has_available(queue, mem).map_err(broken)? {
                     break;
                 }
-                break 'walk Progress::More;
+                break 'walk Gated::Done(Progress::More);
             }
             // iter() fails when the available index runs more than a ring ahead: a broken driver.
             let chain = queue.iter(mem).map_err(broken)?.next();
             let Some(chain) = chain else { break };
+            if let Err(wait) = gate(&chain) {
+                queue.go_to_previous_position();
+                break 'walk Gated::Parked(wait);
+            }
             let head = chain.head_index();
             let written = handle(chain);
             queue.add_used(mem, head, written).map_err(broken)?;
@@ -64,13 +97,18 @@ pub fn serve_queue_bounded(
         }
         // Re-enable and re-check: a chain that arrived meanwhile would otherwise wait forever.
         if !queue.enable_notification(mem).map_err(broken)? {
-            break Progress::Idle;
+            break Gated::Done(Progress::Idle);
         }
     };
     if served > 0 && queue.needs_notification(mem).map_err(broken)? {
         interrupt.signal_used_queue();
     }
-    Ok(progress)
+    Ok(outcome)
+}
+
+/// Bytes a chain's descriptors cover (what a rate limiter charges for it), without taking it.
+pub fn chain_bytes(chain: &Chain<'_>) -> u64 {
+    chain.clone().map(|d| u64::from(d.len())).sum()
 }
 
 /// Whether the driver made chains available that the device has not taken yet.
@@ -133,5 +171,34 @@ mod tests {
         let progress = serve_queue_bounded(&mut queue, 0, &mem, &irq, 4, |_| 1).unwrap();
         assert_eq!(progress, Progress::Idle);
         assert!(!has_available(&queue, &mem).unwrap());
+    }
+
+    #[test]
+    fn a_refused_chain_stays_available_and_the_walk_parks() {
+        let mem = guest_memory();
+        let mut driver = Driver::new(&mem, 16);
+        fill(&mut driver, 5);
+        let mut queue = driver.queue();
+        let irq = VirtioInterrupt::new(Box::new(CountingLine::default()));
+        let mut allowed = 2;
+        let wait = std::time::Duration::from_millis(7);
+        let gate = |chain: &Chain<'_>| {
+            assert_eq!(chain_bytes(chain), 16);
+            if allowed == 0 {
+                return Err(wait);
+            }
+            allowed -= 1;
+            Ok(())
+        };
+        let outcome = serve_queue_gated(&mut queue, 0, &mem, &irq, 64, gate, |_| 1).unwrap();
+        assert_eq!(outcome, Gated::Parked(wait));
+        assert_eq!(driver.used().len(), 2);
+        assert!(
+            has_available(&queue, &mem).unwrap(),
+            "three chains still wait"
+        );
+        let rest = serve_queue_gated(&mut queue, 0, &mem, &irq, 64, |_| Ok(()), |_| 1).unwrap();
+        assert_eq!(rest, Gated::Done(Progress::Idle));
+        assert_eq!(driver.used().len(), 5);
     }
 }

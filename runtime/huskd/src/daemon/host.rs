@@ -1,6 +1,6 @@
 //! The seam between the daemon's state machine and the host: what it asks of the machine to
-//! run a VM (a tap, the VMM's directory handed to its uid, the VMM process, a watch on its end,
-//! a kill, the jail's cleanup). [`SystemHost`] does it for real; the state machine's unit tests
+//! run a VM (a tap and its firewall rules, the VMM's directory handed to its uid, the VMM
+//! process, a watch on its end, a kill, the jail's cleanup). [`SystemHost`] does it for real; the state machine's unit tests
 //! use a recording stand-in (see `tests.rs`), so they run without root, KVM or a guest.
 
 use std::future::Future;
@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 
+use husk_host::firewall::{self, VmRules};
 use husk_host::jail::JailConfig;
 use husk_host::net::VmLink;
 
@@ -30,12 +31,21 @@ pub enum HostError {
     /// The jail's cgroup or directory could not be removed.
     #[error("cleaning up the jail: {0}")]
     Jail(String),
+    /// The VM's firewall rules could not be applied or removed.
+    #[error("{0}")]
+    Firewall(String),
 }
 
 /// The host operations of the VM state machine.
 pub trait VmmHost: Send + Sync {
     /// Creates and addresses a tap for one VM.
     fn create_link(&self) -> Result<VmLink, HostError>;
+    /// The host's resolver that guests' DNS goes to; None when the host has only loopback ones.
+    fn dns_upstream(&self) -> Option<std::net::Ipv4Addr>;
+    /// Installs the firewall rules of one VM (dropping those of taps that are gone).
+    fn apply_firewall(&self, rules: &VmRules) -> Result<(), HostError>;
+    /// Removes the firewall rules of every tap that no longer exists (VMs that ended).
+    fn collect_firewall_garbage(&self) -> Result<(), HostError>;
     /// Gives the VMM's directory to the uid (and gid) it runs as.
     fn give_dir(&self, dir: BorrowedFd<'_>, uid: u32) -> io::Result<()>;
     /// Starts the VMM of `launch`; its pid.
@@ -55,6 +65,18 @@ pub struct SystemHost;
 impl VmmHost for SystemHost {
     fn create_link(&self) -> Result<VmLink, HostError> {
         VmLink::create().map_err(|e| HostError::Link(e.to_string()))
+    }
+
+    fn dns_upstream(&self) -> Option<std::net::Ipv4Addr> {
+        firewall::resolv::upstream()
+    }
+
+    fn apply_firewall(&self, rules: &VmRules) -> Result<(), HostError> {
+        firewall::apply(rules).map_err(|e| HostError::Firewall(e.to_string()))
+    }
+
+    fn collect_firewall_garbage(&self) -> Result<(), HostError> {
+        firewall::collect_garbage().map_err(|e| HostError::Firewall(e.to_string()))
     }
 
     fn give_dir(&self, dir: BorrowedFd<'_>, uid: u32) -> io::Result<()> {

@@ -1,13 +1,15 @@
 //! The one launch sequence of a boot (StartVm) and a restore (RestoreVm), the monitor that
 //! turns the VMM's end into STOPPED or FAILED, and what that end leaves to clean.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use husk_host::confined::Dir;
+use husk_host::firewall::{NetworkPolicy, Protocol, VmRules};
 use husk_host::net::VmLink;
-use husk_proto::v1::{event, network, Vm, VmSpec, VmState};
+use husk_proto::v1::{event, network, port_mapping, Egress, PortMapping, Vm, VmSpec, VmState};
 use husk_proto::vmm::ExitReport;
 use prost::Message;
 use tokio::sync::watch;
@@ -72,6 +74,12 @@ impl Daemon {
         ) {
             link.mac = mac;
         }
+        // The link's firewall (NAT, DNS, published ports, egress policy), before the VMM
+        // exists: a tap without its rules never carries traffic.
+        let (policy, dns) = match &link {
+            Some(link) => self.install_firewall(entry, spec, link)?,
+            None => Default::default(),
+        };
         let cid = entry.snapshot().status.as_ref().map_or(3, |s| s.vsock_cid);
         entry.update(|vm| {
             vm.state = VmState::Starting as i32;
@@ -88,6 +96,7 @@ impl Daemon {
             limits: vmm_process::effective_limits(spec),
             vsock_cid: cid,
             link: link.as_ref(),
+            dns: dns.is_some(),
             restore,
             files,
         };
@@ -100,6 +109,9 @@ impl Daemon {
                     vm.state = VmState::Failed as i32;
                     VmEntry::status_mut(vm).failure_reason = reason.clone();
                 });
+                drop(launch);
+                drop(link);
+                self.collect_firewall_garbage(entry);
                 return Err(Status::internal(reason));
             }
         };
@@ -129,6 +141,9 @@ impl Daemon {
             status.tap = tap;
             status.host_ip = host_ip;
             status.guest_ip = guest_ip;
+            status.published_ports = published_ports(&policy);
+            status.egress = egress(&policy);
+            status.dns = dns.is_some();
             status.agent_ready = false;
         });
         tracing::info!(vm_id = %entry.id, pid, restore = is_restore, "husk-vmm started");
@@ -267,6 +282,14 @@ impl Daemon {
             .filter(|bytes| !bytes.is_empty())
             .and_then(|bytes| ExitReport::decode(&bytes[..]).ok());
         store::remove_run_files(&entry.dir);
+        // The VM's tap went with its VMM: its firewall rules are garbage now.
+        if !lock(&entry.record)
+            .status
+            .as_ref()
+            .is_none_or(|s| s.tap.is_empty())
+        {
+            self.collect_firewall_garbage(entry);
+        }
         // The jail's cgroup (and anything left in it) and directory, also after a kill -9 or
         // when the VMM ended while no huskd watched.
         if let Some(jail) = &self.config.jail {
@@ -329,6 +352,115 @@ impl Daemon {
             }
         }
     }
+}
+
+impl Daemon {
+    /// Applies the firewall rules of the VM on `link`; its network policy and the resolver its
+    /// DNS goes to (None: the host has none a guest can use, and the guest gets no DNS).
+    fn install_firewall(
+        &self,
+        entry: &VmEntry,
+        spec: &VmSpec,
+        link: &VmLink,
+    ) -> Result<(NetworkPolicy, Option<Ipv4Addr>), Status> {
+        let policy = spec
+            .network
+            .as_ref()
+            .map(validate::network_policy)
+            .transpose()?
+            .unwrap_or_default();
+        let dns = self.host.dns_upstream();
+        if dns.is_none() {
+            tracing::warn!(
+                vm_id = %entry.id,
+                "the host has no usable IPv4 nameserver (only loopback ones): the guest gets no \
+                 DNS, addresses still work"
+            );
+        }
+        self.host
+            .apply_firewall(&VmRules::new(link, &policy, dns))
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok((policy, dns))
+    }
+
+    /// Applies again, from its record, the firewall rules of a VM whose VMM a restarted huskd
+    /// adopted: the table is rebuilt from records (after an `nft flush ruleset`, say). Logged,
+    /// never fatal: the VM runs on with whatever rules it has.
+    pub(super) fn reinstall_firewall(&self, entry: &VmEntry) {
+        let vm = entry.snapshot();
+        let (Some(spec), Some(status)) = (&vm.spec, &vm.status) else {
+            return;
+        };
+        if status.tap.is_empty() {
+            return;
+        }
+        let rules = (|| {
+            let host_ip: Ipv4Addr = status.host_ip.parse().ok()?;
+            let guest_ip: Ipv4Addr = status.guest_ip.parse().ok()?;
+            let network = spec.network.as_ref();
+            // As the link was made: the spec's MAC, or the one derived from the guest address.
+            let o = guest_ip.octets();
+            let mac = network
+                .and_then(|n| validate::parse_mac(&n.mac))
+                .unwrap_or([0x06, 0x00, o[0], o[1], o[2], o[3]]);
+            let policy = network
+                .map(validate::network_policy)
+                .transpose()
+                .ok()?
+                .unwrap_or_default();
+            Some(VmRules {
+                tap: status.tap.clone(),
+                mac,
+                host_ip,
+                guest_ip,
+                dns: self.host.dns_upstream().filter(|_| status.dns),
+                published: policy.published,
+                egress: policy.egress,
+            })
+        })();
+        let result = match rules {
+            Some(rules) => self.host.apply_firewall(&rules).map_err(|e| e.to_string()),
+            None => Err("its record does not describe its link".into()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(vm_id = %entry.id, error = %e, "cannot apply the adopted VM's firewall rules");
+        }
+    }
+
+    /// Removes the firewall rules of every VM whose tap is gone (logged, never fatal: the next
+    /// collection retries).
+    pub(super) fn collect_firewall_garbage(&self, entry: &VmEntry) {
+        if let Err(e) = self.host.collect_firewall_garbage() {
+            tracing::warn!(vm_id = %entry.id, error = %e, "cannot remove ended VMs' firewall rules");
+        }
+    }
+}
+
+/// The published ports of `policy`, as VmStatus reports them.
+fn published_ports(policy: &NetworkPolicy) -> Vec<PortMapping> {
+    policy
+        .published
+        .iter()
+        .map(|p| PortMapping {
+            host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            host_port: u32::from(p.host_port),
+            guest_port: u32::from(p.guest_port),
+            protocol: match p.protocol {
+                Protocol::Tcp => port_mapping::Protocol::Tcp as i32,
+                Protocol::Udp => port_mapping::Protocol::Udp as i32,
+            },
+        })
+        .collect()
+}
+
+/// The egress policy of `policy`, as VmStatus reports it (None when there is none).
+fn egress(policy: &NetworkPolicy) -> Option<Egress> {
+    let e = &policy.egress;
+    (!e.allow.is_empty() || !e.deny.is_empty() || e.host_access).then(|| Egress {
+        allow: e.allow.iter().map(ToString::to_string).collect(),
+        deny: e.deny.iter().map(ToString::to_string).collect(),
+        host_access: e.host_access,
+    })
 }
 
 /// The tap's name and the link's host and guest addresses, for a VM's status (empty without).

@@ -13,6 +13,7 @@
 mod agent;
 mod host;
 mod launch;
+mod rate_limits;
 mod snapshots;
 #[cfg(test)]
 mod tests;
@@ -101,6 +102,11 @@ impl Daemon {
                 Err(e) => tracing::warn!(error = %chain(&e), "skipping an unreadable VM record"),
             }
         }
+        // Rules of VMs that ended while no huskd ran (a killed huskd, a killed `husk run`):
+        // their taps are gone, so their chains go.
+        if let Err(e) = daemon.host.collect_firewall_garbage() {
+            tracing::warn!(error = %e, "cannot remove ended VMs' firewall rules");
+        }
         Ok(daemon)
     }
 
@@ -133,6 +139,7 @@ impl Daemon {
                 // A snapshot the previous huskd did not finish: its staging goes, and the
                 // VMM's own word says whether the VM was left paused.
                 crate::snapshot_files::remove_staging(&entry.dir);
+                self.reinstall_firewall(&entry);
                 self.watch_run(&entry, pid, exited);
                 let daemon = self.clone();
                 let entry = entry.clone();

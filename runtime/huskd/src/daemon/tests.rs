@@ -2,7 +2,7 @@
 //! stand-in VMM "runs" until a test (or a kill) makes it exit, and holds its copy of the tap
 //! (a pipe's write end) until then, as husk-vmm holds the real one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,6 +21,7 @@ use super::vm::lock;
 use super::{Daemon, DaemonConfig, VmEntry};
 use crate::store;
 use crate::vmm_process::Launch;
+use husk_host::firewall::VmRules;
 use husk_host::policy::PathPolicy;
 
 /// First pid the stand-in hands out: above any real pid_max, so /proc knows none of them.
@@ -37,6 +38,8 @@ struct Spawned {
     restore: bool,
     start_paused: bool,
     mac: Option<[u8; 6]>,
+    /// Whether the guest was told to resolve through the host (`husk.dns=`).
+    dns: bool,
 }
 
 #[derive(Default)]
@@ -52,6 +55,12 @@ struct Recorded {
     tap_ends: Vec<OwnedFd>,
     fail_spawn: Option<String>,
     fail_link: Option<String>,
+    /// The firewall: the rules in force, by tap.
+    firewall: BTreeMap<String, VmRules>,
+    /// How often the firewall's garbage was collected.
+    firewall_collections: usize,
+    /// The host's resolver for guests.
+    dns: Option<std::net::Ipv4Addr>,
 }
 
 /// A host that records what it is asked and simulates VMMs.
@@ -76,11 +85,20 @@ impl FakeHost {
 
     /// Whether anything (huskd or a VMM) still holds tap number `n`.
     fn tap_open(&self, n: usize) -> bool {
-        let recorded = lock(&self.recorded);
-        let mut byte = [0u8; 1];
-        // Non-blocking: EAGAIN while a write end is open, 0 (EOF) once none is.
-        !matches!(rustix::io::read(&recorded.tap_ends[n], &mut byte), Ok(0))
+        end_open(&lock(&self.recorded).tap_ends[n])
     }
+
+    /// The taps that have firewall rules.
+    fn firewalled(&self) -> Vec<String> {
+        lock(&self.recorded).firewall.keys().cloned().collect()
+    }
+}
+
+/// Whether the write end of the pipe whose read end is `far_end` is still open.
+fn end_open(far_end: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    // Non-blocking: EAGAIN while a write end is open, 0 (EOF) once none is.
+    !matches!(rustix::io::read(far_end, &mut byte), Ok(0))
 }
 
 impl VmmHost for FakeHost {
@@ -101,6 +119,32 @@ impl VmmHost for FakeHost {
             guest_ip: guest.into(),
             mac: [6, 0, guest[0], guest[1], guest[2], guest[3]],
         })
+    }
+
+    fn dns_upstream(&self) -> Option<std::net::Ipv4Addr> {
+        lock(&self.recorded).dns
+    }
+
+    fn apply_firewall(&self, rules: &VmRules) -> Result<(), HostError> {
+        let mut recorded = lock(&self.recorded);
+        recorded.firewall.insert(rules.tap.clone(), rules.clone());
+        Ok(())
+    }
+
+    /// As the real one: the rules of every tap that nothing holds any more go.
+    fn collect_firewall_garbage(&self) -> Result<(), HostError> {
+        let mut recorded = lock(&self.recorded);
+        recorded.firewall_collections += 1;
+        let Recorded {
+            firewall, tap_ends, ..
+        } = &mut *recorded;
+        firewall.retain(|tap, _| {
+            tap.strip_prefix("husk")
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| tap_ends.get(n))
+                .is_some_and(end_open)
+        });
+        Ok(())
     }
 
     fn give_dir(&self, _dir: BorrowedFd<'_>, _uid: u32) -> std::io::Result<()> {
@@ -128,6 +172,9 @@ impl VmmHost for FakeHost {
             restore: launch.restore.is_some(),
             start_paused: launch.restore.as_ref().is_some_and(|r| r.start_paused),
             mac: launch.link.map(|l| l.mac),
+            dns: launch
+                .kernel_cmdline()
+                .is_ok_and(|c| c.contains(" husk.dns=169.254.")),
         });
         Ok(pid)
     }
@@ -202,6 +249,7 @@ fn spec(name: &str, tap: bool) -> VmSpec {
         network: tap.then(|| Network {
             mode: network::Mode::Tap as i32,
             mac: String::new(),
+            ..Default::default()
         }),
         ..Default::default()
     }
@@ -589,4 +637,166 @@ async fn a_restarted_daemon_adopts_a_vmm_that_still_runs_and_records_the_end_of_
     // The adopted VMM's end is recorded like any other.
     host.exit(me, None);
     wait_for_state(&daemon.resolve("alive").unwrap(), VmState::Failed).await;
+}
+
+fn published(spec: &mut VmSpec, host_port: u32, guest_port: u32) {
+    let network = spec.network.get_or_insert_with(Default::default);
+    network.ports.push(husk_proto::v1::PortMapping {
+        host_port,
+        guest_port,
+        ..Default::default()
+    });
+    network.egress = Some(husk_proto::v1::Egress {
+        allow: Vec::new(),
+        deny: vec!["10.0.0.0/8".into()],
+        host_access: false,
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vms_firewall_rules_are_applied_at_start_and_removed_when_its_vmm_ends() {
+    let f = fixture(false);
+    lock(&f.host.recorded).dns = Some([192, 0, 2, 53].into());
+    let mut with_ports = spec("alpha", true);
+    published(&mut with_ports, 8080, 80);
+    let entry = f.daemon.create(with_ports).unwrap();
+
+    f.daemon.start(&entry).await.unwrap();
+
+    let rules = lock(&f.host.recorded).firewall["husk0"].clone();
+    assert_eq!(rules.guest_ip.to_string(), "169.254.128.2");
+    assert_eq!(rules.dns, Some([192, 0, 2, 53].into()));
+    assert_eq!(rules.published[0].to_string(), "8080:80/tcp");
+    assert_eq!(rules.egress.deny[0].to_string(), "10.0.0.0/8");
+    assert!(
+        f.host.spawns()[0].dns,
+        "the guest is told to resolve through the host"
+    );
+    let status = status_of(&entry);
+    assert_eq!(status.published_ports.len(), 1);
+    assert_eq!(status.published_ports[0].host_port, 8080);
+    assert_eq!(status.egress.unwrap().deny, ["10.0.0.0/8"]);
+    assert!(status.dns);
+
+    // The VMM is killed (kill -9): its tap goes with it, and so do its rules.
+    f.host.exit(f.host.spawns()[0].pid, Some(KILLED));
+    wait_for_state(&entry, VmState::Failed).await;
+    assert!(f.host.firewalled().is_empty(), "{:?}", f.host.firewalled());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_without_a_usable_resolver_gives_the_guest_no_dns_but_its_link_still_works() {
+    let f = fixture(false);
+    let entry = f.daemon.create(spec("alpha", true)).unwrap();
+
+    f.daemon.start(&entry).await.unwrap();
+
+    assert_eq!(lock(&f.host.recorded).firewall["husk0"].dns, None);
+    assert!(!f.host.spawns()[0].dns);
+    assert!(!status_of(&entry).dns);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_without_a_tap_gets_no_firewall_rules() {
+    let f = fixture(false);
+    let entry = f.daemon.create(spec("alpha", false)).unwrap();
+    f.daemon.start(&entry).await.unwrap();
+    assert!(f.host.firewalled().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_daemon_removes_the_rules_of_vms_that_ended_while_it_was_away() {
+    let f = fixture(false);
+    let entry = f.daemon.create(spec("alpha", true)).unwrap();
+    f.daemon.start(&entry).await.unwrap();
+    assert_eq!(f.host.firewalled(), ["husk0"]);
+    let collections = lock(&f.host.recorded).firewall_collections;
+    // huskd is killed; then its VMM dies too, unwatched (its tap goes, its rules stay).
+    drop(f.daemon);
+    lock(&f.host.recorded).vmm_taps.clear();
+    assert_eq!(f.host.firewalled(), ["husk0"]);
+
+    let _daemon = Daemon::open_on(f.config.clone(), f.host.clone()).unwrap();
+
+    assert!(lock(&f.host.recorded).firewall_collections > collections);
+    assert!(f.host.firewalled().is_empty());
+}
+
+fn rate_update(disk: Option<u32>, rate: u64) -> husk_proto::v1::UpdateRateLimitsRequest {
+    use husk_proto::v1::{DiskRateLimit, RateLimit, TokenBucket};
+    let limit = RateLimit {
+        bandwidth: Some(TokenBucket { rate, burst: 0 }),
+        ops: None,
+    };
+    husk_proto::v1::UpdateRateLimitsRequest {
+        vm: "alpha".into(),
+        disks: disk
+            .map(|disk| DiskRateLimit {
+                disk,
+                limit: Some(limit),
+            })
+            .into_iter()
+            .collect(),
+        net_rx: disk.is_none().then_some(limit),
+        net_tx: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn rate_limits_of_a_missing_vm_are_not_found_and_of_a_stopped_vm_a_failed_precondition() {
+    let f = fixture(false);
+    assert_eq!(f.daemon.resolve("nope").unwrap_err().code(), Code::NotFound);
+    let entry = f.daemon.create(spec("alpha", true)).unwrap();
+    let err = f
+        .daemon
+        .update_rate_limits(&entry, &rate_update(None, 1000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_rate_limits_are_invalid_argument_before_the_vmm_is_asked() {
+    let f = fixture(false);
+    let entry = f.daemon.create(spec("alpha", false)).unwrap();
+    let err = f
+        .daemon
+        .update_rate_limits(&entry, &rate_update(None, 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    f.daemon.start(&entry).await.unwrap();
+    // No network and no disk 0 on this VM: refused without a control-socket call.
+    for request in [rate_update(None, 10), rate_update(Some(0), 10)] {
+        let err = f
+            .daemon
+            .update_rate_limits(&entry, &request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_daemon_applies_again_the_rules_of_a_vm_it_adopts() {
+    let f = fixture(false);
+    lock(&f.host.recorded).dns = Some([192, 0, 2, 53].into());
+    let mut with_ports = spec("alive", true);
+    published(&mut with_ports, 8080, 80);
+    let entry = f.daemon.create(with_ports).unwrap();
+    f.daemon.start(&entry).await.unwrap();
+    let before = lock(&f.host.recorded).firewall["husk0"].clone();
+    // Its VMM is this test process (pid and start time); huskd is killed.
+    let me = std::process::id();
+    store::save_pid(&entry.dir, me, store::process_start_ticks(me).unwrap()).unwrap();
+    drop(f.daemon);
+
+    // A fresh host whose table is empty (flushed), where the VM's tap still exists.
+    let host = Arc::new(FakeHost::default());
+    lock(&host.recorded).dns = Some([192, 0, 2, 53].into());
+    let _tap = host.create_link().unwrap();
+    let _daemon = Daemon::open_on(f.config.clone(), host.clone()).unwrap();
+
+    assert_eq!(host.firewalled(), ["husk0"]);
+    assert_eq!(lock(&host.recorded).firewall["husk0"], before);
 }

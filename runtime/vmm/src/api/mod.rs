@@ -13,8 +13,8 @@ pub mod socket;
 pub mod vm_handle;
 
 use husk_proto::vmm::{
-    info, vmm_request, vmm_response, ErrorKind, Info, Snapshot, SnapshotDone, VmmRequest,
-    VmmResponse,
+    info, vmm_request, vmm_response, ErrorKind, Info, SetRateLimits, Snapshot, SnapshotDone,
+    VmmRequest, VmmResponse,
 };
 
 /// Why a request failed; the client gets [`error_chain`] of it as the response's message.
@@ -30,13 +30,18 @@ pub enum ControlError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("this VM cannot take snapshots")]
     NoSnapshots,
-    #[error("empty or unknown request: expected describe, pause, resume, stop or snapshot")]
+    #[error(transparent)]
+    RateLimit(#[from] crate::devices::rate_limits::RateLimitError),
+    #[error("this VM cannot change rate limits")]
+    NoRateLimits,
+    #[error("empty or unknown request (describe, pause, resume, stop, snapshot, set_rate_limits)")]
     UnknownRequest,
 }
 
 impl ControlError {
     /// The kind a client acts on (see `ErrorKind` in the protocol).
     pub fn kind(&self) -> ErrorKind {
+        use crate::devices::rate_limits::RateLimitError;
         use crate::snapshot::memory::MemoryFileError;
         use crate::snapshot::SnapshotError;
         match self {
@@ -44,6 +49,10 @@ impl ControlError {
             Self::Snapshot(SnapshotError::Memory(MemoryFileError::BaseUnavailable { .. })) => {
                 ErrorKind::BaseUnavailable
             }
+            Self::RateLimit(RateLimitError::NoSuchDisk(_) | RateLimitError::NoNet) => {
+                ErrorKind::NoSuchDevice
+            }
+            Self::RateLimit(RateLimitError::ZeroRate) => ErrorKind::InvalidLimit,
             _ => ErrorKind::Unspecified,
         }
     }
@@ -62,6 +71,10 @@ pub trait VmControl {
     /// Writes a snapshot of the paused VM.
     fn snapshot(&self, _request: &Snapshot) -> Result<SnapshotDone, ControlError> {
         Err(ControlError::NoSnapshots)
+    }
+    /// Replaces devices' rate limits (all or nothing); answers with the VM as it is now.
+    fn set_rate_limits(&self, _request: &SetRateLimits) -> Result<Info, ControlError> {
+        Err(ControlError::NoRateLimits)
     }
 }
 
@@ -82,6 +95,7 @@ pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
         Some(Msg::Pause(_)) => vm.pause(),
         Some(Msg::Resume(_)) => vm.resume(),
         Some(Msg::Stop(_)) => Ok(vm.stop()),
+        Some(Msg::SetRateLimits(ref limits)) => vm.set_rate_limits(limits),
         Some(Msg::Snapshot(_)) | None => Err(ControlError::UnknownRequest),
     };
     match result {
@@ -265,6 +279,32 @@ pub(crate) mod tests {
         fn snapshot(&self, _request: &Snapshot) -> Result<SnapshotDone, ControlError> {
             Err((self.0)())
         }
+        fn set_rate_limits(&self, _request: &SetRateLimits) -> Result<Info, ControlError> {
+            Err((self.0)())
+        }
+    }
+
+    #[test]
+    fn rate_limit_refusals_say_whether_the_device_or_the_limit_was_wrong() {
+        use crate::devices::rate_limits::RateLimitError;
+        let set = request(vmm_request::Msg::SetRateLimits(SetRateLimits::default()));
+        let cases: [(fn() -> ControlError, ErrorKind); 4] = [
+            (
+                || RateLimitError::NoSuchDisk(3).into(),
+                ErrorKind::NoSuchDevice,
+            ),
+            (|| RateLimitError::NoNet.into(), ErrorKind::NoSuchDevice),
+            (|| RateLimitError::ZeroRate.into(), ErrorKind::InvalidLimit),
+            (|| ControlError::Stopping, ErrorKind::Unspecified),
+        ];
+        for (error, kind) in cases {
+            let response = handle_request(&set, &RefusingVm(error));
+            assert_eq!(response.error_kind(), kind, "{response:?}");
+            assert_eq!(error_of(&response), error_chain(&error()));
+        }
+        // A VM without the call refuses it by name.
+        let err = error_of(&handle_request(&set, &FakeVm::default()));
+        assert_eq!(err, "this VM cannot change rate limits");
     }
 
     #[test]

@@ -144,6 +144,16 @@ impl VmControl for VmHandle {
         self.describe()
     }
 
+    fn set_rate_limits(
+        &self,
+        request: &husk_proto::vmm::SetRateLimits,
+    ) -> Result<Info, ControlError> {
+        self.stopping_error()?;
+        let limits = crate::devices::rate_limits::RateLimits::from_request(request)?;
+        crate::devices::rate_limits::apply(&self.devices, &limits)?;
+        Ok(self.describe())
+    }
+
     fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, ControlError> {
         self.stopping_error()?;
         if request.state_path.is_empty() || request.mem_path.is_empty() {

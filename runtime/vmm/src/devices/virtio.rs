@@ -66,6 +66,8 @@ pub struct VirtioSlot {
     pub queue_events: Vec<EventFd>,
     /// The device's backend fd, if it has one, and how to watch it.
     pub backend_fd: Option<(RawFd, BackendTrigger)>,
+    /// The device's rate-limit timer, if it can be rate limited.
+    pub timer_fd: Option<RawFd>,
     /// Kernel command-line parameter announcing the device.
     pub cmdline: String,
 }
@@ -95,6 +97,28 @@ impl VirtioSlot {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .restore_state(state)
+    }
+
+    /// Replaces the rate limit of queue `queue` (see [`VirtioDevice::set_rate_limit`]), then
+    /// notifies every queue so that one parked under the old limit goes on under the new one
+    /// (a spurious notification costs one empty walk). `false` if the device refused.
+    pub fn set_rate_limit(
+        &self,
+        queue: usize,
+        config: husk_devices::rate_limiter::RateLimitConfig,
+    ) -> bool {
+        let accepted = self
+            .transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .device_mut()
+            .set_rate_limit(queue, config);
+        if accepted {
+            for evt in &self.queue_events {
+                let _ = evt.write(1);
+            }
+        }
+        accepted
     }
 
     /// The device's virtio type ([`husk_devices::virtio::device_id`]).
@@ -135,6 +159,7 @@ pub fn attach(
     let device_type = device.device_type();
     let queue_count = device.queue_max_sizes().len();
     let backend_fd = device.backend_fd().map(|fd| (fd, device.backend_trigger()));
+    let timer_fd = device.timer_fd();
     let transport = MmioTransport::new(device, vm.memory().clone(), interrupt)
         .map_err(|_| VirtioAttachError::Queues(device_type))?;
     let transport = Arc::new(Mutex::new(transport));
@@ -153,6 +178,7 @@ pub fn attach(
         transport,
         queue_events,
         backend_fd,
+        timer_fd,
         cmdline: format!("virtio_mmio.device=4K@{base:#x}:{irq}"),
     })
 }

@@ -157,6 +157,8 @@ const VCPU: &[Rule] = &[
     // A guest's net driver activating the device (an MMIO write on this thread) sets the tap's
     // offloads (TUNSETOFFLOAD) and takes the frames already waiting on it (read).
     r(l::SYS_read, "read", Args::Any),
+    // ... and, with an rx rate limit, may find the bucket empty and arm the device's timer.
+    r(l::SYS_timerfd_settime, "timerfd_settime", Args::Any),
     // Serial output to a `--console unix:PATH` socket.
     r(l::SYS_sendto, "sendto", Args::Connected),
     // A `--console file:PATH` at its size limit is truncated and rewound (console_file.rs).
@@ -211,6 +213,8 @@ const EVENTS: &[Rule] = &[
     r(l::SYS_sendto, "sendto", Args::Connected),
     r(l::SYS_shutdown, "shutdown", Args::Any),
     r(l::SYS_ioctl, "ioctl", Args::Arg1(&[(FIONBIO, "FIONBIO")])),
+    // Rate limiters: a queue out of tokens arms its device's timer (read when it fires).
+    r(l::SYS_timerfd_settime, "timerfd_settime", Args::Any),
 ];
 
 const API: &[Rule] = &[

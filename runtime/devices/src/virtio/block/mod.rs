@@ -10,11 +10,13 @@ use std::path::Path;
 use backend::{DiskBackend, RawFile};
 use request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
 
-use super::queue_worker::{serve_queue_bounded, Progress};
+use super::queue_worker::{chain_bytes, serve_queue_gated, Gated, Progress};
+use super::throttle::{limiter_for, new_throttle, Clock, Throttle};
 use super::{
     device_id, features, ActivateContext, DeviceCounters, DeviceError, QueueSet, VirtioDevice,
     WORK_BUDGET,
 };
+use crate::rate_limiter::{RateLimitConfig, RateLimiter};
 
 /// Feature bits (§5.2.3).
 mod feature {
@@ -29,6 +31,8 @@ mod feature {
 const QUEUE_SIZE: u16 = 256;
 /// Data segments per request the driver may use (the chain adds header and status).
 const SEG_MAX: u32 = 126;
+/// Bytes of a request that are not data: the 16-byte header and the status byte.
+const REQUEST_OVERHEAD: u64 = 17;
 /// Sectors one discard / write-zeroes request may cover (4 GiB - 512).
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / 512;
 
@@ -46,6 +50,10 @@ pub struct Block {
     counters: DeviceCounters,
     /// Queues left with work when the budget ran out.
     unfinished: QueueSet,
+    /// The request queue's limiter (`None`: unlimited, the default).
+    limiter: Option<RateLimiter>,
+    /// The limiter's timer; `None` only if the timerfd could not be created.
+    throttle: Option<Throttle>,
 }
 
 impl Block {
@@ -75,6 +83,21 @@ impl Block {
             state: State::Inactive,
             counters: DeviceCounters::default(),
             unfinished: QueueSet::default(),
+            limiter: None,
+            throttle: new_throttle(),
+        }
+    }
+
+    /// Sets the rate limit of the request queue (see [`VirtioDevice::set_rate_limit`]).
+    pub fn with_rate_limit(mut self, config: RateLimitConfig) -> Self {
+        self.set_rate_limit(0, config);
+        self
+    }
+
+    /// Replaces the limiter's clock (tests).
+    pub fn set_clock(&mut self, clock: Clock) {
+        if let Some(t) = &mut self.throttle {
+            t.set_clock(clock);
         }
     }
 
@@ -136,14 +159,57 @@ impl VirtioDevice for Block {
         };
         let (disk, limits, counters, mem) =
             (self.disk.as_ref(), &self.limits, &self.counters, &ctx.mem);
-        let progress =
-            serve_queue_bounded(queue, index, mem, &ctx.interrupt, WORK_BUDGET, |chain| {
-                request::serve(chain, mem, disk, limits, counters)
-            })?;
-        if progress == Progress::More {
-            self.unfinished.insert(index);
+        // The clock is read once per turn, and only when limited.
+        let throttle = self.throttle.as_ref();
+        let mut gate = self
+            .limiter
+            .as_mut()
+            .and_then(|l| throttle.map(|t| (l, t.now())));
+        let outcome = serve_queue_gated(
+            queue,
+            index,
+            mem,
+            &ctx.interrupt,
+            WORK_BUDGET,
+            |chain| match &mut gate {
+                None => Ok(()),
+                Some((limiter, now)) => {
+                    let data = chain_bytes(chain).saturating_sub(REQUEST_OVERHEAD);
+                    limiter.consume(data, *now)
+                }
+            },
+            |chain| request::serve(chain, mem, disk, limits, counters),
+        )?;
+        match outcome {
+            Gated::Done(Progress::More) => self.unfinished.insert(index),
+            Gated::Done(Progress::Idle) => {}
+            Gated::Parked(wait) => {
+                if let Some(t) = &mut self.throttle {
+                    t.park(index, wait);
+                }
+            }
         }
         Ok(())
+    }
+    fn timer_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.throttle.as_ref().map(Throttle::fd)
+    }
+    fn timer_expired(&mut self) {
+        if let Some(t) = &mut self.throttle {
+            for q in t.expired().iter() {
+                self.unfinished.insert(q);
+            }
+        }
+    }
+    fn set_rate_limit(&mut self, index: usize, config: RateLimitConfig) -> bool {
+        let Some(t) = &self.throttle else {
+            return false;
+        };
+        if index != 0 {
+            return false;
+        }
+        self.limiter = limiter_for(config, t.now());
+        true
     }
     fn take_unfinished(&mut self) -> QueueSet {
         std::mem::take(&mut self.unfinished)
@@ -151,6 +217,9 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.state = State::Inactive;
         self.unfinished = QueueSet::default();
+        if let Some(t) = &mut self.throttle {
+            t.clear();
+        }
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -283,3 +283,95 @@ fn a_writable_image_cannot_be_opened_twice() {
         "no reader while a writer holds it"
     );
 }
+
+fn limited(img: &TempImage, rate: u64) -> (Block, crate::virtio::throttle::ManualClock) {
+    use crate::rate_limiter::{BucketConfig, RateLimitConfig};
+    let clock = crate::virtio::throttle::ManualClock::new();
+    let mut dev = Block::open(&img.0, false, "disk0").unwrap();
+    dev.set_clock(clock.clock());
+    let dev = dev.with_rate_limit(RateLimitConfig {
+        bandwidth: Some(BucketConfig { rate, burst: 0 }),
+        ops: None,
+    });
+    (dev, clock)
+}
+
+fn read_request(driver: &mut Driver<'_>, sector: u64, len: u32) {
+    driver.chain(&[
+        (&header(0, sector), 16, false),
+        (&[], len, true),
+        (&[], 1, true),
+    ]);
+}
+
+#[test]
+fn an_empty_bucket_parks_the_queue_arms_the_timer_and_the_timer_resumes_it() {
+    let img = TempImage::new(16, 0x11);
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    for sector in 0..3 {
+        read_request(&mut driver, sector * 2, 1024);
+    }
+    // 1024 bytes per second, a burst of one second: one request now, one per second after.
+    let (mut dev, clock) = limited(&img, 1024);
+
+    run(&mut dev, &driver);
+    assert_eq!(
+        driver.used().len(),
+        1,
+        "the second request waits for tokens"
+    );
+    let throttle = dev.throttle.as_ref().unwrap();
+    assert!(throttle.is_armed() && throttle.is_parked(0));
+    // A guest kick while parked serves nothing and needs no new timer.
+    dev.process_queue(0).unwrap();
+    assert_eq!(driver.used().len(), 1);
+    assert!(dev.take_unfinished().is_empty());
+
+    clock.advance(std::time::Duration::from_secs(1));
+    dev.timer_expired();
+    let resumed = dev.take_unfinished();
+    assert!(
+        resumed.contains(0),
+        "the parked queue comes back as unfinished work"
+    );
+    dev.process_queue(0).unwrap();
+    assert_eq!(driver.used().len(), 2);
+
+    clock.advance(std::time::Duration::from_secs(1));
+    dev.timer_expired();
+    dev.process_queue(0).unwrap();
+    assert_eq!(driver.used().len(), 3);
+    assert_eq!(status_of(&driver, 8), status::OK);
+}
+
+#[test]
+fn a_device_without_limits_never_arms_its_timer() {
+    let img = TempImage::new(16, 0x11);
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    for sector in 0..3 {
+        read_request(&mut driver, sector * 2, 1024);
+    }
+    let mut dev = Block::open(&img.0, false, "disk0").unwrap();
+    run(&mut dev, &driver);
+    assert_eq!(driver.used().len(), 3);
+    assert!(!dev.throttle.as_ref().unwrap().is_armed());
+}
+
+#[test]
+fn lifting_the_limit_at_run_time_lets_a_parked_queue_go_on_at_once() {
+    let img = TempImage::new(16, 0x11);
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    for sector in 0..3 {
+        read_request(&mut driver, sector * 2, 1024);
+    }
+    let (mut dev, _clock) = limited(&img, 1024);
+    run(&mut dev, &driver);
+    assert_eq!(driver.used().len(), 1);
+    assert!(dev.set_rate_limit(0, Default::default()));
+    assert!(!dev.set_rate_limit(1, Default::default()), "one queue only");
+    dev.process_queue(0).unwrap();
+    assert_eq!(driver.used().len(), 3);
+}

@@ -10,11 +10,13 @@ use std::io;
 use tap::{NetBackend, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
-use super::queue_worker::{serve_queue_bounded, Progress};
+use super::queue_worker::{chain_bytes, serve_queue_gated, Gated, Progress};
+use super::throttle::{limiter_for, new_throttle, Clock, Throttle};
 use super::{
     device_id, features, ActivateContext, DeviceCounters, DeviceError, QueueSet, VirtioDevice,
     WORK_BUDGET,
 };
+use crate::rate_limiter::{RateLimitConfig, RateLimiter};
 use crate::GuestMemoryMmap;
 
 /// Feature bits (§5.1.3).
@@ -57,6 +59,11 @@ pub struct Net {
     counters: DeviceCounters,
     /// Queues left with work when the budget ran out.
     unfinished: QueueSet,
+    /// Limiters of the rx and tx queues (`None`: unlimited, the default).
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    /// The limiters' timer; `None` only if the timerfd could not be created.
+    throttle: Option<Throttle>,
 }
 
 impl Net {
@@ -73,6 +80,23 @@ impl Net {
             tx_buf: vec![0; MAX_FRAME],
             counters: DeviceCounters::default(),
             unfinished: QueueSet::default(),
+            rx_limiter: None,
+            tx_limiter: None,
+            throttle: new_throttle(),
+        }
+    }
+
+    /// Sets the rx and tx rate limits (see [`VirtioDevice::set_rate_limit`]).
+    pub fn with_rate_limits(mut self, rx: RateLimitConfig, tx: RateLimitConfig) -> Self {
+        self.set_rate_limit(RX, rx);
+        self.set_rate_limit(TX, tx);
+        self
+    }
+
+    /// Replaces the limiters' clock (tests).
+    pub fn set_clock(&mut self, clock: Clock) {
+        if let Some(t) = &mut self.throttle {
+            t.set_clock(clock);
         }
     }
 
@@ -89,22 +113,38 @@ impl Net {
             &self.counters,
             &ctx.mem,
         );
-        let progress = serve_queue_bounded(queue, TX, mem, &ctx.interrupt, WORK_BUDGET, |chain| {
-            match read_frame(chain, mem, buf) {
-                Some(len) => match backend.send(&buf[..len]) {
-                    Ok(()) => {
-                        counters.add(&counters.requests, 1);
-                        counters.add(&counters.bytes_read, len as u64);
-                    }
-                    // The host queue is full or the frame is bad: drop it, as a NIC would.
-                    Err(_) => counters.add(&counters.errors, 1),
-                },
-                None => counters.add(&counters.errors, 1),
+        let throttle = self.throttle.as_ref();
+        let mut gate = self
+            .tx_limiter
+            .as_mut()
+            .and_then(|l| throttle.map(|t| (l, t.now())));
+        let gate = |chain: &super::queue_worker::Chain<'_>| match &mut gate {
+            None => Ok(()),
+            Some((limiter, now)) => limiter.consume(chain_bytes(chain), *now),
+        };
+        let outcome =
+            serve_queue_gated(queue, TX, mem, &ctx.interrupt, WORK_BUDGET, gate, |chain| {
+                match read_frame(chain, mem, buf) {
+                    Some(len) => match backend.send(&buf[..len]) {
+                        Ok(()) => {
+                            counters.add(&counters.requests, 1);
+                            counters.add(&counters.bytes_read, len as u64);
+                        }
+                        // The host queue is full or the frame is bad: drop it, as a NIC would.
+                        Err(_) => counters.add(&counters.errors, 1),
+                    },
+                    None => counters.add(&counters.errors, 1),
+                }
+                0
+            })?;
+        match outcome {
+            Gated::Done(Progress::More) => self.unfinished.insert(TX),
+            Gated::Done(Progress::Idle) => {}
+            Gated::Parked(wait) => {
+                if let Some(t) = &mut self.throttle {
+                    t.park(TX, wait);
+                }
             }
-            0
-        })?;
-        if progress == Progress::More {
-            self.unfinished.insert(TX);
         }
         Ok(())
     }
@@ -122,22 +162,45 @@ impl Net {
         let mut delivered = false;
         // Every attempt counts, failed reads and retries included: nothing loops unbounded.
         let mut out_of_budget = true;
+        // The clock is read once per turn, and only when limited.
+        let throttle = self.throttle.as_mut();
+        let mut limit = self
+            .rx_limiter
+            .as_mut()
+            .and_then(|l| throttle.map(|t| (l, (t.now(), t))));
         for _ in 0..WORK_BUDGET {
             let len = match self.rx_pending.take() {
                 Some(len) => len,
-                None => match read_frame_from(self.backend.as_mut(), &mut self.rx_buf) {
-                    Ok(Some(len)) => len,
-                    Ok(None) => {
-                        self.counters.add(&self.counters.errors, 1);
-                        continue;
+                None => {
+                    // Frames are charged once read (their size is not known before), so an
+                    // empty bucket leaves the next ones in the tap, never dropped.
+                    if let Some((limiter, (now, throttle))) = &mut limit {
+                        let wait = limiter.wait_for(1, *now);
+                        if !wait.is_zero() {
+                            throttle.park(RX, wait);
+                            out_of_budget = false;
+                            break;
+                        }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        out_of_budget = false;
-                        break;
+                    match read_frame_from(self.backend.as_mut(), &mut self.rx_buf) {
+                        Ok(Some(len)) => {
+                            if let Some((limiter, (now, _))) = &mut limit {
+                                limiter.charge(len as u64, *now);
+                            }
+                            len
+                        }
+                        Ok(None) => {
+                            self.counters.add(&self.counters.errors, 1);
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            out_of_budget = false;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(DeviceError::Backend(e)),
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(DeviceError::Backend(e)),
-                },
+                }
             };
             let frame = &mut self.rx_buf[..len];
             match deliver(queue, mem, frame, *mergeable, &self.counters)? {
@@ -408,10 +471,35 @@ impl VirtioDevice for Net {
     fn take_unfinished(&mut self) -> QueueSet {
         std::mem::take(&mut self.unfinished)
     }
+    fn timer_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.throttle.as_ref().map(Throttle::fd)
+    }
+    fn timer_expired(&mut self) {
+        if let Some(t) = &mut self.throttle {
+            for q in t.expired().iter() {
+                self.unfinished.insert(q);
+            }
+        }
+    }
+    fn set_rate_limit(&mut self, index: usize, config: RateLimitConfig) -> bool {
+        let Some(t) = &self.throttle else {
+            return false;
+        };
+        let limiter = limiter_for(config, t.now());
+        match index {
+            RX => self.rx_limiter = limiter,
+            TX => self.tx_limiter = limiter,
+            _ => return false,
+        }
+        true
+    }
     fn reset(&mut self) {
         self.state = State::Inactive;
         self.rx_pending = None;
         self.unfinished = QueueSet::default();
+        if let Some(t) = &mut self.throttle {
+            t.clear();
+        }
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -356,3 +356,77 @@ fn tx_stops_at_the_budget_and_finishes_on_later_turns() {
     assert_eq!(wire.0.lock().unwrap().from_guest.len(), frames);
     assert!(net.take_unfinished().is_empty());
 }
+
+fn bw_limit(rate: u64) -> crate::rate_limiter::RateLimitConfig {
+    crate::rate_limiter::RateLimitConfig {
+        bandwidth: Some(crate::rate_limiter::BucketConfig { rate, burst: 0 }),
+        ops: None,
+    }
+}
+
+#[test]
+fn rx_over_its_limit_leaves_frames_in_the_backend_until_the_timer_fires() {
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    for _ in 0..4 {
+        rx.chain(&[(&[], 2048, true)]);
+    }
+    let clock = crate::virtio::throttle::ManualClock::new();
+    let wire = FakeBackend::default();
+    let mut net = Net::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+    net.set_clock(clock.clock());
+    let mut net = net.with_rate_limits(bw_limit(1000), Default::default());
+    for seed in 0..3 {
+        wire.0.lock().unwrap().to_guest.push_back(frame(1000, seed));
+    }
+    let mut ctx = activate_ctx(&mem, vec![rx.queue(), tx.queue()], CountingLine::default());
+    ctx.acked_features = MRG;
+    net.activate(ctx).unwrap();
+
+    // One second's worth went in; the rest stays in the backend, none is dropped.
+    assert_eq!(rx.used().len(), 1);
+    assert_eq!(wire.0.lock().unwrap().to_guest.len(), 2);
+    assert!(net.throttle.as_ref().unwrap().is_parked(RX));
+    net.process_backend().unwrap();
+    assert_eq!(
+        rx.used().len(),
+        1,
+        "a backend event while parked reads nothing"
+    );
+
+    clock.advance(std::time::Duration::from_secs(1));
+    net.timer_expired();
+    assert!(net.take_unfinished().contains(RX));
+    net.process_queue(RX).unwrap();
+    assert_eq!(rx.used().len(), 2);
+    assert_eq!(wire.0.lock().unwrap().to_guest.len(), 1);
+    assert_eq!(net.counters().snapshot().errors, 0);
+}
+
+#[test]
+fn tx_over_its_limit_keeps_the_guests_frames_on_the_ring() {
+    let mem = guest_memory();
+    let rx = Driver::new(&mem, 16);
+    let mut tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    for seed in 0..3 {
+        tx.chain(&[(&frame(500, seed), 500, false)]);
+    }
+    let clock = crate::virtio::throttle::ManualClock::new();
+    let wire = FakeBackend::default();
+    let mut net = Net::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+    net.set_clock(clock.clock());
+    let mut net = net.with_rate_limits(Default::default(), bw_limit(1000));
+    let mut ctx = activate_ctx(&mem, vec![rx.queue(), tx.queue()], CountingLine::default());
+    ctx.acked_features = MRG;
+    net.activate(ctx).unwrap();
+
+    net.process_queue(TX).unwrap();
+    assert_eq!(wire.0.lock().unwrap().from_guest.len(), 2);
+    assert!(net.throttle.as_ref().unwrap().is_armed());
+    clock.advance(std::time::Duration::from_millis(500));
+    net.timer_expired();
+    net.process_queue(TX).unwrap();
+    assert_eq!(wire.0.lock().unwrap().from_guest.len(), 3);
+    assert_eq!(tx.used().len(), 3);
+}
