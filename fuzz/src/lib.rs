@@ -98,6 +98,9 @@ impl NetBackend for ScriptedNet {
     fn set_offloads(&mut self, _flags: u32) -> io::Result<()> {
         Ok(())
     }
+    fn takes_vnet_offloads(&self) -> bool {
+        true
+    }
     fn fd(&self) -> Option<std::os::unix::io::RawFd> {
         None
     }

@@ -312,7 +312,8 @@ fn build_oci_image(dir: &Path) -> PathBuf {
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .expect("/bin/busybox (busybox-static) is needed");
     for applet in [
-        "sh", "echo", "cat", "sleep", "id", "pwd", "env", "ls", "true", "kill",
+        "sh", "echo", "cat", "sleep", "id", "pwd", "env", "ls", "true", "kill", "ip", "ping", "nc",
+        "timeout",
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
@@ -761,4 +762,233 @@ fn a_dead_shim_is_cleaned_up_by_the_delete_action() {
     let _ = ctrd.ctr(&["task", "delete", "--force", "sd1"]);
     ctrd.ctr_ok(&["container", "delete", "sd1"]);
     assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+}
+
+/// A network namespace configured by Debian's CNI plugins (bridge + host-local, MTU 1400 as an
+/// overlay network would have), as CRI sets up a pod's: `/var/run/netns/NAME`, its `eth0` a veth on bridge `BRIDGE` whose address is
+/// the gateway (`SUBNET.1`), removed again (CNI DEL) on drop.
+struct CniNetns {
+    name: String,
+    bridge: String,
+    config: String,
+    data_dir: PathBuf,
+}
+
+const CNI_PLUGINS: &str = "/usr/lib/cni";
+
+impl CniNetns {
+    fn add(name: &str, bridge: &str, subnet: &str) -> Self {
+        assert!(
+            Path::new(CNI_PLUGINS).join("bridge").exists(),
+            "{CNI_PLUGINS}/bridge is missing (Debian package containernetworking-plugins): \
+             scripts/setup"
+        );
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ip netns add {name}");
+        let data_dir = PathBuf::from(format!("/tmp/husk-cni-{name}"));
+        let config = format!(
+            r#"{{"cniVersion": "0.4.0", "name": "husk-test-{name}", "type": "bridge",
+                "bridge": "{bridge}", "isGateway": true, "ipMasq": false, "mtu": 1400,
+                "ipam": {{"type": "host-local", "subnet": "{subnet}.0/24",
+                          "dataDir": "{data}", "routes": [{{"dst": "0.0.0.0/0"}}]}}}}"#,
+            data = data_dir.display()
+        );
+        let me = Self {
+            name: name.into(),
+            bridge: bridge.into(),
+            config,
+            data_dir,
+        };
+        let out = me.plugin("ADD");
+        assert!(
+            out.status.success(),
+            "CNI bridge ADD: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        me
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Runs the bridge plugin with CNI_COMMAND `command` (the CNI protocol: environment and
+    /// the network config on stdin).
+    fn plugin(&self, command: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new(Path::new(CNI_PLUGINS).join("bridge"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.name)
+            .env("CNI_NETNS", self.path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_PLUGINS)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(self.config.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// The tc filters on the namespace's eth0 (`tc filter show dev eth0 ingress`).
+    fn eth0_filters(&self) -> String {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "tc", "filter", "show", "dev", "eth0",
+            ])
+            .args(["ingress"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The links of the namespace (`ip -o link`).
+    fn links(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ip", "-o", "link"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for CniNetns {
+    fn drop(&mut self) {
+        let _ = self.plugin("DEL");
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// `ctr run --with-ns network:PATH`, the namespace configured by CNI as for a pod: the guest
+/// takes eth0's address and MTU, reaches the bridge's gateway (the host) and serves the host at that
+/// address; when the container ends, eth0 is the namespace's again and no tap is left in it.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_cni_configured_namespace_gives_the_guest_its_address_both_ways() {
+    require_guest_kvm();
+    let cni = CniNetns::add("husk-cni-t1", "huskcni1", "10.99.7");
+    let ctrd = Containerd::start("cni");
+    let with_ns = format!("network:{}", cni.path());
+    // The guest prints its address, pings the gateway, then serves one request on 8080.
+    let script = "ip -4 -o addr show eth0; echo MTU=$(cat /sys/class/net/eth0/mtu); \
+                  ping -c 1 -W 5 10.99.7.1 >/dev/null && echo PING-OK; \
+                  printf 'HTTP/1.0 200 OK\\r\\n\\r\\nFROM-THE-POD\\n' | timeout 120 nc -l -p 8080; \
+                  echo SERVED";
+    let mut run = Command::new("ctr")
+        .arg("--address")
+        .arg(&ctrd.socket)
+        .args([
+            "--namespace",
+            "husk",
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+        ])
+        .args(["--runtime", RUNTIME, "--with-ns", &with_ns, IMAGE, "cni1"])
+        .args(["sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // From the host, the guest's server at the CNI address (the bridge routes to the veth,
+    // whose traffic the tc filters hand to the VM).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut page = String::new();
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = run.try_wait() {
+            break;
+        }
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &"10.99.7.2:8080".parse().unwrap(),
+            Duration::from_secs(2),
+        ) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+            let _ = s.read_to_string(&mut page);
+            if page.contains("FROM-THE-POD") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let filters_while_running = cni.eth0_filters();
+    let out = run_with_timeout_child(run, CTR_LIMIT);
+    let (stdout, stderr) = out;
+    assert!(
+        page.contains("FROM-THE-POD"),
+        "the host did not reach the guest at 10.99.7.2:8080 ({page:?})\nstdout: {stdout}\n\
+         stderr: {stderr}\n{}",
+        ctrd.logs()
+    );
+    assert!(
+        stdout.contains("inet 10.99.7.2/24"),
+        "the guest's eth0 has not the CNI address:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("PING-OK"),
+        "no ping to the gateway:\n{stdout}"
+    );
+    assert!(stdout.contains("SERVED"), "{stdout}");
+    // The CNI network's MTU (1400, below Ethernet's) reached the guest's driver.
+    assert!(stdout.contains("MTU=1400"), "{stdout}");
+    assert!(
+        filters_while_running.contains("mirred"),
+        "no redirect on eth0 while the VM ran: {filters_while_running}"
+    );
+    // The VM is gone: its tap went with it, the redirect with the VM's end.
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cni.eth0_filters().contains("mirred") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !cni.eth0_filters().contains("mirred"),
+        "the redirect outlived the VM"
+    );
+    assert!(
+        !cni.links().contains("husktap"),
+        "a tap outlived the VM: {}",
+        cni.links()
+    );
+}
+
+/// Waits for a spawned child with piped output (killed past `limit`); its stdout and stderr.
+fn run_with_timeout_child(mut child: Child, limit: Duration) -> (String, String) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -434,7 +434,16 @@ fn the_application_exit_is_reported_with_its_console_output() {
 fn concurrent_starts_one_wins_and_the_cli_drives_a_sandbox() {
     require_guest_kvm();
     let huskd = daemon("race");
-    let created = huskd.husk(&["create", "--name", "box", "--memory", "128"]);
+    let created = huskd.husk(&[
+        "create",
+        "--name",
+        "box",
+        "--memory",
+        "128",
+        "--net",
+        "--net-tx-limit",
+        "bw=1M",
+    ]);
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     let mut a = huskd.client();
     let mut b = huskd.client();
@@ -458,6 +467,16 @@ fn concurrent_starts_one_wins_and_the_cli_drives_a_sandbox() {
     assert_eq!(ex.stdout(), "cli-exec\n");
     let ps = huskd.husk(&["ps"]);
     assert!(ps.stdout().contains("running"), "{}", ps.stdout());
+    assert!(ps.stdout().contains(" tx:bw=1M "), "{}", ps.stdout());
+    // A limit changed on the running VM (UpdateRateLimits through its VMM) shows in ps too.
+    let update = huskd.husk(&["update", "box", "--net-rx-limit", "ops=500"]);
+    assert_eq!(update.code(), Some(0), "{}", update.stderr());
+    let ps = huskd.husk(&["ps"]);
+    assert!(
+        ps.stdout().contains(" rx:ops=500 tx:bw=1M "),
+        "{}",
+        ps.stdout()
+    );
     for verb in ["pause", "resume"] {
         let r = huskd.husk(&[verb, "box"]);
         assert_eq!(r.code(), Some(0), "{verb}: {}", r.stderr());

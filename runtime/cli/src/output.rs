@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use husk_proto::v1::{event, network, port_mapping, Event, Vm, VmSpec, VmState, VmStatus};
+use husk_proto::v1::{
+    event, network, port_mapping, Event, RateLimit, Vm, VmSpec, VmState, VmStatus,
+};
 use serde::Serialize;
 
 pub fn state_name(state: i32) -> &'static str {
@@ -86,6 +88,14 @@ pub fn vm_table(vms: &[Vm]) -> String {
                 } else {
                     published(&status).join(",")
                 },
+                {
+                    let l = limits(&status);
+                    if l.is_empty() {
+                        "-".into()
+                    } else {
+                        l.join(" ")
+                    }
+                },
                 if spec.command.is_empty() {
                     "(sandbox)".into()
                 } else {
@@ -96,7 +106,7 @@ pub fn vm_table(vms: &[Vm]) -> String {
         .collect();
     table(
         &[
-            "ID", "NAME", "STATE", "CPUS", "MEMORY", "IP", "PORTS", "COMMAND",
+            "ID", "NAME", "STATE", "CPUS", "MEMORY", "IP", "PORTS", "LIMITS", "COMMAND",
         ],
         &rows,
     )
@@ -119,6 +129,51 @@ fn published(status: &VmStatus) -> Vec<String> {
             };
             format!("{ip}{}->{}/{proto}", p.host_port, p.guest_port)
         })
+        .collect()
+}
+
+/// A bucket as the flags spell it, in K, M or G where the numbers are whole multiples.
+fn bucket_text(b: &husk_proto::v1::TokenBucket) -> String {
+    fn number(n: u64) -> String {
+        for (shift, unit) in [(30, "G"), (20, "M"), (10, "K")] {
+            if n != 0 && n % (1 << shift) == 0 {
+                return format!("{}{unit}", n >> shift);
+            }
+        }
+        n.to_string()
+    }
+    if b.burst == 0 {
+        number(b.rate)
+    } else {
+        format!("{}:{}", number(b.rate), number(b.burst))
+    }
+}
+
+/// A rate limit as `--disk-limit` and `--net-rx-limit` take it: `bw=RATE[:BURST],ops=...`.
+fn limit_text(l: &RateLimit) -> String {
+    let parts: Vec<String> = [("bw", &l.bandwidth), ("ops", &l.ops)]
+        .into_iter()
+        .filter_map(|(name, b)| b.as_ref().map(|b| format!("{name}={}", bucket_text(b))))
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+/// The limits in force, as `husk ps` prints them: `rx:LIMIT`, `tx:LIMIT`, `diskN:LIMIT`.
+fn limits(status: &VmStatus) -> Vec<String> {
+    let net = [
+        ("rx", &status.net_rx_rate_limit),
+        ("tx", &status.net_tx_rate_limit),
+    ];
+    net.into_iter()
+        .filter_map(|(name, l)| l.as_ref().map(|l| format!("{name}:{}", limit_text(l))))
+        .chain(status.disk_rate_limits.iter().filter_map(|d| {
+            let l = d.limit.as_ref()?;
+            Some(format!("disk{}:{}", d.disk, limit_text(l)))
+        }))
         .collect()
 }
 
@@ -174,6 +229,11 @@ struct StatusJson<'a> {
     egress_deny: &'a [String],
     host_access: bool,
     dns: bool,
+    /// The limits in force, `N:LIMIT` per disk and `LIMIT` per direction, spelled as the
+    /// flags take them (`bw=1M:2M,ops=100`).
+    disk_rate_limits: Vec<String>,
+    net_rx_rate_limit: Option<String>,
+    net_tx_rate_limit: Option<String>,
 }
 
 impl<'a> VmJson<'a> {
@@ -231,6 +291,13 @@ impl<'a> VmJson<'a> {
                 egress_deny: status.egress.as_ref().map_or(&[], |e| &e.deny),
                 host_access: status.egress.as_ref().is_some_and(|e| e.host_access),
                 dns: status.dns,
+                disk_rate_limits: status
+                    .disk_rate_limits
+                    .iter()
+                    .filter_map(|d| Some(format!("{}:{}", d.disk, limit_text(d.limit.as_ref()?))))
+                    .collect(),
+                net_rx_rate_limit: status.net_rx_rate_limit.as_ref().map(limit_text),
+                net_tx_rate_limit: status.net_tx_rate_limit.as_ref().map(limit_text),
             },
         }
     }
@@ -367,6 +434,9 @@ pub fn vm_details(vm: &Vm) -> String {
             rows.push(("host access", "any port of the link's host end".into()));
         }
     }
+    for l in limits(&status) {
+        rows.push(("rate limit", l));
+    }
     rows.push(("vsock cid", status.vsock_cid.to_string()));
     rows.push(("agent ready", status.agent_ready.to_string()));
     rows.push(("console log", status.console_log.clone()));
@@ -457,7 +527,8 @@ mod tests {
                        "tap": "", "host_ip": "", "guest_ip": "", "vsock_cid": 0,
                        "console_log": "", "agent_ready": true, "published_ports": [],
                        "egress_allow": [], "egress_deny": [], "host_access": false,
-                       "dns": false}
+                       "dns": false, "disk_rate_limits": [], "net_rx_rate_limit": null,
+                       "net_tx_rate_limit": null}
         });
         assert_eq!(parsed, expected);
         // The layout scripts and tests grep for: `"key": value`, fields in proto order.
@@ -528,6 +599,40 @@ mod tests {
             details.contains("dns          through the host\n"),
             "{details}"
         );
+    }
+
+    #[test]
+    fn the_limits_in_force_show_in_ps_inspect_and_json_as_the_flags_spell_them() {
+        use husk_proto::v1::{DiskRateLimit, TokenBucket};
+        let mut vm = stopped_vm();
+        let status = vm.status.as_mut().unwrap();
+        let bucket = |rate, burst| Some(TokenBucket { rate, burst });
+        status.net_rx_rate_limit = Some(RateLimit {
+            bandwidth: bucket(1 << 20, 2 << 20),
+            ops: None,
+        });
+        status.disk_rate_limits = vec![DiskRateLimit {
+            disk: 0,
+            limit: Some(RateLimit {
+                bandwidth: bucket(1000, 0),
+                ops: bucket(10, 0),
+            }),
+        }];
+        let row = vm_table(std::slice::from_ref(&vm));
+        assert!(row.contains(" LIMITS "), "{row}");
+        assert!(row.contains("rx:bw=1M:2M disk0:bw=1000,ops=10"), "{row}");
+        let parsed: Value = serde_json::from_str(&vm_json(&vm)).unwrap();
+        assert_eq!(parsed["status"]["net_rx_rate_limit"], json!("bw=1M:2M"));
+        assert_eq!(parsed["status"]["net_tx_rate_limit"], Value::Null);
+        assert_eq!(
+            parsed["status"]["disk_rate_limits"],
+            json!(["0:bw=1000,ops=10"])
+        );
+        // What ps prints, --disk-limit takes back.
+        let flag: husk_host::vmm_args::DiskLimit = "0:bw=1000,ops=10".parse().unwrap();
+        assert_eq!(flag.limit.ops.unwrap().rate, 10);
+        let details = vm_details(&vm);
+        assert!(details.contains("rate limit   rx:bw=1M:2M\n"), "{details}");
     }
 
     #[test]

@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 
 use husk_init::spec::{BootSpec, SpecError, PARAM};
 
-use crate::run_args::RunArgs;
+use crate::run_args::{NetMode, RunArgs};
 use husk_host::firewall::{self, FirewallError};
 use husk_host::jail::{self, JailConfig, JailError, JailSpec};
 use husk_host::net::{NetError, VmLink};
+use husk_host::passt::{self, Passt, PasstConfig, PasstError};
 use husk_host::paths::{husk_home, require_file, vmm_binary, FileError, LookupError};
 use husk_host::process::inherit_fd;
-use husk_host::vmm_args::{fd_path, DiskConfig, ValueError, VmmArgs, VsockConfig};
+use husk_host::vmm_args::{fd_path, DiskConfig, NetConfig, ValueError, VmmArgs, VsockConfig};
 
 const BUILD_KERNEL_HINT: &str = "build the default one with scripts/build-kernel, or pass --kernel";
 const BUILD_INITRD_HINT: &str =
@@ -35,6 +36,8 @@ pub enum RunError {
     Net(#[from] NetError),
     #[error(transparent)]
     Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Passt(#[from] PasstError),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error("--disk {value}: {reason}")]
@@ -116,8 +119,14 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         _ => None,
     };
 
-    let link = if args.net {
+    let link = if args.net == Some(NetMode::Tap) {
         Some(VmLink::create()?)
+    } else {
+        None
+    };
+    // Rootless networking: passt, as the calling user (no tap, no firewall rules).
+    let mut user_net = if args.net == Some(NetMode::User) {
+        Some(start_passt(args, jail_config.as_ref())?)
     } else {
         None
     };
@@ -141,6 +150,16 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         spec.env
             .push(format!("HUSK_GUEST_IP={}", link.guest_ip).into_bytes());
     }
+    if let Some((_, dns)) = &user_net {
+        cmdline.push(passt::kernel_param());
+        if *dns {
+            cmdline.push(firewall::dns_kernel_param(passt::DNS_IP));
+        }
+        spec.env
+            .push(format!("HUSK_HOST_IP={}", passt::GATEWAY_IP).into_bytes());
+        spec.env
+            .push(format!("HUSK_GUEST_IP={}", passt::GUEST_IP).into_bytes());
+    }
     cmdline.extend(args.cmdline.clone());
     cmdline.push(format!("{PARAM}{}", spec.encode()?));
 
@@ -157,12 +176,16 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
             vsock,
             cmdline_fd: cmdline_fd.as_raw_fd(),
         },
-        link.as_ref(),
+        link.as_ref()
+            .map(VmLink::net_config)
+            .or_else(|| user_net.as_ref().and_then(|(p, _)| p.net_config())),
     );
-    // What the VMM inherits: the tap, the disks opened here, the command-line pipe.
+    // What the VMM inherits: the tap or passt's socket, the disks opened here, the
+    // command-line pipe.
     let fds: Vec<RawFd> = link
         .iter()
         .map(|l| l.raw_fd())
+        .chain(user_net.iter().filter_map(|(p, _)| p.vmm_fd()))
         .chain(disk_files.iter().map(|f| f.as_raw_fd()))
         .chain([cmdline_fd.as_raw_fd()])
         .collect();
@@ -207,9 +230,16 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     });
     // husk-vmm holds the tap and disks now; with husk's copies closed, they go with the VMM.
     drop(link);
+    if let Some((passt, _)) = &mut user_net {
+        // passt quits when the VMM's end closes, which is now the VMM's alone.
+        passt.close_vmm_end();
+    }
     drop(disk_files);
     drop(cmdline_fd);
     let result = spawned.and_then(|child| wait(child, &vmm));
+    if let Some((passt, _)) = &mut user_net {
+        passt.stop();
+    }
     if dns.is_some() {
         // The tap went with the VMM: its rules are garbage now. Collected rather than removed
         // by name, since the name may already be a newer VM's.
@@ -241,6 +271,28 @@ fn install_firewall(args: &RunArgs, link: &VmLink) -> Result<bool, RunError> {
     Ok(upstream.is_some())
 }
 
+/// Starts passt for `--net=user`; whether the guest gets DNS through it.
+fn start_passt(args: &RunArgs, jail: Option<&JailConfig>) -> Result<(Passt, bool), RunError> {
+    let dns = passt::host_has_ipv4_nameserver();
+    if !dns {
+        eprintln!(
+            "husk: warning: the host has no IPv4 nameserver in /etc/resolv.conf: the guest gets \
+             no DNS, addresses still work"
+        );
+    }
+    // passt will not stay root: as root it runs as the jail's user (nobody by default).
+    let runas = rustix::process::geteuid()
+        .is_root()
+        .then(|| jail.map_or((65534, 65534), |j| (j.uid, j.gid)));
+    let config = PasstConfig {
+        published: args.publish.clone(),
+        host_access: args.host_access,
+        dns,
+        runas,
+    };
+    Ok((Passt::start(&config)?, dns))
+}
+
 /// What `husk run` resolved or opened for husk-vmm.
 struct VmmFiles {
     kernel: PathBuf,
@@ -253,7 +305,8 @@ struct VmmFiles {
 }
 
 /// The husk-vmm invocation of `husk run`: the guest CID is always 3 (one VM per socket path).
-fn vmm_args(args: &RunArgs, files: VmmFiles, link: Option<&VmLink>) -> VmmArgs {
+fn vmm_args(args: &RunArgs, files: VmmFiles, net: Option<NetConfig>) -> VmmArgs {
+    let has_net = net.is_some();
     VmmArgs {
         kernel: Some(files.kernel),
         initrd: Some(files.initrd),
@@ -261,12 +314,12 @@ fn vmm_args(args: &RunArgs, files: VmmFiles, link: Option<&VmLink>) -> VmmArgs {
         cpus: Some(u64::from(args.cpus)),
         memory: Some(args.memory_mib),
         disks: files.disks,
-        net: link.map(VmLink::net_config),
+        net,
         vsock: files.vsock.map(|uds_path| VsockConfig { cid: 3, uds_path }),
         report_boot_time: args.report_boot_time,
         disk_limits: args.disk_limits.clone(),
-        net_rx_limit: link.and(args.net_rx_limit),
-        net_tx_limit: link.and(args.net_tx_limit),
+        net_rx_limit: args.net_rx_limit.filter(|_| has_net),
+        net_tx_limit: args.net_tx_limit.filter(|_| has_net),
         ..VmmArgs::default()
     }
 }
@@ -358,7 +411,7 @@ fn ignore_interactive_signals() {
 mod tests {
     use super::*;
     use clap::Parser;
-    use husk_host::vmm_args::{Invocation, NetConfig, TapSource};
+    use husk_host::vmm_args::{Invocation, TapSource};
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -388,6 +441,9 @@ mod tests {
             host_ip: "169.254.128.17".parse().unwrap(),
             guest_ip: "169.254.128.18".parse().unwrap(),
             mac: [6, 0, 169, 254, 128, 18],
+            prefix_len: husk_host::net::LINK_PREFIX_LEN,
+            mtu: None,
+            kind: husk_host::net::LinkKind::Tap,
         };
         let files = VmmFiles {
             kernel: "/k".into(),
@@ -399,7 +455,7 @@ mod tests {
             vsock: Some("/run/user/v.sock".into()),
             cmdline_fd: 11,
         };
-        let built = vmm_args(&args, files, Some(&link));
+        let built = vmm_args(&args, files, Some(link.net_config()));
         assert_eq!(
             VmmArgs::parse(built.to_args()),
             Ok(Invocation::Run(Box::new(built.clone())))
@@ -412,8 +468,40 @@ mod tests {
             Some(NetConfig {
                 tap: TapSource::Fd(link.raw_fd(), "husk4".into()),
                 mac: link.mac,
+                mtu: None,
             })
         );
         assert_eq!(built.vsock.map(|v| v.cid), Some(3));
+    }
+
+    #[test]
+    fn user_networking_hands_the_vmm_a_stream_with_the_rate_limits() {
+        let args = run_args(&["--net=user", "--net-rx-limit", "bw=1M", "--", "true"]);
+        let files = VmmFiles {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            disks: Vec::new(),
+            vsock: None,
+            cmdline_fd: 11,
+        };
+        let net = NetConfig {
+            tap: TapSource::Stream(12),
+            mac: passt::GUEST_MAC,
+            mtu: None,
+        };
+        let built = vmm_args(&args, files, Some(net.clone()));
+        assert_eq!(built.net, Some(net));
+        assert_eq!(built.net_rx_limit, args.net_rx_limit);
+        assert_eq!(
+            VmmArgs::parse(built.to_args()),
+            Ok(Invocation::Run(Box::new(built.clone())))
+        );
+        let joined = built.to_args().join(std::ffi::OsStr::new(" "));
+        assert!(
+            joined
+                .to_string_lossy()
+                .contains("--net stream=12,mac=06:00:0a:00:02:0f"),
+            "{joined:?}"
+        );
     }
 }

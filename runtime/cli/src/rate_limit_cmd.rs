@@ -53,7 +53,7 @@ pub fn to_api(limit: &ArgLimit) -> RateLimit {
 /// Puts `limits` into a spec being created (disk numbers as huskd counts them: the rootfs
 /// first). A disk the spec lacks is refused, and so is the rootfs, which has no `Disk` entry
 /// to hold a limit (`husk update` can limit it once the VM runs).
-pub fn apply_to_spec(spec: &mut VmSpec, limits: &LimitArgs) -> Result<(), String> {
+pub fn apply_to_spec(spec: &mut VmSpec, limits: &LimitArgs) -> Result<(), RemoteError> {
     let first = u32::from(!spec.rootfs.is_empty());
     for l in &limits.disk_limits {
         let disk = l
@@ -61,18 +61,20 @@ pub fn apply_to_spec(spec: &mut VmSpec, limits: &LimitArgs) -> Result<(), String
             .checked_sub(first)
             .and_then(|i| spec.disks.get_mut(i as usize))
             .ok_or_else(|| {
-                format!(
+                RemoteError::Usage(format!(
                     "--disk-limit {}: no such --disk (the rootfs, disk 0, can only be limited \
                      with husk update)",
                     l.disk
-                )
+                ))
             })?;
         disk.rate_limit = Some(to_api(&l.limit));
     }
     let network = spec.network.get_or_insert_with(Default::default);
     let given = limits.net_rx_limit.is_some() || limits.net_tx_limit.is_some();
     if given && network.mode == husk_proto::v1::network::Mode::None as i32 {
-        return Err("--net-rx-limit, --net-tx-limit: need --net".into());
+        return Err(RemoteError::Usage(
+            "--net-rx-limit, --net-tx-limit: need --net".into(),
+        ));
     }
     network.rx_rate_limit = limits.net_rx_limit.as_ref().map(to_api);
     network.tx_rate_limit = limits.net_tx_limit.as_ref().map(to_api);
@@ -177,7 +179,9 @@ mod tests {
             net_tx_limit: Some("bw=1M".parse().unwrap()),
             ..Default::default()
         };
-        let err = apply_to_spec(&mut VmSpec::default(), &no_net).unwrap_err();
+        let err = apply_to_spec(&mut VmSpec::default(), &no_net)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("need --net"), "{err}");
     }
 }

@@ -204,7 +204,7 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
 
 async fn create(client: &mut HuskClient<Channel>, args: &CreateArgs) -> Result<i32, RemoteError> {
     let (mut spec, start) = create_spec(args);
-    crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits).map_err(RemoteError::Usage)?;
+    crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits)?;
     let vm = client
         .create_vm(CreateVmRequest {
             spec: Some(spec),

@@ -24,11 +24,19 @@ pub struct RunArgs {
     /// Attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<String>,
-    /// Give the guest an IPv4 link to the host over a tap (needs root and nftables), with NAT
-    /// to the host's uplinks and DNS through the host's resolver (docs/networking.md); CMD sees
-    /// HUSK_HOST_IP and HUSK_GUEST_IP
-    #[arg(long)]
-    pub net: bool,
+    /// Give the guest an IPv4 network (docs/networking.md); CMD sees HUSK_HOST_IP and
+    /// HUSK_GUEST_IP. MODE tap (the default): a link to the host over a tap (needs root and
+    /// nftables), with NAT to the host's uplinks and DNS through the host's resolver. MODE
+    /// user: rootless, user-mode networking through passt (no privilege; no egress policy)
+    #[arg(
+        long,
+        value_name = "MODE",
+        value_enum,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "tap"
+    )]
+    pub net: Option<NetMode>,
     /// With --net: publish guest port GUESTPORT on the host's HOSTPORT (all of the host's
     /// addresses, or HOSTIP only); repeatable
     #[arg(
@@ -97,6 +105,15 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// How `husk run --net` connects the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetMode {
+    /// A tap with husk's firewall (root).
+    Tap,
+    /// User-mode networking through passt (rootless).
+    User,
+}
+
 /// A `husk run` request that parsed but cannot be run.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RunArgsError {
@@ -112,6 +129,11 @@ pub enum RunArgsError {
     Cgroup(String),
     #[error("{0} needs --net")]
     NeedsNet(&'static str),
+    #[error(
+        "{0} is not available with --net=user: passt has no egress filter (use --net, which \
+         needs root)"
+    )]
+    NotWithUserNet(&'static str),
     #[error("--publish: {0}")]
     Publish(PolicyError),
     #[error("--disk-limit {0}: there is no such disk ({1} given with --rootfs and --disk)")]
@@ -141,7 +163,17 @@ impl RunArgs {
         if let Some(bad) = self.cgroup.iter().find(|c| !c.contains('=')) {
             return Err(RunArgsError::Cgroup(bad.clone()));
         }
-        if !self.net {
+        if self.net == Some(NetMode::User) {
+            for (flag, given) in [
+                ("--egress-allow", !self.egress_allow.is_empty()),
+                ("--egress-deny", !self.egress_deny.is_empty()),
+            ] {
+                if given {
+                    return Err(RunArgsError::NotWithUserNet(flag));
+                }
+            }
+        }
+        if self.net.is_none() {
             for (flag, given) in [
                 ("--publish", !self.publish.is_empty()),
                 ("--egress-allow", !self.egress_allow.is_empty()),
@@ -274,7 +306,7 @@ mod tests {
         assert_eq!(a.initrd, Some(PathBuf::from("/i")));
         assert_eq!(a.rootfs, Some(PathBuf::from("/r.ext4")));
         assert_eq!(a.disks, ["/a:ro", "/b"]);
-        assert!(a.net && a.no_jail && !a.report_boot_time);
+        assert!(a.net == Some(NetMode::Tap) && a.no_jail && !a.report_boot_time);
         assert_eq!(a.vsock, Some(PathBuf::from("/v.sock")));
         assert_eq!(a.cpus, 3, "the last value wins");
         assert_eq!(a.memory_mib, 256);
@@ -355,6 +387,56 @@ mod tests {
         assert!(cidr.contains("expected an IPv4 address"), "{cidr}");
         assert!(refusal(&["--kernel"]).contains("--kernel"));
         assert_eq!(clap_error(&["--kernel"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn net_takes_an_optional_mode_after_an_equals_sign() {
+        assert_eq!(parse(&["true"]).unwrap().net, None);
+        assert_eq!(parse(&["--net", "true"]).unwrap().net, Some(NetMode::Tap));
+        assert_eq!(
+            parse(&["--net=tap", "true"]).unwrap().net,
+            Some(NetMode::Tap)
+        );
+        let a = parse(&["--net=user", "--", "sh", "-c", "x"]).unwrap();
+        assert_eq!(a.net, Some(NetMode::User));
+        assert_eq!(a.command, ["sh", "-c", "x"]);
+        // Without '=' the next word is the command, as it always was.
+        let a = parse(&["--net", "sh", "-c", "x"]).unwrap();
+        assert_eq!((a.net, a.command.len()), (Some(NetMode::Tap), 3));
+        let a = parse(&["--net", "user"]).unwrap();
+        assert_eq!(
+            (a.net, a.command),
+            (Some(NetMode::Tap), vec!["user".into()])
+        );
+        assert_eq!(clap_error(&["--net=wifi", "true"]), ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn user_networking_takes_ports_host_access_and_limits_but_no_egress_policy() {
+        let a = parse(&[
+            "--net=user",
+            "-p",
+            "8080:80",
+            "--publish=127.0.0.1:5353:53/udp",
+            "--host-access",
+            "--net-rx-limit",
+            "bw=1M",
+            "--net-tx-limit=ops=100",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(a.publish.len(), 2);
+        assert!(a.host_access && a.net_rx_limit.is_some() && a.net_tx_limit.is_some());
+        let allow = refusal(&["--net=user", "--egress-allow", "10.0.0.0/8", "true"]);
+        assert!(
+            allow.contains("--egress-allow is not available with --net=user")
+                && allow.contains("passt has no egress filter"),
+            "{allow}"
+        );
+        let deny = refusal(&["--net=user", "--egress-deny", "10.0.0.0/8", "true"]);
+        assert!(deny.contains("--egress-deny is not available"), "{deny}");
+        let twice = refusal(&["--net=user", "-p", "80:80", "-p", "80:81", "true"]);
+        assert!(twice.contains("published twice"), "{twice}");
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
 
 use husk_devices::virtio::net::tap::Tap;
 use rustix::ioctl::{Opcode, Updater};
@@ -39,11 +40,29 @@ pub enum NetError {
 pub struct VmLink {
     pub tap_fd: OwnedFd,
     pub tap_name: String,
+    /// The guest's gateway: the host end of a husk link, the namespace's default gateway for
+    /// a joined namespace (unspecified when it has none).
     pub host_ip: Ipv4Addr,
     pub guest_ip: Ipv4Addr,
+    pub prefix_len: u8,
     pub mac: [u8; 6],
+    /// The MTU the guest is told (a joined namespace's interface's); `None`: its default.
+    pub mtu: Option<u16>,
+    pub kind: LinkKind,
 }
 
+/// Whose link it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkKind {
+    /// husk's own /30 to the host, behind husk's firewall (NAT, published ports, policy).
+    Tap,
+    /// A container's namespace, configured by others, whose `interface` the VM replaces
+    /// (husk_host::netns); no husk firewall.
+    Netns { path: PathBuf, interface: String },
+}
+
+/// The prefix of husk's own links: a /30, host .1, guest .2.
+pub const LINK_PREFIX_LEN: u8 = 30;
 const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 252);
 
 impl VmLink {
@@ -71,15 +90,24 @@ impl VmLink {
             tap_name: name,
             host_ip,
             guest_ip,
+            prefix_len: LINK_PREFIX_LEN,
             mac,
+            mtu: None,
+            kind: LinkKind::Tap,
         })
     }
 
     /// Kernel `ip=` parameter that configures eth0 in the guest (CONFIG_IP_PNP).
     pub fn kernel_param(&self) -> String {
+        let gateway = if self.host_ip.is_unspecified() {
+            String::new()
+        } else {
+            self.host_ip.to_string()
+        };
         format!(
-            "ip={}::{}:{}::eth0:off",
-            self.guest_ip, self.host_ip, NETMASK
+            "ip={}::{gateway}:{}::eth0:off",
+            self.guest_ip,
+            netmask(self.prefix_len)
         )
     }
 
@@ -88,12 +116,21 @@ impl VmLink {
         NetConfig {
             tap: TapSource::Fd(self.tap_fd.as_raw_fd(), self.tap_name.clone()),
             mac: self.mac,
+            mtu: self.mtu,
         }
     }
 
     pub fn raw_fd(&self) -> RawFd {
         self.tap_fd.as_raw_fd()
     }
+}
+
+/// The netmask of a prefix length (32 at most).
+pub fn netmask(prefix_len: u8) -> Ipv4Addr {
+    let bits = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    Ipv4Addr::from(bits)
 }
 
 /// Host and guest addresses for tap number `index`.
@@ -136,9 +173,44 @@ fn configure_host_side(name: &str, ip: Ipv4Addr) -> io::Result<()> {
     )?;
     if_ioctl::<{ libc::SIOCSIFADDR as Opcode }>(&sock, IfReq::with_addr(name, ip))?;
     if_ioctl::<{ libc::SIOCSIFNETMASK as Opcode }>(&sock, IfReq::with_addr(name, NETMASK))?;
-    let mut req = if_ioctl::<{ libc::SIOCGIFFLAGS as Opcode }>(&sock, IfReq::new(name))?;
+    set_up(&sock, name)
+}
+
+/// The IPv4 address and prefix length of `name` (EADDRNOTAVAIL: it has none).
+pub(crate) fn interface_ipv4(sock: &OwnedFd, name: &str) -> io::Result<(Ipv4Addr, u8)> {
+    let addr = if_ioctl::<{ libc::SIOCGIFADDR as Opcode }>(sock, IfReq::new(name))?.ipv4();
+    let mask = if_ioctl::<{ libc::SIOCGIFNETMASK as Opcode }>(sock, IfReq::new(name))?.ipv4();
+    Ok((addr, u32::from(mask).count_ones() as u8))
+}
+
+/// The MAC address of `name`.
+pub(crate) fn interface_mac(sock: &OwnedFd, name: &str) -> io::Result<[u8; 6]> {
+    let req = if_ioctl::<{ libc::SIOCGIFHWADDR as Opcode }>(sock, IfReq::new(name))?;
+    // A struct sockaddr: the family (ARPHRD_*), then the hardware address.
+    let mut mac = [0; 6];
+    mac.copy_from_slice(&req.data[2..8]);
+    Ok(mac)
+}
+
+/// The MTU of `name`.
+pub(crate) fn interface_mtu(sock: &OwnedFd, name: &str) -> io::Result<u16> {
+    let req = if_ioctl::<{ libc::SIOCGIFMTU as Opcode }>(sock, IfReq::new(name))?;
+    Ok(u16::try_from(req.int()).unwrap_or(u16::MAX))
+}
+
+/// Sets the MTU of `name`.
+pub(crate) fn set_mtu(sock: &OwnedFd, name: &str, mtu: u16) -> io::Result<()> {
+    let mut req = IfReq::new(name);
+    req.set_int(i32::from(mtu));
+    if_ioctl::<{ libc::SIOCSIFMTU as Opcode }>(sock, req)?;
+    Ok(())
+}
+
+/// Brings `name` up.
+pub(crate) fn set_up(sock: &OwnedFd, name: &str) -> io::Result<()> {
+    let mut req = if_ioctl::<{ libc::SIOCGIFFLAGS as Opcode }>(sock, IfReq::new(name))?;
     req.set_flags(req.flags() | (libc::IFF_UP | libc::IFF_RUNNING) as i16);
-    if_ioctl::<{ libc::SIOCSIFFLAGS as Opcode }>(&sock, req)?;
+    if_ioctl::<{ libc::SIOCSIFFLAGS as Opcode }>(sock, req)?;
     Ok(())
 }
 
@@ -172,6 +244,20 @@ impl IfReq {
         req.data[..2].copy_from_slice(&AddressFamily::INET.as_raw().to_ne_bytes());
         req.data[4..8].copy_from_slice(&ip.octets());
         req
+    }
+
+    /// The address of an AF_INET `struct sockaddr_in` the kernel wrote.
+    fn ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(self.data[4], self.data[5], self.data[6], self.data[7])
+    }
+
+    /// The `int` member of the union (ifr_mtu).
+    fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+
+    fn set_int(&mut self, value: i32) {
+        self.data[..4].copy_from_slice(&value.to_ne_bytes());
     }
 
     fn flags(&self) -> i16 {
@@ -218,6 +304,35 @@ mod tests {
         );
         flagged.set_flags(0x41);
         assert_eq!(flagged.flags(), 0x41);
+    }
+
+    #[test]
+    fn prefixes_become_netmasks_and_the_kernel_parameter_leaves_out_a_missing_gateway() {
+        assert_eq!(netmask(30), NETMASK);
+        assert_eq!(netmask(16), Ipv4Addr::new(255, 255, 0, 0));
+        assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
+        let sock = rustix::net::socket_with(
+            AddressFamily::INET,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let (lo, prefix) = interface_ipv4(&sock, "lo").unwrap();
+        assert_eq!((lo, prefix), (Ipv4Addr::LOCALHOST, 8));
+        assert_eq!(interface_mtu(&sock, "lo").unwrap(), 65535);
+        let link = VmLink {
+            tap_fd: sock,
+            tap_name: "t".into(),
+            host_ip: Ipv4Addr::UNSPECIFIED,
+            guest_ip: Ipv4Addr::new(10, 88, 0, 5),
+            prefix_len: 16,
+            mac: [0; 6],
+            mtu: None,
+            kind: LinkKind::Tap,
+        };
+        assert_eq!(link.kernel_param(), "ip=10.88.0.5:::255.255.0.0::eth0:off");
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub enum ValueError {
     UnknownKey(String),
     #[error("'{0}' is not a number")]
     Number(String),
-    #[error("needs exactly one of tap=NAME or fd=N (N > 2)")]
+    #[error("needs exactly one of tap=NAME, fd=N or stream=N (N > 2)")]
     TapSource,
     #[error("needs cid=N,path=PATH")]
     Vsock,
@@ -50,6 +50,8 @@ pub enum ValueError {
     RateLimit(String),
     #[error("a rate must be above zero")]
     ZeroRate,
+    #[error("mtu {0} is below {MIN_MTU}")]
+    Mtu(u16),
 }
 
 /// Where the guest's serial console goes.
@@ -137,13 +139,21 @@ pub enum TapSource {
     /// An already-open tap fd inherited from the parent (which created and addressed it), with
     /// the interface name for logs.
     Fd(i32, String),
+    /// No tap: an inherited connected stream socket speaking passt's protocol (each Ethernet
+    /// frame preceded by its length, 32-bit big-endian), for rootless networking
+    /// (`husk run --net=user`, see `passt`).
+    Stream(i32),
 }
 
-/// The virtio-net device: `tap=NAME` or `fd=N,name=NAME`, then `,mac=MAC`.
+/// The virtio-net device: `tap=NAME`, `fd=N,name=NAME` or `stream=N`, then `,mac=MAC`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: TapSource,
     pub mac: [u8; 6],
+    /// The MTU the device announces to the guest (VIRTIO_NET_F_MTU), `mtu=N`, 68..=65535:
+    /// that of the interface the VM stands in for (a CNI network's); `None`: the guest's
+    /// default (1500).
+    pub mtu: Option<u16>,
 }
 
 /// `key=value` pairs separated by commas.
@@ -162,23 +172,34 @@ impl FromStr for NetConfig {
     type Err = ValueError;
     fn from_str(value: &str) -> Result<Self, ValueError> {
         let (mut tap, mut fd, mut name, mut mac) = (None, None, None, DEFAULT_MAC);
+        let (mut stream, mut mtu) = (None, None);
         for (k, v) in pairs(value)? {
             match k {
                 "tap" => tap = Some(v.to_string()),
                 "fd" => fd = Some(number::<i32>(v)?),
+                "stream" => stream = Some(number::<i32>(v)?),
                 "name" => name = Some(v.to_string()),
                 "mac" => mac = parse_mac(v)?,
+                "mtu" => {
+                    let n = number::<u16>(v)?;
+                    if n < MIN_MTU {
+                        return Err(ValueError::Mtu(n));
+                    }
+                    mtu = Some(n);
+                }
                 _ => return Err(ValueError::UnknownKey(k.into())),
             }
         }
-        let tap = match (tap, fd) {
-            (Some(tap), None) => TapSource::Name(tap),
-            (None, Some(fd)) if fd > 2 => {
+        let tap = match (tap, fd, stream) {
+            (Some(tap), None, None) => TapSource::Name(tap),
+            (None, Some(fd), None) if fd > 2 => {
                 TapSource::Fd(fd, name.unwrap_or_else(|| format!("fd{fd}")))
             }
+            // A stream has no interface name.
+            (None, None, Some(fd)) if fd > 2 && name.is_none() => TapSource::Stream(fd),
             _ => return Err(ValueError::TapSource),
         };
-        Ok(Self { tap, mac })
+        Ok(Self { tap, mac, mtu })
     }
 }
 
@@ -187,10 +208,18 @@ impl fmt::Display for NetConfig {
         match &self.tap {
             TapSource::Name(name) => write!(f, "tap={name}")?,
             TapSource::Fd(fd, name) => write!(f, "fd={fd},name={name}")?,
+            TapSource::Stream(fd) => write!(f, "stream={fd}")?,
         }
-        write!(f, ",mac={}", format_mac(&self.mac))
+        write!(f, ",mac={}", format_mac(&self.mac))?;
+        if let Some(mtu) = self.mtu {
+            write!(f, ",mtu={mtu}")?;
+        }
+        Ok(())
     }
 }
+
+/// The smallest MTU an IPv4 interface may have (RFC 791).
+pub const MIN_MTU: u16 = 68;
 
 /// One token bucket of a rate limiter: `RATE[:BURST]` per second, with K, M or G (powers of
 /// 1024) allowed after each number. A burst of 0 (or none given) is one second's worth.
@@ -889,6 +918,7 @@ mod tests {
             net: Some(NetConfig {
                 tap: TapSource::Name("tap0".into()),
                 mac: [6, 0, 0xac, 0x10, 0, 9],
+                mtu: Some(1450),
             }),
             vsock: Some(VsockConfig {
                 cid: 3,
@@ -936,6 +966,7 @@ mod tests {
             net: Some(NetConfig {
                 tap: TapSource::Fd(7, "husk0".into()),
                 mac: [6, 0, 169, 254, 128, 2],
+                mtu: None,
             }),
             vsock: Some(VsockConfig {
                 cid: 7,
@@ -1104,6 +1135,11 @@ mod tests {
             &["--kernel", "/k", "--bogus"],
             &["--kernel", "/k", "--report-boot-time=1"],
             &["--kernel", "/k", "--net", "tap=a,fd=4"],
+            &["--kernel", "/k", "--net", "stream=4,fd=5"],
+            &["--kernel", "/k", "--net", "stream=4,tap=a"],
+            &["--kernel", "/k", "--net", "stream=2"],
+            &["--kernel", "/k", "--net", "stream=x"],
+            &["--kernel", "/k", "--net", "stream=4,name=n"],
             &["--kernel", "/k", "--net", "fd=1"],
             &["--kernel", "/k", "--net", "tap=a,mac=01:02"],
             &["--kernel", "/k", "--net", "tap"],
@@ -1126,6 +1162,37 @@ mod tests {
         assert_eq!(net.tap, TapSource::Fd(7, "fd7".into()));
         assert_eq!(net.mac, DEFAULT_MAC);
         assert_eq!(net.to_string().parse::<NetConfig>(), Ok(net));
+    }
+
+    #[test]
+    fn an_mtu_is_announced_only_when_given_and_never_below_68() {
+        let net: NetConfig = "fd=7,name=t,mtu=1450".parse().unwrap();
+        assert_eq!(net.mtu, Some(1450));
+        assert_eq!(
+            net.to_string(),
+            "fd=7,name=t,mac=06:00:ac:10:00:02,mtu=1450"
+        );
+        assert_eq!("fd=7".parse::<NetConfig>().unwrap().mtu, None);
+        assert_eq!("fd=7,mtu=67".parse::<NetConfig>(), Err(ValueError::Mtu(67)));
+        assert!("fd=7,mtu=65536".parse::<NetConfig>().is_err());
+    }
+
+    #[test]
+    fn a_stream_net_device_round_trips() {
+        let net: NetConfig = "stream=9,mac=06:00:0a:00:02:0f".parse().unwrap();
+        assert_eq!(net.tap, TapSource::Stream(9));
+        assert_eq!(net.mac, [6, 0, 10, 0, 2, 15]);
+        assert_eq!(net.to_string(), "stream=9,mac=06:00:0a:00:02:0f");
+        assert_eq!(net.to_string().parse::<NetConfig>(), Ok(net.clone()));
+        let args = VmmArgs {
+            kernel: Some("/k".into()),
+            net: Some(net),
+            net_rx_limit: Some("bw=1M".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(round_trip(&args), args);
+        let fd7: NetConfig = "stream=7".parse().unwrap();
+        assert_eq!((fd7.tap, fd7.mac), (TapSource::Stream(7), DEFAULT_MAC));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! spellings. Values are checked by `validate` before they get here.
 
 use husk_host::vmm_args::{Bucket, DiskLimit, RateLimit as ArgLimit};
-use husk_proto::v1::{RateLimit, TokenBucket, UpdateRateLimitsRequest, VmSpec};
+use husk_proto::v1::{
+    DiskRateLimit, RateLimit, TokenBucket, UpdateRateLimitsRequest, VmSpec, VmStatus,
+};
 use husk_proto::vmm as pb;
 
 fn arg_bucket(b: &TokenBucket) -> Bucket {
@@ -81,6 +83,51 @@ pub fn apply_to_spec(spec: &mut VmSpec, request: &UpdateRateLimitsRequest) {
     }
 }
 
+/// Reports the limits a start gives the VMM (those of `spec`) in `status`.
+pub fn set_status_at_start(status: &mut VmStatus, spec: &VmSpec) {
+    let first = u32::from(!spec.rootfs.is_empty());
+    status.disk_rate_limits = spec
+        .disks
+        .iter()
+        .zip(first..)
+        .filter_map(|(disk, n)| {
+            let limit = disk.rate_limit.filter(|l| !is_unlimited(l))?;
+            Some(DiskRateLimit {
+                disk: n,
+                limit: Some(limit),
+            })
+        })
+        .collect();
+    let network = spec.network.clone().unwrap_or_default();
+    let mode_none = network.mode == husk_proto::v1::network::Mode::None as i32;
+    let limited = |l: Option<RateLimit>| l.filter(|l| !mode_none && !is_unlimited(l));
+    status.net_rx_rate_limit = limited(network.rx_rate_limit);
+    status.net_tx_rate_limit = limited(network.tx_rate_limit);
+}
+
+/// Reports an applied UpdateRateLimits in `status` (the rootfs's limit included, which the
+/// spec cannot hold).
+pub fn apply_to_status(status: &mut VmStatus, request: &UpdateRateLimitsRequest) {
+    for d in &request.disks {
+        status
+            .disk_rate_limits
+            .retain(|in_force| in_force.disk != d.disk);
+        if let Some(limit) = d.limit.filter(|l| !is_unlimited(l)) {
+            status.disk_rate_limits.push(DiskRateLimit {
+                disk: d.disk,
+                limit: Some(limit),
+            });
+        }
+    }
+    status.disk_rate_limits.sort_by_key(|d| d.disk);
+    if let Some(rx) = &request.net_rx {
+        status.net_rx_rate_limit = Some(*rx).filter(|l| !is_unlimited(l));
+    }
+    if let Some(tx) = &request.net_tx {
+        status.net_tx_rate_limit = Some(*tx).filter(|l| !is_unlimited(l));
+    }
+}
+
 pub fn is_unlimited(limit: &RateLimit) -> bool {
     limit.bandwidth.is_none() && limit.ops.is_none()
 }
@@ -103,6 +150,46 @@ mod tests {
             read_only: false,
             rate_limit: limit,
         }
+    }
+
+    #[test]
+    fn the_status_reports_the_limits_of_a_start_and_of_every_update_rootfs_included() {
+        let spec = VmSpec {
+            rootfs: "/root.ext4".into(),
+            disks: vec![disk(None), disk(Some(bw(100)))],
+            network: Some(husk_proto::v1::Network {
+                mode: husk_proto::v1::network::Mode::Tap as i32,
+                rx_rate_limit: Some(bw(7)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut status = VmStatus::default();
+        set_status_at_start(&mut status, &spec);
+        assert_eq!(status.disk_rate_limits.len(), 1);
+        assert_eq!(status.disk_rate_limits[0].disk, 2);
+        assert_eq!(status.net_rx_rate_limit, Some(bw(7)));
+        assert_eq!(status.net_tx_rate_limit, None);
+        let request = UpdateRateLimitsRequest {
+            vm: "a".into(),
+            disks: vec![
+                DiskRateLimit {
+                    disk: 0,
+                    limit: Some(bw(5)),
+                },
+                DiskRateLimit {
+                    disk: 2,
+                    limit: Some(RateLimit::default()),
+                },
+            ],
+            net_rx: None,
+            net_tx: Some(bw(9)),
+        };
+        apply_to_status(&mut status, &request);
+        let disks: Vec<u32> = status.disk_rate_limits.iter().map(|d| d.disk).collect();
+        assert_eq!(disks, [0]);
+        assert_eq!(status.net_rx_rate_limit, Some(bw(7)), "left as it was");
+        assert_eq!(status.net_tx_rate_limit, Some(bw(9)));
     }
 
     #[test]

@@ -126,6 +126,28 @@ pub fn normalize(
             ))
         })?;
     }
+    if network.mode == network::Mode::Netns as i32 {
+        if husk_host::netns::allowed(std::path::Path::new(&network.netns)).is_none() {
+            return Err(invalid(format!(
+                "network.netns: {:?}: only named namespaces (/run/netns/NAME or \
+                 /var/run/netns/NAME) can be joined",
+                network.netns
+            )));
+        }
+        if network.netns_interface.is_empty() {
+            network.netns_interface = "eth0".into();
+        }
+        if !husk_host::netns::interface_name_ok(&network.netns_interface) {
+            return Err(invalid(format!(
+                "network.netns_interface: {:?} is not an interface name",
+                network.netns_interface
+            )));
+        }
+    } else if !network.netns.is_empty() || !network.netns_interface.is_empty() {
+        return Err(invalid(
+            "network.netns, network.netns_interface: need network.mode MODE_NETNS",
+        ));
+    }
     network.rx_rate_limit = checked_limit("network.rx_rate_limit", network.rx_rate_limit.take())?;
     network.tx_rate_limit = checked_limit("network.tx_rate_limit", network.tx_rate_limit.take())?;
     let policy = network_policy(network)?;
@@ -664,6 +686,51 @@ mod tests {
                 port_mapping::Protocol::Tcp as i32
             },
         }
+    }
+
+    #[test]
+    fn a_joined_namespace_must_be_a_named_one_and_takes_no_husk_policy() {
+        let f = Fixture::new("netns");
+        let netns = |path: &str, interface: &str| VmSpec {
+            network: Some(husk_proto::v1::Network {
+                mode: network::Mode::Netns as i32,
+                netns: path.into(),
+                netns_interface: interface.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ok = f.normalize(netns("/var/run/netns/cni-1234", "")).unwrap();
+        assert_eq!(ok.network.unwrap().netns_interface, "eth0");
+        for (spec, needle) in [
+            (netns("/proc/1/ns/net", ""), "network.netns"),
+            (netns("/run/netns/../x", ""), "network.netns"),
+            (netns("/run/netns/a", "eth0;x"), "network.netns_interface"),
+            (
+                netns("/run/netns/a", "a-very-long-name0"),
+                "network.netns_interface",
+            ),
+        ] {
+            let err = f.normalize(spec).unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+            assert!(err.message().contains(needle), "{}", err.message());
+        }
+        let mut with_ports = netns("/run/netns/a", "");
+        with_ports.network.as_mut().unwrap().ports = vec![port("", 8080, 80, false)];
+        let err = f.normalize(with_ports).unwrap_err();
+        assert!(
+            err.message().contains("need network.mode MODE_TAP"),
+            "{}",
+            err.message()
+        );
+        let mut tap_with_netns = netns("/run/netns/a", "");
+        tap_with_netns.network.as_mut().unwrap().mode = network::Mode::Tap as i32;
+        let err = f.normalize(tap_with_netns).unwrap_err();
+        assert!(
+            err.message().contains("need network.mode MODE_NETNS"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub struct VmPlan {
     pub memory_mib: Option<u32>,
     pub vcpus: Option<u32>,
     pub labels: Vec<(String, String)>,
+    /// The container's network namespace, set up by CNI: the VM joins it (MODE_NETNS).
+    pub netns: Option<String>,
 }
 
 /// Creates and starts the container's VM: a sandbox (no boot command) with the rootfs image as
@@ -61,10 +63,16 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
     let spec = VmSpec {
         name: plan.name.clone(),
         rootfs: plan.rootfs_image.clone(),
-        network: Some(Network {
-            mode: network::Mode::None as i32,
-            mac: String::new(),
-            ..Default::default()
+        network: Some(match &plan.netns {
+            Some(netns) => Network {
+                mode: network::Mode::Netns as i32,
+                netns: netns.clone(),
+                ..Default::default()
+            },
+            None => Network {
+                mode: network::Mode::None as i32,
+                ..Default::default()
+            },
         }),
         vcpus: plan.vcpus.unwrap_or(0),
         memory_mib: plan.memory_mib.unwrap_or(0),

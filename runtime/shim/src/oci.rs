@@ -117,6 +117,23 @@ impl Spec {
         Some((quota as u64).div_ceil(period).clamp(1, 32) as u32)
     }
 
+    /// The path of the network namespace the container joins (`linux.namespaces`, type
+    /// network, with a path: one that CNI plugins configured); `None` for a new, empty one or
+    /// none.
+    pub fn network_namespace(&self) -> Option<String> {
+        self.inner
+            .linux()
+            .as_ref()?
+            .namespaces()
+            .as_ref()?
+            .iter()
+            .find(|ns| ns.typ() == spec::LinuxNamespaceType::Network)?
+            .path()
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .filter(|p| !p.is_empty())
+    }
+
     fn resources(&self) -> Option<&spec::LinuxResources> {
         self.inner.linux().as_ref()?.resources().as_ref()
     }
@@ -228,6 +245,20 @@ mod tests {
         assert!(p.user.additional_gids.is_empty());
         assert_eq!(spec.root_path(), "rootfs");
         assert_eq!((spec.memory_mib(), spec.vcpus()), (Some(512), None));
+        assert_eq!(spec.network_namespace(), None, "a new, empty namespace");
+    }
+
+    #[test]
+    fn a_network_namespace_with_a_path_is_one_to_join() {
+        let with_ns = spec(
+            r#"{"linux": {"namespaces": [{"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-42"}]}}"#,
+        );
+        assert_eq!(
+            with_ns.network_namespace().as_deref(),
+            Some("/var/run/netns/cni-42")
+        );
+        assert_eq!(spec(CONFIG).network_namespace(), None, "no network entry");
     }
 
     #[test]

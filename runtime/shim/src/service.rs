@@ -313,6 +313,7 @@ impl Task for Service {
             rootfs_image: image.display().to_string(),
             memory_mib: spec.memory_mib(),
             vcpus: spec.vcpus(),
+            netns: spec.network_namespace(),
             labels: vec![
                 (
                     "io.containerd.namespace".into(),

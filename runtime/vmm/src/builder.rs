@@ -450,7 +450,10 @@ fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>
             }
             DeviceSpec::Net(net) => (
                 "net0".into(),
-                Box::new(Net::new(Box::new(open_tap(net)?), net.mac)),
+                Box::new(match net.mtu {
+                    Some(mtu) => Net::new(open_net_backend(net)?, net.mac).with_mtu(mtu),
+                    None => Net::new(open_net_backend(net)?, net.mac),
+                }),
             ),
             DeviceSpec::Vsock(vsock) => (
                 "vsock0".into(),
@@ -471,17 +474,30 @@ fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>
     Ok(slots)
 }
 
-fn open_tap(net: &NetConfig) -> Result<husk_devices::virtio::net::tap::Tap, BuildError> {
+/// The backend of the net device: a tap, or a stream socket to passt (`stream=FD`).
+fn open_net_backend(
+    net: &NetConfig,
+) -> Result<Box<dyn husk_devices::virtio::net::tap::NetBackend>, BuildError> {
+    use husk_devices::virtio::net::stream::StreamBackend;
     use husk_devices::virtio::net::tap::Tap;
-    match &net.tap {
-        TapSource::Name(name) => Tap::open(name).map_err(|e| BuildError::Tap(name.clone(), e)),
-        TapSource::Fd(fd, name) => {
+    use husk_devices::virtio::net::MAX_ETHERNET_FRAME;
+    Ok(match &net.tap {
+        TapSource::Name(name) => {
+            Box::new(Tap::open(name).map_err(|e| BuildError::Tap(name.clone(), e))?)
+        }
+        TapSource::Fd(fd, name) => Box::new(
             // SAFETY: the parent handed this fd over for exactly this use (see --net fd=) and
             // nothing else in this process knows it.
             unsafe { Tap::from_raw_fd(*fd, name.clone()) }
-                .map_err(|e| BuildError::Tap(name.clone(), e))
-        }
-    }
+                .map_err(|e| BuildError::Tap(name.clone(), e))?,
+        ),
+        TapSource::Stream(fd) => Box::new(
+            // SAFETY: the parent handed this socket over for exactly this use (see --net
+            // stream=) and nothing else in this process knows it.
+            unsafe { StreamBackend::from_raw_fd(*fd, MAX_ETHERNET_FRAME) }
+                .map_err(|e| BuildError::Tap(format!("stream={fd}"), e))?,
+        ),
+    })
 }
 
 fn load_and_setup_boot(

@@ -8,6 +8,7 @@ use crate::arch::x86_64::layout::{CMDLINE_MAX_LEN, MAX_MEM_MIB, MIN_MEM_MIB};
 // huskd write on husk-vmm's command line is what it reads (see husk_host::vmm_args).
 pub use husk_host::vmm_args::{
     ConsoleConfig, DiskConfig, NetConfig, TapSource, VsockConfig, DEFAULT_MEM_MIB, DEFAULT_VCPUS,
+    MIN_MTU,
 };
 
 /// Most vCPUs a husk VM may have (the MP table and topology are sized for this).

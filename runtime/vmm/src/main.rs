@@ -29,7 +29,7 @@ fn usage() -> String {
         "usage: husk-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
                 [--console stdout|none|file:PATH|unix:PATH] [--console-limit BYTES]
                 [--report-boot-time] [--allow-pvm]
-                [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME[,mac=MAC]]
+                [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME|stream=N[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
                 [--disk-limit [N:]LIMIT]... [--net-rx-limit LIMIT] [--net-tx-limit LIMIT]
                 [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
@@ -57,6 +57,9 @@ fn usage() -> String {
   --disk PATH[:ro]      virtio-blk disk on a raw image (repeatable; vda, vdb, ... in order)
   --net SPEC            virtio-net on a tap: tap=NAME opens (or creates) the tap NAME;
                         fd=N,name=NAME adopts an open tap fd inherited from the parent;
+                        stream=N: no tap, an inherited connected stream socket to passt
+                        (length-prefixed Ethernet frames; rootless --net=user), on which no
+                        checksum offload or TSO is offered to the guest;
                         mac=XX:XX:XX:XX:XX:XX (default 06:00:ac:10:00:02)
   --vsock cid=N,path=PATH  virtio-vsock with guest CID N (>= 3); host side on the Unix socket
                         PATH (CONNECT <port> for guest ports; PATH_<port> for guest-initiated)
@@ -539,6 +542,9 @@ mod tests {
         let net = c.net.unwrap();
         assert_eq!(net.tap, TapSource::Fd(7, "husk0".into()));
         assert_eq!(net.mac, [6, 0, 0, 0, 0, 9]);
+        let o = parse(&["--kernel", "/k", "--net", "stream=5,mac=06:00:0a:00:02:0f"])
+            .expect("did not parse");
+        assert_eq!(o.vm.net.unwrap().tap, TapSource::Stream(5));
         assert_eq!(
             c.vsock,
             Some(VsockConfig {

@@ -15,17 +15,18 @@ use crate::agent_client;
 
 /// How long huskd keeps trying to reach the guest agent after a start.
 const AGENT_WAIT: Duration = Duration::from_secs(120);
-/// The prefix length of a VM's link (a /30: host .1, guest .2; see husk_host::net).
-const LINK_PREFIX_LEN: u32 = 30;
-
 /// The `set_network` that gives a restored guest's eth0 the identity of its new link.
 pub(super) fn net_config(link: &VmLink) -> SetNetwork {
     SetNetwork {
         interface: "eth0".into(),
         mac: link.mac.to_vec(),
         address: link.guest_ip.to_string(),
-        prefix_len: LINK_PREFIX_LEN,
-        gateway: link.host_ip.to_string(),
+        prefix_len: u32::from(link.prefix_len),
+        gateway: if link.host_ip.is_unspecified() {
+            String::new()
+        } else {
+            link.host_ip.to_string()
+        },
     }
 }
 
@@ -142,6 +143,9 @@ mod tests {
             host_ip: Ipv4Addr::new(169, 254, 128, 29),
             guest_ip: Ipv4Addr::new(169, 254, 128, 30),
             mac: [6, 0, 169, 254, 128, 30],
+            prefix_len: husk_host::net::LINK_PREFIX_LEN,
+            mtu: None,
+            kind: husk_host::net::LinkKind::Tap,
         };
         let sent = net_config(&link);
         assert_eq!(sent.interface, "eth0");

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::path::Path;
 use std::pin::Pin;
 
 use husk_host::firewall::{self, VmRules};
@@ -40,6 +41,10 @@ pub enum HostError {
 pub trait VmmHost: Send + Sync {
     /// Creates and addresses a tap for one VM.
     fn create_link(&self) -> Result<VmLink, HostError>;
+    /// Joins a VM to `interface` of the named network namespace at `netns` (MODE_NETNS).
+    fn join_netns(&self, netns: &Path, interface: &str) -> Result<VmLink, HostError>;
+    /// Gives `interface` of the namespace back to the namespace (its VM has ended).
+    fn leave_netns(&self, netns: &Path, interface: &str) -> Result<(), HostError>;
     /// The host's resolver that guests' DNS goes to; None when the host has only loopback ones.
     fn dns_upstream(&self) -> Option<std::net::Ipv4Addr>;
     /// Installs the firewall rules of one VM (dropping those of taps that are gone).
@@ -65,6 +70,14 @@ pub struct SystemHost;
 impl VmmHost for SystemHost {
     fn create_link(&self) -> Result<VmLink, HostError> {
         VmLink::create().map_err(|e| HostError::Link(e.to_string()))
+    }
+
+    fn join_netns(&self, netns: &Path, interface: &str) -> Result<VmLink, HostError> {
+        husk_host::netns::connect(netns, interface).map_err(|e| HostError::Link(e.to_string()))
+    }
+
+    fn leave_netns(&self, netns: &Path, interface: &str) -> Result<(), HostError> {
+        husk_host::netns::disconnect(netns, interface).map_err(|e| HostError::Link(e.to_string()))
     }
 
     fn dns_upstream(&self) -> Option<std::net::Ipv4Addr> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use husk_host::confined::Dir;
 use husk_host::firewall::{NetworkPolicy, Protocol, VmRules};
-use husk_host::net::VmLink;
+use husk_host::net::{LinkKind, VmLink};
 use husk_proto::v1::{event, network, port_mapping, Egress, PortMapping, Vm, VmSpec, VmState};
 use husk_proto::vmm::ExitReport;
 use prost::Message;
@@ -58,12 +58,28 @@ impl Daemon {
             .as_ref()
             .and_then(|n| network::Mode::try_from(n.mode).ok())
             .unwrap_or(network::Mode::None);
+        let network = spec.network.clone().unwrap_or_default();
         let mut link = match net_mode {
             network::Mode::Tap => Some(
                 self.host
                     .create_link()
                     .map_err(|e| Status::unavailable(e.to_string()))?,
             ),
+            network::Mode::Netns => {
+                // One VM per namespace: a second (a clone of the first, say) would take the
+                // interface away from it.
+                if let Some(other) = self.netns_user(&network.netns, &entry.id) {
+                    return Err(Status::failed_precondition(format!(
+                        "network.netns {}: VM {other} has joined it already",
+                        network.netns
+                    )));
+                }
+                Some(
+                    self.host
+                        .join_netns(Path::new(&network.netns), &network.netns_interface)
+                        .map_err(|e| Status::failed_precondition(e.to_string()))?,
+                )
+            }
             network::Mode::None => None,
         };
         if let (Some(link), Some(mac)) = (
@@ -76,9 +92,10 @@ impl Daemon {
         }
         // The link's firewall (NAT, DNS, published ports, egress policy), before the VMM
         // exists: a tap without its rules never carries traffic.
+        // A joined namespace has its owner's rules, not husk's.
         let (policy, dns) = match &link {
-            Some(link) => self.install_firewall(entry, spec, link)?,
-            None => Default::default(),
+            Some(link) if link.kind == LinkKind::Tap => self.install_firewall(entry, spec, link)?,
+            _ => Default::default(),
         };
         let cid = entry.snapshot().status.as_ref().map_or(3, |s| s.vsock_cid);
         entry.update(|vm| {
@@ -112,6 +129,7 @@ impl Daemon {
                 drop(launch);
                 drop(link);
                 self.collect_firewall_garbage(entry);
+                self.leave_netns(entry, spec);
                 return Err(Status::internal(reason));
             }
         };
@@ -145,6 +163,8 @@ impl Daemon {
             status.egress = egress(&policy);
             status.dns = dns.is_some();
             status.agent_ready = false;
+            let spec = vm.spec.clone().unwrap_or_default();
+            crate::rate_limits::set_status_at_start(VmEntry::status_mut(vm), &spec);
         });
         tracing::info!(vm_id = %entry.id, pid, restore = is_restore, "husk-vmm started");
         self.emit(entry, event::Kind::Started, None, String::new());
@@ -290,6 +310,9 @@ impl Daemon {
         {
             self.collect_firewall_garbage(entry);
         }
+        if let Some(spec) = lock(&entry.record).spec.clone() {
+            self.leave_netns(entry, &spec);
+        }
         // The jail's cgroup (and anything left in it) and directory, also after a kill -9 or
         // when the VMM ended while no huskd watched.
         if let Some(jail) = &self.config.jail {
@@ -391,7 +414,11 @@ impl Daemon {
         let (Some(spec), Some(status)) = (&vm.spec, &vm.status) else {
             return;
         };
-        if status.tap.is_empty() {
+        let husk_link = spec
+            .network
+            .as_ref()
+            .is_some_and(|n| n.mode == network::Mode::Tap as i32);
+        if status.tap.is_empty() || !husk_link {
             return;
         }
         let rules = (|| {
@@ -424,6 +451,40 @@ impl Daemon {
         };
         if let Err(e) = result {
             tracing::warn!(vm_id = %entry.id, error = %e, "cannot apply the adopted VM's firewall rules");
+        }
+    }
+
+    /// The name of a VM other than `except` that is in the namespace at `netns` (starting,
+    /// running or paused), if any.
+    fn netns_user(&self, netns: &str, except: &str) -> Option<String> {
+        let entries: Vec<Arc<VmEntry>> = lock(&self.vms).values().cloned().collect();
+        entries.into_iter().find_map(|e| {
+            let live = matches!(
+                e.state(),
+                VmState::Starting | VmState::Running | VmState::Paused
+            );
+            let vm = e.snapshot();
+            let joined = vm
+                .spec
+                .as_ref()
+                .and_then(|s| s.network.as_ref())
+                .is_some_and(|n| n.mode == network::Mode::Netns as i32 && n.netns == netns);
+            (e.id != except && live && joined).then(|| e.name())
+        })
+    }
+
+    /// Gives a joined namespace's interface back to the namespace (MODE_NETNS; logged, never
+    /// fatal: the redirect only ever points at the VM's vanished tap).
+    fn leave_netns(&self, entry: &VmEntry, spec: &VmSpec) {
+        let Some(n) = &spec.network else { return };
+        if n.mode != network::Mode::Netns as i32 {
+            return;
+        }
+        if let Err(e) = self
+            .host
+            .leave_netns(Path::new(&n.netns), &n.netns_interface)
+        {
+            tracing::warn!(vm_id = %entry.id, error = %e, "cannot give the namespace's interface back");
         }
     }
 

@@ -8,7 +8,7 @@ use husk_proto::vmm::{vmm_request, ErrorKind};
 use tonic::Status;
 
 use super::{vmm_call, Daemon, VmEntry, VmmCallError};
-use crate::rate_limits::{apply_to_spec, to_vmm_request};
+use crate::rate_limits::{apply_to_spec, apply_to_status, to_vmm_request};
 use crate::validate;
 
 impl Daemon {
@@ -40,6 +40,7 @@ impl Daemon {
             if let Some(spec) = vm.spec.as_mut() {
                 apply_to_spec(spec, request);
             }
+            apply_to_status(VmEntry::status_mut(vm), request);
         }))
     }
 }

@@ -57,6 +57,9 @@ struct Recorded {
     fail_link: Option<String>,
     /// The firewall: the rules in force, by tap.
     firewall: BTreeMap<String, VmRules>,
+    /// Namespaces joined and left, as (path, interface).
+    joined: Vec<(String, String)>,
+    left: Vec<(String, String)>,
     /// How often the firewall's garbage was collected.
     firewall_collections: usize,
     /// The host's resolver for guests.
@@ -118,7 +121,40 @@ impl VmmHost for FakeHost {
             host_ip: [169, 254, 128, n * 4 + 1].into(),
             guest_ip: guest.into(),
             mac: [6, 0, guest[0], guest[1], guest[2], guest[3]],
+            prefix_len: husk_host::net::LINK_PREFIX_LEN,
+            mtu: None,
+            kind: husk_host::net::LinkKind::Tap,
         })
+    }
+
+    fn join_netns(&self, netns: &Path, interface: &str) -> Result<VmLink, HostError> {
+        let (far_end, tap_fd) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::NONBLOCK)
+            .map_err(|e| HostError::Link(e.to_string()))?;
+        let mut recorded = lock(&self.recorded);
+        recorded.tap_ends.push(far_end);
+        recorded
+            .joined
+            .push((netns.display().to_string(), interface.into()));
+        Ok(VmLink {
+            tap_fd,
+            tap_name: "husktap0".into(),
+            host_ip: [10, 88, 0, 1].into(),
+            guest_ip: [10, 88, 0, 7].into(),
+            mac: [2, 0x42, 10, 88, 0, 7],
+            prefix_len: 16,
+            mtu: Some(1450),
+            kind: husk_host::net::LinkKind::Netns {
+                path: netns.into(),
+                interface: interface.into(),
+            },
+        })
+    }
+
+    fn leave_netns(&self, netns: &Path, interface: &str) -> Result<(), HostError> {
+        lock(&self.recorded)
+            .left
+            .push((netns.display().to_string(), interface.into()));
+        Ok(())
     }
 
     fn dns_upstream(&self) -> Option<std::net::Ipv4Addr> {
@@ -702,6 +738,56 @@ async fn a_vm_without_a_tap_gets_no_firewall_rules() {
     let entry = f.daemon.create(spec("alpha", false)).unwrap();
     f.daemon.start(&entry).await.unwrap();
     assert!(f.host.firewalled().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_in_a_joined_namespace_takes_its_interfaces_identity_and_gives_it_back() {
+    let f = fixture(false);
+    let mut netns = spec("pod", false);
+    netns.network = Some(Network {
+        mode: network::Mode::Netns as i32,
+        netns: "/var/run/netns/cni-1".into(),
+        ..Default::default()
+    });
+    let entry = f.daemon.create(netns).unwrap();
+    f.daemon.start(&entry).await.unwrap();
+    let joined = vec![("/var/run/netns/cni-1".to_string(), "eth0".to_string())];
+    assert_eq!(lock(&f.host.recorded).joined, joined);
+    // The namespace's owner keeps its rules: husk adds none.
+    assert!(f.host.firewalled().is_empty());
+    let status = status_of(&entry);
+    assert_eq!(
+        (status.guest_ip.as_str(), status.host_ip.as_str()),
+        ("10.88.0.7", "10.88.0.1")
+    );
+    assert!(!status.dns);
+    let spawned = &f.host.spawns()[0];
+    assert_eq!(
+        spawned.mac,
+        Some([2, 0x42, 10, 88, 0, 7]),
+        "the interface's MAC"
+    );
+    assert!(lock(&f.host.recorded).left.is_empty());
+
+    // A second VM in the same namespace would take eth0 from the first: refused.
+    let mut second = spec("pod2", false);
+    second.network = entry.snapshot().spec.unwrap().network;
+    let second = f.daemon.create(second).unwrap();
+    let refused = f.daemon.start(&second).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("pod has joined it"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(lock(&f.host.recorded).joined.len(), 1);
+
+    f.host.exit(spawned.pid, Some(KILLED));
+    wait_for_state(&entry, VmState::Failed).await;
+    assert_eq!(lock(&f.host.recorded).left, joined);
+    // Once the first has ended, the namespace is free.
+    f.daemon.start(&second).await.unwrap();
+    assert_eq!(lock(&f.host.recorded).joined.len(), 2);
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::state::{Backend, DeviceBackend, DiskBackend, NetBackend, RngBackend, VsockBackend};
-use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig};
+use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig, MIN_MTU};
 
 /// A virtio device to create: the same list drives a fresh boot and a restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,8 +64,11 @@ pub fn backend_of(spec: &DeviceSpec) -> DeviceBackend {
         DeviceSpec::Net(n) => Backend::Net(NetBackend {
             tap: match &n.tap {
                 TapSource::Name(name) | TapSource::Fd(_, name) => name.clone(),
+                // A stream to passt cannot be reopened by name: a restore needs a --net.
+                TapSource::Stream(_) => String::new(),
             },
             mac: n.mac.to_vec(),
+            mtu: n.mtu.map_or(0, u32::from),
         }),
         DeviceSpec::Vsock(v) => Backend::Vsock(VsockBackend {
             cid: v.cid,
@@ -127,6 +130,7 @@ pub fn specs_for_restore(
                         tap: TapSource::Name(n.tap.clone()),
                         mac: <[u8; 6]>::try_from(n.mac.as_slice())
                             .map_err(|_| DeviceStateError::Mac(name.clone()))?,
+                        mtu: u16::try_from(n.mtu).ok().filter(|m| *m >= MIN_MTU),
                     }),
                 }
             }
@@ -170,6 +174,7 @@ mod tests {
             DeviceSpec::Net(NetConfig {
                 tap: TapSource::Fd(5, "husk7".into()),
                 mac: [6, 0, 0, 0, 0, 7],
+                mtu: Some(1400),
             }),
             DeviceSpec::Vsock(VsockConfig {
                 cid: 3,
@@ -187,6 +192,7 @@ mod tests {
         expect[1] = DeviceSpec::Net(NetConfig {
             tap: TapSource::Name("husk7".into()),
             mac: [6, 0, 0, 0, 0, 7],
+            mtu: Some(1400),
         });
         assert_eq!(specs, expect);
     }
@@ -200,6 +206,7 @@ mod tests {
         let net = NetConfig {
             tap: TapSource::Name("clone0".into()),
             mac: [6, 0, 0, 0, 0, 42],
+            mtu: None,
         };
         let disk = DiskConfig {
             path: "/img/clone.ext4".into(),

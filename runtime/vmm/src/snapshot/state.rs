@@ -179,6 +179,9 @@ pub struct NetBackend {
     /// MAC address (6 bytes).
     #[prost(bytes = "vec", tag = "2")]
     pub mac: Vec<u8>,
+    /// The MTU announced to the guest; 0: none (older snapshots have none).
+    #[prost(uint32, tag = "3")]
+    pub mtu: u32,
 }
 
 /// virtio-vsock backend.

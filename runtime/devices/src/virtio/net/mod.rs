@@ -2,7 +2,11 @@
 //! virtio-net header end to end, so checksum offload and TSO negotiated with the guest are
 //! carried out by the host kernel. Mergeable rx buffers let a 64 KiB GSO frame use many small
 //! guest buffers.
+//!
+//! The other backend is a stream socket to passt (`stream`, rootless networking), which takes
+//! no offloads: on it the device offers none, so the guest sends and expects whole frames.
 
+pub mod stream;
 pub mod tap;
 
 use std::io;
@@ -23,6 +27,7 @@ use crate::GuestMemoryMmap;
 pub mod feature {
     pub const CSUM: u64 = 1 << 0;
     pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MTU: u64 = 1 << 3;
     pub const MAC: u64 = 1 << 5;
     pub const GUEST_TSO4: u64 = 1 << 7;
     pub const GUEST_TSO6: u64 = 1 << 8;
@@ -37,6 +42,17 @@ const TX: usize = 1;
 const QUEUE_SIZE: u16 = 256;
 /// Largest frame either way: a 64 KiB GSO packet, its Ethernet header and the virtio-net header.
 const MAX_FRAME: usize = 65_535 + 14 + VNET_HDR_LEN;
+/// The largest Ethernet frame (without virtio-net header) the device takes or gives: what a
+/// backend that frames them itself ([`stream::StreamBackend`]) must accept.
+pub const MAX_ETHERNET_FRAME: usize = MAX_FRAME - VNET_HDR_LEN;
+/// Features that make frames carry pending checksums or segmentation: offered only when the
+/// backend takes them ([`NetBackend::takes_vnet_offloads`]).
+const OFFLOAD_FEATURES: u64 = feature::CSUM
+    | feature::GUEST_CSUM
+    | feature::GUEST_TSO4
+    | feature::GUEST_TSO6
+    | feature::HOST_TSO4
+    | feature::HOST_TSO6;
 const STATUS_LINK_UP: u16 = 1;
 
 enum State {
@@ -50,7 +66,10 @@ enum State {
 /// A virtio-net device.
 pub struct Net {
     backend: Box<dyn NetBackend>,
-    config: [u8; 8],
+    /// Config space (§5.1.4): mac, status, max_virtqueue_pairs (unused: one pair), mtu.
+    config: [u8; 12],
+    /// Whether the device announces an MTU (VIRTIO_NET_F_MTU).
+    announces_mtu: bool,
     state: State,
     /// A frame read from the backend that waits for guest rx buffers (its length in `rx_buf`).
     rx_pending: Option<usize>,
@@ -68,12 +87,13 @@ pub struct Net {
 
 impl Net {
     pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
-        let mut config = [0u8; 8];
+        let mut config = [0u8; 12];
         config[..6].copy_from_slice(&mac);
         config[6..8].copy_from_slice(&STATUS_LINK_UP.to_le_bytes());
         Self {
             backend,
             config,
+            announces_mtu: false,
             state: State::Inactive,
             rx_pending: None,
             rx_buf: vec![0; MAX_FRAME],
@@ -84,6 +104,15 @@ impl Net {
             tx_limiter: None,
             throttle: new_throttle(),
         }
+    }
+
+    /// Announces `mtu` to the guest (VIRTIO_NET_F_MTU): its driver then uses it as the
+    /// interface's MTU and maximum. For a VM that stands in for an interface with a smaller
+    /// MTU than Ethernet's (an overlay network's), whose larger frames would be dropped.
+    pub fn with_mtu(mut self, mtu: u16) -> Self {
+        self.config[10..12].copy_from_slice(&mtu.to_le_bytes());
+        self.announces_mtu = true;
+        self
     }
 
     /// Sets the rx and tx rate limits (see [`VirtioDevice::set_rate_limit`]).
@@ -417,24 +446,26 @@ impl VirtioDevice for Net {
         &[QUEUE_SIZE, QUEUE_SIZE]
     }
     fn offered_features(&self) -> u64 {
-        features::VERSION_1
+        let base = features::VERSION_1
             | features::RING_EVENT_IDX
             | features::RING_INDIRECT_DESC
             | feature::MAC
             | feature::STATUS
             | feature::MRG_RXBUF
-            | feature::CSUM
-            | feature::GUEST_CSUM
-            | feature::GUEST_TSO4
-            | feature::GUEST_TSO6
-            | feature::HOST_TSO4
-            | feature::HOST_TSO6
+            | if self.announces_mtu { feature::MTU } else { 0 };
+        if self.backend.takes_vnet_offloads() {
+            base | OFFLOAD_FEATURES
+        } else {
+            base
+        }
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_bytes(&self.config, offset, data);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
-        let acked = ctx.acked_features;
+        // A driver cannot ack what was not offered (the transport masks it); masked again so
+        // that a backend without offloads is never asked for any.
+        let acked = ctx.acked_features & self.offered_features();
         let mut offloads = 0;
         if acked & feature::GUEST_CSUM != 0 {
             offloads |= TUN_F_CSUM;

@@ -28,6 +28,10 @@ pub trait NetBackend: Send {
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Tells the host which offloads the guest accepts in received frames (TUN_F_*).
     fn set_offloads(&mut self, flags: u32) -> io::Result<()>;
+    /// Whether the backend takes and gives frames with checksum offload and segmentation
+    /// pending (the virtio-net header's flags and GSO fields honoured). When not, the device
+    /// offers the guest no CSUM, GUEST_CSUM or TSO feature, so every frame is whole.
+    fn takes_vnet_offloads(&self) -> bool;
     /// The fd to watch for readability, if any.
     fn fd(&self) -> Option<RawFd>;
 }
@@ -138,6 +142,9 @@ impl NetBackend for Tap {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+    fn takes_vnet_offloads(&self) -> bool {
+        true
     }
     fn fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())

@@ -12,6 +12,8 @@ struct Wire {
     to_guest: VecDeque<Vec<u8>>,
     from_guest: Vec<Vec<u8>>,
     offloads: Option<u32>,
+    /// The backend takes no offloads (as passt's stream).
+    no_offloads: bool,
 }
 
 #[derive(Clone, Default)]
@@ -36,6 +38,9 @@ impl NetBackend for FakeBackend {
     fn set_offloads(&mut self, flags: u32) -> io::Result<()> {
         self.0.lock().unwrap().offloads = Some(flags);
         Ok(())
+    }
+    fn takes_vnet_offloads(&self) -> bool {
+        !self.0.lock().unwrap().no_offloads
     }
     fn fd(&self) -> Option<std::os::unix::io::RawFd> {
         None
@@ -171,6 +176,82 @@ fn offloads_follow_what_the_guest_accepted() {
 }
 
 #[test]
+fn a_backend_without_offloads_is_offered_none_and_asked_for_none() {
+    let offload = feature::CSUM
+        | feature::GUEST_CSUM
+        | feature::GUEST_TSO4
+        | feature::GUEST_TSO6
+        | feature::HOST_TSO4
+        | feature::HOST_TSO6;
+    let wire = FakeBackend::default();
+    assert_eq!(
+        Net::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]).offered_features() & offload,
+        offload
+    );
+    wire.0.lock().unwrap().no_offloads = true;
+    let net = Net::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+    assert_eq!(net.offered_features() & offload, 0);
+    assert_ne!(net.offered_features() & feature::MRG_RXBUF, 0);
+    // Even a context claiming them (the transport never acks what was not offered).
+    let mem = guest_memory();
+    let rx = Driver::new(&mem, 16);
+    let tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    let mut net = Net::new(Box::new(wire.clone()), [2, 0, 0, 0, 0, 1]);
+    let mut ctx = activate_ctx(&mem, vec![rx.queue(), tx.queue()], CountingLine::default());
+    ctx.acked_features = MRG | feature::GUEST_CSUM | feature::GUEST_TSO4;
+    net.activate(ctx).unwrap();
+    assert_eq!(wire.0.lock().unwrap().offloads, Some(0));
+}
+
+#[test]
+fn frames_cross_a_stream_backend_both_ways_in_passts_framing() {
+    use std::io::{Read, Write};
+    let mem = guest_memory();
+    let mut rx = Driver::new(&mem, 16);
+    let mut tx = Driver::new_at(&mem, 16, 0x8000, 0xa_0000);
+    let (ours, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let backend = stream::StreamBackend::new(ours.into(), MAX_ETHERNET_FRAME).unwrap();
+    let mut net = Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1]);
+    let mut ctx = activate_ctx(&mem, vec![rx.queue(), tx.queue()], CountingLine::default());
+    ctx.acked_features = MRG;
+    net.activate(ctx).unwrap();
+
+    // Guest to peer: the virtio-net header goes, a length prefix comes.
+    let f = frame(60 + VNET_HDR_LEN, 4);
+    tx.chain(&[(&f[..], f.len() as u32, false)]);
+    net.process_queue(TX).unwrap();
+    let mut got = vec![0; 64];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(&got[..4], &60u32.to_be_bytes());
+    assert_eq!(&got[4..], &f[VNET_HDR_LEN..]);
+
+    // Peer to guest: in two pieces; the frame arrives once whole, with a zeroed header.
+    rx.chain(&[(&[], 2048, true)]);
+    let payload = frame(100, 8);
+    let mut wire = 100u32.to_be_bytes().to_vec();
+    wire.extend_from_slice(&payload);
+    peer.write_all(&wire[..50]).unwrap();
+    net.process_backend().unwrap();
+    assert_eq!(rx.used(), vec![]);
+    peer.write_all(&wire[50..]).unwrap();
+    net.process_backend().unwrap();
+    assert_eq!(rx.used(), vec![(0, (VNET_HDR_LEN + 100) as u32)]);
+    let got = rx.read(rx.desc_addr(0), VNET_HDR_LEN + 100);
+    assert_eq!(
+        &got[..10],
+        &[0; 10],
+        "header zeroed (num_buffers set after)"
+    );
+    assert_eq!(&got[VNET_HDR_LEN..], &payload[..]);
+
+    // A hostile length takes the link down; the device keeps working (nothing delivered).
+    peer.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    rx.chain(&[(&[], 2048, true)]);
+    net.process_backend().unwrap();
+    assert_eq!(rx.used().len(), 1);
+}
+
+#[test]
 fn hostile_tx_and_rx_chains_are_counted_not_fatal() {
     let mem = guest_memory();
     let mut rx = Driver::new(&mem, 16);
@@ -199,6 +280,23 @@ fn config_space_has_the_mac_and_link_up() {
     let mut c = [0u8; 8];
     net.read_config(0, &mut c);
     assert_eq!(c, [0x06, 1, 2, 3, 4, 5, 1, 0]);
+    assert_eq!(
+        net.offered_features() & feature::MTU,
+        0,
+        "no MTU unless given"
+    );
+}
+
+#[test]
+fn an_mtu_is_announced_in_config_space_with_its_feature() {
+    let net = Net::new(Box::new(FakeBackend::default()), [0x06, 1, 2, 3, 4, 5]).with_mtu(1450);
+    assert_ne!(net.offered_features() & feature::MTU, 0);
+    let mut mtu = [0u8; 2];
+    net.read_config(10, &mut mtu);
+    assert_eq!(u16::from_le_bytes(mtu), 1450);
+    let mut pairs = [0xffu8; 2];
+    net.read_config(8, &mut pairs);
+    assert_eq!(pairs, [0, 0], "max_virtqueue_pairs: unused, zero");
 }
 
 #[test]
@@ -290,6 +388,9 @@ impl NetBackend for LyingBackend {
     }
     fn set_offloads(&mut self, _: u32) -> io::Result<()> {
         Ok(())
+    }
+    fn takes_vnet_offloads(&self) -> bool {
+        true
     }
     fn fd(&self) -> Option<std::os::unix::io::RawFd> {
         None
