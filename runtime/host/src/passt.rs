@@ -159,14 +159,21 @@ pub fn has_ipv4_nameserver(resolv_conf: &str) -> bool {
     })
 }
 
-/// [`has_ipv4_nameserver`] of this host's /etc/resolv.conf (at most 64 KiB read).
-pub fn host_has_ipv4_nameserver() -> bool {
+/// The first `limit` bytes of the file at `path`, as text (never more, whatever writes it:
+/// passt writes its pid file and stderr as another user when husk runs as root).
+fn read_bounded(path: &std::path::Path, limit: u64) -> io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
-    std::fs::File::open("/etc/resolv.conf")
-        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
-        .is_ok()
-        && has_ipv4_nameserver(&text)
+    std::fs::File::open(path)?
+        .take(limit)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// [`has_ipv4_nameserver`] of this host's /etc/resolv.conf (at most 64 KiB read).
+pub fn host_has_ipv4_nameserver() -> bool {
+    read_bounded(std::path::Path::new("/etc/resolv.conf"), 64 * 1024)
+        .is_ok_and(|text| has_ipv4_nameserver(&text))
 }
 
 /// The guest kernel's `ip=` parameter for eth0 (CONFIG_IP_PNP, no autoconfiguration).
@@ -244,7 +251,7 @@ impl Passt {
         let pid_file = self.dir.join("passt.pid");
         loop {
             // Written by passt after its set-up (ports bound), right before it serves.
-            if std::fs::read_to_string(&pid_file).is_ok_and(|s| !s.trim().is_empty()) {
+            if read_bounded(&pid_file, 64).is_ok_and(|s| !s.trim().is_empty()) {
                 return Ok(());
             }
             let Some(child) = self.child.as_mut() else {
@@ -269,7 +276,7 @@ impl Passt {
 
     /// passt's last message on stderr (without its complaints about a missing syslog).
     fn failure_reason(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default();
+        let text = read_bounded(&self.dir.join("stderr"), 64 * 1024).unwrap_or_default();
         text.lines()
             .map(str::trim)
             .rfind(|l| {
