@@ -86,6 +86,7 @@ fn bad_requests_get_precise_status_codes() {
                 path: "/etc/shadow".into(),
                 read_only: false,
                 rate_limit: None,
+                ..Default::default()
             }],
             ..spec("a")
         },

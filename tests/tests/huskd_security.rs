@@ -203,6 +203,7 @@ fn host_files_and_snapshots_outside_the_allowed_directories_are_refused() {
             path: path.into(),
             read_only: false,
             rate_limit: None,
+            ..Default::default()
         }],
         ..named("d")
     };

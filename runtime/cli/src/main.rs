@@ -4,12 +4,16 @@
 //! are a gRPC client of huskd (see `remote`). This file is the binary's edge: it parses the
 //! command line (`opts`), sets up logging and turns every outcome into an exit code.
 
+mod disk_cmd;
+mod image_cmd;
+mod image_store;
 mod opts;
 mod output;
 mod quick_launch;
 mod rate_limit_cmd;
 mod remote;
 mod run_args;
+mod run_disks;
 mod snapshot_cmd;
 mod tty;
 
@@ -32,6 +36,7 @@ fn main() {
             Ok(()) => quick_launch::run(run).unwrap_or_else(fail),
             Err(e) => fail(e),
         },
+        Verb::Image(image) => image_cmd::run(image).unwrap_or_else(fail),
         Verb::Version => {
             println!("husk {}", env!("CARGO_PKG_VERSION"));
             0

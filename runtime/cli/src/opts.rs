@@ -5,6 +5,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::image_cmd::ImageArgs;
 use crate::rate_limit_cmd::{LimitArgs, UpdateArgs};
 use crate::remote::DEFAULT_HOST;
 use crate::run_args::RunArgs;
@@ -54,12 +55,16 @@ pub enum Verb {
     Update(UpdateArgs),
     /// Restart paused VMs' vCPUs
     Resume(VmList),
+    /// Attach a disk to, or detach one from, a running VM's disk slots (--disk-slots)
+    Disk(crate::disk_cmd::DiskArgs),
     /// Lifecycle events as they happen
     Events(EventsArgs),
     /// Snapshot a running or paused VM into DIR
     Snapshot(SnapshotArgs),
     /// A new VM from a snapshot in DIR, going on where the snapshot was taken
     Restore(RestoreArgs),
+    /// Disk images: ls, create, rm, info, import (local, no daemon)
+    Image(ImageArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completions {
         #[arg(value_name = "SHELL")]
@@ -84,6 +89,7 @@ impl Verb {
                 | "logs"
                 | "pause"
                 | "update"
+                | "disk"
                 | "resume"
                 | "events"
                 | "snapshot"
@@ -114,9 +120,25 @@ pub struct CreateArgs {
     /// An ext4 image as the root filesystem (guest /dev/vda)
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<String>,
-    /// Attach a raw disk image (repeatable)
-    #[arg(long = "disk", value_name = "PATH[:ro]")]
+    /// The format of --rootfs [default: qcow2 for a .qcow2 name, else raw]
+    #[arg(long, value_name = "FORMAT", requires = "rootfs")]
+    pub rootfs_format: Option<husk_host::vmm_args::DiskFormat>,
+    /// Write the --rootfs image itself (by default it is a read-only base and the VM writes to
+    /// an overlay of its own, removed with the VM)
+    #[arg(long, requires = "rootfs")]
+    pub write_rootfs: bool,
+    /// Attach a disk image (repeatable): PATH (written in place), PATH:ro, or PATH:cow (a
+    /// read-only base under an overlay of the VM's own); raw, or qcow2 for a .qcow2 name
+    #[arg(long = "disk", value_name = "PATH[:ro|:cow]")]
     pub disks: Vec<String>,
+    /// N (0..=8) empty disk slots after the disks, for `husk disk attach` while the VM runs
+    #[arg(
+        long = "disk-slots",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
+    pub disk_slots: u32,
     /// Give the guest an IPv4 link to the host over a tap, with NAT and DNS
     /// (docs/networking.md)
     #[arg(long)]

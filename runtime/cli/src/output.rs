@@ -490,6 +490,7 @@ mod tests {
                     path: "/d.img".into(),
                     read_only: true,
                     rate_limit: None,
+                    ..Default::default()
                 }],
                 network: Some(Network {
                     mode: network::Mode::Tap as i32,

@@ -42,6 +42,8 @@ pub enum RunError {
     Spec(#[from] SpecError),
     #[error("--disk {value}: {reason}")]
     Disk { value: String, reason: ValueError },
+    #[error(transparent)]
+    DiskImage(#[from] crate::run_disks::DiskError),
     #[error("{}: {cause}", .path.display())]
     Absolute { path: PathBuf, cause: io::Error },
     #[error("--cgroup needs the jail: run husk as root, without --no-jail")]
@@ -88,7 +90,7 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     spec.encode()?;
     require_file(&kernel, "kernel", BUILD_KERNEL_HINT)?;
     require_file(&initrd, "initrd", BUILD_INITRD_HINT)?;
-    let mut disks = disk_args(args)?;
+    let opened_disks = crate::run_disks::open_all(args)?;
     let vmm = vmm_binary()?;
     let jail_config = jail::config(args.no_jail)?;
     // A jailed VMM sees host paths only where the jail mirrors them, and "/" is its cwd.
@@ -102,15 +104,9 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     };
     let (kernel, initrd) = (absolute(&kernel)?, absolute(&initrd)?);
     let vsock = args.vsock.as_deref().map(absolute).transpose()?;
-    // Jailed, disks are opened here (with husk's rights) and handed over as fds.
-    let mut disk_files = Vec::new();
-    if jail_config.is_some() {
-        for disk in disks.iter_mut() {
-            let (file, by_fd) = jail::open_disk(disk)?;
-            disk_files.push(file);
-            *disk = by_fd;
-        }
-    }
+    // Disks are opened here (with husk's rights, chains resolved) and handed over as fds.
+    let disks: Vec<DiskConfig> = opened_disks.iter().map(|d| d.config.clone()).collect();
+    let disk_files: Vec<std::fs::File> = opened_disks.into_iter().flat_map(|d| d.files).collect();
     if jail_config.is_none() && !args.cgroup.is_empty() {
         return Err(RunError::CgroupWithoutJail);
     }
@@ -371,35 +367,6 @@ fn wait(mut child: std::process::Child, vmm: &Path) -> Result<i32, RunError> {
     )
 }
 
-/// husk-vmm's disks: the root disk first (it is vda), then the others in order.
-fn disk_args(args: &RunArgs) -> Result<Vec<DiskConfig>, RunError> {
-    let mut disks = Vec::new();
-    if let Some(rootfs) = &args.rootfs {
-        require_file(
-            rootfs,
-            "rootfs",
-            "build one with scripts/build-image default, or pass --rootfs",
-        )?;
-        disks.push(DiskConfig {
-            path: rootfs.clone(),
-            read_only: false,
-        });
-    }
-    for value in &args.disks {
-        let disk: DiskConfig = value.parse().map_err(|reason| RunError::Disk {
-            value: value.clone(),
-            reason,
-        })?;
-        require_file(
-            &disk.path,
-            "disk",
-            "make one with mkfs.ext4, or check --disk",
-        )?;
-        disks.push(disk);
-    }
-    Ok(disks)
-}
-
 fn ignore_interactive_signals() {
     for sig in [libc::SIGINT, libc::SIGQUIT] {
         // SAFETY: SIG_IGN installs no handler code, so nothing can run in signal context.
@@ -448,10 +415,7 @@ mod tests {
         let files = VmmFiles {
             kernel: "/k".into(),
             initrd: "/i".into(),
-            disks: vec![DiskConfig {
-                path: fd_path(9),
-                read_only: true,
-            }],
+            disks: vec![DiskConfig::raw(fd_path(9), true)],
             vsock: Some("/run/user/v.sock".into()),
             cmdline_fd: 11,
         };

@@ -99,11 +99,12 @@ pub fn run_verb(host: &str, verb: &Verb) -> Result<i32, RemoteError> {
                 .await
             }
             Verb::Update(args) => crate::rate_limit_cmd::update(&mut client, args).await,
+            Verb::Disk(args) => crate::disk_cmd::run(&mut client, args).await,
             Verb::Events(args) => events(&mut client, args).await,
             Verb::Snapshot(args) => crate::snapshot_cmd::snapshot(&mut client, args).await,
             Verb::Restore(args) => crate::snapshot_cmd::restore(&mut client, args).await,
             // main runs the local verbs itself.
-            Verb::Run(_) | Verb::Completions { .. } | Verb::Version => Ok(0),
+            Verb::Run(_) | Verb::Image(_) | Verb::Completions { .. } | Verb::Version => Ok(0),
         }
     })
 }
@@ -128,19 +129,21 @@ pub fn absolute(path: &str) -> String {
         .unwrap_or_else(|_| path.to_string())
 }
 
-/// A `--disk PATH[:ro]` value as the API's Disk, its path made absolute.
+/// A `--disk PATH[:ro|:cow]` value as the API's Disk, its path made absolute (the format is
+/// left to huskd: by the file name).
 pub fn disk_arg(value: &str) -> Disk {
-    match value.strip_suffix(":ro") {
-        Some(path) => Disk {
-            path: absolute(path),
-            read_only: true,
-            rate_limit: None,
-        },
-        None => Disk {
-            path: absolute(value),
-            read_only: false,
-            rate_limit: None,
-        },
+    let (path, read_only, copy_on_write) = if let Some(p) = value.strip_suffix(":ro") {
+        (p, true, false)
+    } else if let Some(p) = value.strip_suffix(":cow") {
+        (p, false, true)
+    } else {
+        (value, false, false)
+    };
+    Disk {
+        path: absolute(path),
+        read_only,
+        copy_on_write,
+        ..Default::default()
     }
 }
 
@@ -164,7 +167,13 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
         kernel: args.kernel.as_deref().map(absolute).unwrap_or_default(),
         initrd: args.initrd.as_deref().map(absolute).unwrap_or_default(),
         rootfs: args.rootfs.as_deref().map(absolute).unwrap_or_default(),
+        rootfs_copy_on_write: args.rootfs.is_some() && !args.write_rootfs,
+        rootfs_format: args
+            .rootfs_format
+            .map(|f| f.to_string())
+            .unwrap_or_default(),
         disks: args.disks.iter().map(|d| disk_arg(d)).collect(),
+        disk_slots: args.disk_slots,
         network: Some(Network {
             mode: if args.net {
                 network::Mode::Tap
@@ -457,6 +466,7 @@ mod tests {
                 path: "/d.img".into(),
                 read_only: true,
                 rate_limit: None,
+                ..Default::default()
             }]
         );
         assert_eq!(spec.env.get("A").map(String::as_str), Some("1"));

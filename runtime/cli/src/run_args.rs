@@ -18,10 +18,27 @@ pub struct RunArgs {
     /// Initramfs [default: $HUSK_HOME/images/default.cpio.gz]
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Run CMD with this ext4 image as its root filesystem (guest /dev/vda)
+    /// Run CMD with this ext4 image as its root filesystem (guest /dev/vda). The image is a
+    /// read-only base: the VM writes to a throw-away copy-on-write overlay (docs/storage.md)
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
-    /// Attach a raw disk image (repeatable; /dev/vdb, ... after --rootfs)
+    /// The format of --rootfs [default: qcow2 for a .qcow2 name, else raw]
+    #[arg(long, value_name = "FORMAT", requires = "rootfs")]
+    pub rootfs_format: Option<husk_host::vmm_args::DiskFormat>,
+    /// Keep the root filesystem's writes in this qcow2 overlay: created over --rootfs when
+    /// missing, used again when it exists
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "rootfs",
+        conflicts_with = "write_rootfs"
+    )]
+    pub overlay: Option<PathBuf>,
+    /// Write the --rootfs image itself instead of an overlay
+    #[arg(long, requires = "rootfs")]
+    pub write_rootfs: bool,
+    /// Attach a disk image (repeatable; /dev/vdb, ... after --rootfs): PATH[:ro], raw or, for
+    /// a .qcow2 name, qcow2 with its backing chain; written in place
     #[arg(long = "disk", value_name = "PATH[:ro]")]
     pub disks: Vec<String>,
     /// Give the guest an IPv4 network (docs/networking.md); CMD sees HUSK_HOST_IP and

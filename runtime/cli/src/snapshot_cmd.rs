@@ -188,6 +188,7 @@ mod tests {
                 path: "/d/a.img".into(),
                 read_only: true,
                 rate_limit: None,
+                ..Default::default()
             }]
         );
         assert!(r.start_paused);

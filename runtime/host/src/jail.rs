@@ -84,10 +84,7 @@ pub fn open_disk(disk: &DiskConfig) -> Result<(File, DiskConfig), JailError> {
             path: disk.path.clone(),
             cause,
         })?;
-    let by_fd = DiskConfig {
-        path: fd_path(file.as_raw_fd()),
-        read_only: disk.read_only,
-    };
+    let by_fd = DiskConfig::raw(fd_path(file.as_raw_fd()), disk.read_only);
     Ok((file, by_fd))
 }
 

@@ -5,6 +5,7 @@
 //! VMMs run in when the front end runs as root.
 
 pub mod confined;
+pub mod disk_image;
 pub mod firewall;
 pub mod jail;
 pub mod net;

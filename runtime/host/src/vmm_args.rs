@@ -16,10 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
+pub use husk_devices::virtio::block::format::{DiskFormat, MAX_CHAIN};
+
 /// Default number of vCPUs.
 pub const DEFAULT_VCPUS: u8 = 1;
 /// Default guest memory in MiB.
 pub const DEFAULT_MEM_MIB: u64 = 256;
+/// Most empty disk slots (`--disk-slots`) a VM may declare.
+pub const MAX_DISK_SLOTS: u32 = 8;
 /// The MAC of a `--net` device that names none.
 pub const DEFAULT_MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
 
@@ -50,8 +54,12 @@ pub enum ValueError {
     RateLimit(String),
     #[error("a rate must be above zero")]
     ZeroRate,
+    #[error("'{0}': unknown disk format (use raw or qcow2)")]
+    Format(String),
     #[error("mtu {0} is below {MIN_MTU}")]
     Mtu(u16),
+    #[error("{0} disk slots: at most {MAX_DISK_SLOTS}")]
+    DiskSlots(u64),
 }
 
 /// Where the guest's serial console goes.
@@ -98,18 +106,44 @@ impl fmt::Display for ConsoleConfig {
     }
 }
 
-/// A virtio-blk disk: `PATH` or `PATH:ro`.
+/// A virtio-blk disk: `PATH` or `PATH:ro` for a raw image; for a qcow2 image (or any disk with
+/// a backing chain) the keyed form `file=PATH,format=qcow2[,ro][,backing=FMT:PATH]...`, with
+/// the backing chain from the top down (paths in the keyed form cannot hold a comma).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Raw image file.
+    /// The image file.
     pub path: PathBuf,
     /// The guest may not write it.
     pub read_only: bool,
+    /// Its format (never guessed from the contents).
+    pub format: DiskFormat,
+    /// The images below it, from the top down, each opened read-only (resolved and checked by
+    /// the launcher, see `disk_image`).
+    pub backing: Vec<(PathBuf, DiskFormat)>,
+}
+
+impl DiskConfig {
+    /// A raw image, as `PATH[:ro]` says.
+    pub fn raw(path: impl Into<PathBuf>, read_only: bool) -> Self {
+        Self {
+            path: path.into(),
+            read_only,
+            format: DiskFormat::Raw,
+            backing: Vec::new(),
+        }
+    }
+
+    fn keyed(&self) -> bool {
+        self.format != DiskFormat::Raw || !self.backing.is_empty()
+    }
 }
 
 impl FromStr for DiskConfig {
     type Err = ValueError;
     fn from_str(value: &str) -> Result<Self, ValueError> {
+        if value.starts_with("file=") {
+            return parse_keyed_disk(value);
+        }
         let (path, read_only) = match value.strip_suffix(":ro") {
             Some(path) => (path, true),
             None => (value, false),
@@ -117,17 +151,55 @@ impl FromStr for DiskConfig {
         if path.is_empty() {
             return Err(ValueError::EmptyPath);
         }
-        Ok(Self {
-            path: path.into(),
-            read_only,
-        })
+        Ok(Self::raw(path, read_only))
     }
+}
+
+fn parse_keyed_disk(value: &str) -> Result<DiskConfig, ValueError> {
+    let mut disk = DiskConfig::raw(PathBuf::new(), false);
+    let format = |f: &str| {
+        f.parse::<DiskFormat>()
+            .map_err(|_| ValueError::Format(f.to_string()))
+    };
+    for part in value.split(',') {
+        match part.split_once('=') {
+            Some(("file", p)) if !p.is_empty() => disk.path = p.into(),
+            Some(("format", f)) => disk.format = format(f)?,
+            Some(("backing", b)) => {
+                let (f, p) = b
+                    .split_once(':')
+                    .filter(|(_, p)| !p.is_empty())
+                    .ok_or_else(|| ValueError::Pairs(value.into()))?;
+                disk.backing.push((p.into(), format(f)?));
+            }
+            None if part == "ro" => disk.read_only = true,
+            Some((k, _)) if !matches!(k, "file") => return Err(ValueError::UnknownKey(k.into())),
+            _ => return Err(ValueError::Pairs(value.into())),
+        }
+    }
+    if disk.path.as_os_str().is_empty() {
+        return Err(ValueError::EmptyPath);
+    }
+    if disk.backing.len() >= MAX_CHAIN {
+        return Err(ValueError::Pairs(value.into()));
+    }
+    Ok(disk)
 }
 
 impl fmt::Display for DiskConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ro = if self.read_only { ":ro" } else { "" };
-        write!(f, "{}{ro}", self.path.display())
+        if !self.keyed() {
+            let ro = if self.read_only { ":ro" } else { "" };
+            return write!(f, "{}{ro}", self.path.display());
+        }
+        write!(f, "file={},format={}", self.path.display(), self.format)?;
+        if self.read_only {
+            f.write_str(",ro")?;
+        }
+        for (path, format) in &self.backing {
+            write!(f, ",backing={format}:{}", path.display())?;
+        }
+        Ok(())
     }
 }
 
@@ -498,6 +570,8 @@ const FLAGS: &[Flag] = &[
     flag_def("--report-boot-time", false, true),
     flag_def("--allow-pvm", false, true),
     flag_def("--disk", true, false),
+    // The slots are part of the machine: a restore takes them from the snapshot.
+    flag_def("--disk-slots", true, true),
     flag_def("--net", true, false),
     flag_def("--vsock", true, false),
     flag_def("--disk-limit", true, false),
@@ -547,6 +621,18 @@ fn count(flag: &'static str, value: OsString) -> Result<u64, ArgsError> {
         value,
         reason,
     })
+}
+
+fn disk_slots(flag: &'static str, value: OsString) -> Result<u32, ArgsError> {
+    let n = count(flag, value)?;
+    u32::try_from(n)
+        .ok()
+        .filter(|n| *n <= MAX_DISK_SLOTS)
+        .ok_or(ArgsError::Value {
+            flag,
+            value: n.to_string(),
+            reason: ValueError::DiskSlots(n),
+        })
 }
 
 fn non_empty(flag: &'static str, value: OsString) -> Result<PathBuf, ArgsError> {
@@ -646,6 +732,9 @@ pub struct VmmArgs {
     pub allow_pvm: bool,
     /// virtio-blk disk on a raw image (repeatable; vda, vdb, ... in order)
     pub disks: Vec<DiskConfig>,
+    /// Empty virtio-blk slots after the disks, 0..=8 [default: 0]: disks attached and detached
+    /// at run time through the control socket (attach_disk, detach_disk)
+    pub disk_slots: u32,
     /// virtio-net on a tap: tap=NAME opens (or creates) the tap NAME; fd=N,name=NAME adopts an
     /// open tap fd inherited from the parent; mac=XX:XX:XX:XX:XX:XX (default 06:00:ac:10:00:02)
     pub net: Option<NetConfig>,
@@ -724,6 +813,9 @@ impl VmmArgs {
         }
         for disk in &self.disks {
             flag(&mut a, "--disk", disk.to_string());
+        }
+        if self.disk_slots > 0 {
+            flag(&mut a, "--disk-slots", self.disk_slots.to_string());
         }
         if let Some(net) = &self.net {
             flag(&mut a, "--net", net.to_string());
@@ -830,6 +922,7 @@ impl VmmArgs {
                 "--report-boot-time" => out.report_boot_time = true,
                 "--allow-pvm" => out.allow_pvm = true,
                 "--disk" => out.disks.push(typed(flag, value)?),
+                "--disk-slots" => out.disk_slots = disk_slots(flag, value)?,
                 "--net" => out.net = Some(typed(flag, value)?),
                 "--vsock" => out.vsock = Some(typed(flag, value)?),
                 "--disk-limit" => out.disk_limits.push(typed(flag, value)?),
@@ -915,6 +1008,7 @@ mod tests {
             report_boot_time: true,
             allow_pvm: true,
             disks: vec!["/a.img".parse().unwrap(), "/b.img:ro".parse().unwrap()],
+            disk_slots: 3,
             net: Some(NetConfig {
                 tap: TapSource::Name("tap0".into()),
                 mac: [6, 0, 0xac, 0x10, 0, 9],
@@ -954,13 +1048,15 @@ mod tests {
             cpus: Some(2),
             memory: Some(512),
             disks: vec![
-                DiskConfig {
-                    path: fd_path(5),
-                    read_only: false,
-                },
+                DiskConfig::raw(fd_path(5), false),
                 DiskConfig {
                     path: fd_path(6),
                     read_only: true,
+                    format: DiskFormat::Qcow2,
+                    backing: vec![
+                        (fd_path(7), DiskFormat::Qcow2),
+                        (fd_path(8), DiskFormat::Raw),
+                    ],
                 },
             ],
             net: Some(NetConfig {
@@ -982,13 +1078,52 @@ mod tests {
         let joined = argv.join(OsString::from(" ").as_os_str());
         let joined = joined.to_string_lossy();
         assert!(
-            joined.contains("--disk /proc/self/fd/5 --disk /proc/self/fd/6:ro"),
+            joined.contains(
+                "--disk /proc/self/fd/5 --disk file=/proc/self/fd/6,format=qcow2,ro,\
+                 backing=qcow2:/proc/self/fd/7,backing=raw:/proc/self/fd/8"
+            ),
             "{joined}"
         );
         assert!(
             joined.contains("--net fd=7,name=husk0,mac=06:00:a9:fe:80:02"),
             "{joined}"
         );
+    }
+
+    #[test]
+    fn qcow2_disks_and_their_chains_use_the_keyed_form() {
+        let d: DiskConfig = "file=/o.qcow2,format=qcow2,backing=raw:/b.img"
+            .parse()
+            .unwrap();
+        assert_eq!(d.format, DiskFormat::Qcow2);
+        assert_eq!(d.backing, vec![("/b.img".into(), DiskFormat::Raw)]);
+        assert!(!d.read_only);
+        assert_eq!(d.to_string().parse::<DiskConfig>().unwrap(), d);
+        // A raw disk without a chain keeps the short form (and a path that starts "file=" in
+        // the short form would need ./file=...; the launchers pass absolute paths).
+        assert_eq!(DiskConfig::raw("/x.img", true).to_string(), "/x.img:ro");
+        let err = |v: &str| v.parse::<DiskConfig>().unwrap_err();
+        assert_eq!(
+            err("file=/a,format=vmdk"),
+            ValueError::Format("vmdk".into())
+        );
+        assert!(matches!(
+            err("file=/a,format=qcow2,backing=/b"),
+            ValueError::Pairs(_)
+        ));
+        assert_eq!(
+            err("file=,format=qcow2"),
+            ValueError::Pairs("file=,format=qcow2".into())
+        );
+        assert_eq!(
+            err("file=/a,bogus=1"),
+            ValueError::UnknownKey("bogus".into())
+        );
+        let deep = format!(
+            "file=/a,format=qcow2{}",
+            ",backing=qcow2:/b".repeat(MAX_CHAIN)
+        );
+        assert!(matches!(err(&deep), ValueError::Pairs(_)));
     }
 
     #[test]
@@ -1089,6 +1224,7 @@ mod tests {
             &["--report-boot-time"],
             &["--no-rng"],
             &["--seccomp", "off"],
+            &["--disk-slots", "1"],
         ] {
             let argv: Vec<&str> = restore.iter().chain(boot).copied().collect();
             let e = parse(&argv).unwrap_err();
@@ -1286,6 +1422,20 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn disk_slots_are_counted_up_to_eight_and_zero_leaves_the_flag_out() {
+        let a = parse(&["--kernel", "/k", "--disk-slots", "8"]).unwrap();
+        assert_eq!(a.disk_slots, 8);
+        assert_eq!(round_trip(&a), a);
+        let none = parse(&["--kernel", "/k", "--disk-slots=0"]).unwrap();
+        assert_eq!(none.disk_slots, 0);
+        assert!(!none.to_args().iter().any(|a| a == "--disk-slots"));
+        for bad in ["9", "4294967297", "-1", "two"] {
+            let e = parse(&["--kernel", "/k", "--disk-slots", bad]).unwrap_err();
+            assert!(e.to_string().contains("--disk-slots"), "{bad}: {e}");
+        }
     }
 
     #[test]

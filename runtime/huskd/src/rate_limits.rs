@@ -149,6 +149,7 @@ mod tests {
             path: "/d.img".into(),
             read_only: false,
             rate_limit: limit,
+            ..Default::default()
         }
     }
 

@@ -13,6 +13,7 @@ use husk_proto::v1::{
     StartVmRequest, StopVmRequest, StreamConsoleRequest, UpdateRateLimitsRequest, Vm,
     WatchEventsRequest,
 };
+use husk_proto::v1::{AttachDiskRequest, DetachDiskRequest};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -109,6 +110,28 @@ impl Husk for HuskService {
         let entry = self.daemon.resolve(&request.vm)?;
         Ok(Response::new(
             self.daemon.update_rate_limits(&entry, &request).await?,
+        ))
+    }
+
+    async fn attach_disk(
+        &self,
+        request: Request<AttachDiskRequest>,
+    ) -> Result<Response<Vm>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.attach_disk(&entry, &request).await?,
+        ))
+    }
+
+    async fn detach_disk(
+        &self,
+        request: Request<DetachDiskRequest>,
+    ) -> Result<Response<Vm>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.detach_disk(&entry, &request).await?,
         ))
     }
 

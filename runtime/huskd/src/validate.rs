@@ -20,6 +20,10 @@ pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// More disks than this would not fit the VMM's MMIO slots with net, vsock and rng.
 pub const MAX_DISKS: usize = 8;
+/// Most disk slots (`VmSpec.disk_slots`).
+pub const MAX_DISK_SLOTS: u32 = husk_host::vmm_args::MAX_DISK_SLOTS;
+/// Most block devices of one VM: rootfs, disks and slots together.
+pub const MAX_BLOCK_DEVICES: usize = 16;
 
 /// Files the daemon uses when the spec leaves kernel or initrd empty.
 pub struct Defaults<'a> {
@@ -28,6 +32,13 @@ pub struct Defaults<'a> {
 }
 
 /// Validates `spec` and returns it with defaults filled in (paths made absolute).
+/// A disk format field: empty (by the file name), "raw" or "qcow2".
+fn check_format(field: &str, value: &str) -> Result<(), Status> {
+    husk_host::disk_image::FormatSource::parse(value)
+        .map(drop)
+        .map_err(|e| invalid(format!("{field}: {e}")))
+}
+
 pub fn normalize(
     mut spec: VmSpec,
     defaults: &Defaults<'_>,
@@ -42,7 +53,13 @@ pub fn normalize(
     spec.kernel = file("kernel", &spec.kernel, Some(defaults.kernel), false)?;
     spec.initrd = file("initrd", &spec.initrd, Some(defaults.initrd), false)?;
     if !spec.rootfs.is_empty() {
-        spec.rootfs = file("rootfs", &spec.rootfs, None, true)?;
+        // A copy-on-write rootfs is only read: the VM writes its overlay.
+        spec.rootfs = file("rootfs", &spec.rootfs, None, !spec.rootfs_copy_on_write)?;
+        check_format("rootfs_format", &spec.rootfs_format)?;
+    } else if spec.rootfs_copy_on_write || !spec.rootfs_format.is_empty() {
+        return Err(invalid(
+            "rootfs_copy_on_write, rootfs_format: there is no rootfs",
+        ));
     }
     if spec.disks.len() > MAX_DISKS {
         return Err(invalid(format!(
@@ -50,16 +67,42 @@ pub fn normalize(
             spec.disks.len()
         )));
     }
+    if spec.disk_slots > MAX_DISK_SLOTS {
+        return Err(invalid(format!(
+            "disk_slots: {} is out of range 0..={MAX_DISK_SLOTS}",
+            spec.disk_slots
+        )));
+    }
+    // Every block device takes one of the VM's 19 virtio-mmio slots; 3 stay for net, vsock and
+    // rng.
+    let block = spec.disks.len() + usize::from(!spec.rootfs.is_empty()) + spec.disk_slots as usize;
+    if block > MAX_BLOCK_DEVICES {
+        return Err(invalid(format!(
+            "disk_slots: {} with {} disks (rootfs included) makes {block} block devices, at \
+             most {MAX_BLOCK_DEVICES}",
+            spec.disk_slots,
+            block - spec.disk_slots as usize
+        )));
+    }
     for (i, disk) in spec.disks.iter_mut().enumerate() {
+        if disk.copy_on_write && disk.read_only {
+            return Err(invalid(format!(
+                "disks[{i}]: copy_on_write and read_only exclude each other (a read-only disk \
+                 needs no overlay)"
+            )));
+        }
+        check_format(&format!("disks[{i}].format"), &disk.format)?;
         *disk = Disk {
             path: file(
                 &format!("disks[{i}].path"),
                 &disk.path,
                 None,
-                !disk.read_only,
+                !disk.read_only && !disk.copy_on_write,
             )?,
             read_only: disk.read_only,
             rate_limit: checked_limit(&format!("disks[{i}].rate_limit"), disk.rate_limit.take())?,
+            format: std::mem::take(&mut disk.format),
+            copy_on_write: disk.copy_on_write,
         };
     }
     if spec.vcpus == 0 {
@@ -334,6 +377,30 @@ fn file_field(
     Ok(path.display().to_string())
 }
 
+/// The disk of an AttachDisk request, checked: a path, and a raw image (attach takes no
+/// qcow2, no copy-on-write overlay and no rate limit). The path itself is checked when huskd
+/// opens it under the policy.
+pub fn attached_disk(disk: Option<&Disk>) -> Result<Disk, Status> {
+    let disk = disk.ok_or_else(|| invalid("disk: missing"))?;
+    if disk.path.is_empty() {
+        return Err(invalid("disk.path: empty"));
+    }
+    if !matches!(disk.format.as_str(), "" | "raw") || disk.path.ends_with(".qcow2") {
+        return Err(invalid("disk.format: AttachDisk takes raw images only"));
+    }
+    if disk.copy_on_write {
+        return Err(invalid("disk.copy_on_write: not supported by AttachDisk"));
+    }
+    if disk.rate_limit.is_some() {
+        return Err(invalid("disk.rate_limit: not supported by AttachDisk"));
+    }
+    Ok(Disk {
+        path: disk.path.clone(),
+        read_only: disk.read_only,
+        ..Default::default()
+    })
+}
+
 fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
 }
@@ -455,6 +522,7 @@ mod tests {
                         path: path.to_string(),
                         read_only: true,
                         rate_limit: None,
+                        ..Default::default()
                     }],
                     ..Default::default()
                 },
@@ -627,6 +695,7 @@ mod tests {
                         path: f.path("nonexistent.img"),
                         read_only: false,
                         rate_limit: None,
+                        ..Default::default()
                     }],
                     ..Default::default()
                 },

@@ -11,9 +11,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use husk_host::disk_image::OpenedDisk;
 use husk_host::jail::{self, JailConfig, JailSpec};
 use husk_host::net::VmLink;
-use husk_host::vmm_args::{fd_path, ConsoleConfig, DiskConfig, RestoreArgs, VmmArgs, VsockConfig};
+use husk_host::vmm_args::{fd_path, ConsoleConfig, RestoreArgs, VmmArgs, VsockConfig};
 use husk_init::spec::{BootSpec, SpecError, PARAM};
 use husk_proto::v1::{Limits, VmSpec};
 use rustix::process::{Pid, PidfdFlags, WaitOptions};
@@ -30,8 +31,8 @@ pub struct RunFiles {
     /// Kernel and initramfs, opened under the path policy (None for a restore).
     pub kernel: Option<File>,
     pub initrd: Option<File>,
-    /// The rootfs (first) and the disks, with their read-only flag.
-    pub disks: Vec<(File, bool)>,
+    /// The rootfs (first) and the disks, each with every image of its backing chain open.
+    pub disks: Vec<OpenedDisk>,
     /// `console.log` and `exit.pb` in huskd's own VM directory.
     pub console: File,
     pub exit_report: File,
@@ -180,7 +181,7 @@ impl Launch<'_> {
             .flatten()
             .map(|file| file.as_raw_fd())
             .collect();
-        fds.extend(f.disks.iter().map(|(file, _)| file.as_raw_fd()));
+        fds.extend(f.disks.iter().flat_map(OpenedDisk::fds));
         fds.extend([f.console.as_raw_fd(), f.exit_report.as_raw_fd()]);
         if let Some(r) = &self.restore {
             fds.extend([r.state.as_raw_fd(), r.mem.as_raw_fd()]);
@@ -198,14 +199,7 @@ impl Launch<'_> {
         let files = &self.files;
         let by_fd = |file: &File| fd_path(file.as_raw_fd());
         let mut args = VmmArgs {
-            disks: files
-                .disks
-                .iter()
-                .map(|(disk, read_only)| DiskConfig {
-                    path: by_fd(disk),
-                    read_only: *read_only,
-                })
-                .collect(),
+            disks: files.disks.iter().map(|disk| disk.config.clone()).collect(),
             net: self.link.map(VmLink::net_config),
             vsock: Some(VsockConfig {
                 cid: u64::from(self.vsock_cid),
@@ -237,6 +231,7 @@ impl Launch<'_> {
                 });
             }
             None => {
+                args.disk_slots = spec.disk_slots;
                 args.kernel = files.kernel.as_ref().map(by_fd);
                 args.initrd = files.initrd.as_ref().map(by_fd);
                 args.cpus = Some(u64::from(spec.vcpus));
@@ -383,6 +378,7 @@ pub fn describe_wait_status(status: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_host::vmm_args::DiskConfig;
     use husk_host::vmm_args::Invocation;
     use husk_proto::v1::Disk;
 
@@ -396,7 +392,13 @@ mod tests {
             kernel: boot.then(|| file("k")),
             initrd: boot.then(|| file("i")),
             disks: (0..disks)
-                .map(|n| (file(&format!("d{n}")), n > 0))
+                .map(|n| {
+                    let f = file(&format!("d{n}"));
+                    OpenedDisk {
+                        config: DiskConfig::raw(fd_path(f.as_raw_fd()), n > 0),
+                        files: vec![f],
+                    }
+                })
                 .collect(),
             console: file("console.log"),
             exit_report: file("exit.pb"),
@@ -423,6 +425,7 @@ mod tests {
                 path: "/data.img".into(),
                 read_only: true,
                 rate_limit: None,
+                ..Default::default()
             }],
             vcpus: 2,
             memory_mib: 512,
@@ -437,8 +440,8 @@ mod tests {
         let (k, i, d0, d1) = (
             fd(files.kernel.as_ref().unwrap()),
             fd(files.initrd.as_ref().unwrap()),
-            fd(&files.disks[0].0),
-            fd(&files.disks[1].0),
+            fd(&files.disks[0].files[0]),
+            fd(&files.disks[1].files[0]),
         );
         let (console, exit) = (fd(&files.console), fd(&files.exit_report));
         let launch = Launch {
@@ -518,6 +521,7 @@ mod tests {
                 path: "/data.img".into(),
                 read_only: false,
                 rate_limit: Some(limit),
+                ..Default::default()
             }],
             ..Default::default()
         };

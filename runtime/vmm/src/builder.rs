@@ -424,6 +424,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
 /// vda), then net, vsock and rng.
 fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     let mut specs: Vec<DeviceSpec> = config.disks.iter().cloned().map(DeviceSpec::Disk).collect();
+    specs.extend((0..config.disk_slots).map(|_| DeviceSpec::DiskSlot));
     specs.extend(config.net.clone().map(DeviceSpec::Net));
     specs.extend(config.vsock.clone().map(DeviceSpec::Vsock));
     if config.rng {
@@ -435,7 +436,8 @@ fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
 /// Creates the virtio devices of `specs` and puts them in their slots, in order; records each
 /// one's backend identity for snapshots.
 fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>, BuildError> {
-    use husk_devices::virtio::{block::Block, net::Net, rng, vsock::Vsock, VirtioDevice};
+    use husk_devices::virtio::block::{format::open_disk, Block};
+    use husk_devices::virtio::{net::Net, rng, vsock::Vsock, VirtioDevice};
 
     let (mut disks, mut wanted) = (0, Vec::<(String, Box<dyn VirtioDevice>)>::new());
     for spec in specs {
@@ -444,8 +446,16 @@ fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>
                 let i = disks;
                 disks += 1;
                 let serial = format!("husk-disk{i}");
-                let block = Block::open(&disk.path, disk.read_only, &serial)
+                let image = open_disk(&disk.path, disk.format, disk.read_only, &disk.backing)
                     .map_err(|e| BuildError::Disk(disk.path.clone(), e))?;
+                let block = Block::new(image, disk.read_only, &serial);
+                (format!("block{i}"), Box::new(block))
+            }
+            DeviceSpec::DiskSlot => {
+                // Numbered with the disks: the guest sees vdX in the same order.
+                let i = disks;
+                disks += 1;
+                let block = Block::empty_slot(&format!("husk-disk{i}"));
                 (format!("block{i}"), Box::new(block))
             }
             DeviceSpec::Net(net) => (

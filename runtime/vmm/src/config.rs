@@ -62,6 +62,8 @@ pub struct VmConfig {
     pub allow_pvm: bool,
     /// virtio-blk disks, in order (the guest sees vda, vdb, ...).
     pub disks: Vec<DiskConfig>,
+    /// Empty disk slots after the disks (`--disk-slots`, at most 8), filled at run time.
+    pub disk_slots: u32,
     /// virtio-net device.
     pub net: Option<NetConfig>,
     /// virtio-vsock device.
@@ -87,6 +89,7 @@ impl VmConfig {
             report_boot_time: false,
             allow_pvm: false,
             disks: Vec::new(),
+            disk_slots: 0,
             net: None,
             vsock: None,
             rng: true,

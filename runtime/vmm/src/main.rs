@@ -29,7 +29,7 @@ fn usage() -> String {
         "usage: husk-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory MIB]
                 [--console stdout|none|file:PATH|unix:PATH] [--console-limit BYTES]
                 [--report-boot-time] [--allow-pvm]
-                [--disk PATH[:ro]]... [--net tap=NAME|fd=N,name=NAME|stream=N[,mac=MAC]]
+                [--disk PATH[:ro]]... [--disk-slots N] [--net tap=NAME|fd=N,name=NAME|stream=N[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
                 [--disk-limit [N:]LIMIT]... [--net-rx-limit LIMIT] [--net-tx-limit LIMIT]
                 [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
@@ -55,6 +55,8 @@ fn usage() -> String {
   --report-boot-time    print 'husk-vmm: guest init after <N> us' when the guest init starts
   --allow-pvm           on a PVM host, boot a kernel that does not look PVM-enabled anyway
   --disk PATH[:ro]      virtio-blk disk on a raw image (repeatable; vda, vdb, ... in order)
+  --disk-slots N        N (0..=8) empty virtio-blk slots after the disks, filled and emptied
+                        at run time on the control socket (attach_disk, detach_disk)
   --net SPEC            virtio-net on a tap: tap=NAME opens (or creates) the tap NAME;
                         fd=N,name=NAME adopts an open tap fd inherited from the parent;
                         stream=N: no tap, an inherited connected stream socket to passt
@@ -72,7 +74,7 @@ fn usage() -> String {
   --net-rx-limit LIMIT  rate limit of the frames the guest receives (frames wait in the tap)
   --net-tx-limit LIMIT  rate limit of the frames the guest sends
   --api-sock PATH       serve the control socket at PATH (protocol husk.vmm.v1: describe, pause,
-                        resume, stop, snapshot, set_rate_limits; 4-byte big-endian length + protobuf message each way).
+                        resume, stop, snapshot, set_rate_limits, attach_disk, detach_disk; 4-byte big-endian length + protobuf message each way).
                         Mode 0600; a stale socket at PATH is replaced, anything else there is
                         refused; PATH is removed when husk-vmm exits
   --exit-report PATH    when husk-vmm exits after starting (guest exit or reset, signal, stop
@@ -178,6 +180,7 @@ fn options(args: VmmArgs) -> anyhow::Result<Options> {
     vm.report_boot_time = args.report_boot_time;
     vm.allow_pvm = args.allow_pvm;
     vm.disks = args.disks;
+    vm.disk_slots = args.disk_slots;
     vm.net = args.net;
     vm.vsock = args.vsock;
     vm.rng = !args.no_rng;
@@ -256,8 +259,22 @@ fn fail(msg: &str) -> ! {
     std::process::exit(EXIT_VMM_ERROR)
 }
 
+/// One malloc arena for every thread. glibc gives threads arenas of their own, and when a
+/// thread frees enough of one it shrinks it, which reads /proc/sys/vm/overcommit_memory the
+/// first time: an `openat` no thread's seccomp filter allows (a qcow2 image's cluster buffers
+/// and tables are large enough to trigger it). The main arena trims with brk instead.
+fn single_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread
+    // exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() {
     let vmm_start = Instant::now();
+    single_malloc_arena();
     init_logging();
     let args = match VmmArgs::parse(std::env::args_os().skip(1)) {
         Ok(Invocation::Run(args)) => *args,
@@ -529,14 +546,8 @@ mod tests {
         assert_eq!(
             c.disks,
             vec![
-                DiskConfig {
-                    path: "/a.img".into(),
-                    read_only: false
-                },
-                DiskConfig {
-                    path: "/b.img".into(),
-                    read_only: true
-                },
+                DiskConfig::raw("/a.img", false),
+                DiskConfig::raw("/b.img", true),
             ]
         );
         let net = c.net.unwrap();

@@ -384,6 +384,13 @@ impl Vmm {
             }
         }
         event_loop.stop();
+        // Disks last: nothing touches them any more (a qcow2 image writes back its tables and
+        // returns the clusters it reserved).
+        for d in devices.iter() {
+            if let Err(e) = d.sync_backend(true) {
+                log::warn!("{}: closing the backend: {e}", d.name);
+            }
+        }
         serial
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

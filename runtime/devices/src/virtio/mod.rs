@@ -267,11 +267,29 @@ pub trait VirtioDevice: Send {
     }
     /// The driver reset the device: drop the queues and go back to the initial state.
     fn reset(&mut self);
+    /// Makes what the device wrote to its backend durable and self-consistent on the host (a
+    /// disk: its flush, so a qcow2 image's tables are written back). Called while the VM is
+    /// paused, before a snapshot, and with `closing` once the event loop has stopped, as the
+    /// last thing before the VMM exits (a qcow2 image then also returns its unused clusters).
+    fn sync_backend(&mut self, _closing: bool) -> std::io::Result<()> {
+        Ok(())
+    }
     /// The device was just re-activated from a snapshot (after [`VirtioDevice::activate`]):
     /// tell the driver whatever it must learn (vsock: TRANSPORT_RESET). Nothing by default.
     fn restored(&mut self) {}
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
+    /// Whether the device changed its configuration space since the last call (a disk slot
+    /// got or lost its medium); the transport then bumps ConfigGeneration and raises the
+    /// configuration-change interrupt. Polled by [`mmio::MmioTransport::update_device`].
+    fn take_config_changed(&mut self) -> bool {
+        false
+    }
+    /// The device as `Any`, for a VMM that must reach one device type's own operations
+    /// (a disk slot's medium) through the transport. `None` by default.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// Copies `config` bytes at `offset` into `data`; what lies past the end reads as zero.

@@ -163,6 +163,8 @@ impl Daemon {
             status.egress = egress(&policy);
             status.dns = dns.is_some();
             status.agent_ready = false;
+            // A fresh VMM starts with its disk slots empty.
+            status.attached_disks.clear();
             let spec = vm.spec.clone().unwrap_or_default();
             crate::rate_limits::set_status_at_start(VmEntry::status_mut(vm), &spec);
         });
@@ -209,19 +211,12 @@ impl Daemon {
         } else {
             (None, None)
         };
-        let mut disks = Vec::new();
-        if !spec.rootfs.is_empty() {
-            disks.push((open("rootfs", &spec.rootfs, true)?, false));
-        }
-        for (i, disk) in spec.disks.iter().enumerate() {
-            let file = open(&format!("disks[{i}]"), &disk.path, !disk.read_only)?;
-            disks.push((file, disk.read_only));
-        }
         let internal = |what: &str| {
             let what = what.to_string();
             move |e: std::io::Error| Status::internal(format!("{what}: {e}"))
         };
         let dir = Dir::open(&entry.dir).map_err(internal("the VM's directory"))?;
+        let disks = super::run_disks::open_all(policy, &dir, spec)?;
         let vmm_dir = dir
             .create_subdir(store::VMM_DIR, store::DIR_MODE, true)
             .map_err(internal("the VMM's directory"))?;

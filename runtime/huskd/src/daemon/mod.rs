@@ -11,9 +11,11 @@
 //! across an await. A monitor task per running VMM turns its exit into STOPPED or FAILED.
 
 mod agent;
+mod disks;
 mod host;
 mod launch;
 mod rate_limits;
+mod run_disks;
 mod snapshots;
 #[cfg(test)]
 mod tests;

@@ -1,21 +1,30 @@
 //! The control socket (`--api-sock PATH`, protocol `husk.vmm.v1`, see proto/husk/vmm/v1/vmm.proto):
-//! describe, pause, resume and stop one running VM.
+//! describe, pause, resume and stop one running VM, snapshot it, change its rate limits, fill
+//! and empty its disk slots.
 //!
 //! - [`frame_reader`]: frames assembled from non-blocking reads;
+//! - [`fd_reader`]: those reads made with recvmsg, keeping the one fd a request may carry;
+//! - [`disk_slots`]: `attach_disk` and `detach_disk`;
 //! - [`socket`]: the listening socket (mode 0600, stale sockets replaced, removed at the end);
 //! - [`server`]: the "vmm-api" thread that reads framed requests and writes responses;
 //! - [`vm_handle`]: what a request does to the running VM;
 //! - [`handle_request`] (here): a request against a [`VmControl`], as a response.
 
+pub mod disk_slots;
+pub mod fd_reader;
 pub mod frame_reader;
 pub mod server;
 pub mod socket;
 pub mod vm_handle;
 
+use std::os::fd::OwnedFd;
+
 use husk_proto::vmm::{
-    info, vmm_request, vmm_response, ErrorKind, Info, SetRateLimits, Snapshot, SnapshotDone,
-    VmmRequest, VmmResponse,
+    info, vmm_request, vmm_response, AttachDisk, DetachDisk, ErrorKind, Info, SetRateLimits,
+    Snapshot, SnapshotDone, VmmRequest, VmmResponse,
 };
+
+use disk_slots::DiskSlotError;
 
 /// Why a request failed; the client gets [`error_chain`] of it as the response's message.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +43,25 @@ pub enum ControlError {
     RateLimit(#[from] crate::devices::rate_limits::RateLimitError),
     #[error("this VM cannot change rate limits")]
     NoRateLimits,
-    #[error("empty or unknown request (describe, pause, resume, stop, snapshot, set_rate_limits)")]
+    #[error(transparent)]
+    DiskSlot(#[from] DiskSlotError),
+    #[error("disk slot {0} holds a disk: a snapshot cannot record it; detach it first")]
+    DiskAttached(u32),
+    #[error("this VM has no disk slots")]
+    NoDiskSlots,
+    #[error("flushing {device} before the snapshot: {cause}")]
+    DiskFlush {
+        device: String,
+        cause: std::io::Error,
+    },
+    #[error("a file descriptor came with a request that takes none")]
+    UnexpectedFd,
+    #[error("{0} file descriptors came with one request (at most 1); all were closed")]
+    TooManyFds(usize),
+    #[error(
+        "empty or unknown request (describe, pause, resume, stop, snapshot, set_rate_limits, \
+         attach_disk, detach_disk)"
+    )]
     UnknownRequest,
 }
 
@@ -53,6 +80,12 @@ impl ControlError {
                 ErrorKind::NoSuchDevice
             }
             Self::RateLimit(RateLimitError::ZeroRate) => ErrorKind::InvalidLimit,
+            Self::DiskSlot(DiskSlotError::NoSuchSlot { .. }) | Self::NoDiskSlots => {
+                ErrorKind::NoSuchSlot
+            }
+            Self::DiskSlot(DiskSlotError::Occupied(_)) => ErrorKind::SlotOccupied,
+            Self::DiskSlot(DiskSlotError::Empty(_)) => ErrorKind::SlotEmpty,
+            Self::DiskSlot(DiskSlotError::NoFd | DiskSlotError::Image(..)) => ErrorKind::BadDisk,
             _ => ErrorKind::Unspecified,
         }
     }
@@ -76,11 +109,41 @@ pub trait VmControl {
     fn set_rate_limits(&self, _request: &SetRateLimits) -> Result<Info, ControlError> {
         Err(ControlError::NoRateLimits)
     }
+    /// Fills an empty disk slot with the image `disk` (the fd sent with the request).
+    fn attach_disk(
+        &self,
+        _request: &AttachDisk,
+        _disk: Option<OwnedFd>,
+    ) -> Result<Info, ControlError> {
+        Err(ControlError::NoDiskSlots)
+    }
+    /// Empties a disk slot.
+    fn detach_disk(&self, _request: &DetachDisk) -> Result<Info, ControlError> {
+        Err(ControlError::NoDiskSlots)
+    }
 }
 
-/// Answers one request.
-pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
+/// Answers one request; `fds` is what came with it (see [`fd_reader::ReceivedFds::take`]):
+/// only `attach_disk` takes one, every other request that carries one is refused.
+pub fn handle_request(
+    request: &VmmRequest,
+    fds: Result<Option<OwnedFd>, usize>,
+    vm: &dyn VmControl,
+) -> VmmResponse {
     use vmm_request::Msg;
+    let fd = match fds {
+        Ok(fd) => fd,
+        Err(n) => return refusal(&ControlError::TooManyFds(n)),
+    };
+    if let Some(Msg::AttachDisk(attach)) = &request.msg {
+        return match vm.attach_disk(attach, fd) {
+            Ok(info) => info_response(info),
+            Err(e) => refusal(&e),
+        };
+    }
+    if fd.is_some() {
+        return refusal(&ControlError::UnexpectedFd);
+    }
     if let Some(Msg::Snapshot(snapshot)) = &request.msg {
         return match vm.snapshot(snapshot) {
             Ok(done) => VmmResponse {
@@ -96,14 +159,19 @@ pub fn handle_request(request: &VmmRequest, vm: &dyn VmControl) -> VmmResponse {
         Some(Msg::Resume(_)) => vm.resume(),
         Some(Msg::Stop(_)) => Ok(vm.stop()),
         Some(Msg::SetRateLimits(ref limits)) => vm.set_rate_limits(limits),
-        Some(Msg::Snapshot(_)) | None => Err(ControlError::UnknownRequest),
+        Some(Msg::DetachDisk(ref detach)) => vm.detach_disk(detach),
+        Some(Msg::Snapshot(_) | Msg::AttachDisk(_)) | None => Err(ControlError::UnknownRequest),
     };
     match result {
-        Ok(info) => VmmResponse {
-            msg: Some(vmm_response::Msg::Info(info)),
-            ..VmmResponse::default()
-        },
+        Ok(info) => info_response(info),
         Err(e) => refusal(&e),
+    }
+}
+
+fn info_response(info: Info) -> VmmResponse {
+    VmmResponse {
+        msg: Some(vmm_response::Msg::Info(info)),
+        ..VmmResponse::default()
     }
 }
 
@@ -234,29 +302,29 @@ pub(crate) mod tests {
         let stop = request(vmm_request::Msg::Stop(Stop {}));
 
         assert_eq!(
-            state_of(&handle_request(&describe, &vm)),
+            state_of(&handle_request(&describe, Ok(None), &vm)),
             Answer::State(info::State::Running)
         );
-        let err = error_of(&handle_request(&resume, &vm));
+        let err = error_of(&handle_request(&resume, Ok(None), &vm));
         assert!(err.contains("not paused"), "{err}");
         assert_eq!(
-            state_of(&handle_request(&pause, &vm)),
+            state_of(&handle_request(&pause, Ok(None), &vm)),
             Answer::State(info::State::Paused)
         );
-        let err = error_of(&handle_request(&pause, &vm));
+        let err = error_of(&handle_request(&pause, Ok(None), &vm));
         assert!(err.contains("already paused"), "{err}");
         assert_eq!(
-            state_of(&handle_request(&resume, &vm)),
+            state_of(&handle_request(&resume, Ok(None), &vm)),
             Answer::State(info::State::Running)
         );
         assert_eq!(
-            state_of(&handle_request(&stop, &vm)),
+            state_of(&handle_request(&stop, Ok(None), &vm)),
             Answer::State(info::State::Stopping)
         );
-        let err = error_of(&handle_request(&VmmRequest::default(), &vm));
+        let err = error_of(&handle_request(&VmmRequest::default(), Ok(None), &vm));
         assert!(err.contains("empty or unknown request"), "{err}");
         let snapshot = request(vmm_request::Msg::Snapshot(Snapshot::default()));
-        let err = error_of(&handle_request(&snapshot, &vm));
+        let err = error_of(&handle_request(&snapshot, Ok(None), &vm));
         assert_eq!(err, "this VM cannot take snapshots");
     }
 
@@ -298,12 +366,12 @@ pub(crate) mod tests {
             (|| ControlError::Stopping, ErrorKind::Unspecified),
         ];
         for (error, kind) in cases {
-            let response = handle_request(&set, &RefusingVm(error));
+            let response = handle_request(&set, Ok(None), &RefusingVm(error));
             assert_eq!(response.error_kind(), kind, "{response:?}");
             assert_eq!(error_of(&response), error_chain(&error()));
         }
         // A VM without the call refuses it by name.
-        let err = error_of(&handle_request(&set, &FakeVm::default()));
+        let err = error_of(&handle_request(&set, Ok(None), &FakeVm::default()));
         assert_eq!(err, "this VM cannot change rate limits");
     }
 
@@ -329,19 +397,59 @@ pub(crate) mod tests {
             (|| ControlError::Stopping, ErrorKind::Unspecified),
         ];
         for (error, kind) in cases {
-            let response = handle_request(&snapshot, &RefusingVm(error));
+            let response = handle_request(&snapshot, Ok(None), &RefusingVm(error));
             assert_eq!(response.error_kind(), kind, "{response:?}");
             assert_eq!(error_of(&response), error_chain(&error()));
         }
         // Outside snapshots too: the kind follows the error, not the request.
-        let response = handle_request(&pause, &RefusingVm(|| SnapshotError::NoBase.into()));
+        let response = handle_request(
+            &pause,
+            Ok(None),
+            &RefusingVm(|| SnapshotError::NoBase.into()),
+        );
         assert_eq!(response.error_kind(), ErrorKind::NoBase);
         // Successes carry no kind.
         let ok = handle_request(
             &request(vmm_request::Msg::Describe(Describe {})),
+            Ok(None),
             &FakeVm::default(),
         );
         assert_eq!(ok.error_kind(), ErrorKind::Unspecified);
+    }
+
+    #[test]
+    fn only_attach_disk_takes_an_fd_and_slot_refusals_carry_their_kind() {
+        let vm = FakeVm::default();
+        let null = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let describe = request(vmm_request::Msg::Describe(Describe {}));
+        let response = handle_request(&describe, Ok(null()), &vm);
+        assert_eq!(
+            error_of(&response),
+            "a file descriptor came with a request that takes none"
+        );
+        let response = handle_request(&describe, Err(3), &vm);
+        assert!(error_of(&response).starts_with("3 file descriptors"));
+
+        let attach = request(vmm_request::Msg::AttachDisk(AttachDisk::default()));
+        let detach = request(vmm_request::Msg::DetachDisk(DetachDisk::default()));
+        // A VM without slots refuses both by kind.
+        for (req, fd) in [(&attach, null()), (&detach, None)] {
+            let response = handle_request(req, Ok(fd), &vm);
+            assert_eq!(response.error_kind(), ErrorKind::NoSuchSlot, "{response:?}");
+        }
+        let kinds: [(ControlError, ErrorKind); 5] = [
+            (DiskSlotError::Occupied(0).into(), ErrorKind::SlotOccupied),
+            (DiskSlotError::Empty(1).into(), ErrorKind::SlotEmpty),
+            (
+                DiskSlotError::NoSuchSlot { slot: 2, slots: 1 }.into(),
+                ErrorKind::NoSuchSlot,
+            ),
+            (DiskSlotError::NoFd.into(), ErrorKind::BadDisk),
+            (ControlError::DiskAttached(0), ErrorKind::Unspecified),
+        ];
+        for (e, kind) in kinds {
+            assert_eq!(e.kind(), kind, "{e}");
+        }
     }
 
     #[test]

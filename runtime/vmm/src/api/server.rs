@@ -9,8 +9,9 @@
 //! usable; a client that does not read its responses is dropped; when all slots are taken, the
 //! connection idle the longest is closed to make room. Idle connections stay open otherwise.
 //!
-//! System calls of this thread: poll, accept4, read, write, close; futex, tgkill and getpid
-//! (pausing kicks vCPU threads); the allocator's mmap/munmap/madvise/brk.
+//! System calls of this thread: poll, accept4, recvmsg (a request may carry one fd, see
+//! [`super::fd_reader`]), write, close; futex, tgkill and getpid (pausing kicks vCPU
+//! threads); the allocator's mmap/munmap/madvise/brk.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -23,6 +24,7 @@ use husk_proto::frame;
 use husk_proto::vmm::{VmmRequest, VmmResponse};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::fd_reader::{FdReader, ReceivedFds};
 use super::frame_reader::{FrameReader, Progress};
 use super::socket::ApiSocket;
 use super::{error_response, handle_request, VmControl};
@@ -102,6 +104,8 @@ impl ApiServer {
 struct Connection {
     stream: UnixStream,
     frame: FrameReader,
+    /// Descriptors received with the request being read.
+    fds: ReceivedFds,
     last_active: Instant,
 }
 
@@ -203,6 +207,7 @@ fn accept_all(socket: &ApiSocket, conns: &mut Vec<Connection>, max_connections: 
         conns.push(Connection {
             stream,
             frame: FrameReader::default(),
+            fds: ReceivedFds::default(),
             last_active: Instant::now(),
         });
     }
@@ -213,7 +218,11 @@ fn accept_all(socket: &ApiSocket, conns: &mut Vec<Connection>, max_connections: 
 fn serve_ready(conn: &mut Connection, vm: &dyn VmControl) -> bool {
     let now = Instant::now();
     conn.last_active = now;
-    let body = match conn.frame.read_from(&mut conn.stream, now) {
+    let mut reader = FdReader {
+        stream: &conn.stream,
+        fds: &mut conn.fds,
+    };
+    let body = match conn.frame.read_from(&mut reader, now) {
         Ok(Progress::Frame(body)) => body,
         Ok(Progress::Pending) => return true,
         Ok(Progress::Closed) => return false,
@@ -227,8 +236,10 @@ fn serve_ready(conn: &mut Connection, vm: &dyn VmControl) -> bool {
             return false;
         }
     };
+    // Taken whatever the body holds: a descriptor never outlives its request.
+    let fds = conn.fds.take();
     let response = match frame::decode::<VmmRequest>(&body) {
-        Ok(request) => handle_request(&request, vm),
+        Ok(request) => handle_request(&request, fds, vm),
         Err(e) => error_response(format!("malformed request: {e}")),
     };
     match send(&conn.stream, &response) {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_devices::virtio::device_id;
-use husk_proto::vmm::{DeviceCounters, Info, Snapshot, SnapshotDone};
+use husk_proto::vmm::{AttachDisk, DetachDisk, DeviceCounters, Info, Snapshot, SnapshotDone};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{state, ControlError, VmControl};
@@ -154,10 +154,40 @@ impl VmControl for VmHandle {
         Ok(self.describe())
     }
 
+    fn attach_disk(
+        &self,
+        request: &AttachDisk,
+        disk: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Info, ControlError> {
+        self.stopping_error()?;
+        super::disk_slots::attach(&self.devices, request.slot, disk, request.read_only)?;
+        Ok(self.describe())
+    }
+
+    fn detach_disk(&self, request: &DetachDisk) -> Result<Info, ControlError> {
+        self.stopping_error()?;
+        super::disk_slots::detach(&self.devices, request.slot)?;
+        Ok(self.describe())
+    }
+
     fn snapshot(&self, request: &Snapshot) -> Result<SnapshotDone, ControlError> {
         self.stopping_error()?;
         if request.state_path.is_empty() || request.mem_path.is_empty() {
             return Err(ControlError::SnapshotPaths);
+        }
+        // A snapshot records each device's backend by identity; an attached disk has none (its
+        // fd came over the socket), and restoring it empty would lose the guest's disk.
+        if let Some(slot) = super::disk_slots::first_filled(&self.devices) {
+            return Err(ControlError::DiskAttached(slot));
+        }
+        // The disks as the paused guest left them: a qcow2 overlay's tables written back, so
+        // that its file (which huskd copies beside a snapshot) holds everything.
+        for d in self.devices.iter() {
+            d.sync_backend(false)
+                .map_err(|cause| ControlError::DiskFlush {
+                    device: d.name.clone(),
+                    cause,
+                })?;
         }
         let parts = &self.snapshot;
         let mut base = parts

@@ -82,6 +82,15 @@ impl VirtioSlot {
         t.device().counters().snapshot()
     }
 
+    /// See [`husk_devices::virtio::VirtioDevice::sync_backend`].
+    pub fn sync_backend(&self, closing: bool) -> std::io::Result<()> {
+        self.transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .device_mut()
+            .sync_backend(closing)
+    }
+
     /// The transport's snapshot state (the VM must be paused, see
     /// [`MmioTransport::save_state`]).
     pub fn save_state(&self) -> TransportState {

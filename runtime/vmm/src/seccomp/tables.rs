@@ -148,6 +148,12 @@ const MAIN: &[Rule] = &[
     r(l::SYS_unlink, "unlink", Args::Any),
     r(l::SYS_fsync, "fsync", Args::Any),
     r(l::SYS_rename, "rename", Args::Any),
+    // Closing the disks (VirtioDevice::sync_backend): a qcow2 image writes back its tables,
+    // returns its reservation (refcounts, then the file shortened) and syncs.
+    r(l::SYS_pread64, "pread64", Args::Any),
+    r(l::SYS_pwrite64, "pwrite64", Args::Any),
+    r(l::SYS_fdatasync, "fdatasync", Args::Any),
+    r(l::SYS_ftruncate, "ftruncate", Args::Any),
     // std::process::exit takes down the main thread's alternate signal stack first.
     r(l::SYS_sigaltstack, "sigaltstack", Args::Any),
     r(l::SYS_exit_group, "exit_group", Args::Any),
@@ -198,11 +204,17 @@ const EVENTS: &[Rule] = &[
     r(l::SYS_epoll_wait, "epoll_wait", Args::Any),
     r(l::SYS_epoll_ctl, "epoll_ctl", Args::Any),
     r(l::SYS_read, "read", Args::Any),
-    // Disks: scatter-gather I/O, flush, discard/write-zeroes.
+    // Disks: scatter-gather I/O, flush, discard/write-zeroes; qcow2 images also read and write
+    // their tables (pread64/pwrite64), order data before tables (fdatasync) and extend the
+    // file for new clusters (ftruncate).
     r(l::SYS_preadv, "preadv", Args::Any),
     r(l::SYS_pwritev, "pwritev", Args::Any),
     r(l::SYS_fsync, "fsync", Args::Any),
     r(l::SYS_fallocate, "fallocate", Args::Any),
+    r(l::SYS_pread64, "pread64", Args::Any),
+    r(l::SYS_pwrite64, "pwrite64", Args::Any),
+    r(l::SYS_fdatasync, "fdatasync", Args::Any),
+    r(l::SYS_ftruncate, "ftruncate", Args::Any),
     // virtio-rng.
     r(l::SYS_getrandom, "getrandom", Args::Any),
     // vsock: host-initiated connections are accepted, guest-initiated ones connect out.
@@ -224,6 +236,11 @@ const API: &[Rule] = &[
     r(l::SYS_read, "read", Args::Any),
     r(l::SYS_recvfrom, "recvfrom", Args::Any),
     r(l::SYS_sendto, "sendto", Args::Connected),
+    // Requests are read with recvmsg: attach_disk carries the disk image's fd (SCM_RIGHTS).
+    r(l::SYS_recvmsg, "recvmsg", Args::Any),
+    // attach_disk takes the image over (fcntl F_GETFL, F_DUPFD_CLOEXEC: API_FCNTL), locks it
+    // as a --disk is locked, and reads its size (statx, fstat below).
+    r(l::SYS_flock, "flock", Args::Any),
     // Snapshots (docs/snapshots.md): the VM-wide state reads, then the state and memory files.
     // The only thread that opens files after set-up: it creates `PATH.tmp` files and reads
     // /proc/self/pagemap and a diff's base. Under husk-jailer it sees only its jail (the VM's
@@ -243,6 +260,8 @@ const API: &[Rule] = &[
     r(l::SYS_lseek, "lseek", Args::Any),
     r(l::SYS_ftruncate, "ftruncate", Args::Any),
     r(l::SYS_fsync, "fsync", Args::Any),
+    // Disks are flushed before a snapshot (a qcow2 image's tables written back).
+    r(l::SYS_fdatasync, "fdatasync", Args::Any),
     r(l::SYS_rename, "rename", Args::Any),
     r(l::SYS_unlink, "unlink", Args::Any),
     r(l::SYS_statx, "statx", Args::Any),
@@ -253,13 +272,26 @@ const API: &[Rule] = &[
     r(l::SYS_getrandom, "getrandom", Args::Any),
 ];
 
+/// The control thread's fcntl: COMMON's F_GETFD, and what taking over an attached disk's fd
+/// needs (`husk_devices::host_files::open`: its access mode, then a close-on-exec duplicate).
+const API_FCNTL: &[Rule] = &[r(
+    l::SYS_fcntl,
+    "fcntl",
+    Args::Arg1(&[
+        (l::F_GETFD as u32, "F_GETFD"),
+        (l::F_GETFL as u32, "F_GETFL"),
+        (l::F_DUPFD_CLOEXEC as u32, "F_DUPFD_CLOEXEC"),
+    ]),
+)];
+
 /// The rules of `kind`'s filter, each syscall once (a syscall in two parts keeps the first).
 pub fn rules(kind: ThreadKind) -> Vec<Rule> {
     let parts: &[&[Rule]] = match kind {
         ThreadKind::Main => &[COMMON, KICK, MAIN],
         ThreadKind::Vcpu => &[COMMON, THREAD_EXIT, VCPU],
         ThreadKind::Events => &[COMMON, THREAD_EXIT, EVENTS],
-        ThreadKind::Api => &[COMMON, THREAD_EXIT, KICK, API],
+        // API_FCNTL first: of a syscall in two parts the first wins, and it extends COMMON's.
+        ThreadKind::Api => &[API_FCNTL, COMMON, THREAD_EXIT, KICK, API],
     };
     let mut out: Vec<Rule> = Vec::new();
     for rule in parts.iter().flat_map(|p| p.iter()) {

@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use super::state::{Backend, DeviceBackend, DiskBackend, NetBackend, RngBackend, VsockBackend};
+use super::state::{
+    Backend, DeviceBackend, DiskBackend, DiskSlotBackend, NetBackend, RngBackend, VsockBackend,
+};
 use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig, MIN_MTU};
 
 /// A virtio device to create: the same list drives a fresh boot and a restore.
@@ -12,6 +14,8 @@ use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig, MIN_MTU};
 pub enum DeviceSpec {
     /// virtio-blk.
     Disk(DiskConfig),
+    /// virtio-blk without a medium, filled at run time (`--disk-slots`).
+    DiskSlot,
     /// virtio-net.
     Net(NetConfig),
     /// virtio-vsock.
@@ -60,6 +64,12 @@ pub fn backend_of(spec: &DeviceSpec) -> DeviceBackend {
         DeviceSpec::Disk(d) => Backend::Disk(DiskBackend {
             path: d.path.display().to_string(),
             read_only: d.read_only,
+            format: d.format.to_string(),
+            backing: d
+                .backing
+                .iter()
+                .map(|(p, f)| format!("{f}:{}", p.display()))
+                .collect(),
         }),
         DeviceSpec::Net(n) => Backend::Net(NetBackend {
             tap: match &n.tap {
@@ -75,6 +85,7 @@ pub fn backend_of(spec: &DeviceSpec) -> DeviceBackend {
             uds_path: v.uds_path.display().to_string(),
         }),
         DeviceSpec::Rng => Backend::Rng(RngBackend {}),
+        DeviceSpec::DiskSlot => Backend::DiskSlot(DiskSlotBackend {}),
     };
     DeviceBackend {
         backend: Some(backend),
@@ -115,9 +126,18 @@ pub fn specs_for_restore(
                     .disks
                     .get(disk_index)
                     .cloned()
-                    .unwrap_or(DiskConfig {
+                    .unwrap_or_else(|| DiskConfig {
                         path: PathBuf::from(&d.path),
                         read_only: d.read_only,
+                        format: d.format.parse().unwrap_or_default(),
+                        backing: d
+                            .backing
+                            .iter()
+                            .filter_map(|b| {
+                                let (f, p) = b.split_once(':')?;
+                                Some((PathBuf::from(p), f.parse().ok()?))
+                            })
+                            .collect(),
                     });
                 disk_index += 1;
                 DeviceSpec::Disk(spec)
@@ -142,6 +162,7 @@ pub fn specs_for_restore(
                 }))
             }
             Backend::Rng(_) => DeviceSpec::Rng,
+            Backend::DiskSlot(_) => DeviceSpec::DiskSlot,
         });
     }
     if overrides.net.is_some() && !had_net {
@@ -167,10 +188,7 @@ mod tests {
 
     fn boot_specs() -> Vec<DeviceSpec> {
         vec![
-            DeviceSpec::Disk(DiskConfig {
-                path: "/img/root.ext4".into(),
-                read_only: false,
-            }),
+            DeviceSpec::Disk(DiskConfig::raw("/img/root.ext4", false)),
             DeviceSpec::Net(NetConfig {
                 tap: TapSource::Fd(5, "husk7".into()),
                 mac: [6, 0, 0, 0, 0, 7],
@@ -208,10 +226,7 @@ mod tests {
             mac: [6, 0, 0, 0, 0, 42],
             mtu: None,
         };
-        let disk = DiskConfig {
-            path: "/img/clone.ext4".into(),
-            read_only: true,
-        };
+        let disk = DiskConfig::raw("/img/clone.ext4", true);
         let o = RestoreOverrides {
             vsock: Some(vsock.clone()),
             net: Some(net.clone()),

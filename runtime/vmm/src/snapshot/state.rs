@@ -138,7 +138,7 @@ pub struct DeviceState {
 #[derive(Clone, PartialEq, Message)]
 pub struct DeviceBackend {
     /// The kind and its parameters.
-    #[prost(oneof = "Backend", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "Backend", tags = "1, 2, 3, 4, 5")]
     pub backend: Option<Backend>,
 }
 
@@ -157,6 +157,9 @@ pub enum Backend {
     /// The host's random source.
     #[prost(message, tag = "4")]
     Rng(RngBackend),
+    /// An empty disk slot (`--disk-slots`); a snapshot is refused while a slot holds a disk.
+    #[prost(message, tag = "5")]
+    DiskSlot(DiskSlotBackend),
 }
 
 /// virtio-blk backend.
@@ -168,6 +171,12 @@ pub struct DiskBackend {
     /// Read-only.
     #[prost(bool, tag = "2")]
     pub read_only: bool,
+    /// "raw" or "qcow2" (empty in older snapshots: raw).
+    #[prost(string, tag = "3")]
+    pub format: String,
+    /// The backing chain from the top down, each "FORMAT:PATH".
+    #[prost(string, repeated, tag = "4")]
+    pub backing: Vec<String>,
 }
 
 /// virtio-net backend.
@@ -198,6 +207,10 @@ pub struct VsockBackend {
 /// virtio-rng backend (nothing to record).
 #[derive(Clone, PartialEq, Message)]
 pub struct RngBackend {}
+
+/// An empty disk slot (nothing to record: it comes back empty).
+#[derive(Clone, PartialEq, Message)]
+pub struct DiskSlotBackend {}
 
 /// Size of the machine.
 #[derive(Clone, PartialEq, Message)]

@@ -1,4 +1,5 @@
-//! Where a virtio-blk disk's bytes live: a raw image file on the host.
+//! Where a virtio-blk disk's bytes live: the backend trait, and raw image files (qcow2 images
+//! are in `qcow2`).
 
 use std::fs::File;
 use std::io;
@@ -22,6 +23,33 @@ pub trait DiskBackend: Send {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Zeroes a range, deallocating it when `unmap` allows and the file can.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// The last call before the backend is dropped: a flush, and for formats with an
+    /// allocator, the release of what it reserved. Nothing may be written after it.
+    fn close(&self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+/// Opens `path` (or the inherited fd it names) for the guest. A writable image takes an
+/// exclusive lock and a read-only one a shared lock, so two VMs never write one image at the
+/// same time, and nobody writes a base image while overlays read it.
+pub fn open_locked(path: &Path, read_only: bool) -> io::Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(!read_only);
+    let file = crate::host_files::open(path, &options, !read_only)?;
+    let lock = if read_only {
+        FlockOperation::NonBlockingLockShared
+    } else {
+        FlockOperation::NonBlockingLockExclusive
+    };
+    if let Err(e) = rustix::fs::flock(&file, lock) {
+        let e = io::Error::from(e);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("image is in use by another VM ({e})"),
+        ));
+    }
+    Ok(file)
 }
 
 /// A raw disk image file.
@@ -31,24 +59,13 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Opens `path` for the guest. A writable disk takes an exclusive lock and a read-only one a
-    /// shared lock, so two VMs can never write one image at the same time.
+    /// Opens `path` for the guest (see [`open_locked`]).
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).write(!read_only);
-        let file = crate::host_files::open(path, &options, !read_only)?;
-        let lock = if read_only {
-            FlockOperation::NonBlockingLockShared
-        } else {
-            FlockOperation::NonBlockingLockExclusive
-        };
-        if let Err(e) = rustix::fs::flock(&file, lock) {
-            let e = io::Error::from(e);
-            return Err(io::Error::new(
-                e.kind(),
-                format!("image is in use by another VM ({e})"),
-            ));
-        }
+        Self::from_file(open_locked(path, read_only)?)
+    }
+
+    /// A raw disk on an open (and locked, see [`open_locked`]) file.
+    pub fn from_file(file: File) -> io::Result<Self> {
         let size = file.metadata()?.len();
         Ok(Self { file, size })
     }
@@ -68,13 +85,13 @@ impl RawFile {
 
 /// Which of preadv / pwritev.
 #[derive(Clone, Copy)]
-enum Direction {
+pub(super) enum Direction {
     Read,
     Write,
 }
 
 /// preadv/pwritev until every iovec is done, resuming after short transfers.
-fn transfer_all(
+pub(super) fn transfer_all(
     fd: i32,
     iovecs: &mut [libc::iovec],
     mut offset: u64,

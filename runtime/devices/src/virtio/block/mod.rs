@@ -1,13 +1,26 @@
-//! virtio-blk (virtio 1.2 §5.2): a raw image file as a disk. One request queue; read-only
+//! virtio-blk (virtio 1.2 §5.2): a raw or qcow2 image (with its backing chain) as a disk. One request queue; read-only
 //! disks; flush; discard and write-zeroes; get-id (serial).
+//!
+//! A device can also be a *slot* ([`Block::empty_slot`]): a disk drive with no medium at boot,
+//! which the VMM fills ([`Block::insert_medium`]) or empties ([`Block::eject_medium`]) while
+//! the guest runs. The guest learns of the new capacity through a configuration-change
+//! interrupt (see [`VirtioDevice::take_config_changed`]). Features are fixed once the driver
+//! negotiated them, so a slot offers what any medium could need (flush, discard,
+//! write-zeroes) and never VIRTIO_BLK_F_RO: a read-only medium in a slot answers writes with
+//! IOERR instead of being announced read-only.
 
 pub mod backend;
+pub mod format;
 pub mod guest_buffers;
+mod medium;
+pub mod qcow2;
 pub mod request;
 
 use std::path::Path;
 
 use backend::{DiskBackend, RawFile};
+pub use medium::MediumError;
+use medium::NoMedium;
 use request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
 
 use super::queue_worker::{chain_bytes, serve_queue_gated, Gated, Progress};
@@ -54,6 +67,12 @@ pub struct Block {
     limiter: Option<RateLimiter>,
     /// The limiter's timer; `None` only if the timerfd could not be created.
     throttle: Option<Throttle>,
+    /// A slot whose medium changes at run time (see the module documentation).
+    slot: bool,
+    /// Whether `disk` is a real medium (always true outside slots).
+    has_medium: bool,
+    /// The configuration space changed since the transport last asked.
+    config_changed: bool,
 }
 
 impl Block {
@@ -66,26 +85,91 @@ impl Block {
 
     /// A disk on any backend.
     pub fn new(disk: Box<dyn DiskBackend>, read_only: bool, serial: &str) -> Self {
-        let mut id = [0u8; ID_BYTES];
-        let n = serial.len().min(ID_BYTES);
-        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         let capacity_sectors = disk.size() / SECTOR_SIZE;
-        let limits = DiskLimits {
-            capacity_bytes: capacity_sectors * SECTOR_SIZE,
-            read_only,
-            max_descriptors: SEG_MAX as usize + 2,
-            id,
-        };
         Self {
             config: config_space(capacity_sectors),
+            limits: disk_limits(disk.as_ref(), read_only, serial),
             disk,
-            limits,
             state: State::Inactive,
             counters: DeviceCounters::default(),
             unfinished: QueueSet::default(),
             limiter: None,
             throttle: new_throttle(),
+            slot: false,
+            has_medium: true,
+            config_changed: false,
         }
+    }
+
+    /// A slot with no medium: capacity 0, every I/O request fails with IOERR until
+    /// [`Block::insert_medium`]. `serial` is the get-id answer while it is empty.
+    pub fn empty_slot(serial: &str) -> Self {
+        let mut block = Self::new(Box::new(NoMedium), false, serial);
+        block.slot = true;
+        block.has_medium = false;
+        block
+    }
+
+    /// What the guest reads with get-id.
+    pub fn serial(&self) -> String {
+        serial_of(&self.limits.id)
+    }
+
+    /// Whether this device is a slot, and whether it holds a medium now.
+    pub fn is_slot(&self) -> bool {
+        self.slot
+    }
+    pub fn has_medium(&self) -> bool {
+        self.has_medium
+    }
+
+    /// Puts `disk` into an empty slot: the guest sees its capacity after the
+    /// configuration-change interrupt. A `read_only` medium answers writes, discards and
+    /// write-zeroes with IOERR (the slot cannot announce VIRTIO_BLK_F_RO after negotiation).
+    pub fn insert_medium(
+        &mut self,
+        disk: Box<dyn DiskBackend>,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<(), MediumError> {
+        if !self.slot {
+            return Err(MediumError::NotASlot);
+        }
+        if self.has_medium {
+            return Err(MediumError::Occupied);
+        }
+        self.set_medium(disk, read_only, serial);
+        self.has_medium = true;
+        Ok(())
+    }
+
+    /// Takes the medium out of a slot (capacity 0 again) and gives it back; requests the guest
+    /// sends from now on fail with IOERR.
+    pub fn eject_medium(&mut self) -> Result<Box<dyn DiskBackend>, MediumError> {
+        if !self.slot {
+            return Err(MediumError::NotASlot);
+        }
+        if !self.has_medium {
+            return Err(MediumError::Empty);
+        }
+        let serial = self.serial();
+        let old = self.set_medium(Box::new(NoMedium), false, &serial);
+        self.has_medium = false;
+        Ok(old)
+    }
+
+    /// Swaps the backend and the limits and capacity that follow from it; returns the old one.
+    fn set_medium(
+        &mut self,
+        disk: Box<dyn DiskBackend>,
+        read_only: bool,
+        serial: &str,
+    ) -> Box<dyn DiskBackend> {
+        self.limits = disk_limits(disk.as_ref(), read_only, serial);
+        let capacity = self.capacity_sectors().to_le_bytes();
+        self.config[0..8].copy_from_slice(&capacity);
+        self.config_changed = true;
+        std::mem::replace(&mut self.disk, disk)
     }
 
     /// Sets the rate limit of the request queue (see [`VirtioDevice::set_rate_limit`]).
@@ -105,6 +189,25 @@ impl Block {
     pub fn capacity_sectors(&self) -> u64 {
         self.limits.capacity_bytes / SECTOR_SIZE
     }
+}
+
+/// What requests to `disk` may do.
+fn disk_limits(disk: &dyn DiskBackend, read_only: bool, serial: &str) -> DiskLimits {
+    let mut id = [0u8; ID_BYTES];
+    let n = serial.len().min(ID_BYTES);
+    id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+    DiskLimits {
+        capacity_bytes: disk.size() / SECTOR_SIZE * SECTOR_SIZE,
+        read_only,
+        max_descriptors: SEG_MAX as usize + 2,
+        id,
+    }
+}
+
+/// The serial a get-id answer holds (up to its first NUL).
+fn serial_of(id: &[u8; ID_BYTES]) -> String {
+    let end = id.iter().position(|b| *b == 0).unwrap_or(ID_BYTES);
+    String::from_utf8_lossy(&id[..end]).into_owned()
 }
 
 /// struct virtio_blk_config (§5.2.4), little-endian.
@@ -136,7 +239,8 @@ impl VirtioDevice for Block {
             | feature::SEG_MAX
             | feature::BLK_SIZE
             | feature::FLUSH;
-        if self.limits.read_only {
+        // A slot's media come and go after negotiation: it offers what a writable one needs.
+        if self.limits.read_only && !self.slot {
             f |= feature::RO;
         } else {
             f |= feature::DISCARD | feature::WRITE_ZEROES;
@@ -214,6 +318,16 @@ impl VirtioDevice for Block {
     fn take_unfinished(&mut self) -> QueueSet {
         std::mem::take(&mut self.unfinished)
     }
+    fn sync_backend(&mut self, closing: bool) -> std::io::Result<()> {
+        if !self.has_medium || self.limits.read_only {
+            return Ok(());
+        }
+        if closing {
+            self.disk.close()
+        } else {
+            self.disk.flush()
+        }
+    }
     fn reset(&mut self) {
         self.state = State::Inactive;
         self.unfinished = QueueSet::default();
@@ -223,6 +337,12 @@ impl VirtioDevice for Block {
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters
+    }
+    fn take_config_changed(&mut self) -> bool {
+        std::mem::take(&mut self.config_changed)
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 }
 

@@ -375,3 +375,134 @@ fn lifting_the_limit_at_run_time_lets_a_parked_queue_go_on_at_once() {
     dev.process_queue(0).unwrap();
     assert_eq!(driver.used().len(), 3);
 }
+
+/// An image file as a medium for a slot.
+fn medium(img: &TempImage, read_only: bool) -> Box<dyn DiskBackend> {
+    Box::new(RawFile::open(&img.0, read_only).unwrap())
+}
+
+#[test]
+fn an_empty_slot_has_no_capacity_and_fails_every_io_request() {
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    driver.chain(&[(&header(0, 0), 16, false), (&[], 512, true), (&[], 1, true)]); // read: 0..3
+    driver.chain(&[(&header(0, 0), 16, false), (&[], 1, true)]); // empty read: 3,4
+    driver.chain(&[
+        (&header(1, 0), 16, false),
+        (&[9; 512], 512, false),
+        (&[], 1, true),
+    ]); // write: 5..8
+    driver.chain(&[(&header(4, 0), 16, false), (&[], 1, true)]); // flush: 8,9
+    let seg = [0u8; 16];
+    driver.chain(&[
+        (&header(13, 0), 16, false),
+        (&seg, 16, false),
+        (&[], 1, true),
+    ]); // 10..13
+    let mut dev = Block::empty_slot("slot0");
+    assert!(dev.is_slot() && !dev.has_medium());
+    assert_eq!(dev.capacity_sectors(), 0);
+    // Features fit any later medium: writable, with discard and write-zeroes.
+    let f = dev.offered_features();
+    assert_eq!(f & feature::RO, 0);
+    assert_ne!(f & feature::DISCARD, 0);
+    assert_ne!(f & feature::WRITE_ZEROES, 0);
+    assert_ne!(f & feature::FLUSH, 0);
+    run(&mut dev, &driver);
+    for status_desc in [2, 4, 7, 9, 12] {
+        assert_eq!(
+            status_of(&driver, status_desc),
+            status::IOERR,
+            "{status_desc}"
+        );
+    }
+    assert!(!dev.take_config_changed());
+    assert_eq!(dev.eject_medium().err(), Some(MediumError::Empty));
+}
+
+#[test]
+fn a_medium_put_in_a_slot_is_served_and_ejecting_it_empties_the_slot_again() {
+    let img = TempImage::new(8, 0x5a);
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    let mut dev = Block::empty_slot("slot0");
+    dev.activate(activate_ctx(
+        &mem,
+        vec![driver.queue()],
+        CountingLine::default(),
+    ))
+    .unwrap();
+    dev.insert_medium(medium(&img, false), false, "attached")
+        .unwrap();
+    assert!(
+        dev.take_config_changed(),
+        "insertion changes the config space"
+    );
+    assert!(!dev.take_config_changed(), "reported once");
+    let mut capacity = [0u8; 8];
+    dev.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 8);
+    assert_eq!(
+        dev.insert_medium(medium(&TempImage::new(1, 0), false), false, "x")
+            .err(),
+        Some(MediumError::Occupied)
+    );
+
+    driver.chain(&[(&header(0, 7), 16, false), (&[], 512, true), (&[], 1, true)]); // 0..3
+    driver.chain(&[
+        (&header(1, 0), 16, false),
+        (&[1; 512], 512, false),
+        (&[], 1, true),
+    ]); // 3..6
+    driver.chain(&[(&header(8, 0), 16, false), (&[], 20, true), (&[], 1, true)]); // 6..9
+    dev.process_queue(0).unwrap();
+    assert_eq!(status_of(&driver, 2), status::OK);
+    assert_eq!(driver.read(driver.desc_addr(1), 512), vec![0x5a; 512]);
+    assert_eq!(status_of(&driver, 5), status::OK);
+    assert_eq!(&img.bytes()[..512], &[1; 512]);
+    assert_eq!(&driver.read(driver.desc_addr(7), 8)[..], b"attached");
+
+    let old = dev.eject_medium().unwrap();
+    assert_eq!(old.size(), 8 * 512);
+    drop(old);
+    assert!(dev.take_config_changed());
+    dev.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 0);
+    driver.chain(&[(&header(0, 0), 16, false), (&[], 512, true), (&[], 1, true)]); // 9..12
+    dev.process_queue(0).unwrap();
+    assert_eq!(status_of(&driver, 11), status::IOERR);
+    // The image is free again: another VM (or this slot) can take it writable.
+    dev.insert_medium(medium(&img, false), false, "again")
+        .unwrap();
+}
+
+#[test]
+fn a_read_only_medium_in_a_slot_refuses_writes_without_announcing_ro() {
+    let img = TempImage::new(8, 3);
+    let mem = guest_memory();
+    let mut driver = Driver::new(&mem, 16);
+    driver.chain(&[
+        (&header(1, 0), 16, false),
+        (&[1; 512], 512, false),
+        (&[], 1, true),
+    ]);
+    let mut dev = Block::empty_slot("slot0");
+    dev.insert_medium(medium(&img, true), true, "ro").unwrap();
+    assert_eq!(dev.offered_features() & feature::RO, 0);
+    run(&mut dev, &driver);
+    assert_eq!(status_of(&driver, 2), status::IOERR);
+    assert!(img.bytes().iter().all(|&b| b == 3));
+}
+
+#[test]
+fn only_slots_change_media() {
+    let img = TempImage::new(8, 0);
+    let mut dev = Block::open(&img.0, false, "").unwrap();
+    assert!(!dev.is_slot());
+    assert_eq!(dev.eject_medium().err(), Some(MediumError::NotASlot));
+    let other = TempImage::new(8, 0);
+    assert_eq!(
+        dev.insert_medium(medium(&other, false), false, "").err(),
+        Some(MediumError::NotASlot)
+    );
+}

@@ -1,0 +1,150 @@
+//! Disks attached to a running VM (testbed): a VM created with one empty disk slot gets a raw
+//! image through AttachDisk; the guest's virtio_blk driver takes the configuration-change
+//! interrupt, re-reads the capacity and reads the image's bytes; DetachDisk takes it away
+//! again (size 0). Refusals carry precise gRPC codes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use husk_proto::v1::{AttachDiskRequest, DetachDiskRequest, Disk};
+use husk_tests::huskd::Huskd;
+use husk_tests::{bin, require_guest_kvm};
+use tonic::Code;
+
+const BOOT: Duration = Duration::from_secs(120);
+/// The image: 64 sectors, each filled with its own number.
+const SECTORS: usize = 64;
+
+fn sh(huskd: &Huskd, vm: &str, script: &str) -> String {
+    let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
+    assert_eq!(
+        out.code(),
+        Some(0),
+        "{script}: {}{}",
+        out.stdout(),
+        out.stderr()
+    );
+    out.stdout()
+}
+
+/// Polls the guest's size of `dev` (in sectors) until `done` holds it.
+fn wait_size(huskd: &Huskd, dev: &str, done: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let size: u64 = sh(huskd, "slots", &format!("cat /sys/block/{dev}/size"))
+            .trim()
+            .parse()
+            .unwrap();
+        if done(size) {
+            return size;
+        }
+        assert!(Instant::now() < deadline, "{dev} stayed at {size} sectors");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn a_disk_attached_at_run_time_is_seen_read_and_detached_by_the_guest() {
+    require_guest_kvm();
+    let vmm = bin("husk-vmm").display().to_string();
+    let huskd = Huskd::start("disk-attach", &["--vmm", &vmm]);
+    let image = huskd.dir.join("data.raw");
+    let bytes: Vec<u8> = (0..SECTORS).flat_map(|s| [s as u8; 512]).collect();
+    std::fs::write(&image, &bytes).unwrap();
+
+    let created = huskd.husk(&[
+        "create",
+        "--name",
+        "slots",
+        "--memory",
+        "128",
+        "--disk-slots",
+        "1",
+        "--start",
+    ]);
+    assert_eq!(created.code(), Some(0), "{}", created.stderr());
+    huskd.wait_agent("slots", BOOT);
+    // No rootfs and no --disk: the slot is vda, empty.
+    assert_eq!(sh(&huskd, "slots", "cat /sys/block/vda/size").trim(), "0");
+    // Linux never sends requests past the capacity: an empty slot reads as end of device.
+    let empty_read = sh(
+        &huskd,
+        "slots",
+        "dd if=/dev/vda of=/dev/null bs=512 count=1 2>&1",
+    );
+    assert!(empty_read.contains("0+0 records in"), "{empty_read}");
+
+    let mut client = huskd.client();
+    let attach = |slot: u32, path: &str| AttachDiskRequest {
+        vm: "slots".into(),
+        slot,
+        disk: Some(Disk {
+            path: path.into(),
+            read_only: false,
+            ..Default::default()
+        }),
+    };
+    let image_path = image.display().to_string();
+    let bad_slot = huskd
+        .block_on(client.attach_disk(attach(1, &image_path)))
+        .unwrap_err();
+    assert_eq!(bad_slot.code(), Code::InvalidArgument, "{bad_slot:?}");
+    let outside = huskd
+        .block_on(client.attach_disk(attach(0, "/etc/hostname")))
+        .unwrap_err();
+    assert_eq!(outside.code(), Code::PermissionDenied, "{outside:?}");
+    let empty = huskd
+        .block_on(client.detach_disk(DetachDiskRequest {
+            vm: "slots".into(),
+            slot: 0,
+        }))
+        .unwrap_err();
+    assert_eq!(empty.code(), Code::FailedPrecondition, "{empty:?}");
+
+    let out = huskd.husk(&["disk", "attach", "slots", "0", &image_path]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    let vm = huskd.get("slots");
+    let attached = &vm.status.as_ref().unwrap().attached_disks;
+    assert_eq!(attached.len(), 1, "{attached:?}");
+    assert_eq!(attached[0].disk.as_ref().unwrap().path, image_path);
+    let again = huskd
+        .block_on(client.attach_disk(attach(0, &image_path)))
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+
+    let size = wait_size(&huskd, "vda", |s| s > 0);
+    assert_eq!(size, SECTORS as u64);
+    // Sector 5 holds 512 bytes of 5; the guest reads them through the attached image.
+    let od = sh(
+        &huskd,
+        "slots",
+        "dd if=/dev/vda bs=512 skip=5 count=1 2>/dev/null | od -An -tu1 | sort -u",
+    );
+    // od prints a repeated line once, then `*`.
+    let values: Vec<&str> = od.split_whitespace().filter(|v| *v != "*").collect();
+    assert!(
+        values.iter().all(|v| *v == "5") && !values.is_empty(),
+        "{od}"
+    );
+    // And writes reach the host file.
+    sh(
+        &huskd,
+        "slots",
+        "printf 'written-in-guest' | dd of=/dev/vda bs=512 seek=10 conv=sync,fsync 2>/dev/null",
+    );
+    let host = std::fs::read(&image).unwrap();
+    assert_eq!(&host[10 * 512..10 * 512 + 16], b"written-in-guest");
+
+    let out = huskd.husk(&["disk", "detach", "slots", "0"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    assert_eq!(wait_size(&huskd, "vda", |s| s == 0), 0);
+    assert!(huskd.get("slots").status.unwrap().attached_disks.is_empty());
+    // The guest kernel saw the configuration change (virtblk_config_changed ->
+    // set_capacity_and_notify logs it).
+    let dmesg = sh(&huskd, "slots", "dmesg | grep 'capacity change' || true");
+    assert!(
+        dmesg.contains("vda"),
+        "no capacity change in the guest's log: {dmesg}"
+    );
+}
