@@ -251,6 +251,57 @@ fn huskd_vms_share_one_base_each_with_its_own_overlay() {
     assert!(!overlay.exists(), "{} left behind", overlay.display());
 }
 
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn a_snapshot_clone_goes_on_from_the_snapshots_disk_without_a_copy_of_the_base() {
+    require_guest_kvm();
+    let vmm = bin("husk-vmm").display().to_string();
+    let huskd = Huskd::start("cow-snap", &["--vmm", &vmm]);
+    let fixture = huskd.state_dir().parent().unwrap().to_path_buf();
+    let base = busybox_rootfs(&fixture, "snap-base.ext4");
+    let before = digest(&base);
+    let base_arg = base.display().to_string();
+    let out = huskd.husk(&[
+        "create", "--name", "origin", "--memory", "128", "--rootfs", &base_arg, "--start",
+    ]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    huskd.wait_agent("origin", LIMIT);
+    let sh = |vm: &str, script: &str| {
+        let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
+        assert_eq!(out.code(), Some(0), "{script}: {}{}", out.stdout(), out.stderr());
+        out.stdout()
+    };
+    sh("origin", "echo at-snapshot > /state; sync");
+    let snap = fixture.join("snap");
+    let out = huskd.husk(&["snapshot", "origin", &snap.display().to_string()]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    // The snapshot holds the overlay only (what the VM wrote), not the 64 MiB base.
+    let copy = snap.join("disk0.qcow2");
+    let copied = std::fs::metadata(&copy).unwrap().len();
+    assert!(copied < 16 << 20, "the snapshot's overlay is {copied} bytes");
+    qemu_img_check_clean(&copy);
+    // The source goes on writing its own overlay...
+    sh("origin", "echo after-snapshot > /state; sync");
+    // ...and two clones each go on from the snapshot's disk state, on overlays of their own.
+    for clone in ["clone1", "clone2"] {
+        let out = huskd.husk(&["restore", "--name", clone, &snap.display().to_string()]);
+        assert_eq!(out.code(), Some(0), "{}", out.stderr());
+        huskd.wait_agent(clone, LIMIT);
+        assert_eq!(sh(clone, "cat /state").trim(), "at-snapshot", "{clone}");
+        sh(clone, &format!("echo {clone} > /state; sync"));
+    }
+    assert_eq!(sh("clone1", "cat /state").trim(), "clone1");
+    assert_eq!(sh("origin", "cat /state").trim(), "after-snapshot");
+    for vm in ["origin", "clone1", "clone2"] {
+        let out = huskd.husk(&["stop", vm]);
+        assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    }
+    let clone1 = huskd.get("clone1");
+    qemu_img_check_clean(&huskd.vm_dir(&clone1.id).join("disk0.qcow2"));
+    qemu_img_check_clean(&copy);
+    assert_eq!(digest(&base), before, "the base changed");
+}
+
 /// Waits until the VM stopped; a failed VM fails the test with its VMM's log.
 fn wait_stopped(huskd: &Huskd, id: &str) {
     let deadline = std::time::Instant::now() + LIMIT;

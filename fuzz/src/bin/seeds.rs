@@ -37,6 +37,24 @@ fn main() {
         ops.extend([4, 0, 4, 1, 4, 2, 5, 8, 0, 4, 1, 0x70]);
         write("virtio_mmio", name, ops);
     }
+    // qcow2_image: the template as created, then ops (a byte with the high bit set ends the
+    // patches); one seed patches the L1 table's first entry, one the header's cluster_bits.
+    let ops: Vec<u8> = [
+        [0u8, 0, 0, 7, 0x11, 0],
+        [0, 130, 0, 200, 0x22, 0],
+        [1, 0, 0, 129, 0, 0],
+        [2, 0, 0, 128, 0, 0],
+        [3, 1, 0, 3, 0, 1],
+        [4, 0, 0, 0, 0, 0],
+    ]
+    .concat();
+    write("qcow2_image", "ops", [vec![0x80], ops.clone()].concat());
+    let mut l1 = vec![1u8, 0, 8];
+    l1.extend((3u64 << 16 | 1 << 63).to_be_bytes());
+    write("qcow2_image", "l1", [l1, vec![0x80], ops.clone()].concat());
+    let mut bits = vec![0u8, 5, 4];
+    bits.extend(12u32.to_be_bytes());
+    write("qcow2_image", "cluster-bits", [bits, vec![0x80], ops].concat());
     for (name, bytes) in queue_seeds() {
         write("virtio_queue", name, bytes);
     }

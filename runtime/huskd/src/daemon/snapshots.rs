@@ -20,6 +20,7 @@ use husk_proto::vmm::{vmm_request, vmm_response, ErrorKind, Snapshot, VmmRequest
 use prost::Message;
 use tonic::Status;
 
+use super::run_disks;
 use super::vm::VmEntry;
 use super::{policy_status, vmm_call, Daemon, VmmCallError};
 use crate::snapshot_files;
@@ -175,7 +176,8 @@ impl Daemon {
                     }
                     .and_then(|()| {
                         target.write_new(RECORD_FILE, &record.encode_to_vec(), store::FILE_MODE)
-                    });
+                    })
+                    .and_then(|()| copy_overlays(&entry.dir, &target, record.spec.as_ref()));
                     if let Err(e) = saved {
                         result = Err(SnapshotFailure::Files(format!(
                             "cannot write {RECORD_FILE}: {e}"
@@ -258,7 +260,18 @@ impl Daemon {
             Err(e) => return Err(Status::invalid_argument(format!("dir: {BASE_FILE}: {e}"))),
         };
         let spec = restored_spec(source, &request)?;
+        // Copy-on-write disks go on from the snapshot's copy of their overlay (unless the
+        // request replaces the disks): checked before the VM exists.
+        let overlays = if request.disks.is_empty() {
+            snapshot_overlays(&dir, &path, &spec)?
+        } else {
+            Vec::new()
+        };
         let entry = self.create(spec)?;
+        if let Err(status) = self.clone_overlays(&entry, &path, &overlays) {
+            let _ = self.delete(&entry, true).await;
+            return Err(status);
+        }
         let spec = entry.snapshot().spec.unwrap_or_default();
         let lexical = husk_host::jail::normalize(&path);
         let restore = Restore {
@@ -279,6 +292,99 @@ impl Daemon {
                 Err(status)
             }
         }
+    }
+}
+
+/// Copies the overlay of every copy-on-write disk of `spec` from the VM's directory into the
+/// snapshot `target`, under the same name. The VMM flushed its disks for the snapshot and the
+/// VM is paused, so each file is the disk as the saved guest left it; only the overlay is
+/// copied (what the VM wrote), never its base.
+fn copy_overlays(
+    vm_dir: &Path,
+    target: &Dir,
+    spec: Option<&husk_proto::v1::VmSpec>,
+) -> std::io::Result<()> {
+    let Some(spec) = spec else {
+        return Ok(());
+    };
+    let vm_dir = Dir::open(vm_dir)?;
+    for (i, disk) in run_disks::requests(spec).iter().enumerate() {
+        if !disk.copy_on_write {
+            continue;
+        }
+        let name = run_disks::overlay_name(i);
+        let mut from = match vm_dir.open_file(&name, rustix::fs::OFlags::RDONLY, 0) {
+            Ok(f) => f,
+            // Never started: nothing written yet, the clone starts from the base.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mut to = target.open_file(
+            &name,
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CREATE | rustix::fs::OFlags::EXCL,
+            store::FILE_MODE,
+        )?;
+        std::io::copy(&mut from, &mut to)?;
+        to.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The copy-on-write disks of a restored `spec` with the snapshot's copy of their overlay:
+/// (disk index, what). A disk whose overlay the snapshot lacks (the VM had never started) goes
+/// on from its base.
+fn snapshot_overlays(
+    dir: &Dir,
+    path: &Path,
+    spec: &husk_proto::v1::VmSpec,
+) -> Result<Vec<(usize, String)>, Status> {
+    let mut out = Vec::new();
+    for (i, disk) in run_disks::requests(spec).iter().enumerate() {
+        if !disk.copy_on_write {
+            continue;
+        }
+        let name = run_disks::overlay_name(i);
+        match dir.open_file(&name, rustix::fs::OFlags::RDONLY, 0) {
+            Ok(_) => out.push((i, disk.what.clone())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Status::invalid_argument(format!(
+                    "dir: {}/{name}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Daemon {
+    /// Gives the restored VM `entry` an overlay of its own over each snapshot overlay in
+    /// `overlays`: clones share the snapshot's disk state without copying it.
+    fn clone_overlays(
+        &self,
+        entry: &VmEntry,
+        snapshot: &Path,
+        overlays: &[(usize, String)],
+    ) -> Result<(), Status> {
+        if overlays.is_empty() {
+            return Ok(());
+        }
+        let vm_dir = Dir::open(&entry.dir)
+            .map_err(|e| Status::internal(format!("the VM's directory: {e}")))?;
+        let snapshot = husk_host::jail::normalize(snapshot);
+        for (i, what) in overlays {
+            let name = run_disks::overlay_name(*i);
+            run_disks::create_overlay(
+                &self.config.policy,
+                &vm_dir,
+                &name,
+                what,
+                &snapshot.join(&name),
+                husk_host::vmm_args::DiskFormat::Qcow2,
+            )?;
+        }
+        Ok(())
     }
 }
 

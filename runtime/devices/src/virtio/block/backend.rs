@@ -23,6 +23,12 @@ pub trait DiskBackend: Send {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Zeroes a range, deallocating it when `unmap` allows and the file can.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Makes the file a complete, self-contained image as it stands (for a copy taken while
+    /// the VM is paused, e.g. beside a snapshot): a flush, and for formats with an allocator,
+    /// what it reserved given back. Writes may follow.
+    fn quiesce(&self) -> io::Result<()> {
+        self.flush()
+    }
     /// The last call before the backend is dropped: a flush, and for formats with an
     /// allocator, the release of what it reserved. Nothing may be written after it.
     fn close(&self) -> io::Result<()> {

@@ -325,7 +325,7 @@ impl VirtioDevice for Block {
         if closing {
             self.disk.close()
         } else {
-            self.disk.flush()
+            self.disk.quiesce()
         }
     }
     fn reset(&mut self) {

@@ -313,6 +313,11 @@ fn a_killed_writer_leaves_at_most_leaks() {
     write(d.as_ref(), 0, &[1u8; 300_000]);
     d.flush().unwrap();
     write(d.as_ref(), 1 << 20, &[2u8; 70_000]);
+    // A quiesced image is clean as it stands (a copy taken now needs no repair), and takes
+    // writes again after.
+    d.quiesce().unwrap();
+    check_clean(&img);
+    write(d.as_ref(), 2 << 20, &[3u8; 70_000]);
     // No clean close: the process is "killed" here.
     std::mem::forget(d);
     let out = qemu_img(&["check", "-f", "qcow2", img.to_str().unwrap()]);
