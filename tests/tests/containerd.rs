@@ -33,6 +33,22 @@ impl Containerd {
         Self::start_in(tag, "native")
     }
 
+    /// Starts containerd with the overlayfs snapshotter (containerd's default). The testbed's
+    /// root is itself an overlay, which cannot hold overlay upper directories: containerd's
+    /// root goes on a tmpfs (mounted before containerd starts; unmounted on drop).
+    fn start_overlay(tag: &str) -> Self {
+        let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs"])
+            .arg(dir.join("root"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Self::start_in(tag, "overlayfs")
+    }
+
     /// Starts containerd in /tmp/husk-ctrd-TAG-PID (kept if it exists: a test may have mounted
     /// something there) and imports the test image with `snapshotter`.
     fn start_in(tag: &str, snapshotter: &str) -> Self {
@@ -216,12 +232,16 @@ impl Containerd {
             .len()
     }
 
-    /// Image files the shim left under HUSK_SHIM_STATE_DIR.
+    /// Per-container image files the shim left under HUSK_SHIM_STATE_DIR (the shared bases
+    /// in `_bases/` stay by design: see [`Self::bases`]).
     fn leftover_images(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
         let mut stack = vec![self.dir.join("images")];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path() == self.bases_dir() {
+                    continue;
+                }
                 if e.path().is_dir() {
                     stack.push(e.path());
                 } else {
@@ -234,6 +254,35 @@ impl Containerd {
 }
 
 impl Containerd {
+    fn bases_dir(&self) -> PathBuf {
+        self.dir.join("images/_bases")
+    }
+
+    /// The shared base images (`_bases/*.ext4`) the shims built.
+    fn bases(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.bases_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ext4"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `containerd-shim-husk-v2 prune-bases` with this containerd's state directory; its stdout.
+    fn prune_bases(&self) -> String {
+        let out = run_with_timeout(
+            Command::new(bin("containerd-shim-husk-v2"))
+                .arg("prune-bases")
+                .env("HUSK_SHIM_STATE_DIR", self.dir.join("images")),
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.code(), Some(0), "prune-bases: {}", out.stderr());
+        out.stdout()
+    }
+
     /// PIDs of the live shims of this containerd (found by their -address flag).
     fn shims(&self) -> Vec<i32> {
         let mut pids = Vec::new();
@@ -617,24 +666,13 @@ fn stdin_reaches_the_container_and_ends_with_eof() {
 }
 
 /// With containerd's default snapshotter (overlayfs, what Kubernetes nodes use) the rootfs
-/// arrives as overlay mounts: the shim mounts them for the copy and unmounts them after.
+/// arrives as an overlay mount: the shim builds the image's shared base from its layers (the
+/// one layer read in place) and leaves no mount behind.
 #[test]
 #[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
 fn the_overlayfs_snapshotter_works_and_leaves_no_mounts() {
     require_guest_kvm();
-    // The testbed's root is itself an overlay, which cannot hold overlay upper directories:
-    // containerd's root goes on a tmpfs (created before containerd starts).
-    let tag = "overlay";
-    let dir = PathBuf::from(format!("/tmp/husk-ctrd-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("root")).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "tmpfs"])
-        .arg(dir.join("root"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let ctrd = Containerd::start_in(tag, "overlayfs");
+    let ctrd = Containerd::start_overlay("overlay");
     let out = ctrd.ctr(&[
         "run",
         "--rm",
@@ -664,6 +702,134 @@ fn the_overlayfs_snapshotter_works_and_leaves_no_mounts() {
     assert_eq!(ours, Vec::<&str>::new(), "overlay mounts left behind");
     assert_eq!(ctrd.vm_count(), 0);
     assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+    assert_eq!(ctrd.bases().len(), 1, "{}", ctrd.logs());
+}
+
+/// Two containers of one image (overlayfs snapshotter), one after the other: the first builds
+/// the image's shared base, the second starts on that same file without any copy (its inode
+/// and mtime unchanged, still the only base), and each VM writes to its own overlay: what
+/// container 1 wrote is not in container 2. `prune-bases` leaves a base that a running
+/// container uses and removes it once no container does.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn the_second_container_of_an_image_reuses_its_base_without_a_copy() {
+    use std::os::unix::fs::MetadataExt;
+    require_guest_kvm();
+    let ctrd = Containerd::start_overlay("shared");
+    let run = |args: &[&str]| {
+        let out = ctrd.ctr(args);
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "{args:?}: {} {}\n{}",
+            out.stdout(),
+            out.stderr(),
+            ctrd.logs()
+        );
+        out.stdout()
+    };
+    let first = run(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "sh1",
+        "sh",
+        "-c",
+        "echo written-by-1 > /etc/from-c1 && cat /etc/from-c1",
+    ]);
+    assert!(first.contains("written-by-1"), "{first}");
+    let bases = ctrd.bases();
+    assert_eq!(bases.len(), 1, "{bases:?}\n{}", ctrd.logs());
+    let base = &bases[0];
+    let before = std::fs::metadata(base).unwrap();
+    assert_eq!(before.mode() & 0o777, 0o444, "the base is read-only");
+    // The second container, kept running for the prune below.
+    run(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "sh2",
+        "sleep",
+        "600",
+    ]);
+    ctrd.wait_status("sh2", "RUNNING", Duration::from_secs(120));
+    let exec = ctrd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "sh2",
+        "sh",
+        "-c",
+        "cat /etc/from-c1 2>/dev/null || echo no-file-from-1; echo mine > /etc/from-c2; cat /etc/from-c2",
+    ]);
+    assert_eq!(exec.code(), Some(0), "{}\n{}", exec.stderr(), ctrd.logs());
+    assert!(
+        exec.stdout().contains("no-file-from-1") && !exec.stdout().contains("written-by-1"),
+        "container 1's write is visible in container 2: {}",
+        exec.stdout()
+    );
+    assert!(exec.stdout().contains("mine"), "{}", exec.stdout());
+    // No copy: the same file, untouched, and still the only base; the shim said so.
+    assert_eq!(ctrd.bases(), bases);
+    let after = std::fs::metadata(base).unwrap();
+    assert_eq!(
+        (after.ino(), after.mtime(), after.mtime_nsec(), after.len()),
+        (
+            before.ino(),
+            before.mtime(),
+            before.mtime_nsec(),
+            before.len()
+        )
+    );
+    let log = ctrd.log();
+    assert!(
+        log.contains("container sh2: rootfs image") && log.contains("cached shared base"),
+        "{}",
+        ctrd.logs()
+    );
+    assert!(
+        !log.contains("container sh2: building the shared base"),
+        "{}",
+        ctrd.logs()
+    );
+    assert!(
+        !log.contains("does not support copy-on-write"),
+        "{}",
+        ctrd.logs()
+    );
+    // The VM's disk is the base, copy-on-write; there is no per-container image.
+    let mut client = ctrd.huskd.client();
+    let vm = ctrd
+        .huskd
+        .block_on(client.get_vm(husk_proto::v1::GetVmRequest {
+            vm: "husk-sh2".into(),
+        }))
+        .unwrap()
+        .into_inner();
+    let spec = vm.spec.unwrap();
+    let base_name = base.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(spec.rootfs.ends_with(&base_name), "{}", spec.rootfs);
+    assert!(spec.rootfs_copy_on_write);
+    assert_eq!(ctrd.leftover_images(), Vec::<PathBuf>::new());
+    // In use by sh2: prune leaves it.
+    assert_eq!(ctrd.prune_bases(), "");
+    assert!(base.exists());
+    ctrd.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "sh2"]);
+    ctrd.wait_status("sh2", "STOPPED", Duration::from_secs(60));
+    ctrd.ctr_ok(&["task", "delete", "sh2"]);
+    ctrd.ctr_ok(&["container", "delete", "sh2"]);
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+    // Unused now: removed.
+    assert_eq!(
+        ctrd.prune_bases().trim(),
+        format!("removed {}", base.display())
+    );
+    assert_eq!(ctrd.bases(), Vec::<PathBuf>::new());
 }
 
 /// Without a reachable huskd, `ctr run` fails at once with a message that names the socket,

@@ -268,7 +268,13 @@ fn a_snapshot_clone_goes_on_from_the_snapshots_disk_without_a_copy_of_the_base()
     huskd.wait_agent("origin", LIMIT);
     let sh = |vm: &str, script: &str| {
         let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
-        assert_eq!(out.code(), Some(0), "{script}: {}{}", out.stdout(), out.stderr());
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "{script}: {}{}",
+            out.stdout(),
+            out.stderr()
+        );
         out.stdout()
     };
     sh("origin", "echo at-snapshot > /state; sync");
@@ -278,7 +284,10 @@ fn a_snapshot_clone_goes_on_from_the_snapshots_disk_without_a_copy_of_the_base()
     // The snapshot holds the overlay only (what the VM wrote), not the 64 MiB base.
     let copy = snap.join("disk0.qcow2");
     let copied = std::fs::metadata(&copy).unwrap().len();
-    assert!(copied < 16 << 20, "the snapshot's overlay is {copied} bytes");
+    assert!(
+        copied < 16 << 20,
+        "the snapshot's overlay is {copied} bytes"
+    );
     qemu_img_check_clean(&copy);
     // The source goes on writing its own overlay...
     sh("origin", "echo after-snapshot > /state; sync");

@@ -29,7 +29,7 @@ pub struct ShimArgs {
     /// the working directory.
     pub bundle: PathBuf,
     pub debug: bool,
-    /// `start`, `delete`, or none (serve).
+    /// `start`, `delete`, `prune-bases`, or none (serve).
     pub action: Option<Action>,
 }
 
@@ -40,6 +40,9 @@ pub enum Action {
     Start,
     /// Clean up after a shim that is gone, print a DeleteResponse.
     Delete,
+    /// Not containerd's: remove the shared base images that no live container uses (for an
+    /// operator; safe while containers run).
+    PruneBases,
 }
 
 /// Why the command line was refused.
@@ -110,7 +113,7 @@ struct Raw {
     /// Given by newer containerd versions; this shim does not need it
     #[arg(long, value_name = "ADDR", hide = true)]
     ttrpc_address: Option<String>,
-    /// start, delete, or none (serve)
+    /// start, delete, prune-bases (an operator's: remove unused shared base images), or none (serve)
     #[arg(value_enum)]
     action: Option<Action>,
 }
@@ -281,6 +284,11 @@ mod tests {
         ])
         .unwrap();
         assert!(a.debug && a.namespace == "n" && a.action.is_none());
+        // An operator's action, with no flags at all.
+        assert_eq!(
+            parse(&["prune-bases"]).unwrap().action,
+            Some(Action::PruneBases)
+        );
         assert_eq!(usage_kind(&["-id"]), ErrorKind::InvalidValue);
         assert_eq!(usage_kind(&["-bogus", "1"]), ErrorKind::UnknownArgument);
         assert_eq!(usage_kind(&["start", "delete"]), ErrorKind::UnknownArgument);

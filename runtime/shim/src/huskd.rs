@@ -7,8 +7,8 @@
 
 use husk_proto::v1::husk_client::HuskClient;
 use husk_proto::v1::{
-    network, CreateVmRequest, DeleteVmRequest, GetVmRequest, Network, StopVmRequest,
-    StreamConsoleRequest, Vm, VmSpec,
+    network, CreateVmRequest, DeleteVmRequest, GetVmRequest, Network, StartVmRequest,
+    StopVmRequest, StreamConsoleRequest, Vm, VmSpec,
 };
 use tonic::transport::Channel;
 
@@ -23,6 +23,10 @@ pub enum HuskdError {
     BadAddress(String),
     #[error("huskd: {0}")]
     Call(#[from] tonic::Status),
+    /// huskd did not take `rootfs_copy_on_write` (a huskd older than the field): the VM was
+    /// removed before it started, so the shared base was never written.
+    #[error("huskd does not support rootfs_copy_on_write (an older huskd)")]
+    NoCopyOnWrite,
 }
 
 /// huskd's address: `$HUSK_HOST` (set in containerd's environment, which shims inherit) or the
@@ -50,6 +54,8 @@ pub async fn connect(host: &str) -> Result<HuskClient<Channel>, HuskdError> {
 pub struct VmPlan {
     pub name: String,
     pub rootfs_image: String,
+    /// `rootfs_image` is a shared read-only base: the VM gets its own copy-on-write overlay.
+    pub rootfs_copy_on_write: bool,
     pub memory_mib: Option<u32>,
     pub vcpus: Option<u32>,
     pub labels: Vec<(String, String)>,
@@ -59,10 +65,16 @@ pub struct VmPlan {
 
 /// Creates and starts the container's VM: a sandbox (no boot command) with the rootfs image as
 /// its root, so every process, the container's own included, runs through Exec.
+///
+/// With a shared base (`rootfs_copy_on_write`) the VM is created stopped and started only once
+/// huskd's answer shows that it took the field: an older huskd drops unknown fields and would
+/// attach the base writable; that VM is removed unstarted and [`HuskdError::NoCopyOnWrite`]
+/// returned.
 pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Result<Vm, HuskdError> {
     let spec = VmSpec {
         name: plan.name.clone(),
         rootfs: plan.rootfs_image.clone(),
+        rootfs_copy_on_write: plan.rootfs_copy_on_write,
         network: Some(match &plan.netns {
             Some(netns) => Network {
                 mode: network::Mode::Netns as i32,
@@ -82,11 +94,30 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
     let vm = client
         .create_vm(CreateVmRequest {
             spec: Some(spec),
-            start: true,
+            start: !plan.rootfs_copy_on_write,
         })
         .await?
         .into_inner();
-    Ok(vm)
+    if !plan.rootfs_copy_on_write {
+        return Ok(vm);
+    }
+    if !vm.spec.as_ref().is_some_and(|s| s.rootfs_copy_on_write) {
+        let _ = delete_vm(client, &plan.name).await;
+        return Err(HuskdError::NoCopyOnWrite);
+    }
+    match client
+        .start_vm(StartVmRequest {
+            vm: plan.name.clone(),
+        })
+        .await
+    {
+        Ok(started) => Ok(started.into_inner()),
+        Err(s) => {
+            // Not left behind created-but-stopped.
+            let _ = delete_vm(client, &plan.name).await;
+            Err(s.into())
+        }
+    }
 }
 
 pub async fn get_vm(client: &mut HuskClient<Channel>, vm: &str) -> Result<Vm, HuskdError> {

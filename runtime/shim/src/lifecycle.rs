@@ -63,6 +63,12 @@ pub enum LifecycleError {
     },
     #[error("SIGTERM handler")]
     Signal(#[source] std::io::Error),
+    #[error("pruning the base images in {path}")]
+    Prune {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The shim's socket: `<containerd's socket dir>/s/husk-<hash>.sock`, where containerd keeps
@@ -152,13 +158,13 @@ pub fn start(args: &ShimArgs) -> Result<(), LifecycleError> {
 }
 
 /// `delete`: containerd cleans up after a shim that is gone. Removes the VM and the rootfs
-/// image named in the bundle's record, and prints a DeleteResponse (status 137, as a killed
-/// process).
+/// image named in the bundle's record (the container's own copy; a shared base stays for the
+/// image's other containers), and prints a DeleteResponse (status 137, as a killed process).
 pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
     let record = std::fs::read_to_string(args.bundle.join(RECORD_FILE)).unwrap_or_default();
     let mut lines = record.lines();
     let vm = lines.next().map(str::to_string);
-    let image = lines.next().map(PathBuf::from);
+    let image = lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
     if let Some(vm) = vm {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -175,11 +181,9 @@ pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
             }
         });
     }
-    if let Some(image) = image {
-        rootfs::cleanup(&args.bundle, &image);
-        if let Some(dir) = image.parent() {
-            let _ = std::fs::remove_dir(dir);
-        }
+    rootfs::cleanup(&args.bundle, image.as_deref());
+    if let Some(dir) = image.as_deref().and_then(Path::parent) {
+        let _ = std::fs::remove_dir(dir);
     }
     let _ = std::fs::remove_file(args.bundle.join(RECORD_FILE));
     let _ = std::fs::remove_file(socket_path(args));
@@ -191,6 +195,21 @@ pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
         .write_all(&bytes)
         .and_then(|()| std::io::stdout().flush())
         .map_err(LifecycleError::Stdout)
+}
+
+/// `prune-bases` (run by an operator, never by containerd): removes the shared base images that
+/// no live container uses (see [`crate::base::prune`]); prints each removed path.
+pub fn prune_bases() -> Result<(), LifecycleError> {
+    let cache = crate::base::cache_dir(&crate::service::state_dir());
+    let removed = crate::base::prune(&cache).map_err(|source| LifecycleError::Prune {
+        path: cache.display().to_string(),
+        source,
+    })?;
+    let mut out = std::io::stdout().lock();
+    for path in removed {
+        writeln!(out, "removed {}", path.display()).map_err(LifecycleError::Stdout)?;
+    }
+    out.flush().map_err(LifecycleError::Stdout)
 }
 
 /// The long-lived shim: serves the task API on the inherited socket until Shutdown.

@@ -4,6 +4,8 @@
 //! - `... start`: spawn the long-lived shim for one container, print its ttrpc address, exit;
 //! - `... delete`: clean up after a shim that is gone (VM, image, mounts), print a
 //!   `DeleteResponse`;
+//! - `prune-bases` (an operator's, not containerd's): remove the shared base images of OCI
+//!   images that no live container uses;
 //! - no action: the long-lived shim itself (spawned by `start`), serving `containerd.task.v2.Task`
 //!   over ttrpc on the socket it inherits as fd 3.
 //!
@@ -12,6 +14,7 @@
 //! code.
 
 mod args;
+mod base;
 mod events;
 mod huskd;
 mod lifecycle;
@@ -56,6 +59,7 @@ fn run(args: &ShimArgs) -> anyhow::Result<()> {
     match args.action {
         Some(Action::Start) => lifecycle::start(args).context("start"),
         Some(Action::Delete) => lifecycle::delete(args).context("delete"),
+        Some(Action::PruneBases) => lifecycle::prune_bases().context("prune-bases"),
         None => lifecycle::serve(args).context("serve"),
     }
 }

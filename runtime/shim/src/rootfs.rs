@@ -3,9 +3,11 @@
 //! sparse ext4 image with `mkfs.ext4 -d`, which needs no loop device and no mount of the image.
 //!
 //! Why a copy and not a shared filesystem: the guest kernel has virtio-blk but no virtio-fs or
-//! 9p, and husk's VMM emulates no vhost-user device. For image-sized rootfs (busybox: ~1 MB,
-//! Debian slim: ~80 MB) mkfs is fast (numbers in docs/containerd.md); the cost is that writes
-//! in the container land in the image, not in containerd's snapshot.
+//! 9p, and husk's VMM emulates no vhost-user device. The cost is that writes in the container
+//! land in the image, not in containerd's snapshot. An overlayfs-snapshotter rootfs is copied
+//! once per OCI image into a shared read-only base ([`build_base`], [`crate::base`]) that each
+//! container's VM uses through its own copy-on-write overlay; other rootfs (native snapshotter,
+//! bundle directory) get a copy per container ([`build`]). Numbers in docs/containerd.md.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,14 +94,90 @@ pub fn build(
     })
 }
 
-/// Unmounts whatever is still mounted on `bundle/rootfs` (after a crash) and removes `image`.
-pub fn cleanup(bundle: &Path, image: &Path) {
+/// Builds a shared base image at `image` from an image's layers alone (see [`crate::base`]):
+/// one layer is read in place; several are stacked by a read-only overlay mount (lowerdirs
+/// only: whiteouts and opaque directories resolved as the container would see them) on
+/// `bundle/rootfs` for the time of the copy. Returns the bytes of files copied.
+pub fn build_base(
+    bundle: &Path,
+    layers: &crate::base::Layers,
+    image: &Path,
+) -> Result<u64, RootfsError> {
+    if let [only] = layers.lowerdirs.as_slice() {
+        return make_image(only, image);
+    }
+    let root = bundle.join("rootfs");
+    std::fs::create_dir_all(&root).map_err(RootfsError::Walk)?;
+    let options = |lowers: Vec<String>| {
+        let mut options = vec!["ro".to_string()];
+        options.extend(layers.options.iter().cloned());
+        options.push(format!("lowerdir={}", lowers.join(":")));
+        options
+    };
+    let absolute = options(
+        layers
+            .lowerdirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect(),
+    );
+    // The kernel takes at most a page of mount options: a long list of layers is given
+    // relative to their common directory (containerd's `snapshots/`), with `mount` run there,
+    // as containerd itself does.
+    let (options, cwd) = match common_dir(&layers.lowerdirs) {
+        Some(common) if absolute.join(",").len() >= 4000 => {
+            let relative = layers
+                .lowerdirs
+                .iter()
+                .filter_map(|d| d.strip_prefix(&common).ok())
+                .map(|d| d.display().to_string())
+                .collect();
+            (options(relative), Some(common))
+        }
+        _ => (absolute, None),
+    };
+    let m = Mount {
+        type_: "overlay".into(),
+        source: "overlay".into(),
+        options,
+        ..Default::default()
+    };
+    mount_in(&m, &root, cwd.as_deref())?;
+    let result = make_image(&root, image);
+    unmount(&root);
+    result
+}
+
+/// Unmounts whatever is still mounted on `bundle/rootfs` (after a crash) and removes `image`,
+/// the container's own copy when it has one (a shared base is never removed here).
+pub fn cleanup(bundle: &Path, image: Option<&Path>) {
     unmount(&bundle.join("rootfs"));
-    let _ = std::fs::remove_file(image);
+    if let Some(image) = image {
+        let _ = std::fs::remove_file(image);
+    }
+}
+
+/// The deepest directory that holds all of `dirs` (none of them itself), if any but `/`.
+fn common_dir(dirs: &[PathBuf]) -> Option<PathBuf> {
+    let mut common = dirs.first()?.parent()?.to_path_buf();
+    for d in dirs {
+        while !d.starts_with(&common) || d == &common {
+            common = common.parent()?.to_path_buf();
+        }
+    }
+    (common.parent().is_some()).then_some(common)
 }
 
 fn mount(m: &Mount, target: &Path) -> Result<(), RootfsError> {
+    mount_in(m, target, None)
+}
+
+/// `mount` run in `cwd` (relative directories in the options are resolved there).
+fn mount_in(m: &Mount, target: &Path, cwd: Option<&Path>) -> Result<(), RootfsError> {
     let mut cmd = Command::new("mount");
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
     if !m.type_.is_empty() {
         cmd.arg("-t").arg(&m.type_);
     }
@@ -218,7 +296,7 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             "hello from the bundle\n"
         );
-        cleanup(&bundle, &image);
+        cleanup(&bundle, Some(&image));
         assert!(!image.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -246,6 +324,102 @@ mod tests {
             Err(RootfsError::NotADirectory(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reads `path` out of an ext4 image with debugfs (no mount); None when it is not there.
+    fn cat(image: &Path, path: &str) -> Option<String> {
+        let out = Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(image)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        (!err.contains("File not found")).then(|| String::from_utf8_lossy(&out.stdout).into())
+    }
+
+    #[test]
+    fn a_base_is_the_layers_merged_with_whiteouts_applied_and_nothing_stays_mounted() {
+        let dir = scratch("base");
+        let (top, bottom) = (dir.join("top"), dir.join("bottom"));
+        std::fs::create_dir_all(top.join("etc")).unwrap();
+        std::fs::create_dir_all(bottom.join("etc")).unwrap();
+        std::fs::write(bottom.join("etc/b"), b"from the bottom\n").unwrap();
+        std::fs::write(bottom.join("etc/shadowed"), b"old\n").unwrap();
+        std::fs::write(bottom.join("etc/gone"), b"deleted above\n").unwrap();
+        std::fs::write(top.join("etc/shadowed"), b"new\n").unwrap();
+        // An overlayfs whiteout: a 0/0 character device.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            top.join("etc/gone"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let layers = crate::base::Layers {
+            lowerdirs: vec![top.clone(), bottom.clone()],
+            options: vec!["index=off".into()],
+        };
+        let bundle = dir.join("bundle");
+        let image = dir.join("base.ext4");
+        let bytes = build_base(&bundle, &layers, &image).unwrap();
+        assert!(bytes > 0);
+        assert_eq!(cat(&image, "/etc/b").as_deref(), Some("from the bottom\n"));
+        assert_eq!(cat(&image, "/etc/shadowed").as_deref(), Some("new\n"));
+        assert_eq!(cat(&image, "/etc/gone"), None);
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(!mounts.contains(&*dir.to_string_lossy()), "{mounts}");
+        // One layer is read in place (no mount).
+        let single = crate::base::Layers {
+            lowerdirs: vec![bottom],
+            options: vec![],
+        };
+        let image2 = dir.join("single.ext4");
+        build_base(&bundle, &single, &image2).unwrap();
+        assert_eq!(
+            cat(&image2, "/etc/gone").as_deref(),
+            Some("deleted above\n")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn many_layers_with_long_paths_are_mounted_relative_to_their_common_directory() {
+        let dir = scratch("manylayers");
+        let snapshots = dir.join("io.containerd.snapshotter.v1.overlayfs-with-a-long-root-name");
+        // 50 layers of ~100 bytes each: over a page of options with absolute paths.
+        let lowerdirs: Vec<PathBuf> = (0..50)
+            .map(|i| {
+                let d = snapshots.join(format!("{i}")).join("fs");
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join(format!("file{i}")), format!("{i}\n")).unwrap();
+                d
+            })
+            .collect();
+        let total: usize = lowerdirs.iter().map(|d| d.as_os_str().len() + 1).sum();
+        assert!(total > 4096, "{total}");
+        assert_eq!(common_dir(&lowerdirs).as_deref(), Some(snapshots.as_path()));
+        let layers = crate::base::Layers {
+            lowerdirs,
+            options: vec![],
+        };
+        let image = dir.join("many.ext4");
+        build_base(&dir.join("bundle"), &layers, &image).unwrap();
+        assert_eq!(cat(&image, "/file0").as_deref(), Some("0\n"));
+        assert_eq!(cat(&image, "/file49").as_deref(), Some("49\n"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_common_directory_of_layers() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            common_dir(&[p("/s/snapshots/1/fs"), p("/s/snapshots/22/fs")]),
+            Some(p("/s/snapshots"))
+        );
+        assert_eq!(common_dir(&[p("/s/a/fs")]), Some(p("/s/a")));
+        assert_eq!(common_dir(&[p("/s/a"), p("/s/a/b")]), Some(p("/s")));
+        assert_eq!(common_dir(&[p("/a/x"), p("/b/y")]), None);
     }
 
     #[test]

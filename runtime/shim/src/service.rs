@@ -29,6 +29,7 @@ use husk_proto::v1::{PauseVmRequest, ResumeVmRequest};
 use tokio::sync::{Mutex, Notify};
 
 use crate::args::ShimArgs;
+use crate::base;
 use crate::events::{timestamp, Publisher};
 use crate::huskd::{self, HuskdError, VmPlan};
 use crate::oci;
@@ -37,7 +38,8 @@ use crate::rootfs;
 use crate::stats;
 
 /// The file in the bundle that tells `delete` (run after a shim died) what to clean up:
-/// line 1 the VM name, line 2 the rootfs image.
+/// line 1 the VM name, line 2 the container's own rootfs image (empty when its VM uses a
+/// shared base), line 3 the shared base (for people; never removed by `delete`).
 pub const RECORD_FILE: &str = "husk-vm";
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -48,6 +50,7 @@ fn huskd_err(e: HuskdError) -> ttrpc::Error {
     let code = match &e {
         HuskdError::Unreachable { .. } => Code::UNAVAILABLE,
         HuskdError::BadAddress(_) => Code::INVALID_ARGUMENT,
+        HuskdError::NoCopyOnWrite => Code::FAILED_PRECONDITION,
         HuskdError::Call(s) => match s.code() {
             tonic::Code::NotFound => Code::NOT_FOUND,
             tonic::Code::InvalidArgument => Code::INVALID_ARGUMENT,
@@ -78,10 +81,44 @@ struct Container {
     bundle: PathBuf,
     vm: String,
     vmm_pid: u32,
-    image: PathBuf,
+    disk: Disk,
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
     paused: bool,
+}
+
+/// The VM's root disk.
+#[derive(Debug)]
+enum Disk {
+    /// A shared read-only base (the VM writes to its own overlay in huskd); the lease keeps
+    /// `prune-bases` away from it until the container is deleted.
+    Base(base::Lease),
+    /// The container's own copy, removed with the container.
+    Copy(PathBuf),
+}
+
+impl Disk {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Disk::Base(lease) => &lease.path,
+            Disk::Copy(image) => image,
+        }
+    }
+
+    fn own_image(&self) -> Option<&std::path::Path> {
+        match self {
+            Disk::Base(_) => None,
+            Disk::Copy(image) => Some(image),
+        }
+    }
+
+    /// Removes what belongs to this container alone (its copy, mounts left in the bundle).
+    fn cleanup(&self, bundle: &std::path::Path) {
+        rootfs::cleanup(bundle, self.own_image());
+        if let Some(dir) = self.own_image().and_then(|i| i.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 pub struct Service {
@@ -92,13 +129,31 @@ pub struct Service {
     pub shutdown: Arc<Notify>,
 }
 
-/// Where rootfs images go: `$HUSK_SHIM_STATE_DIR` or /var/lib/husk/containerd, then
-/// `<namespace>/<id>/rootfs.ext4`. Not in the bundle: that is on containerd's tmpfs (/run).
-pub fn image_path(namespace: &str, id: &str) -> PathBuf {
-    let base = std::env::var_os("HUSK_SHIM_STATE_DIR")
+/// Where rootfs images go: `$HUSK_SHIM_STATE_DIR` or /var/lib/husk/containerd. Not in the
+/// bundle: that is on containerd's tmpfs (/run).
+pub fn state_dir() -> PathBuf {
+    std::env::var_os("HUSK_SHIM_STATE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/husk/containerd"));
-    base.join(namespace).join(id).join("rootfs.ext4")
+        .unwrap_or_else(|| PathBuf::from("/var/lib/husk/containerd"))
+}
+
+/// A container's own rootfs copy: `<state dir>/<namespace>/<id>/rootfs.ext4`. (Shared bases
+/// are in `<state dir>/_bases/`, see [`base`].)
+pub fn image_path(namespace: &str, id: &str) -> PathBuf {
+    state_dir().join(namespace).join(id).join("rootfs.ext4")
+}
+
+/// Writes the bundle's [`RECORD_FILE`].
+fn write_record(bundle: &std::path::Path, vm: &str, disk: &Disk) -> std::io::Result<()> {
+    let own = disk.own_image().map(|p| p.display().to_string());
+    let shared = match disk {
+        Disk::Base(lease) => lease.path.display().to_string(),
+        Disk::Copy(_) => String::new(),
+    };
+    std::fs::write(
+        bundle.join(RECORD_FILE),
+        format!("{vm}\n{}\n{shared}\n", own.unwrap_or_default()),
+    )
 }
 
 /// How long Start waits for a booting VM's guest agent: `$HUSK_SHIM_BOOT_TIMEOUT` seconds,
@@ -128,6 +183,80 @@ impl Service {
             events,
             container: Arc::new(Mutex::new(None)),
             shutdown: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The container's root disk: the shared base of its image (built now if this is the
+    /// image's first container) when `shared` and the rootfs is an image's overlay layers,
+    /// else its own copy.
+    async fn prepare_disk(
+        &self,
+        id: &str,
+        bundle: &std::path::Path,
+        mounts: &[containerd_shim_protos::api::Mount],
+        root_path: String,
+        shared: bool,
+    ) -> ttrpc::Result<Disk> {
+        let start = std::time::Instant::now();
+        let plan = if shared {
+            base::plan(mounts)
+        } else {
+            base::Plan::Copy {
+                why: "huskd cannot give the VM an overlay".into(),
+            }
+        };
+        let internal = |e: String| err(Code::INTERNAL, e);
+        match plan {
+            base::Plan::Shared { key, layers } => {
+                let cache = base::cache_dir(&state_dir());
+                let (b, id2) = (bundle.to_path_buf(), id.to_string());
+                let lease = tokio::task::spawn_blocking(move || {
+                    base::acquire(&cache, &key, |tmp| {
+                        tracing::info!(
+                            "container {id2}: building the shared base image {} from {} image \
+                             layer(s) (the first container of this image; later ones reuse it)",
+                            tmp.with_extension("").display(),
+                            layers.lowerdirs.len()
+                        );
+                        rootfs::build_base(&b, &layers, tmp)
+                    })
+                })
+                .await
+                .map_err(|e| internal(e.to_string()))?
+                .map_err(|e| internal(e.to_string()))?;
+                match lease.built {
+                    Some((bytes, took)) => tracing::info!(
+                        "container {id}: rootfs image {} ({bytes} bytes of files) in {took:?}; \
+                         a new shared base: this VM and later ones write to their own overlays",
+                        lease.path.display()
+                    ),
+                    None => tracing::info!(
+                        "container {id}: rootfs image {} (cached shared base: no copy) in \
+                         {:?}; the VM writes to its own overlay",
+                        lease.path.display(),
+                        start.elapsed()
+                    ),
+                }
+                Ok(Disk::Base(lease))
+            }
+            base::Plan::Copy { why } => {
+                tracing::debug!("container {id}: rootfs copied for this container alone: {why}");
+                let image = image_path(&self.args.namespace, id);
+                let (b, mounts, img) = (bundle.to_path_buf(), mounts.to_vec(), image.clone());
+                let built = tokio::task::spawn_blocking(move || {
+                    rootfs::build(&b, &mounts, &root_path, &img)
+                })
+                .await
+                .map_err(|e| internal(e.to_string()))?
+                .map_err(|e| internal(e.to_string()))?;
+                tracing::info!(
+                    "container {id}: rootfs image {} ({} bytes of files) in {:?}",
+                    built.image.display(),
+                    built.bytes_copied,
+                    built.took
+                );
+                Ok(Disk::Copy(image))
+            }
         }
     }
 
@@ -283,34 +412,17 @@ impl Task for Service {
             .filter(|p| p.args.first().is_some_and(|a| !a.is_empty()))
             .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json: process.args is empty"))?;
         let mut client = self.client().await?;
-        let image = image_path(&self.args.namespace, &req.id);
         let root_path = spec.root_path();
-        let (b, mounts, img) = (bundle.clone(), req.rootfs.clone(), image.clone());
-        let built =
-            tokio::task::spawn_blocking(move || rootfs::build(&b, &mounts, &root_path, &img))
-                .await
-                .map_err(|e| err(Code::INTERNAL, e.to_string()))?
-                .map_err(|e| err(Code::INTERNAL, e.to_string()))?;
-        tracing::info!(
-            "container {}: rootfs image {} ({} bytes of files) in {:?}",
-            req.id,
-            built.image.display(),
-            built.bytes_copied,
-            built.took
-        );
+        let mut disk = self
+            .prepare_disk(&req.id, &bundle, &req.rootfs, root_path.clone(), true)
+            .await?;
         let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
         // A VM of that name is a leftover of an earlier shim of this container id.
         let _ = huskd::delete_vm(&mut client, &vm_name).await;
-        if let Err(e) = std::fs::write(
-            bundle.join(RECORD_FILE),
-            format!("{vm_name}\n{}\n", image.display()),
-        ) {
-            rootfs::cleanup(&bundle, &image);
-            return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
-        }
-        let plan = VmPlan {
+        let mut plan = VmPlan {
             name: vm_name.clone(),
-            rootfs_image: image.display().to_string(),
+            rootfs_image: disk.path().display().to_string(),
+            rootfs_copy_on_write: matches!(disk, Disk::Base(_)),
             memory_mib: spec.memory_mib(),
             vcpus: spec.vcpus(),
             netns: spec.network_namespace(),
@@ -322,10 +434,32 @@ impl Task for Service {
                 ("io.containerd.id".into(), req.id.clone()),
             ],
         };
-        let vm = match huskd::create_vm(&mut client, &plan).await {
+        let mut result = Err(HuskdError::NoCopyOnWrite);
+        for attempt in 0..2 {
+            if let Err(e) = write_record(&bundle, &vm_name, &disk) {
+                disk.cleanup(&bundle);
+                return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
+            }
+            result = huskd::create_vm(&mut client, &plan).await;
+            if attempt == 0 && matches!(result, Err(HuskdError::NoCopyOnWrite)) {
+                tracing::warn!(
+                    "container {}: huskd does not support copy-on-write rootfs (an older \
+                     huskd): copying the rootfs for this container instead",
+                    req.id
+                );
+                disk = self
+                    .prepare_disk(&req.id, &bundle, &req.rootfs, root_path.clone(), false)
+                    .await?;
+                plan.rootfs_image = disk.path().display().to_string();
+                plan.rootfs_copy_on_write = false;
+                continue;
+            }
+            break;
+        }
+        let vm = match result {
             Ok(vm) => vm,
             Err(e) => {
-                rootfs::cleanup(&bundle, &image);
+                disk.cleanup(&bundle);
                 return Err(huskd_err(e));
             }
         };
@@ -342,7 +476,7 @@ impl Task for Service {
             bundle: bundle.clone(),
             vm: vm_name,
             vmm_pid,
-            image,
+            disk,
             init,
             execs: HashMap::new(),
             paused: false,
@@ -609,11 +743,9 @@ impl Task for Service {
             .map_err(huskd_err)?;
         let taken = self.container.lock().await.take();
         if let Some(c) = taken {
-            rootfs::cleanup(&c.bundle, &c.image);
-            if let Some(dir) = c.image.parent() {
-                let _ = std::fs::remove_dir(dir);
-            }
+            c.disk.cleanup(&c.bundle);
             let _ = std::fs::remove_file(c.bundle.join(RECORD_FILE));
+            // Dropping `c` ends its lease on a shared base: the VM that used it is gone.
         }
         let mut e = TaskDelete::new();
         e.container_id = req.id.clone();
