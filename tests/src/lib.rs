@@ -265,3 +265,42 @@ pub fn signal(pid: i32, sig: rustix::process::Signal) -> rustix::io::Result<()> 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
+
+/// A scratch directory on the host (mode 0755, so that a jailed VMM's launcher and huskd can
+/// reach what the test puts there), removed at the end of the test.
+// The TempDir is held only for its Drop, which removes the directory.
+pub struct Scratch(pub PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("husk-{name}-"))
+            .permissions(std::fs::Permissions::from_mode(0o755))
+            .tempdir()
+            .unwrap();
+        Self(dir.path().to_path_buf(), dir)
+    }
+
+    /// `name` inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// An empty ext4 image of `mib` MiB.
+    pub fn ext4(&self, name: &str, mib: u32) -> PathBuf {
+        let path = self.path(name);
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&path)
+            .arg(format!("{mib}M"))
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) is needed");
+        assert!(
+            out.status.success(),
+            "mkfs.ext4: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+}

@@ -5,14 +5,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_tests::{
     bin, husk_run_child_pid as vmm_pid, require_guest_kvm, run_with_timeout, spawn_husk,
-    vsock_exchange, wait_for_line, Finished,
+    vsock_exchange, wait_for_line, Finished, Scratch,
 };
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -24,37 +23,6 @@ fn husk_run(options: &[&str], script: &str) -> Finished {
         .args(options)
         .args(["--", "sh", "-c", script]);
     run_with_timeout(&mut cmd, LIMIT)
-}
-
-/// A scratch directory on the host, removed at the end of the test.
-// The TempDir is held only for its Drop, which removes the directory.
-struct Scratch(PathBuf, #[allow(dead_code)] tempfile::TempDir);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("husk-{name}-"))
-            .permissions(std::fs::Permissions::from_mode(0o755))
-            .tempdir()
-            .unwrap();
-        Self(dir.path().to_path_buf(), dir)
-    }
-    /// An ext4 image of `mib` MiB.
-    fn ext4(&self, name: &str, mib: u32) -> PathBuf {
-        let path = self.0.join(name);
-        let out = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&path)
-            .arg(format!("{mib}M"))
-            .output()
-            .expect("mkfs.ext4 (e2fsprogs) is needed");
-        assert!(
-            out.status.success(),
-            "mkfs.ext4: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        path
-    }
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {

@@ -4,14 +4,13 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use husk_proto::v1::{CreateVmRequest, StreamConsoleRequest, VmSpec, VmState};
 use husk_tests::huskd::Huskd;
-use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished};
+use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished, Scratch};
 use tokio_stream::StreamExt;
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -23,24 +22,6 @@ fn husk_run(options: &[&str], script: &str) -> Finished {
         .args(options)
         .args(["--", "sh", "-c", script]);
     run_with_timeout(&mut cmd, LIMIT)
-}
-
-/// A scratch directory (world-readable: a jailed VMM's launcher opens the images as root, but
-/// huskd's policy root must be a plain directory).
-struct Scratch(PathBuf, #[allow(dead_code)] tempfile::TempDir);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("husk-{name}-"))
-            .permissions(std::fs::Permissions::from_mode(0o755))
-            .tempdir()
-            .unwrap();
-        Self(dir.path().to_path_buf(), dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
 }
 
 /// An ext4 root filesystem holding busybox and the applets the tests use.
@@ -156,14 +137,7 @@ fn rootfs_writes_go_to_an_overlay_and_the_base_stays_untouched() {
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn a_qcow2_data_disk_over_a_raw_base_keeps_the_guests_data() {
     let s = Scratch::new("qcow2-disk");
-    let base = s.path("base.raw");
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(&base)
-        .arg("48M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let base = s.ext4("base.raw", 48);
     let before = digest(&base);
     let top = s.path("data.qcow2");
     let out = Command::new("qemu-img")
