@@ -4,18 +4,17 @@
 //! The VMM's command line stays as it is: the jail mirrors every path the VMM needs at its host
 //! path (`--file` for the kernel and initrd, read-only; `--dir` for the directory of its
 //! sockets, console and exit report, read-write). Disks are the exception: the launcher opens
-//! them with its own rights and passes the fds (`/proc/self/fd/N`, see
-//! `husk_devices::host_files`), so the jailed user needs no access to the image files.
+//! them (and their backing chains, see `disk_image`) with its own rights and passes the fds
+//! (`/proc/self/fd/N`, see `husk_devices::host_files`), so the jailed user needs no access to
+//! the image files.
 
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::paths::{sibling_binary, LookupError};
 use crate::process::inherit_fd;
-use crate::vmm_args::{fd_path, DiskConfig, VmmArgs};
+use crate::vmm_args::VmmArgs;
 
 /// Why a jail could not be set up or cleaned up.
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +23,6 @@ pub enum JailError {
     Jailer(#[from] LookupError),
     #[error("{name}={value}: expected a non-zero number")]
     Id { name: String, value: String },
-    #[error("disk {}: {cause}", .path.display())]
-    Disk { path: PathBuf, cause: io::Error },
     #[error("cannot run {}: {cause}", .jailer.display())]
     Run { jailer: PathBuf, cause: io::Error },
     /// husk-jailer --cleanup failed; its own message.
@@ -71,21 +68,6 @@ pub fn config(no_jail: bool) -> Result<Option<JailConfig>, JailError> {
         uid: env_id("HUSK_JAIL_UID")?,
         gid: env_id("HUSK_JAIL_GID")?,
     }))
-}
-
-/// Opens a disk for a jailed VMM; returns the open file and the disk naming its fd, with the
-/// same mode. The caller keeps the file open until the VMM is spawned and passes it.
-pub fn open_disk(disk: &DiskConfig) -> Result<(File, DiskConfig), JailError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!disk.read_only)
-        .open(&disk.path)
-        .map_err(|cause| JailError::Disk {
-            path: disk.path.clone(),
-            cause,
-        })?;
-    let by_fd = DiskConfig::raw(fd_path(file.as_raw_fd()), disk.read_only);
-    Ok((file, by_fd))
 }
 
 /// `path` with `.` and `..` resolved lexically (the jailer refuses `..`: the jail mirrors a
@@ -272,28 +254,5 @@ mod tests {
             PathBuf::from("/a/c/d")
         );
         assert_eq!(normalize(Path::new("/../x")), PathBuf::from("/x"));
-    }
-
-    #[test]
-    fn disks_are_passed_as_fds_with_their_mode() {
-        let path = std::env::temp_dir().join(format!("husk-jail-disk-{}", std::process::id()));
-        std::fs::write(&path, b"x").unwrap();
-        let disk = |text: &str| text.parse::<DiskConfig>().unwrap();
-        let (file, arg) = open_disk(&disk(&format!("{}:ro", path.display()))).unwrap();
-        assert_eq!(
-            arg.to_string(),
-            format!("/proc/self/fd/{}:ro", file.as_raw_fd())
-        );
-        let (file, arg) = open_disk(&disk(path.to_str().unwrap())).unwrap();
-        assert_eq!(
-            arg.to_string(),
-            format!("/proc/self/fd/{}", file.as_raw_fd())
-        );
-        let err = open_disk(&disk("/nonexistent/disk")).unwrap_err();
-        assert!(
-            err.to_string().starts_with("disk /nonexistent/disk: "),
-            "{err}"
-        );
-        std::fs::remove_file(&path).unwrap();
     }
 }
