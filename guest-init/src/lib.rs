@@ -3,6 +3,7 @@
 //! The host (the `husk` CLI, later huskd) tells the guest which application to run through one
 //! kernel command-line parameter, `husk.spec=`, that [`spec::BootSpec`] encodes and husk-init
 //! decodes. Keeping both sides in this one small library means they cannot drift apart.
+pub mod shares;
 pub mod spec;
 
 /// I/O port the guest init writes [`CONTROL_INIT_STARTED`] to when it starts (boot timer).

@@ -127,6 +127,15 @@ enum StartError {
     Spec(#[from] husk_init::spec::SpecError),
     #[error(transparent)]
     Root(#[from] rootfs::RootError),
+    #[error(transparent)]
+    Share(#[from] husk_init::shares::ShareError),
+    #[error("cannot mount shared directory {tag} at {path}")]
+    ShareMount {
+        tag: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// `e` and its sources, "outer: inner: ...".
@@ -158,6 +167,13 @@ fn read_spec() -> Result<(BootSpec, Option<String>), StartError> {
         }
         None => None,
     };
+    for share in husk_init::shares::SharedMount::all_from_cmdline(&cmdline)? {
+        rootfs::mount_share(&share, root.as_deref()).map_err(|source| StartError::ShareMount {
+            tag: share.tag.clone(),
+            path: share.guest_path.clone(),
+            source,
+        })?;
+    }
     if let Some(ip) = dns::nameserver(&cmdline) {
         if let Err(e) = dns::configure(ip, root.as_deref()) {
             eprintln!("husk-init: warning: husk.dns: cannot write /etc/resolv.conf: {e}");

@@ -75,6 +75,18 @@ pub fn mount_root(device: &str) -> Result<(), RootError> {
     Ok(())
 }
 
+/// Mounts the virtio-fs file system `share.tag` at its guest path, inside `root` when the
+/// application has one (the directory is created if missing). `nosuid,nodev`: a shared host
+/// directory must not carry set-uid programs or device nodes into the guest's privileges.
+pub fn mount_share(share: &husk_init::shares::SharedMount, root: Option<&str>) -> io::Result<()> {
+    let target = format!("{}{}", root.unwrap_or(""), share.guest_path);
+    let mut flags = MountFlags::NOSUID | MountFlags::NODEV;
+    if share.read_only {
+        flags |= MountFlags::RDONLY;
+    }
+    mount(&share.tag, &target, "virtiofs", flags)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

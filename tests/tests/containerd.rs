@@ -1158,3 +1158,62 @@ fn run_with_timeout_child(mut child: Child, limit: Duration) -> (String, String)
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `ctr run --mount type=bind,...`: a host directory below huskd's allowed paths reaches the
+/// container as a shared directory (virtio-fs), read-write or read-only as the OCI options say;
+/// a read-only one refuses writes even from the container's root.
+#[test]
+#[ignore = "needs a guest-capable KVM: run through scripts/testbed"]
+fn a_bind_mount_reaches_the_container_as_a_shared_directory() {
+    require_guest_kvm();
+    let ctrd = Containerd::start("bind");
+    let data = ctrd.dir.join("data");
+    let conf = ctrd.dir.join("conf");
+    for d in [&data, &conf] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(data.join("in.txt"), "from-the-host\n").unwrap();
+    std::fs::write(conf.join("setting"), "kept\n").unwrap();
+    let rw = format!(
+        "type=bind,src={},dst=/data,options=rbind:rw",
+        data.display()
+    );
+    let ro = format!(
+        "type=bind,src={},dst=/conf,options=rbind:ro",
+        conf.display()
+    );
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &rw,
+        "--mount",
+        &ro,
+        IMAGE,
+        "bind1",
+        "sh",
+        "-c",
+        "cat /data/in.txt /conf/setting && echo from-the-container > /data/out.txt && \
+         if echo no > /conf/setting; then echo WROTE-RO; fi; sync",
+    ]);
+    let text = out.stdout() + &out.stderr();
+    assert_eq!(out.code(), Some(0), "{text}\n{}", ctrd.logs());
+    assert!(
+        text.contains("from-the-host") && text.contains("kept"),
+        "{text}"
+    );
+    assert!(!text.contains("WROTE-RO"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(data.join("out.txt")).unwrap(),
+        "from-the-container\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(conf.join("setting")).unwrap(),
+        "kept\n"
+    );
+    assert_eq!(ctrd.vm_count(), 0, "{}", ctrd.huskd.log());
+}

@@ -139,6 +139,11 @@ pub struct CreateArgs {
         hide_default_value = true
     )]
     pub disk_slots: u32,
+    /// Share a host directory with the guest (virtio-fs; repeatable, at most 8): HOST:GUEST,
+    /// or HOST:GUEST:ro (read-only, enforced on the host). HOST must lie below huskd's
+    /// --allow-path roots; a VM with volumes cannot be snapshotted (docs/volumes.md)
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<husk_host::virtiofs::SharedDir>,
     /// Give the guest an IPv4 link to the host over a tap, with NAT and DNS
     /// (docs/networking.md)
     #[arg(long)]

@@ -14,7 +14,10 @@ use husk_host::net::{NetError, VmLink};
 use husk_host::passt::{self, Passt, PasstConfig, PasstError};
 use husk_host::paths::{husk_home, require_file, vmm_binary, FileError, LookupError};
 use husk_host::process::inherit_fd;
-use husk_host::vmm_args::{fd_path, DiskConfig, NetConfig, ValueError, VmmArgs, VsockConfig};
+use husk_host::virtiofs::{self, SharedDir, VirtiofsError, Virtiofsd};
+use husk_host::vmm_args::{
+    fd_path, DiskConfig, FsConfig, NetConfig, ValueError, VmmArgs, VsockConfig,
+};
 
 const BUILD_KERNEL_HINT: &str = "build the default one with scripts/build-kernel, or pass --kernel";
 const BUILD_INITRD_HINT: &str =
@@ -40,6 +43,16 @@ pub enum RunError {
     Passt(#[from] PasstError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error("-v {volume}: {cause}")]
+    Volume {
+        volume: SharedDir,
+        cause: VirtiofsError,
+    },
+    #[error("-v {volume}: {cause}")]
+    VolumeMount {
+        volume: SharedDir,
+        cause: husk_init::shares::ShareError,
+    },
     #[error("--disk {value}: {reason}")]
     Disk { value: String, reason: ValueError },
     #[error(transparent)]
@@ -114,6 +127,9 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         (Some(j), Some(path)) => Some(vsock_dir_for(j, path)?),
         _ => None,
     };
+    // Shared directories: each resolved (relative to the current directory) and checked first,
+    // then one virtiofsd per share, tagged husk-fs0, husk-fs1, ...
+    let mut volumes = start_volumes(&args.volumes)?;
 
     let link = if args.net == Some(NetMode::Tap) {
         Some(VmLink::create()?)
@@ -156,6 +172,9 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         spec.env
             .push(format!("HUSK_GUEST_IP={}", passt::GUEST_IP).into_bytes());
     }
+    for (_, param) in &volumes {
+        cmdline.push(param.clone());
+    }
     cmdline.extend(args.cmdline.clone());
     cmdline.push(format!("{PARAM}{}", spec.encode()?));
 
@@ -171,18 +190,23 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
             disks,
             vsock,
             cmdline_fd: cmdline_fd.as_raw_fd(),
+            fs: volumes
+                .iter()
+                .filter_map(|(fsd, _)| fsd.fs_config())
+                .collect(),
         },
         link.as_ref()
             .map(VmLink::net_config)
             .or_else(|| user_net.as_ref().and_then(|(p, _)| p.net_config())),
     );
     // What the VMM inherits: the tap or passt's socket, the disks opened here, the
-    // command-line pipe.
+    // virtiofsd connections, the command-line pipe.
     let fds: Vec<RawFd> = link
         .iter()
         .map(|l| l.raw_fd())
         .chain(user_net.iter().filter_map(|(p, _)| p.vmm_fd()))
         .chain(disk_files.iter().map(|f| f.as_raw_fd()))
+        .chain(volumes.iter().filter_map(|(fsd, _)| fsd.vmm_fd()))
         .chain([cmdline_fd.as_raw_fd()])
         .collect();
     let jail_id = jail::run_jail_id(std::process::id());
@@ -230,11 +254,18 @@ pub fn run(args: &RunArgs) -> Result<i32, RunError> {
         // passt quits when the VMM's end closes, which is now the VMM's alone.
         passt.close_vmm_end();
     }
+    for (fsd, _) in &mut volumes {
+        // Likewise virtiofsd quits when the VMM's end of its connection closes.
+        fsd.close_vmm_end();
+    }
     drop(disk_files);
     drop(cmdline_fd);
     let result = spawned.and_then(|child| wait(child, &vmm));
     if let Some((passt, _)) = &mut user_net {
         passt.stop();
+    }
+    for (fsd, _) in &mut volumes {
+        fsd.stop();
     }
     if dns.is_some() {
         // The tap went with the VMM: its rules are garbage now. Collected rather than removed
@@ -289,6 +320,34 @@ fn start_passt(args: &RunArgs, jail: Option<&JailConfig>) -> Result<(Passt, bool
     Ok((Passt::start(&config)?, dns))
 }
 
+/// Starts one virtiofsd per `-v` share (tags husk-fs0, husk-fs1, ...), each with the guest's
+/// `husk.fs=` kernel parameter. Every share is resolved and checked before the first starts.
+fn start_volumes(shares: &[SharedDir]) -> Result<Vec<(Virtiofsd, String)>, RunError> {
+    let volume_error = |volume: &SharedDir| {
+        let volume = volume.clone();
+        move |cause| RunError::Volume { volume, cause }
+    };
+    let mut resolved = Vec::with_capacity(shares.len());
+    for (index, share) in shares.iter().enumerate() {
+        let tag = virtiofs::tag_for(index);
+        let param = share
+            .kernel_param(&tag)
+            .map_err(|cause| RunError::VolumeMount {
+                volume: share.clone(),
+                cause,
+            })?;
+        resolved.push((share.resolved().map_err(volume_error(share))?, tag, param));
+    }
+    let mut started = Vec::with_capacity(resolved.len());
+    for ((share, tag, param), given) in resolved.iter().zip(shares) {
+        started.push((
+            Virtiofsd::start(share, tag).map_err(volume_error(given))?,
+            param.clone(),
+        ));
+    }
+    Ok(started)
+}
+
 /// What `husk run` resolved or opened for husk-vmm.
 struct VmmFiles {
     kernel: PathBuf,
@@ -298,6 +357,8 @@ struct VmmFiles {
     vsock: Option<PathBuf>,
     /// The pipe holding the guest command line.
     cmdline_fd: RawFd,
+    /// The shared directories' virtio-fs devices (connected virtiofsd sockets).
+    fs: Vec<FsConfig>,
 }
 
 /// The husk-vmm invocation of `husk run`: the guest CID is always 3 (one VM per socket path).
@@ -312,6 +373,7 @@ fn vmm_args(args: &RunArgs, files: VmmFiles, net: Option<NetConfig>) -> VmmArgs 
         disks: files.disks,
         net,
         vsock: files.vsock.map(|uds_path| VsockConfig { cid: 3, uds_path }),
+        fs: files.fs,
         report_boot_time: args.report_boot_time,
         disk_limits: args.disk_limits.clone(),
         net_rx_limit: args.net_rx_limit.filter(|_| has_net),
@@ -418,6 +480,16 @@ mod tests {
             disks: vec![DiskConfig::raw(fd_path(9), true)],
             vsock: Some("/run/user/v.sock".into()),
             cmdline_fd: 11,
+            fs: vec![
+                FsConfig {
+                    tag: "husk-fs0".into(),
+                    fd: 13,
+                },
+                FsConfig {
+                    tag: "husk-fs1".into(),
+                    fd: 14,
+                },
+            ],
         };
         let built = vmm_args(&args, files, Some(link.net_config()));
         assert_eq!(
@@ -435,7 +507,26 @@ mod tests {
                 mtu: None,
             })
         );
+        assert_eq!(built.fs.len(), 2);
+        let joined = built.to_args().join(std::ffi::OsStr::new(" "));
+        assert!(
+            joined
+                .to_string_lossy()
+                .contains("--fs tag=husk-fs0,fd=13 --fs tag=husk-fs1,fd=14"),
+            "{joined:?}"
+        );
         assert_eq!(built.vsock.map(|v| v.cid), Some(3));
+    }
+
+    #[test]
+    fn a_missing_volume_is_refused_before_anything_starts() {
+        let args = run_args(&["-v", "/nonexistent/nope:/data", "true"]);
+        let e = start_volumes(&args.volumes).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "-v /nonexistent/nope:/data: /nonexistent/nope: no such directory"
+        );
+        assert!(start_volumes(&[]).unwrap().is_empty());
     }
 
     #[test]
@@ -447,6 +538,7 @@ mod tests {
             disks: Vec::new(),
             vsock: None,
             cmdline_fd: 11,
+            fs: Vec::new(),
         };
         let net = NetConfig {
             tap: TapSource::Stream(12),

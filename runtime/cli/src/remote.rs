@@ -174,6 +174,15 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
             .unwrap_or_default(),
         disks: args.disks.iter().map(|d| disk_arg(d)).collect(),
         disk_slots: args.disk_slots,
+        mounts: args
+            .volumes
+            .iter()
+            .map(|v| husk_proto::v1::Mount {
+                host_path: absolute(&v.host.display().to_string()),
+                guest_path: v.guest.clone(),
+                read_only: v.read_only,
+            })
+            .collect(),
         network: Some(Network {
             mode: if args.net {
                 network::Mode::Tap

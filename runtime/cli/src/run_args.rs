@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use husk_host::firewall::{Cidr, EgressPolicy, NetworkPolicy, PolicyError, PortMapping};
-use husk_host::vmm_args::{DiskLimit, RateLimit};
+use husk_host::virtiofs::SharedDir;
+use husk_host::vmm_args::{DiskLimit, RateLimit, MAX_SHARED_DIRS};
 
 /// Boot a micro-VM, run CMD in it, stream its output and exit with its exit code.
 ///
@@ -90,6 +91,12 @@ pub struct RunArgs {
     /// PATH_P)
     #[arg(long, value_name = "PATH")]
     pub vsock: Option<PathBuf>,
+    /// Share a host directory with the guest over virtio-fs (repeatable, at most 8), mounted
+    /// at GUEST (absolute) before CMD starts; HOST relative to the current directory. :ro makes
+    /// it read-only, enforced on the host too. Needs root: one sandboxed virtiofsd
+    /// (qemu-system-common) serves each; such a VM cannot be snapshotted (docs/volumes.md)
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<SharedDir>,
     /// vCPUs, 1..32
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub cpus: u32,
@@ -155,6 +162,10 @@ pub enum RunArgsError {
     Publish(PolicyError),
     #[error("--disk-limit {0}: there is no such disk ({1} given with --rootfs and --disk)")]
     NoSuchDisk(u32, usize),
+    #[error("--volume: {0} shared directories given, at most {MAX_SHARED_DIRS}")]
+    TooManyVolumes(usize),
+    #[error("--volume: two shared directories at guest path {0}")]
+    VolumeTwice(String),
 }
 
 impl RunArgs {
@@ -207,6 +218,14 @@ impl RunArgs {
         let disks = self.disks.len() + usize::from(self.rootfs.is_some());
         if let Some(bad) = self.disk_limits.iter().find(|l| l.disk as usize >= disks) {
             return Err(RunArgsError::NoSuchDisk(bad.disk, disks));
+        }
+        if self.volumes.len() > MAX_SHARED_DIRS {
+            return Err(RunArgsError::TooManyVolumes(self.volumes.len()));
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if self.volumes[..i].iter().any(|w| w.guest == v.guest) {
+                return Err(RunArgsError::VolumeTwice(v.guest.clone()));
+            }
         }
         self.network_policy()
             .check()
@@ -454,6 +473,53 @@ mod tests {
         assert!(deny.contains("--egress-deny is not available"), "{deny}");
         let twice = refusal(&["--net=user", "-p", "80:80", "-p", "80:81", "true"]);
         assert!(twice.contains("published twice"), "{twice}");
+    }
+
+    #[test]
+    fn volumes_are_repeatable_with_their_mode_and_checked() {
+        let a = parse(&[
+            "-v",
+            "/srv/data:/data",
+            "--volume=rel/conf:/etc/app:ro",
+            "-v",
+            "/x:/y:rw",
+            "--",
+            "ls",
+            "-v",
+        ])
+        .unwrap();
+        let v: Vec<String> = a.volumes.iter().map(ToString::to_string).collect();
+        assert_eq!(v, ["/srv/data:/data", "rel/conf:/etc/app:ro", "/x:/y"]);
+        assert!(a.volumes[1].read_only && !a.volumes[2].read_only);
+        assert_eq!(
+            a.command,
+            ["ls", "-v"],
+            "-v after the command is the command's"
+        );
+        assert!(parse(&["true"]).unwrap().volumes.is_empty());
+        let form = refusal(&["-v", "/only-host", "true"]);
+        assert!(
+            form.contains("/only-host") && form.contains("expected HOST:GUEST"),
+            "{form}"
+        );
+        assert_eq!(
+            clap_error(&["-v", "/a:/b:rx", "true"]),
+            ErrorKind::ValueValidation
+        );
+        let guest = refusal(&["-v", "/a:relative", "true"]);
+        assert!(guest.contains("guest path \"relative\""), "{guest}");
+        assert!(refusal(&["-v", "/a:/x/../y", "true"]).contains("guest path"));
+        let twice = refusal(&["-v", "/a:/d", "-v", "/b:/d:ro", "true"]);
+        assert_eq!(twice, "--volume: two shared directories at guest path /d");
+        let nine: Vec<String> = (0..9).map(|i| format!("--volume=/h:/g{i}")).collect();
+        let mut argv: Vec<&str> = nine.iter().map(String::as_str).collect();
+        argv.push("true");
+        assert_eq!(
+            refusal(&argv),
+            "--volume: 9 shared directories given, at most 8"
+        );
+        argv.remove(0);
+        assert_eq!(parse(&argv).unwrap().volumes.len(), 8);
     }
 
     #[test]

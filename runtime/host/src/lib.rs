@@ -14,4 +14,5 @@ pub mod passt;
 pub mod paths;
 pub mod policy;
 pub mod process;
+pub mod virtiofs;
 pub mod vmm_args;

@@ -60,6 +60,8 @@ pub enum ValueError {
     Mtu(u16),
     #[error("{0} disk slots: at most {MAX_DISK_SLOTS}")]
     DiskSlots(u64),
+    #[error("needs tag=TAG,fd=N (N > 2; TAG 1..={MAX_FS_TAG_LEN} of A-Z a-z 0-9 - _)")]
+    Fs,
 }
 
 /// Where the guest's serial console goes.
@@ -445,6 +447,55 @@ impl fmt::Display for VsockConfig {
     }
 }
 
+/// Longest virtio-fs tag (the device's `tag` field is 36 bytes, NUL-padded; virtio 1.2 §5.11.4).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Most shared directories (`--fs`) a VM may have.
+pub const MAX_SHARED_DIRS: usize = 8;
+
+/// A virtio-fs device (`--fs tag=TAG,fd=N`): a host directory served by a vhost-user-fs backend
+/// (virtiofsd) the launcher started; `fd` is an inherited stream socket already connected to
+/// it. The guest mounts the file system by `tag`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The name the guest mounts (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// The connected vhost-user socket (> 2).
+    pub fd: i32,
+}
+
+/// Whether `tag` is a virtio-fs tag husk accepts: 1..=36 ASCII letters, digits, `-` or `_`
+/// (it also travels on the guest's kernel command line, so no spaces or separators).
+pub fn valid_fs_tag(tag: &str) -> bool {
+    (1..=MAX_FS_TAG_LEN).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl FromStr for FsConfig {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        let (mut tag, mut fd) = (None, None);
+        for (k, v) in pairs(value)? {
+            match k {
+                "tag" => tag = Some(v.to_string()),
+                "fd" => fd = Some(number::<i32>(v)?),
+                _ => return Err(ValueError::UnknownKey(k.into())),
+            }
+        }
+        match (tag, fd) {
+            (Some(tag), Some(fd)) if fd > 2 && valid_fs_tag(&tag) => Ok(Self { tag, fd }),
+            _ => Err(ValueError::Fs),
+        }
+    }
+}
+
+impl fmt::Display for FsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "tag={},fd={}", self.tag, self.fd)
+    }
+}
+
 /// Parses `xx:xx:xx:xx:xx:xx` (two hex digits each); a multicast address is refused, as no NIC
 /// may have one. The one MAC parser of husk: huskd's API and husk-vmm's `--net` both use it.
 pub fn parse_mac(text: &str) -> Result<[u8; 6], ValueError> {
@@ -574,6 +625,8 @@ const FLAGS: &[Flag] = &[
     flag_def("--disk-slots", true, true),
     flag_def("--net", true, false),
     flag_def("--vsock", true, false),
+    // Shared directories are refused by snapshots, so a restore never has one.
+    flag_def("--fs", true, true),
     flag_def("--disk-limit", true, false),
     flag_def("--net-rx-limit", true, false),
     flag_def("--net-tx-limit", true, false),
@@ -741,6 +794,11 @@ pub struct VmmArgs {
     /// virtio-vsock with guest CID N (>= 3); host side on the Unix socket PATH (CONNECT <port>
     /// for guest ports; PATH_<port> for guest-initiated)
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs device: tag=TAG,fd=N, N an inherited stream socket connected to the
+    /// vhost-user-fs backend (virtiofsd) serving the shared directory; the guest mounts TAG
+    /// (repeatable, at most 8; guest memory is then shared memory, and the VM cannot be
+    /// snapshotted)
+    pub fs: Vec<FsConfig>,
     /// Rate limit of a disk: [N:]bw=RATE[:BURST],ops=RATE[:BURST] (N: the disk's position among
     /// the --disk flags, 0 when left out; K, M, G suffixes; a burst of 0 is one second's
     /// worth; repeatable)
@@ -822,6 +880,9 @@ impl VmmArgs {
         }
         if let Some(vsock) = &self.vsock {
             flag(&mut a, "--vsock", vsock.to_string());
+        }
+        for fs in &self.fs {
+            flag(&mut a, "--fs", fs.to_string());
         }
         for limit in &self.disk_limits {
             flag(&mut a, "--disk-limit", limit.to_string());
@@ -925,6 +986,17 @@ impl VmmArgs {
                 "--disk-slots" => out.disk_slots = disk_slots(flag, value)?,
                 "--net" => out.net = Some(typed(flag, value)?),
                 "--vsock" => out.vsock = Some(typed(flag, value)?),
+                "--fs" => {
+                    let fs: FsConfig = typed(flag, value)?;
+                    if out.fs.len() >= MAX_SHARED_DIRS || out.fs.iter().any(|f| f.tag == fs.tag) {
+                        return Err(ArgsError::Value {
+                            flag,
+                            value: fs.to_string(),
+                            reason: ValueError::Fs,
+                        });
+                    }
+                    out.fs.push(fs);
+                }
                 "--disk-limit" => out.disk_limits.push(typed(flag, value)?),
                 "--net-rx-limit" => out.net_rx_limit = Some(typed(flag, value)?),
                 "--net-tx-limit" => out.net_tx_limit = Some(typed(flag, value)?),
@@ -1422,6 +1494,52 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn shared_directories_parse_back_and_bad_ones_are_refused() {
+        let a = parse(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "tag=husk-fs0,fd=7",
+            "--fs",
+            "tag=b,fd=8",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.fs,
+            [
+                FsConfig {
+                    tag: "husk-fs0".into(),
+                    fd: 7
+                },
+                FsConfig {
+                    tag: "b".into(),
+                    fd: 8
+                }
+            ]
+        );
+        assert_eq!(round_trip(&a), a);
+        for bad in [
+            "tag=a b,fd=7",
+            "tag=a,fd=2",
+            "tag=,fd=7",
+            "fd=7",
+            "tag=a",
+            "tag=a,fd=7,x=1",
+            &format!("tag={},fd=7", "t".repeat(37)),
+        ] {
+            assert!(parse(&["--kernel", "/k", "--fs", bad]).is_err(), "{bad}");
+        }
+        let twice = parse(&["--kernel", "/k", "--fs", "tag=a,fd=7", "--fs", "tag=a,fd=8"]);
+        assert!(twice.is_err(), "one tag twice");
+        let mut many = vec!["--kernel", "/k"];
+        let specs: Vec<String> = (0..9).map(|i| format!("tag=t{i},fd={}", i + 3)).collect();
+        for s in &specs {
+            many.extend(["--fs", s.as_str()]);
+        }
+        assert!(parse(&many).is_err(), "nine shared directories");
     }
 
     #[test]

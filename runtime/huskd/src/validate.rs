@@ -84,6 +84,7 @@ pub fn normalize(
             block - spec.disk_slots as usize
         )));
     }
+    check_mounts(&spec, policy)?;
     for (i, disk) in spec.disks.iter_mut().enumerate() {
         if disk.copy_on_write && disk.read_only {
             return Err(invalid(format!(
@@ -339,6 +340,65 @@ fn check_limits(limits: &Limits, vcpus: u32, memory_mib: u32) -> Result<(), Stat
             "limits.open_files: {} is below 64",
             limits.open_files
         )));
+    }
+    Ok(())
+}
+
+/// Most shared directories (`VmSpec.mounts`).
+pub const MAX_MOUNTS: usize = husk_host::vmm_args::MAX_SHARED_DIRS;
+
+/// The shared directories: at most [`MAX_MOUNTS`], each an existing directory under the path
+/// policy, each guest path valid and used once; with the block devices they must fit the
+/// VM's device slots.
+fn check_mounts(spec: &VmSpec, policy: &PathPolicy) -> Result<(), Status> {
+    if spec.mounts.len() > MAX_MOUNTS {
+        return Err(invalid(format!(
+            "mounts: {} given, at most {MAX_MOUNTS}",
+            spec.mounts.len()
+        )));
+    }
+    let block = spec.disks.len() + usize::from(!spec.rootfs.is_empty()) + spec.disk_slots as usize;
+    if block + spec.mounts.len() > MAX_BLOCK_DEVICES {
+        return Err(invalid(format!(
+            "mounts: {} shared directories with {block} block devices make {}, at most              {MAX_BLOCK_DEVICES}",
+            spec.mounts.len(),
+            block + spec.mounts.len()
+        )));
+    }
+    for (i, mount) in spec.mounts.iter().enumerate() {
+        let field = format!("mounts[{i}]");
+        if !husk_init::shares::valid_guest_path(&mount.guest_path) {
+            return Err(invalid(format!(
+                "{field}.guest_path: {:?} must be absolute, not /, at most {} bytes, without                  whitespace, ':' or '.'/'..' parts",
+                mount.guest_path,
+                husk_init::shares::MAX_GUEST_PATH
+            )));
+        }
+        if spec.mounts[..i]
+            .iter()
+            .any(|m| m.guest_path == mount.guest_path)
+        {
+            return Err(invalid(format!(
+                "{field}.guest_path: {} is mounted twice",
+                mount.guest_path
+            )));
+        }
+        let path = Path::new(&mount.host_path);
+        if !path.is_absolute() {
+            return Err(invalid(format!(
+                "{field}.host_path: {:?} must be an absolute path",
+                mount.host_path
+            )));
+        }
+        policy
+            .open_dir(&format!("{field}.host_path"), path)
+            .map_err(|e| {
+                if e.is_denied() {
+                    Status::permission_denied(e.to_string())
+                } else {
+                    invalid(e.to_string())
+                }
+            })?;
     }
     Ok(())
 }

@@ -38,6 +38,8 @@ pub struct RunFiles {
     pub exit_report: File,
     /// `vmm.log`: the VMM's stdout and stderr.
     pub log: File,
+    /// One running virtiofsd per shared directory (VmSpec.mounts, in order; boot only).
+    pub shares: Vec<husk_host::virtiofs::Virtiofsd>,
 }
 
 /// A restore instead of a boot: the snapshot's files, opened by huskd (the directory under the
@@ -79,6 +81,8 @@ pub struct Launch<'a> {
 pub enum LaunchError {
     #[error(transparent)]
     BootSpec(#[from] SpecError),
+    #[error("shared directory: {0}")]
+    Share(husk_init::shares::ShareError),
     #[error("cannot pass the guest command line: {0}")]
     CmdlinePipe(io::Error),
     #[error("cannot open vmm.log: {0}")]
@@ -156,6 +160,16 @@ impl Launch<'_> {
             env.push(format!("HUSK_HOST_IP={}", link.host_ip).into_bytes());
             env.push(format!("HUSK_GUEST_IP={}", link.guest_ip).into_bytes());
         }
+        for (share, mount) in self.files.shares.iter().zip(&spec.mounts) {
+            let param = husk_init::shares::SharedMount::new(
+                share.tag(),
+                &mount.guest_path,
+                mount.read_only,
+            )
+            .map_err(LaunchError::Share)?
+            .to_param();
+            parts.push(param);
+        }
         if !spec.extra_cmdline.is_empty() {
             parts.push(spec.extra_cmdline.clone());
         }
@@ -189,6 +203,7 @@ impl Launch<'_> {
         }
         fds.extend(cmdline.map(|fd| fd.as_raw_fd()));
         fds.extend(self.link.map(|l| l.raw_fd()));
+        fds.extend(f.shares.iter().filter_map(|s| s.vmm_fd()));
         fds
     }
 
@@ -232,6 +247,7 @@ impl Launch<'_> {
             }
             None => {
                 args.disk_slots = spec.disk_slots;
+                args.fs = files.shares.iter().filter_map(|s| s.fs_config()).collect();
                 args.kernel = files.kernel.as_ref().map(by_fd);
                 args.initrd = files.initrd.as_ref().map(by_fd);
                 args.cpus = Some(u64::from(spec.vcpus));
@@ -402,6 +418,7 @@ mod tests {
                 .collect(),
             console: file("console.log"),
             exit_report: file("exit.pb"),
+            shares: Vec::new(),
             log: file("vmm.log"),
         };
         (files, dir)

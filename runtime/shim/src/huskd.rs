@@ -61,6 +61,8 @@ pub struct VmPlan {
     pub labels: Vec<(String, String)>,
     /// The container's network namespace, set up by CNI: the VM joins it (MODE_NETNS).
     pub netns: Option<String>,
+    /// Host directories bound into the container: the VM's shared directories.
+    pub mounts: Vec<crate::oci::BindMount>,
 }
 
 /// Creates and starts the container's VM: a sandbox (no boot command) with the rootfs image as
@@ -89,6 +91,15 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
         vcpus: plan.vcpus.unwrap_or(0),
         memory_mib: plan.memory_mib.unwrap_or(0),
         labels: plan.labels.iter().cloned().collect(),
+        mounts: plan
+            .mounts
+            .iter()
+            .map(|m| husk_proto::v1::Mount {
+                host_path: m.source.clone(),
+                guest_path: m.destination.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
         ..Default::default()
     };
     let vm = client

@@ -40,6 +40,14 @@ pub struct Process {
     pub cwd: String,
 }
 
+/// A host directory bound into the container (OCI `mounts` of type bind).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: String,
+    pub destination: String,
+    pub read_only: bool,
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct User {
     pub uid: u32,
@@ -134,6 +142,45 @@ impl Spec {
             .filter(|p| !p.is_empty())
     }
 
+    /// The OCI bind mounts of host directories (`ctr run --mount type=bind,...`, Kubernetes
+    /// volumes): each becomes a shared directory of the VM (virtio-fs). What cannot be shared
+    /// that way is returned with the reason, for the log: a bind of a single file (the guest
+    /// sees directories only), a relative or missing source, a destination the guest cannot
+    /// mount at. Kernel file systems (proc, sysfs, tmpfs...) are the guest's own and not listed.
+    pub fn bind_mounts(&self) -> (Vec<BindMount>, Vec<String>) {
+        let (mut binds, mut skipped) = (Vec::new(), Vec::new());
+        for m in self.inner.mounts().iter().flatten() {
+            let options = m.options().clone().unwrap_or_default();
+            let is_bind = m.typ().as_deref() == Some("bind")
+                || options.iter().any(|o| o == "bind" || o == "rbind");
+            if !is_bind {
+                continue;
+            }
+            let destination = m.destination().display().to_string();
+            let Some(source) = m.source().as_ref() else {
+                skipped.push(format!("{destination}: a bind mount without a source"));
+                continue;
+            };
+            if !source.is_absolute() || !source.is_dir() {
+                skipped.push(format!(
+                    "{destination}: {} is not a host directory (only directories are shared)",
+                    source.display()
+                ));
+                continue;
+            }
+            if !husk_init::shares::valid_guest_path(&destination) {
+                skipped.push(format!("{destination}: not a path the guest can mount at"));
+                continue;
+            }
+            binds.push(BindMount {
+                source: source.display().to_string(),
+                destination,
+                read_only: options.iter().any(|o| o == "ro"),
+            });
+        }
+        (binds, skipped)
+    }
+
     fn resources(&self) -> Option<&spec::LinuxResources> {
         self.inner.linux().as_ref()?.resources().as_ref()
     }
@@ -172,6 +219,47 @@ mod tests {
 
     fn spec(json: &str) -> Spec {
         Spec::from_json(json.as_bytes(), "config.json").unwrap()
+    }
+
+    #[test]
+    fn host_directory_binds_become_shared_directories_and_the_rest_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hosts");
+        std::fs::write(&file, "").unwrap();
+        let json = format!(
+            r#"{{"ociVersion": "1.0.2", "process": {{"user": {{"uid": 0, "gid": 0}},
+                "args": ["sh"], "cwd": "/"}}, "root": {{"path": "rootfs"}},
+                "mounts": [
+                  {{"destination": "/proc", "type": "proc", "source": "proc"}},
+                  {{"destination": "/data", "type": "bind", "source": "{d}",
+                    "options": ["rbind", "rw"]}},
+                  {{"destination": "/conf", "source": "{d}", "options": ["bind", "ro"]}},
+                  {{"destination": "/etc/hosts", "type": "bind", "source": "{f}",
+                    "options": ["rbind", "ro"]}},
+                  {{"destination": "/bad path", "type": "bind", "source": "{d}"}}
+                ]}}"#,
+            d = dir.path().display(),
+            f = file.display()
+        );
+        let (binds, skipped) = spec(&json).bind_mounts();
+        let source = dir.path().display().to_string();
+        assert_eq!(
+            binds,
+            [
+                BindMount {
+                    source: source.clone(),
+                    destination: "/data".into(),
+                    read_only: false
+                },
+                BindMount {
+                    source,
+                    destination: "/conf".into(),
+                    read_only: true
+                },
+            ]
+        );
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].contains("/etc/hosts"), "{skipped:?}");
     }
 
     #[test]

@@ -419,7 +419,12 @@ impl Task for Service {
         let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
         // A VM of that name is a leftover of an earlier shim of this container id.
         let _ = huskd::delete_vm(&mut client, &vm_name).await;
+        let (mounts, skipped) = spec.bind_mounts();
+        for why in skipped {
+            tracing::warn!(container = %req.id, "mount not shared with the VM: {why}");
+        }
         let mut plan = VmPlan {
+            mounts,
             name: vm_name.clone(),
             rootfs_image: disk.path().display().to_string(),
             rootfs_copy_on_write: matches!(disk, Disk::Base(_)),

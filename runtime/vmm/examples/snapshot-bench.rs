@@ -65,6 +65,7 @@ fn take(dir: &Path, mib: u64, touch_mib: u64) -> (f64, u64) {
             console: Box::new(std::io::sink()),
             report_boot_time: false,
             vmm_start: Instant::now(),
+            shared_memory: false,
         },
     )
     .unwrap();

@@ -39,7 +39,7 @@ use crate::stop::{StopError, StopState};
 use crate::vmm::Vmm;
 use crate::vstate::kvm::{is_pvm_host, open_kvm, KvmError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::{create_guest_memory, Vm, VmError};
+use crate::vstate::vm::{create_guest_memory, create_shared_guest_memory, Vm, VmError};
 
 /// Errors while building a VM.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +95,9 @@ pub enum BuildError {
     /// A disk image could not be opened.
     #[error("cannot open disk {0}")]
     Disk(PathBuf, #[source] io::Error),
+    /// A shared directory's virtio-fs device could not be set up.
+    #[error("cannot set up shared directory {0}")]
+    SharedDir(String, #[source] husk_devices::virtio::fs::FsError),
     /// The tap device could not be opened or configured.
     #[error("cannot set up the network tap {0}")]
     Tap(String, #[source] io::Error),
@@ -148,12 +151,18 @@ pub struct BaseVmConfig {
     pub report_boot_time: bool,
     /// When the VMM process started (boot times are measured from here).
     pub vmm_start: Instant,
+    /// Guest RAM as a shared memfd (for vhost-user backends) instead of private memory.
+    pub shared_memory: bool,
 }
 
 /// Builds the machine: memory, VM with irqchip and PIT, legacy devices on the port-I/O bus,
 /// and configured vCPUs. Nothing is loaded into memory and no vCPU has boot registers yet.
 pub fn build_base_vm(kvm: Kvm, cfg: BaseVmConfig) -> Result<Vmm, BuildError> {
-    let memory = create_guest_memory(cfg.mem_size)?;
+    let memory = if cfg.shared_memory {
+        create_shared_guest_memory(cfg.mem_size)?
+    } else {
+        create_guest_memory(cfg.mem_size)?
+    };
     let supported = supported_cpuid(&kvm)?;
     let num_cpus = cfg.vcpus;
     build_machine(kvm, memory, cfg, None, |vcpu| {
@@ -291,6 +300,7 @@ pub fn restore_vm(
             console,
             report_boot_time: false,
             vmm_start,
+            shared_memory: false,
         },
         state.serial.as_ref(),
         |vcpu| {
@@ -397,6 +407,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
                 console,
                 report_boot_time: config.report_boot_time,
                 vmm_start,
+                shared_memory: !config.fs.is_empty(),
             },
         )?;
         let devices = attach_devices(&mut vmm, &device_specs(config))?;
@@ -421,7 +432,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
 }
 
 /// The virtio devices `config` asks for, in slot order: disks first (so the first disk is
-/// vda), then net, vsock and rng.
+/// vda), then net, vsock, rng and the shared directories.
 fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     let mut specs: Vec<DeviceSpec> = config.disks.iter().cloned().map(DeviceSpec::Disk).collect();
     specs.extend((0..config.disk_slots).map(|_| DeviceSpec::DiskSlot));
@@ -430,6 +441,7 @@ fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     if config.rng {
         specs.push(DeviceSpec::Rng);
     }
+    specs.extend(config.fs.iter().cloned().map(DeviceSpec::Fs));
     specs
 }
 
@@ -473,6 +485,15 @@ fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>
                 "rng0".into(),
                 Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
             ),
+            DeviceSpec::Fs(fs) => {
+                // SAFETY: the parent handed this socket over for exactly this use (see --fs
+                // fd=) and nothing else in this process knows it.
+                let socket =
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fs.fd) };
+                let device = husk_devices::virtio::fs::Fs::new(&fs.tag, socket)
+                    .map_err(|e| BuildError::SharedDir(fs.tag.clone(), e))?;
+                (format!("fs-{}", fs.tag), Box::new(device))
+            }
         });
     }
     let mut slots = Vec::with_capacity(wanted.len());

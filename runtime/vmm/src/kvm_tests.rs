@@ -48,6 +48,7 @@ fn vmm_with_memory(vcpus: u8, mem_size: u64, console: SharedBuf) -> Vmm {
             console: Box::new(console),
             report_boot_time: false,
             vmm_start: Instant::now(),
+            shared_memory: false,
         },
     )
     .expect("build VM")

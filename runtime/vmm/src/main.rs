@@ -31,6 +31,7 @@ fn usage() -> String {
                 [--report-boot-time] [--allow-pvm]
                 [--disk PATH[:ro]]... [--disk-slots N] [--net tap=NAME|fd=N,name=NAME|stream=N[,mac=MAC]]
                 [--vsock cid=N,path=PATH] [--no-rng] [--api-sock PATH] [--exit-report PATH]
+                [--fs tag=TAG,fd=N]...
                 [--disk-limit [N:]LIMIT]... [--net-rx-limit LIMIT] [--net-tx-limit LIMIT]
                 [--seccomp kill|trap|log|off] [--no-seccomp] [--print-seccomp]
        husk-vmm --restore-state PATH --restore-mem PATH [--start-paused]
@@ -66,6 +67,10 @@ fn usage() -> String {
   --vsock cid=N,path=PATH  virtio-vsock with guest CID N (>= 3); host side on the Unix socket
                         PATH (CONNECT <port> for guest ports; PATH_<port> for guest-initiated)
   --no-rng              no virtio-rng device (on by default)
+  --fs tag=TAG,fd=N     virtio-fs: a host directory served by a vhost-user-fs backend
+                        (virtiofsd) at the other end of the inherited connected socket N; the
+                        guest mounts TAG (repeatable, at most 8). Guest memory is then a
+                        shared memfd, and snapshots are refused
   --disk-limit [N:]LIMIT  rate limit of disk N (its place among the --disk flags, 0 when left
                         out; repeatable). LIMIT: bw=RATE[:BURST] (bytes/s) and/or
                         ops=RATE[:BURST] (requests/s), comma-separated, or none; K, M, G
@@ -184,6 +189,7 @@ fn options(args: VmmArgs) -> anyhow::Result<Options> {
     vm.net = args.net;
     vm.vsock = args.vsock;
     vm.rng = !args.no_rng;
+    vm.fs = args.fs;
     vm.rate_limits = RateLimits::from_args(
         &args.disk_limits,
         args.net_rx_limit.as_ref(),

@@ -2,6 +2,7 @@
 //! transport shares with devices (interrupt status, counters).
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue_worker;
@@ -22,6 +23,7 @@ pub mod device_id {
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// Feature bits shared by all devices (virtio 1.2 §6).

@@ -140,7 +140,12 @@ impl Daemon {
             .filter(|_| is_restore)
             .map(super::agent::net_config);
         // husk-vmm holds the tap and files now: with huskd's copies closed, they live as long
-        // as the VMM.
+        // as the VMM. The shared directories' virtiofsd quit when the VMM's ends close; they
+        // are kept to be reaped when the VMM's end is recorded.
+        let mut launch = launch;
+        let mut shares = std::mem::take(&mut launch.files.shares);
+        shares.iter_mut().for_each(|s| s.close_vmm_end());
+        *lock(&entry.shares) = shares;
         drop(launch);
         drop(link);
         let state = if start_paused {
@@ -230,6 +235,11 @@ impl Daemon {
             .create_file(store::EXIT_REPORT, store::FILE_MODE, false, None)
             .map_err(internal("the exit report"))?;
         let log = open_vmm_log(&dir).map_err(internal("vmm.log"))?;
+        let shares = if boot {
+            start_shares(policy, spec)?
+        } else {
+            Vec::new()
+        };
         Ok(RunFiles {
             kernel,
             initrd,
@@ -237,6 +247,7 @@ impl Daemon {
             console,
             exit_report,
             log,
+            shares,
         })
     }
 
@@ -297,6 +308,8 @@ impl Daemon {
             .filter(|bytes| !bytes.is_empty())
             .and_then(|bytes| ExitReport::decode(&bytes[..]).ok());
         store::remove_run_files(&entry.dir);
+        // The VMM is gone, and with it the shared directories' connections: reap virtiofsd.
+        lock(&entry.shares).clear();
         // The VM's tap went with its VMM: its firewall rules are garbage now.
         if !lock(&entry.record)
             .status
@@ -557,4 +570,29 @@ fn open_vmm_log(dir: &Dir) -> std::io::Result<std::fs::File> {
         log.set_len(0)?;
     }
     Ok(log)
+}
+
+/// Starts one virtiofsd per shared directory of `spec`, each serving the directory huskd opened
+/// under its path policy (never its path again: see `Virtiofsd::start_dir`).
+fn start_shares(
+    policy: &husk_host::policy::PathPolicy,
+    spec: &VmSpec,
+) -> Result<Vec<husk_host::virtiofs::Virtiofsd>, Status> {
+    let mut shares = Vec::with_capacity(spec.mounts.len());
+    for (i, mount) in spec.mounts.iter().enumerate() {
+        let what = format!("mounts[{i}].host_path");
+        let path = Path::new(&mount.host_path);
+        let dir = policy
+            .open_dir(&what, path)
+            .map_err(|e| policy_status(e, |m: String| Status::failed_precondition(m)))?;
+        let fd = dir
+            .fd()
+            .try_clone_to_owned()
+            .map_err(|e| Status::internal(format!("{what}: {e}")))?;
+        let tag = husk_host::virtiofs::tag_for(i);
+        let share = husk_host::virtiofs::Virtiofsd::start_dir(fd, path, mount.read_only, &tag)
+            .map_err(|e| Status::failed_precondition(format!("{what}: {e}")))?;
+        shares.push(share);
+    }
+    Ok(shares)
 }

@@ -107,6 +107,16 @@ impl Daemon {
             VmState::Paused => false,
             _ => return Err(entry.wrong_state("SnapshotVm")),
         };
+        let mounts = entry.snapshot().spec.map(|s| s.mounts).unwrap_or_default();
+        if !mounts.is_empty() {
+            let dirs: Vec<&str> = mounts.iter().map(|m| m.guest_path.as_str()).collect();
+            return Err(Status::failed_precondition(format!(
+                "SnapshotVm: the VM shares host directories ({}): the files virtiofsd holds \
+                 open for the guest and its FUSE session cannot be saved; a VM with mounts \
+                 cannot be snapshotted",
+                dirs.join(", ")
+            )));
+        }
         let target = self
             .config
             .policy

@@ -24,6 +24,9 @@ pub struct VmEntry {
     pub(super) record: Mutex<Vm>,
     /// The current run, while a VMM runs.
     pub(super) run: Mutex<Option<RunHandle>>,
+    /// The virtiofsd of each shared directory (VmSpec.mounts) of the current run: they quit
+    /// when the VMM does; dropping them (when its end is recorded) reaps them.
+    pub(super) shares: Mutex<Vec<husk_host::virtiofs::Virtiofsd>>,
 }
 
 /// The VMM process of a running VM.
@@ -95,6 +98,7 @@ impl VmEntry {
             op: tokio::sync::Mutex::new(()),
             record: Mutex::new(vm),
             run: Mutex::new(None),
+            shares: Mutex::new(Vec::new()),
         }
     }
 

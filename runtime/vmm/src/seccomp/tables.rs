@@ -167,6 +167,10 @@ const VCPU: &[Rule] = &[
     r(l::SYS_timerfd_settime, "timerfd_settime", Args::Any),
     // Serial output to a `--console unix:PATH` socket.
     r(l::SYS_sendto, "sendto", Args::Connected),
+    // A guest activating (or resetting) a virtio-fs device: the vhost-user messages that hand
+    // the rings, memory table and events to virtiofsd (fds as SCM_RIGHTS), on the connected
+    // socket the launcher passed; replies are read with `read`.
+    r(l::SYS_sendmsg, "sendmsg", Args::Any),
     // A `--console file:PATH` at its size limit is truncated and rewound (console_file.rs).
     r(l::SYS_ftruncate, "ftruncate", Args::Any),
     r(l::SYS_lseek, "lseek", Args::Any),

@@ -22,6 +22,8 @@ pub enum DeviceSpec {
     Vsock(VsockConfig),
     /// virtio-rng.
     Rng,
+    /// virtio-fs (a shared host directory): never in a snapshot, see [`backend_of`].
+    Fs(crate::config::FsConfig),
 }
 
 /// What a restore changes in the snapshot's devices, so that clones of one snapshot each get
@@ -86,6 +88,10 @@ pub fn backend_of(spec: &DeviceSpec) -> DeviceBackend {
         }),
         DeviceSpec::Rng => Backend::Rng(RngBackend {}),
         DeviceSpec::DiskSlot => Backend::DiskSlot(DiskSlotBackend {}),
+        // A shared directory has no backend a snapshot could record: the files virtiofsd
+        // holds open for the guest and the FUSE session cannot be saved. `snapshot::save`
+        // refuses a VM with such a device.
+        DeviceSpec::Fs(_) => return DeviceBackend { backend: None },
     };
     DeviceBackend {
         backend: Some(backend),

@@ -54,6 +54,7 @@ fn counting_vm(vcpus: u8, mem_mib: u64) -> Vmm {
             console: Box::new(SharedBuf::default()),
             report_boot_time: false,
             vmm_start: Instant::now(),
+            shared_memory: false,
         },
     )
     .expect("build VM");

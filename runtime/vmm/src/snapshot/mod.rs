@@ -54,6 +54,9 @@ pub enum SnapshotError {
     /// The VM has devices whose backends were not recorded (built outside the builder).
     #[error("cannot snapshot virtio devices ({0}) whose backends are unknown")]
     UnsupportedDevices(String),
+    /// The VM has devices whose state lives outside the VMM (shared directories).
+    #[error("cannot snapshot a VM that shares host directories ({0}): the files virtiofsd holds open for the guest and its FUSE session cannot be saved")]
+    SharedDirectories(String),
     /// A diff needs a full snapshot to be relative to.
     #[error("a diff snapshot needs a base: take a full snapshot of this VM first, or restore it from one")]
     NoBase,
@@ -166,6 +169,16 @@ pub fn save(
                 .collect::<Vec<_>>()
                 .join(", "),
         ));
+    }
+    let unsaveable: Vec<&str> = src
+        .devices
+        .iter()
+        .zip(src.device_backends)
+        .filter(|(_, b)| b.backend.is_none())
+        .map(|(d, _)| d.name.as_str())
+        .collect();
+    if !unsaveable.is_empty() {
+        return Err(SnapshotError::SharedDirectories(unsaveable.join(", ")));
     }
     if state_path == mem_path {
         return Err(SnapshotError::SamePath);

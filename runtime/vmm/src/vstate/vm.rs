@@ -16,6 +16,9 @@ pub enum VmError {
     /// A VM-level KVM ioctl failed.
     #[error("cannot {0}")]
     Ioctl(&'static str, #[source] kvm_ioctls::Error),
+    /// The shared memory file for guest RAM could not be created.
+    #[error("cannot create {0} MiB of shared guest memory (memfd)")]
+    SharedMemory(u64, #[source] std::io::Error),
     /// A memory region has no host mapping (cannot happen with mmap-backed memory).
     #[error("guest memory region at {0:#x} has no host address")]
     HostAddress(u64),
@@ -29,6 +32,34 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory(mem_size >> 20, e))
+}
+
+/// Maps guest memory laid out by [`ram_ranges`] from one memfd, shared (MAP_SHARED,
+/// MAP_NORESERVE): what a vhost-user backend (virtiofsd) needs to map the same RAM. Pages are
+/// still allocated only when touched. Used only for VMs with vhost-user devices: private
+/// anonymous memory stays the default (snapshots and restores map memory privately).
+pub fn create_shared_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
+    use std::sync::Arc;
+    use vm_memory::FileOffset;
+    let fd = rustix::fs::memfd_create("husk-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+        .map_err(|e| VmError::SharedMemory(mem_size >> 20, e.into()))?;
+    rustix::fs::ftruncate(&fd, mem_size)
+        .map_err(|e| VmError::SharedMemory(mem_size >> 20, e.into()))?;
+    let file = Arc::new(std::fs::File::from(fd));
+    let mut offset = 0u64;
+    let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = ram_ranges(mem_size)
+        .into_iter()
+        .map(|(start, len)| {
+            let range = (
+                GuestAddress(start),
+                len as usize,
+                Some(FileOffset::from_arc(file.clone(), offset)),
+            );
+            offset += len;
+            range
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(|e| VmError::Memory(mem_size >> 20, e))
 }
 
 /// A created VM with its memory registered.
