@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod huskd;
+pub mod oci;
 pub mod vmm_client;
 
 use std::io::Read;

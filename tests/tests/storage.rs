@@ -283,6 +283,9 @@ fn a_snapshot_clone_goes_on_from_the_snapshots_disk_without_a_copy_of_the_base()
     qemu_img_check_clean(&huskd.vm_dir(&clone1.id).join("disk0.qcow2"));
     qemu_img_check_clean(&copy);
     assert_eq!(digest(&base), before, "the base changed");
+    // This image's content is new at every run (file times): its base is of no further use.
+    std::fs::remove_file(&base).unwrap();
+    let _ = std::fs::remove_file(base.with_extension("lock"));
 }
 
 /// Waits until the VM stopped; a failed VM fails the test with its VMM's log.
@@ -362,4 +365,58 @@ fn a_corrupt_qcow2_is_refused_before_boot_with_the_reason() {
         "stderr:\n{}",
         run.stderr()
     );
+}
+
+/// `husk run --image oci-dir:` and `oci-archive:` of one image: its base is built once (the
+/// archive finds it in the cache), the image's environment and working directory apply, and
+/// what the container writes goes to a throw-away overlay, not the base.
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn an_oci_image_runs_from_a_cached_base_built_once() {
+    require_guest_kvm();
+    let scratch = Scratch::new("oci-run");
+    let archive = husk_tests::oci::build_oci_image(&scratch.path(""), "husk.test/oci-run:1");
+    let layout = scratch.path("layout");
+    let dir = format!("oci-dir:{}", layout.display());
+    let first = husk_run(
+        &["--memory", "128", "--image", &dir],
+        "echo \"PATH=$PATH in $(pwd)\"; echo scribble > /written; cat /written",
+    );
+    let text = first.stdout() + &first.stderr();
+    assert_eq!(first.code(), Some(0), "{text}");
+    assert!(
+        text.contains("PATH=/bin in /"),
+        "the image's env and workdir: {text}"
+    );
+    assert!(text.contains("scribble"), "{text}");
+    assert!(
+        text.contains("making the base image"),
+        "built the first time: {text}"
+    );
+    let base_line = text
+        .lines()
+        .find_map(|l| l.split(": base ").nth(1))
+        .unwrap_or_else(|| panic!("no base path in: {text}"))
+        .trim()
+        .to_string();
+    let base = PathBuf::from(&base_line);
+    let before = digest(&base);
+    // The archive of the same image finds the base; nothing is built, the base is unchanged
+    // (the earlier run's write went to its overlay).
+    let archived = format!("oci-archive:{}", archive.display());
+    let second = husk_run(
+        &["--memory", "128", "--image", &archived],
+        "cat /written 2>/dev/null || echo clean-base",
+    );
+    let text = second.stdout() + &second.stderr();
+    assert_eq!(second.code(), Some(0), "{text}");
+    assert!(text.contains("clean-base"), "{text}");
+    assert!(
+        !text.contains("making the base image"),
+        "built again: {text}"
+    );
+    assert_eq!(digest(&base), before, "the base changed");
+    // This image's content is new at every run (file times): its base is of no further use.
+    std::fs::remove_file(&base).unwrap();
+    let _ = std::fs::remove_file(base.with_extension("lock"));
 }

@@ -14,6 +14,7 @@ mod rate_limit_cmd;
 mod remote;
 mod run_args;
 mod run_disks;
+mod run_image;
 mod snapshot_cmd;
 mod tty;
 

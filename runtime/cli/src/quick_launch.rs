@@ -31,6 +31,10 @@ pub const EXIT_HUSK_ERROR: i32 = 125;
 pub enum RunError {
     #[error(transparent)]
     Lookup(#[from] LookupError),
+    #[error("--image: {0}")]
+    Image(#[from] husk_host::oci_image::OciError),
+    #[error("--image: the image names no command (no Entrypoint or Cmd): give CMD")]
+    ImageNoCommand,
     #[error(transparent)]
     File(#[from] FileError),
     #[error(transparent)]
@@ -86,6 +90,14 @@ pub enum RunError {
 /// Runs the VM and returns the exit code to leave with.
 pub fn run(args: &RunArgs) -> Result<i32, RunError> {
     let home = husk_home()?;
+    let with_image;
+    let args = match &args.image {
+        Some(source) => {
+            with_image = crate::run_image::apply(args, source, &home)?;
+            &with_image
+        }
+        None => args,
+    };
     let kernel = args
         .kernel
         .clone()

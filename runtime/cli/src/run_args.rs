@@ -21,8 +21,14 @@ pub struct RunArgs {
     pub initrd: Option<PathBuf>,
     /// Run CMD with this ext4 image as its root filesystem (guest /dev/vda). The image is a
     /// read-only base: the VM writes to a throw-away copy-on-write overlay (docs/storage.md)
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
+    /// Run CMD in an OCI image: oci-dir:PATH (an image layout directory) or oci-archive:PATH
+    /// (a tar of one). Its layers become a cached read-only base (built once per image, as
+    /// root), written through a throw-away overlay; without CMD the image's entrypoint and
+    /// command run, and its environment and working directory apply (docs/storage.md)
+    #[arg(long, value_name = "oci-dir:PATH|oci-archive:PATH")]
+    pub image: Option<husk_host::oci_image::ImageSource>,
     /// The format of --rootfs [default: qcow2 for a .qcow2 name, else raw]
     #[arg(long, value_name = "FORMAT", requires = "rootfs")]
     pub rootfs_format: Option<husk_host::vmm_args::DiskFormat>,
@@ -172,7 +178,7 @@ impl RunArgs {
     /// The checks that need the whole command line, with the messages `husk run` has always
     /// given (tests/tests/cli_errors.rs holds them).
     pub fn check(&self) -> Result<(), RunArgsError> {
-        if self.command.is_empty() {
+        if self.command.is_empty() && self.image.is_none() {
             return Err(RunArgsError::NoCommand);
         }
         if !(1..=32).contains(&self.cpus) {

@@ -6,10 +6,12 @@
 
 pub mod confined;
 pub mod disk_image;
+pub mod ext4_tree;
 pub mod firewall;
 pub mod jail;
 pub mod net;
 pub mod netns;
+pub mod oci_image;
 pub mod passt;
 pub mod paths;
 pub mod policy;

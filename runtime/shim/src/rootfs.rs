@@ -10,35 +10,18 @@
 //! bundle directory) get a copy per container ([`build`]). Numbers in docs/containerd.md.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api::Mount;
 
 /// Free space the container gets on top of its files (the image is sparse: unused space costs
 /// nothing on the host).
-const HEADROOM_BYTES: u64 = 256 << 20;
-
-#[derive(Debug, thiserror::Error)]
-pub enum RootfsError {
-    #[error("mounting the container rootfs ({kind} from {source_path}) failed: {message}")]
-    Mount {
-        kind: String,
-        source_path: String,
-        message: String,
-    },
-    #[error("the rootfs {0} is not a directory")]
-    NotADirectory(String),
-    #[error("reading the rootfs: {0}")]
-    Walk(std::io::Error),
-    #[error("creating the image {path}: {source}")]
-    Create {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("mkfs.ext4 -d failed: {0}")]
-    Mkfs(String),
-}
+// The image building itself is husk_host::ext4_tree's (shared with `husk run --image`).
+pub use husk_host::ext4_tree::TreeError as RootfsError;
+#[cfg(test)]
+use husk_host::ext4_tree::HEADROOM_BYTES;
+use husk_host::ext4_tree::{make_image, make_image_from_layers, unmount};
 
 /// A built image and what it took.
 #[derive(Debug)]
@@ -103,49 +86,12 @@ pub fn build_base(
     layers: &crate::base::Layers,
     image: &Path,
 ) -> Result<u64, RootfsError> {
-    if let [only] = layers.lowerdirs.as_slice() {
-        return make_image(only, image);
-    }
-    let root = bundle.join("rootfs");
-    std::fs::create_dir_all(&root).map_err(RootfsError::Walk)?;
-    let options = |lowers: Vec<String>| {
-        let mut options = vec!["ro".to_string()];
-        options.extend(layers.options.iter().cloned());
-        options.push(format!("lowerdir={}", lowers.join(":")));
-        options
-    };
-    let absolute = options(
-        layers
-            .lowerdirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect(),
-    );
-    // The kernel takes at most a page of mount options: a long list of layers is given
-    // relative to their common directory (containerd's `snapshots/`), with `mount` run there,
-    // as containerd itself does.
-    let (options, cwd) = match common_dir(&layers.lowerdirs) {
-        Some(common) if absolute.join(",").len() >= 4000 => {
-            let relative = layers
-                .lowerdirs
-                .iter()
-                .filter_map(|d| d.strip_prefix(&common).ok())
-                .map(|d| d.display().to_string())
-                .collect();
-            (options(relative), Some(common))
-        }
-        _ => (absolute, None),
-    };
-    let m = Mount {
-        type_: "overlay".into(),
-        source: "overlay".into(),
-        options,
-        ..Default::default()
-    };
-    mount_in(&m, &root, cwd.as_deref())?;
-    let result = make_image(&root, image);
-    unmount(&root);
-    result
+    make_image_from_layers(
+        &layers.lowerdirs,
+        &layers.options,
+        &bundle.join("rootfs"),
+        image,
+    )
 }
 
 /// Unmounts whatever is still mounted on `bundle/rootfs` (after a crash) and removes `image`,
@@ -157,116 +103,19 @@ pub fn cleanup(bundle: &Path, image: Option<&Path>) {
     }
 }
 
-/// The deepest directory that holds all of `dirs` (none of them itself), if any but `/`.
-fn common_dir(dirs: &[PathBuf]) -> Option<PathBuf> {
-    let mut common = dirs.first()?.parent()?.to_path_buf();
-    for d in dirs {
-        while !d.starts_with(&common) || d == &common {
-            common = common.parent()?.to_path_buf();
-        }
-    }
-    (common.parent().is_some()).then_some(common)
-}
-
 fn mount(m: &Mount, target: &Path) -> Result<(), RootfsError> {
     mount_in(m, target, None)
 }
 
 /// `mount` run in `cwd` (relative directories in the options are resolved there).
 fn mount_in(m: &Mount, target: &Path, cwd: Option<&Path>) -> Result<(), RootfsError> {
-    let mut cmd = Command::new("mount");
-    if let Some(cwd) = cwd {
-        cmd.current_dir(cwd);
-    }
-    if !m.type_.is_empty() {
-        cmd.arg("-t").arg(&m.type_);
-    }
-    if !m.options.is_empty() {
-        cmd.arg("-o").arg(m.options.join(","));
-    }
-    let out = cmd
-        .arg(&m.source)
-        .arg(target)
-        .output()
-        .map_err(|e| RootfsError::Mount {
-            kind: m.type_.clone(),
-            source_path: m.source.clone(),
-            message: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(RootfsError::Mount {
-            kind: m.type_.clone(),
-            source_path: m.source.clone(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(())
-}
-
-fn unmount(target: &Path) {
-    // Lazy: nothing in the shim keeps files open there, but a stray reader must not make the
-    // cleanup fail.
-    let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
-}
-
-/// Bytes and inodes that a copy of `dir` needs.
-fn measure(dir: &Path) -> Result<(u64, u64), RootfsError> {
-    let (mut bytes, mut inodes) = (0u64, 1u64);
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(RootfsError::Walk)? {
-            let entry = entry.map_err(RootfsError::Walk)?;
-            let meta = entry.metadata().map_err(RootfsError::Walk)?;
-            inodes += 1;
-            // Whole 4 KiB blocks, as ext4 stores them.
-            bytes += meta.len().div_ceil(4096) * 4096 + 4096;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    Ok((bytes, inodes))
-}
-
-fn make_image(source: &Path, image: &Path) -> Result<u64, RootfsError> {
-    if !source.is_dir() {
-        return Err(RootfsError::NotADirectory(source.display().to_string()));
-    }
-    let (bytes, inodes) = measure(source)?;
-    // ext4 metadata (inode tables, bitmaps) on top of the data, and the headroom.
-    let size = (bytes + bytes / 8 + HEADROOM_BYTES).div_ceil(1 << 20) << 20;
-    let create = |source| RootfsError::Create {
-        path: image.display().to_string(),
-        source,
-    };
-    if let Some(parent) = image.parent() {
-        std::fs::create_dir_all(parent).map_err(create)?;
-    }
-    let file = std::fs::File::create(image).map_err(create)?;
-    file.set_len(size).map_err(create)?;
-    drop(file);
-    let out = Command::new("mkfs.ext4")
-        // No journal: the image lives as long as the container; nothing to recover after a
-        // crash. Enough inodes for the files plus what the container creates.
-        .args(["-q", "-F", "-O", "^has_journal", "-L", "husk-rootfs", "-N"])
-        .arg((inodes * 2 + 4096).to_string())
-        .arg("-d")
-        .arg(source)
-        .arg(image)
-        .output()
-        .map_err(|e| RootfsError::Mkfs(format!("cannot run mkfs.ext4: {e}")))?;
-    if !out.status.success() {
-        let _ = std::fs::remove_file(image);
-        return Err(RootfsError::Mkfs(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(bytes)
+    husk_host::ext4_tree::mount_in(&m.type_, &m.source, &m.options, target, cwd)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     fn scratch(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("husk-shim-{tag}-{}", std::process::id()));
@@ -398,7 +247,10 @@ mod tests {
             .collect();
         let total: usize = lowerdirs.iter().map(|d| d.as_os_str().len() + 1).sum();
         assert!(total > 4096, "{total}");
-        assert_eq!(common_dir(&lowerdirs).as_deref(), Some(snapshots.as_path()));
+        assert_eq!(
+            husk_host::ext4_tree::common_dir(&lowerdirs).as_deref(),
+            Some(snapshots.as_path())
+        );
         let layers = crate::base::Layers {
             lowerdirs,
             options: vec![],
@@ -408,18 +260,6 @@ mod tests {
         assert_eq!(cat(&image, "/file0").as_deref(), Some("0\n"));
         assert_eq!(cat(&image, "/file49").as_deref(), Some("49\n"));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn the_common_directory_of_layers() {
-        let p = |s: &str| PathBuf::from(s);
-        assert_eq!(
-            common_dir(&[p("/s/snapshots/1/fs"), p("/s/snapshots/22/fs")]),
-            Some(p("/s/snapshots"))
-        );
-        assert_eq!(common_dir(&[p("/s/a/fs")]), Some(p("/s/a")));
-        assert_eq!(common_dir(&[p("/s/a"), p("/s/a/b")]), Some(p("/s")));
-        assert_eq!(common_dir(&[p("/a/x"), p("/b/y")]), None);
     }
 
     #[test]

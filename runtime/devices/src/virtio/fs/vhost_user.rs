@@ -43,8 +43,10 @@ const HEADER_LEN: usize = 12;
 pub const MAX_REPLY: usize = 64;
 /// Most memory regions a SET_MEM_TABLE may carry.
 pub const MAX_REGIONS: usize = 8;
-/// How long one send or receive may wait for the backend.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one send or receive may wait for the backend: long enough for a virtiofsd on a
+/// loaded (or software-emulated) host, short enough that a wedged one fails the device instead
+/// of holding the guest's vCPU for good.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The virtio feature bit that says the backend speaks protocol features.
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
@@ -109,10 +111,15 @@ impl Frontend {
     /// Takes over a connected stream socket and negotiates what does not depend on the guest:
     /// the backend's features, protocol features (REPLY_ACK when offered), ownership.
     pub fn connect(sock: OwnedFd) -> Result<Self, VhostUserError> {
+        Self::connect_with_timeout(sock, IO_TIMEOUT)
+    }
+
+    /// [`Frontend::connect`] with another I/O timeout (tests).
+    pub fn connect_with_timeout(sock: OwnedFd, timeout: Duration) -> Result<Self, VhostUserError> {
         use rustix::net::sockopt;
-        let timeouts = sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(IO_TIMEOUT))
+        let timeouts = sockopt::set_socket_timeout(&sock, sockopt::Timeout::Recv, Some(timeout))
             .and_then(|()| {
-                sockopt::set_socket_timeout(&sock, sockopt::Timeout::Send, Some(IO_TIMEOUT))
+                sockopt::set_socket_timeout(&sock, sockopt::Timeout::Send, Some(timeout))
             });
         timeouts.map_err(|e| VhostUserError::Io(Request::GetFeatures, e.into()))?;
         let mut frontend = Self {
