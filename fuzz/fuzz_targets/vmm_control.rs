@@ -100,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(request) => {
                 let again = frame::encode(&request).map(|wire| frame::decode(&wire[4..]));
                 assert_eq!(again.ok().and_then(Result::ok).as_ref(), Some(&request));
-                handle_request(&request, Ok(None), &vm)
+                handle_request(&request, Ok(Vec::new()), &vm)
             }
             Err(e) => husk_vmm::api::error_response(format!("malformed request: {e}")),
         };

@@ -163,6 +163,17 @@ fn join_within(
     (take(out), take(err))
 }
 
+/// `husk run OPTIONS -- sh -c SCRIPT` (the guest must be able to run: see
+/// [`require_guest_kvm`]), finished within 240 s.
+pub fn husk_run_sh(options: &[&str], script: &str) -> Finished {
+    require_guest_kvm();
+    let mut cmd = Command::new(bin("husk"));
+    cmd.arg("run")
+        .args(options)
+        .args(["--", "sh", "-c", script]);
+    run_with_timeout(&mut cmd, std::time::Duration::from_secs(240))
+}
+
 /// Starts `husk run OPTIONS -- sh -c SCRIPT` in its own process group (so a test can signal the
 /// whole run), stdout piped for [`wait_for_line`], stderr inherited.
 pub fn spawn_husk(options: &[&str], script: &str) -> std::process::Child {

@@ -10,20 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_tests::{
-    bin, husk_run_child_pid as vmm_pid, require_guest_kvm, run_with_timeout, spawn_husk,
-    vsock_exchange, wait_for_line, Finished, Scratch,
+    husk_run_child_pid as vmm_pid, spawn_husk, vsock_exchange, wait_for_line, Scratch,
 };
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn husk_run(options: &[&str], script: &str) -> Finished {
-    require_guest_kvm();
-    let mut cmd = Command::new(bin("husk"));
-    cmd.arg("run")
-        .args(options)
-        .args(["--", "sh", "-c", script]);
-    run_with_timeout(&mut cmd, LIMIT)
-}
+use husk_tests::husk_run_sh as husk_run;
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(60);

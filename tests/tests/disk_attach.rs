@@ -148,3 +148,119 @@ fn a_disk_attached_at_run_time_is_seen_read_and_detached_by_the_guest() {
         "no capacity change in the guest's log: {dmesg}"
     );
 }
+
+/// A qcow2 image with a backing chain, and a copy-on-write attach over a raw base: the guest
+/// reads the base's bytes through either; its writes go to the qcow2 image or to the VM's own
+/// overlay (`slot0.qcow2`, removed at the detach), and the base is never written.
+#[test]
+#[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
+fn qcow2_and_copy_on_write_disks_attach_at_run_time() {
+    require_guest_kvm();
+    let vmm = bin("husk-vmm").display().to_string();
+    let huskd = Huskd::start("disk-attach-cow", &["--vmm", &vmm]);
+    let base = huskd.dir.join("base.raw");
+    let bytes: Vec<u8> = (0..SECTORS).flat_map(|s| [s as u8; 512]).collect();
+    std::fs::write(&base, &bytes).unwrap();
+    let top = huskd.dir.join("top.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .output()
+        .expect("qemu-img (qemu-utils) is needed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created = huskd.husk(&[
+        "create",
+        "--name",
+        "slots",
+        "--memory",
+        "128",
+        "--disk-slots",
+        "1",
+        "--start",
+    ]);
+    assert_eq!(created.code(), Some(0), "{}", created.stderr());
+    huskd.wait_agent("slots", BOOT);
+    let sector = |n: u32| {
+        let od = sh(
+            &huskd,
+            "slots",
+            &format!("dd if=/dev/vda bs=512 skip={n} count=1 2>/dev/null | od -An -tu1 | sort -u"),
+        );
+        // The distinct byte values of the sector.
+        od.split_whitespace()
+            .filter(|v| *v != "*")
+            .map(String::from)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    let write = |text: &str| {
+        sh(
+            &huskd,
+            "slots",
+            &format!("printf '{text}' | dd of=/dev/vda bs=512 seek=7 conv=sync,fsync 2>/dev/null"),
+        )
+    };
+    let check = |image: &std::path::Path| {
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-q", "-f", "qcow2"])
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img check {}", image.display());
+    };
+
+    // 1. The qcow2 image and its raw backing file.
+    let top_path = top.display().to_string();
+    let out = huskd.husk(&["disk", "attach", "slots", "0", &top_path]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    assert_eq!(wait_size(&huskd, "vda", |s| s > 0), SECTORS as u64);
+    assert_eq!(sector(5), ["5"]);
+    write("into-the-qcow2");
+    let out = huskd.husk(&["disk", "detach", "slots", "0"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    wait_size(&huskd, "vda", |s| s == 0);
+    check(&top);
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        bytes,
+        "the backing file changed"
+    );
+    // The write is in the qcow2 image: its guest view, converted, holds it at sector 7.
+    let flat = huskd.dir.join("top.flat");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&top)
+        .arg(&flat)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flat = std::fs::read(&flat).unwrap();
+    assert_eq!(&flat[7 * 512..7 * 512 + 14], b"into-the-qcow2");
+    assert_eq!(flat[5 * 512], 5);
+
+    // 2. Copy-on-write over the raw base: an overlay of the VM's own, gone at the detach.
+    let cow = format!("{}:cow", base.display());
+    let out = huskd.husk(&["disk", "attach", "slots", "0", &cow]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    assert_eq!(wait_size(&huskd, "vda", |s| s > 0), SECTORS as u64);
+    assert_eq!(sector(9), ["9"]);
+    write("into-the-overlay");
+    let vm = huskd.get("slots");
+    let overlay = huskd.vm_dir(&vm.id).join("slot0.qcow2");
+    assert!(overlay.exists(), "no overlay at {}", overlay.display());
+    let out = huskd.husk(&["disk", "detach", "slots", "0"]);
+    assert_eq!(out.code(), Some(0), "{}", out.stderr());
+    wait_size(&huskd, "vda", |s| s == 0);
+    assert!(!overlay.exists(), "the overlay outlived its detach");
+    assert_eq!(std::fs::read(&base).unwrap(), bytes, "the base was written");
+}

@@ -15,14 +15,7 @@ use tokio_stream::StreamExt;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn husk_run(options: &[&str], script: &str) -> Finished {
-    require_guest_kvm();
-    let mut cmd = Command::new(bin("husk"));
-    cmd.arg("run")
-        .args(options)
-        .args(["--", "sh", "-c", script]);
-    run_with_timeout(&mut cmd, LIMIT)
-}
+use husk_tests::husk_run_sh as husk_run;
 
 /// An ext4 root filesystem holding busybox and the applets the tests use.
 fn busybox_rootfs(dir: &Path, name: &str) -> PathBuf {

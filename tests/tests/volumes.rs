@@ -6,23 +6,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
+
 use std::time::Duration;
 
 use husk_proto::v1::{CreateVmRequest, Mount, SnapshotVmRequest, VmSpec};
 use husk_tests::huskd::Huskd;
-use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished, Scratch};
+use husk_tests::{bin, require_guest_kvm, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn husk_run(options: &[&str], script: &str) -> Finished {
-    require_guest_kvm();
-    let mut cmd = Command::new(bin("husk"));
-    cmd.arg("run")
-        .args(options)
-        .args(["--", "sh", "-c", script]);
-    run_with_timeout(&mut cmd, LIMIT)
-}
+use husk_tests::husk_run_sh as husk_run;
 
 /// virtiofsd processes on the host (the testbed runs one test at a time).
 fn backends() -> usize {

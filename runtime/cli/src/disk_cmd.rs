@@ -18,15 +18,17 @@ pub struct DiskArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum DiskVerb {
-    /// Put a raw disk image into an empty slot of a running VM (the guest sees the slot's
-    /// /dev/vdX grow from 0 to the image's size); :ro makes the guest's writes fail
+    /// Put a disk image into an empty slot of a running VM (the guest sees the slot's /dev/vdX
+    /// grow from 0 to the image's size): raw, or qcow2 for a .qcow2 name (with its backing
+    /// chain); :ro makes the guest's writes fail; :cow keeps the image read-only under a
+    /// qcow2 overlay of the VM's own, removed at the detach
     Attach {
         #[arg(value_name = "VM")]
         vm: String,
         /// The slot's index among the VM's --disk-slots (0: the first)
         #[arg(value_name = "SLOT")]
         slot: u32,
-        #[arg(value_name = "PATH[:ro]")]
+        #[arg(value_name = "PATH[:ro|:cow]")]
         disk: String,
     },
     /// Empty a slot again (the guest sees size 0)

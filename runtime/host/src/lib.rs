@@ -16,5 +16,6 @@ pub mod passt;
 pub mod paths;
 pub mod policy;
 pub mod process;
+pub mod run_dirs;
 pub mod virtiofs;
 pub mod vmm_args;

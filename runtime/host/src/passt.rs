@@ -22,13 +22,14 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::firewall::{PortMapping, Protocol};
+use crate::run_dirs::read_bounded;
 use crate::vmm_args::{NetConfig, TapSource};
 
 /// Where Debian installs passt (run by absolute path, never through `PATH`).
@@ -157,17 +158,6 @@ pub fn has_ipv4_nameserver(resolv_conf: &str) -> bool {
         words.next() == Some("nameserver")
             && words.next().is_some_and(|a| a.parse::<Ipv4Addr>().is_ok())
     })
-}
-
-/// The first `limit` bytes of the file at `path`, as text (never more, whatever writes it:
-/// passt writes its pid file and stderr as another user when husk runs as root).
-fn read_bounded(path: &std::path::Path, limit: u64) -> io::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(limit)
-        .read_to_string(&mut text)?;
-    Ok(text)
 }
 
 /// [`has_ipv4_nameserver`] of this host's /etc/resolv.conf (at most 64 KiB read).
@@ -345,75 +335,23 @@ impl Drop for Passt {
 /// log (as root, without CAP_DAC_OVERRIDE: the directory stays root's, 0711) and switches to
 /// `runas` before it writes its pid file (created here, owned by `runas`).
 fn private_dir(runas: Option<(u32, u32)>) -> io::Result<PathBuf> {
-    sweep_dead_dirs();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
     let mode = if runas.is_some() { 0o711 } else { 0o700 };
-    for attempt in 0..100u32 {
-        let dir = PathBuf::from(format!(
-            "/tmp/husk-passt-{}-{:x}",
-            std::process::id(),
-            nanos.wrapping_add(attempt.wrapping_mul(7919))
-        ));
-        match std::fs::DirBuilder::new().mode(mode).create(&dir) {
-            Ok(()) => {
-                let pid_file = dir.join("passt.pid");
-                let made = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&pid_file)
-                    .and_then(|_| match runas {
-                        Some((uid, gid)) => {
-                            std::os::unix::fs::chown(&pid_file, Some(uid), Some(gid))
-                        }
-                        None => Ok(()),
-                    });
-                if let Err(e) = made {
-                    let _ = std::fs::remove_dir_all(&dir);
-                    return Err(e);
-                }
-                return Ok(dir);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        "no free /tmp/husk-passt-* name",
-    ))
-}
-
-/// Removes the directories of husk processes that are gone (a husk killed before it could
-/// clean up), among those this user owns.
-fn sweep_dead_dirs() {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir("/tmp") else {
-        return;
-    };
-    let me = rustix::process::geteuid().as_raw();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("husk-passt-"))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let owned =
-            std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
-        let gone = rustix::process::Pid::from_raw(pid).is_some_and(|pid| {
-            rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH)
+    let dir = crate::run_dirs::private_dir("husk-passt-", mode)?;
+    let pid_file = dir.join("passt.pid");
+    let made = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&pid_file)
+        .and_then(|_| match runas {
+            Some((uid, gid)) => std::os::unix::fs::chown(&pid_file, Some(uid), Some(gid)),
+            None => Ok(()),
         });
-        if owned && gone {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
     }
+    Ok(dir)
 }
 
 #[cfg(test)]
@@ -499,9 +437,10 @@ mod tests {
         let dir = private_dir(None).unwrap();
         assert!(dir.join("passt.pid").exists());
         assert!(!stale.exists(), "{} left", stale.display());
-        // Ours (alive) stays.
-        sweep_dead_dirs();
+        // Ours (alive) stays, through another sweep.
+        let again = private_dir(None).unwrap();
         assert!(dir.exists());
+        std::fs::remove_dir_all(&again).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

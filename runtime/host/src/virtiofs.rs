@@ -695,66 +695,11 @@ fn seccomp_filtered(pid: u32) -> bool {
     })
 }
 
-/// The first `limit` bytes of the file at `path`, as text.
-fn read_bounded(path: &Path, limit: u64) -> io::Result<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    File::open(path)?.take(limit).read_to_string(&mut text)?;
-    Ok(text)
-}
+use crate::run_dirs::read_bounded;
 
 /// A new 0700 directory under /tmp for virtiofsd's socket and stderr.
 fn private_dir() -> io::Result<PathBuf> {
-    sweep_dead_dirs();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    for attempt in 0..100u32 {
-        let dir = PathBuf::from(format!(
-            "/tmp/{DIR_PREFIX}{}-{:x}",
-            std::process::id(),
-            nanos.wrapping_add(attempt.wrapping_mul(7919))
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::AlreadyExists,
-        "no free /tmp/husk-virtiofsd-* name",
-    ))
-}
-
-/// Removes the directories of husk processes that are gone (killed before they could clean
-/// up), among those this user owns.
-fn sweep_dead_dirs() {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir("/tmp") else {
-        return;
-    };
-    let me = rustix::process::geteuid().as_raw();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(DIR_PREFIX))
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let owned =
-            std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
-        let gone = rustix::process::Pid::from_raw(pid).is_some_and(|pid| {
-            rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH)
-        });
-        if owned && gone {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    crate::run_dirs::private_dir(DIR_PREFIX, 0o700)
 }
 
 #[cfg(test)]

@@ -445,18 +445,27 @@ pub fn attached_disk(disk: Option<&Disk>) -> Result<Disk, Status> {
     if disk.path.is_empty() {
         return Err(invalid("disk.path: empty"));
     }
-    if !matches!(disk.format.as_str(), "" | "raw") || disk.path.ends_with(".qcow2") {
-        return Err(invalid("disk.format: AttachDisk takes raw images only"));
-    }
-    if disk.copy_on_write {
-        return Err(invalid("disk.copy_on_write: not supported by AttachDisk"));
+    check_format("disk.format", &disk.format)?;
+    if disk.copy_on_write && disk.read_only {
+        return Err(invalid(
+            "disk: copy_on_write and read_only exclude each other (a read-only disk needs no \
+             overlay)",
+        ));
     }
     if disk.rate_limit.is_some() {
         return Err(invalid("disk.rate_limit: not supported by AttachDisk"));
     }
+    if !Path::new(&disk.path).is_absolute() {
+        return Err(invalid(format!(
+            "disk.path: {} must be an absolute path",
+            disk.path
+        )));
+    }
     Ok(Disk {
         path: disk.path.clone(),
         read_only: disk.read_only,
+        format: disk.format.clone(),
+        copy_on_write: disk.copy_on_write,
         ..Default::default()
     })
 }

@@ -20,7 +20,9 @@ use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags}
 use tokio::io::{AsyncWriteExt, Interest};
 use tonic::{Code, Status};
 
-use super::{policy_status, vmm_call, Daemon, VmEntry, VmmCallError};
+use husk_host::confined::Dir;
+
+use super::{policy_status, run_disks, vmm_call, Daemon, VmEntry, VmmCallError};
 use crate::validate;
 use crate::wire::{self, VmSocket};
 
@@ -49,20 +51,52 @@ impl Daemon {
                 request.slot
             )));
         }
-        let file = self
-            .config
+        let dir = Dir::open(&entry.dir)
+            .map_err(|e| Status::internal(format!("AttachDisk: the VM's directory: {e}")))?;
+        // The policy first: outside it PERMISSION_DENIED, a missing file NOT_FOUND.
+        let writable = !disk.read_only && !disk.copy_on_write;
+        self.config
             .policy
-            .open_file("disk.path", Path::new(&disk.path), !disk.read_only)
-            .map_err(|e| policy_status(e, Status::not_found))?
-            .file;
+            .check_file("disk.path", Path::new(&disk.path), writable)
+            .map_err(|e| policy_status(e, Status::not_found))?;
+        let overlay = run_disks::slot_overlay_name(request.slot);
+        if disk.copy_on_write {
+            // A VM that stopped with a disk attached left its overlay: this attach starts anew.
+            let _ = dir.remove_file(&overlay);
+        }
+        let opened = run_disks::open_one(
+            &self.config.policy,
+            &dir,
+            &overlay,
+            &run_disks::DiskRequest {
+                what: "disk".into(),
+                path: &disk.path,
+                format: &disk.format,
+                read_only: disk.read_only,
+                copy_on_write: disk.copy_on_write,
+            },
+        )?;
         let msg = vmm_request::Msg::AttachDisk(AttachDisk {
             slot: request.slot,
             read_only: disk.read_only,
+            format: opened.config.format.to_string(),
+            backing_formats: opened
+                .config
+                .backing
+                .iter()
+                .map(|(_, f)| f.to_string())
+                .collect(),
         });
-        call_with_fd(&entry.api_socket(), msg, file.as_fd())
-            .await
-            .map_err(|e| vmm_status("AttachDisk", e))?;
-        drop(file);
+        let fds: Vec<BorrowedFd<'_>> = opened.files.iter().map(|f| f.as_fd()).collect();
+        let sent = call_with_fds(&entry.api_socket(), msg, &fds).await;
+        drop(fds);
+        drop(opened);
+        if let Err(e) = sent {
+            if disk.copy_on_write {
+                let _ = dir.remove_file(&overlay);
+            }
+            return Err(vmm_status("AttachDisk", e));
+        }
         tracing::info!(vm_id = %entry.id, slot = request.slot, path = %disk.path, "disk attached");
         Ok(entry.update(|vm| {
             let status = VmEntry::status_mut(vm);
@@ -87,6 +121,17 @@ impl Daemon {
         vmm_call(&entry.api_socket(), msg)
             .await
             .map_err(|e| vmm_status("DetachDisk", e))?;
+        // A copy-on-write disk's overlay goes with it (the VMM has closed it).
+        let cow = vm.status.as_ref().is_some_and(|s| {
+            s.attached_disks
+                .iter()
+                .any(|a| a.slot == request.slot && a.disk.as_ref().is_some_and(|d| d.copy_on_write))
+        });
+        if cow {
+            if let Ok(dir) = Dir::open(&entry.dir) {
+                let _ = dir.remove_file(&run_disks::slot_overlay_name(request.slot));
+            }
+        }
         tracing::info!(vm_id = %entry.id, slot = request.slot, "disk detached");
         Ok(entry.update(|vm| {
             VmEntry::status_mut(vm)
@@ -128,11 +173,11 @@ fn vmm_status(call: &str, e: VmmCallError) -> Status {
     Status::new(code, format!("{call}: husk-vmm: {e}"))
 }
 
-/// One control request with `fd` sent along (SCM_RIGHTS on the frame's first bytes).
-async fn call_with_fd(
+/// One control request with `fds` sent along (SCM_RIGHTS on the frame's first bytes).
+async fn call_with_fds(
     api: &VmSocket,
     msg: vmm_request::Msg,
-    fd: BorrowedFd<'_>,
+    fds: &[BorrowedFd<'_>],
 ) -> Result<(), VmmCallError> {
     let request = VmmRequest { msg: Some(msg) };
     let reply: VmmResponse = tokio::time::timeout(CALL_LIMIT, async {
@@ -140,10 +185,10 @@ async fn call_with_fd(
         let bytes = frame::encode(&request)?;
         let sent = stream
             .async_io(Interest::WRITABLE, || {
-                let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut space = [MaybeUninit::<u8>::uninit();
+                    rustix::cmsg_space!(ScmRights(husk_host::vmm_args::MAX_CHAIN))];
                 let mut control = SendAncillaryBuffer::new(&mut space);
-                let fds = [fd];
-                control.push(SendAncillaryMessage::ScmRights(&fds));
+                control.push(SendAncillaryMessage::ScmRights(fds));
                 sendmsg(
                     &stream,
                     &[IoSlice::new(&bytes)],

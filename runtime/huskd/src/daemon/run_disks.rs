@@ -58,6 +58,12 @@ pub fn overlay_name(index: usize) -> String {
     format!("disk{index}.qcow2")
 }
 
+/// The overlay file of a copy-on-write disk attached to slot `slot` (made at the attach,
+/// removed at the detach; one left by a VM that stopped with it attached is replaced).
+pub fn slot_overlay_name(slot: u32) -> String {
+    format!("slot{slot}.qcow2")
+}
+
 fn denied(e: PolicyError) -> Status {
     policy_status(e, Status::failed_precondition)
 }
@@ -71,14 +77,16 @@ pub fn open_all(
     requests(spec)
         .iter()
         .enumerate()
-        .map(|(i, r)| open_one(policy, vm_dir, i, r))
+        .map(|(i, r)| open_one(policy, vm_dir, &overlay_name(i), r))
         .collect()
 }
 
-fn open_one(
+/// Opens one disk: the image and its chain, or (copy-on-write) the overlay `overlay` in
+/// `vm_dir`, made over the image when missing, and the chain below it.
+pub fn open_one(
     policy: &PathPolicy,
     vm_dir: &Dir,
-    index: usize,
+    overlay: &str,
     r: &DiskRequest<'_>,
 ) -> Result<OpenedDisk, Status> {
     let format = FormatSource::parse(r.format)
@@ -102,7 +110,7 @@ fn open_one(
         return disk_image::open_chain(path, top, format, r.read_only, backing)
             .map_err(chain_status);
     }
-    let name = overlay_name(index);
+    let name = overlay.to_string();
     let internal = |m: String| Status::internal(format!("{}: the overlay {name}: {m}", r.what));
     let overlay = match vm_dir.open_file(&name, OFlags::RDWR, 0) {
         Ok(file) => file,

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::sync::PoisonError;
 
 use husk_devices::host_files::FD_PREFIX;
-use husk_devices::virtio::block::backend::{DiskBackend, RawFile};
+use husk_devices::virtio::block::backend::DiskBackend;
+use husk_devices::virtio::block::format::{open_disk, DiskFormat};
 use husk_devices::virtio::block::{Block, MediumError};
 use husk_devices::virtio::device_id;
 
@@ -29,6 +30,10 @@ pub enum DiskSlotError {
     Empty(u32),
     #[error("attach_disk needs the disk image's file descriptor sent with the request")]
     NoFd,
+    #[error("attach_disk: {fds} descriptors for an image with {backing} backing images (one each, the image's first)")]
+    FdCount { fds: usize, backing: usize },
+    #[error("attach_disk: {0:?} is not a disk format (raw or qcow2)")]
+    Format(String),
     #[error("disk slot {0}: cannot use the image")]
     Image(u32, #[source] io::Error),
 }
@@ -67,25 +72,49 @@ fn find(devices: &[VirtioSlot], slot: u32) -> Result<&VirtioSlot, DiskSlotError>
         .ok_or(DiskSlotError::NoSuchSlot { slot, slots: count })
 }
 
-/// Puts the image `fd` names into slot `slot`. The fd is duplicated and locked as a `--disk`
-/// is (exclusive for a writable disk, shared for a read-only one), then closed.
+/// Puts the image of `request` into its slot: `fds` are the image and then its backing chain
+/// (`request.backing_formats`, top down), opened as a `--disk` is (each duplicated and locked:
+/// exclusive for a writable image, shared for read-only ones), then closed.
 pub fn attach(
     devices: &[VirtioSlot],
-    slot: u32,
-    fd: Option<OwnedFd>,
-    read_only: bool,
+    request: &husk_proto::vmm::AttachDisk,
+    fds: Vec<OwnedFd>,
 ) -> Result<(), DiskSlotError> {
+    let (slot, read_only) = (request.slot, request.read_only);
     let target = find(devices, slot)?;
     if with_block(target, |b| b.has_medium()).unwrap_or(false) {
         return Err(DiskSlotError::Occupied(slot));
     }
-    let fd = fd.ok_or(DiskSlotError::NoFd)?;
-    let path = PathBuf::from(format!("{FD_PREFIX}{}", fd.as_raw_fd()));
-    let disk = RawFile::open(&path, read_only).map_err(|e| DiskSlotError::Image(slot, e))?;
-    drop(fd);
+    let format = |f: &str| -> Result<DiskFormat, DiskSlotError> {
+        if f.is_empty() {
+            return Ok(DiskFormat::Raw);
+        }
+        f.parse().map_err(|_| DiskSlotError::Format(f.to_string()))
+    };
+    let top_format = format(&request.format)?;
+    let backing_formats = request
+        .backing_formats
+        .iter()
+        .map(|f| format(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    if fds.is_empty() {
+        return Err(DiskSlotError::NoFd);
+    }
+    if fds.len() != backing_formats.len() + 1 {
+        return Err(DiskSlotError::FdCount {
+            fds: fds.len(),
+            backing: backing_formats.len(),
+        });
+    }
+    let path = |fd: &OwnedFd| PathBuf::from(format!("{FD_PREFIX}{}", fd.as_raw_fd()));
+    let backing: Vec<(PathBuf, DiskFormat)> =
+        fds[1..].iter().map(path).zip(backing_formats).collect();
+    let disk = open_disk(&path(&fds[0]), top_format, read_only, &backing)
+        .map_err(|e| DiskSlotError::Image(slot, e))?;
+    drop(fds);
     let inserted = with_block(target, |b| {
         let serial = b.serial();
-        b.insert_medium(Box::new(disk), read_only, &serial)
+        b.insert_medium(disk, read_only, &serial)
     });
     match inserted {
         Some(Ok(())) => {

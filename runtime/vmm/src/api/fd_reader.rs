@@ -1,5 +1,6 @@
-//! Reading a control connection with recvmsg, so that a request can carry one file descriptor
-//! (the disk image of `attach_disk`: the VMM is jailed and cannot open host paths itself).
+//! Reading a control connection with recvmsg, so that a request can carry file descriptors
+//! (the disk image of `attach_disk` and its backing chain: the VMM is jailed and cannot open
+//! host paths itself).
 //!
 //! Descriptors arrive as SCM_RIGHTS on the request's bytes and are collected until the request
 //! is complete. At most [`MAX_FDS`] are kept per request: every further one is closed at once
@@ -14,31 +15,31 @@ use std::os::unix::net::UnixStream;
 
 use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
 
-/// Descriptors one request may carry.
-pub const MAX_FDS: usize = 1;
+/// Descriptors one request may carry: a disk image and its backing chain.
+pub const MAX_FDS: usize = husk_devices::virtio::block::format::MAX_CHAIN;
 
 /// The descriptors received with the request being read.
 #[derive(Debug, Default)]
 pub struct ReceivedFds {
-    fd: Option<OwnedFd>,
+    fds: Vec<OwnedFd>,
     /// Descriptors closed because the request carried too many.
     refused: usize,
 }
 
 impl ReceivedFds {
     /// What came with the request just completed (then nothing is held any more): its
-    /// descriptor, if any, or `Err(n)` when it carried `n` > [`MAX_FDS`] (all closed).
-    pub fn take(&mut self) -> Result<Option<OwnedFd>, usize> {
-        let fd = self.fd.take();
+    /// descriptors, in order, or `Err(n)` when it carried `n` > [`MAX_FDS`] (all closed).
+    pub fn take(&mut self) -> Result<Vec<OwnedFd>, usize> {
+        let fds = std::mem::take(&mut self.fds);
         match std::mem::take(&mut self.refused) {
-            0 => Ok(fd),
-            refused => Err(refused + usize::from(fd.is_some())),
+            0 => Ok(fds),
+            refused => Err(refused + fds.len()),
         }
     }
 
     fn keep(&mut self, fd: OwnedFd) {
-        if self.fd.is_none() && self.refused == 0 {
-            self.fd = Some(fd);
+        if self.fds.len() < MAX_FDS && self.refused == 0 {
+            self.fds.push(fd);
         } else {
             // Dropping it closes it.
             self.refused += 1;
@@ -55,7 +56,7 @@ pub struct FdReader<'a> {
 impl Read for FdReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Room for a few: a client sending more sees its request refused, not cut silently.
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS + 4))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let msg = recvmsg(
             self.stream,
@@ -86,7 +87,7 @@ mod tests {
     use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
     fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(32))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
         sendmsg(
@@ -105,7 +106,7 @@ mod tests {
     }
 
     #[test]
-    fn one_fd_is_kept_close_on_exec_and_more_are_refused() {
+    fn fds_are_kept_close_on_exec_in_order_and_too_many_are_refused() {
         let (client, server) = UnixStream::pair().unwrap();
         server.set_nonblocking(true).unwrap();
         let file = std::fs::File::open("/dev/null").unwrap();
@@ -120,12 +121,15 @@ mod tests {
         .read(&mut buf)
         .unwrap();
         assert_eq!(&buf[..n], b"abcd");
-        let fd = fds.take().unwrap().expect("the fd");
-        assert_ne!(fd.as_raw_fd(), file.as_raw_fd());
-        assert!(cloexec(&fd));
-        assert!(fds.take().unwrap().is_none(), "taken once");
+        let got = fds.take().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_ne!(got[0].as_raw_fd(), file.as_raw_fd());
+        assert!(cloexec(&got[0]));
+        assert!(fds.take().unwrap().is_empty(), "taken once");
 
-        send_with_fds(&client, b"ef", &[file.as_fd(), file.as_fd(), file.as_fd()]);
+        // A chain: three fds, in the order sent.
+        let other = std::fs::File::open("/dev/zero").unwrap();
+        send_with_fds(&client, b"hi", &[file.as_fd(), other.as_fd(), file.as_fd()]);
         let n = FdReader {
             stream: &server,
             fds: &mut fds,
@@ -133,8 +137,24 @@ mod tests {
         .read(&mut buf)
         .unwrap();
         assert_eq!(n, 2);
-        assert_eq!(fds.take().unwrap_err(), 3);
-        assert!(fds.take().unwrap().is_none());
+        let got = fds.take().unwrap();
+        assert_eq!(got.len(), 3);
+        let ino = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_rdev;
+        assert_eq!(ino(&got[1]), rustix::fs::fstat(&other).unwrap().st_rdev);
+        assert_ne!(ino(&got[0]), ino(&got[1]));
+
+        // More than MAX_FDS: all closed, the request refused.
+        let many: Vec<BorrowedFd<'_>> = (0..MAX_FDS + 2).map(|_| file.as_fd()).collect();
+        send_with_fds(&client, b"ef", &many);
+        let n = FdReader {
+            stream: &server,
+            fds: &mut fds,
+        }
+        .read(&mut buf)
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(fds.take().unwrap_err(), MAX_FDS + 2);
+        assert!(fds.take().unwrap().is_empty());
 
         // Plain bytes carry nothing; no data is WouldBlock.
         std::io::Write::write_all(&mut &client, b"g").unwrap();
@@ -145,6 +165,6 @@ mod tests {
         assert_eq!(reader.read(&mut buf).unwrap(), 1);
         let e = reader.read(&mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
-        assert!(fds.take().unwrap().is_none());
+        assert!(fds.take().unwrap().is_empty());
     }
 }

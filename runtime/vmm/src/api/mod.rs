@@ -85,7 +85,12 @@ impl ControlError {
             }
             Self::DiskSlot(DiskSlotError::Occupied(_)) => ErrorKind::SlotOccupied,
             Self::DiskSlot(DiskSlotError::Empty(_)) => ErrorKind::SlotEmpty,
-            Self::DiskSlot(DiskSlotError::NoFd | DiskSlotError::Image(..)) => ErrorKind::BadDisk,
+            Self::DiskSlot(
+                DiskSlotError::NoFd
+                | DiskSlotError::Image(..)
+                | DiskSlotError::FdCount { .. }
+                | DiskSlotError::Format(_),
+            ) => ErrorKind::BadDisk,
             _ => ErrorKind::Unspecified,
         }
     }
@@ -113,7 +118,7 @@ pub trait VmControl {
     fn attach_disk(
         &self,
         _request: &AttachDisk,
-        _disk: Option<OwnedFd>,
+        _disk: Vec<OwnedFd>,
     ) -> Result<Info, ControlError> {
         Err(ControlError::NoDiskSlots)
     }
@@ -124,24 +129,25 @@ pub trait VmControl {
 }
 
 /// Answers one request; `fds` is what came with it (see [`fd_reader::ReceivedFds::take`]):
-/// only `attach_disk` takes one, every other request that carries one is refused.
+/// only `attach_disk` takes them (an image and its backing chain), every other request that
+/// carries one is refused.
 pub fn handle_request(
     request: &VmmRequest,
-    fds: Result<Option<OwnedFd>, usize>,
+    fds: Result<Vec<OwnedFd>, usize>,
     vm: &dyn VmControl,
 ) -> VmmResponse {
     use vmm_request::Msg;
-    let fd = match fds {
-        Ok(fd) => fd,
+    let fds = match fds {
+        Ok(fds) => fds,
         Err(n) => return refusal(&ControlError::TooManyFds(n)),
     };
     if let Some(Msg::AttachDisk(attach)) = &request.msg {
-        return match vm.attach_disk(attach, fd) {
+        return match vm.attach_disk(attach, fds) {
             Ok(info) => info_response(info),
             Err(e) => refusal(&e),
         };
     }
-    if fd.is_some() {
+    if !fds.is_empty() {
         return refusal(&ControlError::UnexpectedFd);
     }
     if let Some(Msg::Snapshot(snapshot)) = &request.msg {
@@ -302,29 +308,29 @@ pub(crate) mod tests {
         let stop = request(vmm_request::Msg::Stop(Stop {}));
 
         assert_eq!(
-            state_of(&handle_request(&describe, Ok(None), &vm)),
+            state_of(&handle_request(&describe, Ok(Vec::new()), &vm)),
             Answer::State(info::State::Running)
         );
-        let err = error_of(&handle_request(&resume, Ok(None), &vm));
+        let err = error_of(&handle_request(&resume, Ok(Vec::new()), &vm));
         assert!(err.contains("not paused"), "{err}");
         assert_eq!(
-            state_of(&handle_request(&pause, Ok(None), &vm)),
+            state_of(&handle_request(&pause, Ok(Vec::new()), &vm)),
             Answer::State(info::State::Paused)
         );
-        let err = error_of(&handle_request(&pause, Ok(None), &vm));
+        let err = error_of(&handle_request(&pause, Ok(Vec::new()), &vm));
         assert!(err.contains("already paused"), "{err}");
         assert_eq!(
-            state_of(&handle_request(&resume, Ok(None), &vm)),
+            state_of(&handle_request(&resume, Ok(Vec::new()), &vm)),
             Answer::State(info::State::Running)
         );
         assert_eq!(
-            state_of(&handle_request(&stop, Ok(None), &vm)),
+            state_of(&handle_request(&stop, Ok(Vec::new()), &vm)),
             Answer::State(info::State::Stopping)
         );
-        let err = error_of(&handle_request(&VmmRequest::default(), Ok(None), &vm));
+        let err = error_of(&handle_request(&VmmRequest::default(), Ok(Vec::new()), &vm));
         assert!(err.contains("empty or unknown request"), "{err}");
         let snapshot = request(vmm_request::Msg::Snapshot(Snapshot::default()));
-        let err = error_of(&handle_request(&snapshot, Ok(None), &vm));
+        let err = error_of(&handle_request(&snapshot, Ok(Vec::new()), &vm));
         assert_eq!(err, "this VM cannot take snapshots");
     }
 
@@ -366,12 +372,12 @@ pub(crate) mod tests {
             (|| ControlError::Stopping, ErrorKind::Unspecified),
         ];
         for (error, kind) in cases {
-            let response = handle_request(&set, Ok(None), &RefusingVm(error));
+            let response = handle_request(&set, Ok(Vec::new()), &RefusingVm(error));
             assert_eq!(response.error_kind(), kind, "{response:?}");
             assert_eq!(error_of(&response), error_chain(&error()));
         }
         // A VM without the call refuses it by name.
-        let err = error_of(&handle_request(&set, Ok(None), &FakeVm::default()));
+        let err = error_of(&handle_request(&set, Ok(Vec::new()), &FakeVm::default()));
         assert_eq!(err, "this VM cannot change rate limits");
     }
 
@@ -397,21 +403,21 @@ pub(crate) mod tests {
             (|| ControlError::Stopping, ErrorKind::Unspecified),
         ];
         for (error, kind) in cases {
-            let response = handle_request(&snapshot, Ok(None), &RefusingVm(error));
+            let response = handle_request(&snapshot, Ok(Vec::new()), &RefusingVm(error));
             assert_eq!(response.error_kind(), kind, "{response:?}");
             assert_eq!(error_of(&response), error_chain(&error()));
         }
         // Outside snapshots too: the kind follows the error, not the request.
         let response = handle_request(
             &pause,
-            Ok(None),
+            Ok(Vec::new()),
             &RefusingVm(|| SnapshotError::NoBase.into()),
         );
         assert_eq!(response.error_kind(), ErrorKind::NoBase);
         // Successes carry no kind.
         let ok = handle_request(
             &request(vmm_request::Msg::Describe(Describe {})),
-            Ok(None),
+            Ok(Vec::new()),
             &FakeVm::default(),
         );
         assert_eq!(ok.error_kind(), ErrorKind::Unspecified);
@@ -420,7 +426,7 @@ pub(crate) mod tests {
     #[test]
     fn only_attach_disk_takes_an_fd_and_slot_refusals_carry_their_kind() {
         let vm = FakeVm::default();
-        let null = || Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        let null = || vec![OwnedFd::from(std::fs::File::open("/dev/null").unwrap())];
         let describe = request(vmm_request::Msg::Describe(Describe {}));
         let response = handle_request(&describe, Ok(null()), &vm);
         assert_eq!(
@@ -433,7 +439,7 @@ pub(crate) mod tests {
         let attach = request(vmm_request::Msg::AttachDisk(AttachDisk::default()));
         let detach = request(vmm_request::Msg::DetachDisk(DetachDisk::default()));
         // A VM without slots refuses both by kind.
-        for (req, fd) in [(&attach, null()), (&detach, None)] {
+        for (req, fd) in [(&attach, null()), (&detach, Vec::new())] {
             let response = handle_request(req, Ok(fd), &vm);
             assert_eq!(response.error_kind(), ErrorKind::NoSuchSlot, "{response:?}");
         }

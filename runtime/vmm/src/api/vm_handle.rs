@@ -157,10 +157,10 @@ impl VmControl for VmHandle {
     fn attach_disk(
         &self,
         request: &AttachDisk,
-        disk: Option<std::os::fd::OwnedFd>,
+        disk: Vec<std::os::fd::OwnedFd>,
     ) -> Result<Info, ControlError> {
         self.stopping_error()?;
-        super::disk_slots::attach(&self.devices, request.slot, disk, request.read_only)?;
+        super::disk_slots::attach(&self.devices, request, disk)?;
         Ok(self.describe())
     }
 

@@ -102,7 +102,7 @@ impl Fs {
 
     fn start(&mut self, ctx: &ActivateContext) -> Result<Vec<u32>, VhostUserError> {
         self.frontend.set_features(ctx.acked_features)?;
-        let regions = memory_regions(&ctx.mem).ok_or(VhostUserError::TooManyRegions(0))?;
+        let regions = memory_regions(&ctx.mem).ok_or(VhostUserError::PrivateMemory)?;
         let with_fds: Vec<_> = regions.iter().map(|(r, file)| (*r, file.as_fd())).collect();
         self.frontend.set_mem_table(&with_fds)?;
         let mut started = Vec::new();
@@ -110,11 +110,9 @@ impl Fs {
             if !queue.ready() {
                 continue;
             }
-            let addrs = vring_addrs(&ctx.mem, queue).ok_or(VhostUserError::BadReply {
-                request: vhost_user::Request::SetVringAddr,
-                why: "a ring outside one guest memory region",
-            })?;
             let index = index as u32;
+            let addrs =
+                vring_addrs(&ctx.mem, queue).ok_or(VhostUserError::RingOutsideMemory(index))?;
             self.frontend.start_vring(
                 index,
                 queue.size(),

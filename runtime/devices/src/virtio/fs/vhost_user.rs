@@ -87,6 +87,10 @@ pub enum VhostUserError {
     NoVersion1,
     #[error("too many memory regions ({0}, at most {MAX_REGIONS})")]
     TooManyRegions(usize),
+    #[error("guest memory is not shared with the backend (the VMM maps it from a memfd for VMs with vhost-user devices)")]
+    PrivateMemory,
+    #[error("queue {0}'s rings do not each lie inside one guest memory region")]
+    RingOutsideMemory(u32),
 }
 
 impl From<VhostUserError> for io::Error {
