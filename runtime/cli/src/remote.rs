@@ -443,6 +443,35 @@ mod tests {
     }
 
     #[test]
+    fn volumes_become_mounts_with_absolute_host_paths() {
+        let (spec, _) = create_spec_of(&[
+            "-v",
+            "/srv/site:/var/www:ro",
+            "--volume",
+            "data:/data",
+        ])
+        .unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            spec.mounts,
+            [
+                husk_proto::v1::Mount {
+                    host_path: "/srv/site".into(),
+                    guest_path: "/var/www".into(),
+                    read_only: true,
+                },
+                husk_proto::v1::Mount {
+                    host_path: cwd.join("data").display().to_string(),
+                    guest_path: "/data".into(),
+                    read_only: false,
+                },
+            ]
+        );
+        assert!(create_spec_of(&["-v", "/srv:relative"]).is_err());
+        assert!(create_spec_of(&["-v", "/srv"]).is_err());
+    }
+
+    #[test]
     fn create_options_become_a_spec() {
         let (spec, start) = create_spec_of(&[
             "--name",
