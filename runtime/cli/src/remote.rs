@@ -444,13 +444,8 @@ mod tests {
 
     #[test]
     fn volumes_become_mounts_with_absolute_host_paths() {
-        let (spec, _) = create_spec_of(&[
-            "-v",
-            "/srv/site:/var/www:ro",
-            "--volume",
-            "data:/data",
-        ])
-        .unwrap();
+        let (spec, _) =
+            create_spec_of(&["-v", "/srv/site:/var/www:ro", "--volume", "data:/data"]).unwrap();
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
             spec.mounts,
