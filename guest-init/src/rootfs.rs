@@ -20,7 +20,7 @@ pub fn root_device(cmdline: &str) -> Option<&str> {
 }
 
 /// mount(2) with no data (a bind mount passes an empty file system type, as before).
-fn mount(source: &str, target: &str, fstype: &str, flags: MountFlags) -> io::Result<()> {
+pub fn mount(source: &str, target: &str, fstype: &str, flags: MountFlags) -> io::Result<()> {
     std::fs::create_dir_all(target)?;
     rustix::mount::mount(source, target, fstype, flags, None)?;
     Ok(())
@@ -43,9 +43,10 @@ pub enum RootError {
     },
 }
 
-/// The kernel filesystems of the root disk, in mount order: (source, target, type, flags).
-fn inner_mounts() -> [(&'static str, String, &'static str, MountFlags); 5] {
-    let inner = |p: &str| format!("{ROOT_MOUNT}{p}");
+/// The kernel filesystems of a root mounted at `root`, in mount order: (source, target, type,
+/// flags).
+fn inner_mounts(root: &str) -> [(&'static str, String, &'static str, MountFlags); 5] {
+    let inner = |p: &str| format!("{root}{p}");
     let nosuid_nodev = MountFlags::NOSUID | MountFlags::NODEV;
     let bind_rec = MountFlags::BIND | MountFlags::REC;
     [
@@ -64,13 +65,21 @@ fn inner_mounts() -> [(&'static str, String, &'static str, MountFlags); 5] {
 
 /// Mounts `device` (ext4) at [`ROOT_MOUNT`] and gives it the kernel filesystems.
 pub fn mount_root(device: &str) -> Result<(), RootError> {
-    mount(device, ROOT_MOUNT, "ext4", MountFlags::empty()).map_err(|source| RootError::Disk {
+    mount_root_at(device, ROOT_MOUNT)
+}
+
+/// Mounts `device` (ext4) at `target` and gives it the kernel filesystems: the application's
+/// root, or a pod container's (see `agent::containers`).
+pub fn mount_root_at(device: &str, target: &str) -> Result<(), RootError> {
+    mount(device, target, "ext4", MountFlags::empty()).map_err(|source| RootError::Disk {
         device: device.to_string(),
         source,
     })?;
-    for (source, target, fstype, flags) in inner_mounts() {
-        mount(source, &target, fstype, flags)
-            .map_err(|source| RootError::Inner { target, source })?;
+    for (source, inner, fstype, flags) in inner_mounts(target) {
+        mount(source, &inner, fstype, flags).map_err(|source| RootError::Inner {
+            target: inner,
+            source,
+        })?;
     }
     Ok(())
 }
@@ -112,9 +121,9 @@ mod tests {
             nosuid_nodev,
             nosuid_nodev,
         ];
-        for ((_, target, _, flags), want) in inner_mounts().into_iter().zip(expected) {
+        for ((_, target, _, flags), want) in inner_mounts(ROOT_MOUNT).into_iter().zip(expected) {
             assert_eq!(libc::c_ulong::from(flags.bits()), want, "{target}");
         }
-        assert_eq!(inner_mounts()[1].1, "/run/husk-root/sys");
+        assert_eq!(inner_mounts(ROOT_MOUNT)[1].1, "/run/husk-root/sys");
     }
 }

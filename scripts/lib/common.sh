@@ -36,6 +36,17 @@ apt_install() {
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
         || die "apt-get install ${missing[*]} failed"
+    # An install can remove a requested package that was already there: a fresh machine had
+    # qemu-utils from backports, and bookworm's qemu-system-x86 took it away. Install what is
+    # missing now once more, in versions that fit what is installed.
+    missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing Debian packages removed by the previous install: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
+        || die "apt-get install ${missing[*]} failed"
 }
 
 # has_hw_kvm: true when /dev/kvm is a hardware-assisted KVM (VT-x or AMD-V), not PVM.

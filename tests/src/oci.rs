@@ -18,19 +18,28 @@ fn blob(dir: &Path, data: &[u8]) -> (String, usize) {
     (format!("sha256:{hex}"), data.len())
 }
 
-/// A one-layer OCI image (busybox-static and a few applet links) named `name`: its layout is
-/// `dir/layout`; returns the OCI archive of it, `dir/image.tar`.
+/// The applet links of [`build_oci_image`]'s image.
+pub const APPLETS: &[&str] = &[
+    "sh", "echo", "cat", "sleep", "id", "pwd", "env", "ls", "true", "kill", "ip", "ping", "nc",
+    "timeout",
+];
+
+/// A one-layer OCI image (busybox-static and the [`APPLETS`] links, config Cmd `["sh"]`) named
+/// `name`: its layout is `dir/layout`; returns the OCI archive of it, `dir/image.tar`.
 pub fn build_oci_image(dir: &Path, name: &str) -> PathBuf {
+    build_oci_image_with(dir, name, &["sh"], APPLETS)
+}
+
+/// As [`build_oci_image`], with the image config's `Cmd` `cmd` and the links `/bin/APPLET` to
+/// busybox for each of `applets` (busybox-static must have them).
+pub fn build_oci_image_with(dir: &Path, name: &str, cmd: &[&str], applets: &[&str]) -> PathBuf {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "tmp", "proc", "sys", "dev", "etc", "root"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
         .expect("/bin/busybox (busybox-static) is needed");
-    for applet in [
-        "sh", "echo", "cat", "sleep", "id", "pwd", "env", "ls", "true", "kill", "ip", "ping", "nc",
-        "timeout",
-    ] {
+    for applet in applets {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -47,8 +56,9 @@ pub fn build_oci_image(dir: &Path, name: &str) -> PathBuf {
         .unwrap();
     assert!(status.success());
     let (layer, layer_size) = blob(&layout, &std::fs::read(&layer_tar).unwrap());
+    let cmd = serde_json::to_string(cmd).unwrap();
     let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"],"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{layer}"]}}}}"#
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":{cmd},"WorkingDir":"/"}},"rootfs":{{"type":"layers","diff_ids":["{layer}"]}}}}"#
     );
     let (config_digest, config_size) = blob(&layout, config.as_bytes());
     let manifest = format!(

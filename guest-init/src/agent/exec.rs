@@ -125,7 +125,16 @@ pub fn serve(conn: File, request: &Exec, agent: &Agent) {
         }
     };
     let sink = Arc::new(Sink::new(conn));
-    let launch = match plan(request, agent.root.as_deref()) {
+    let container_root = if request.container.is_empty() {
+        None
+    } else {
+        match super::containers::root_of(&request.container) {
+            Ok(root) => Some(root),
+            Err(e) => return sink.fail(&e),
+        }
+    };
+    let root = container_root.as_deref().or(agent.root.as_deref());
+    let launch = match plan(request, root) {
         Ok(launch) => launch,
         Err(e) => return sink.fail(&e.to_string()),
     };

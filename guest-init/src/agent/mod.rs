@@ -7,6 +7,7 @@
 //! connection gets an `error` frame and is closed. Malformed input gets an `error` frame and
 //! the connection is closed; nothing the host sends can panic or block PID 1 itself.
 
+mod containers;
 mod exec;
 mod fd;
 mod input;
@@ -168,6 +169,8 @@ fn request_name(msg: &Request) -> &'static str {
         Request::Shutdown(_) => "shutdown",
         Request::SetTime(_) => "set_time",
         Request::SetNetwork(_) => "set_network",
+        Request::AddContainer(_) => "add_container",
+        Request::RemoveContainer(_) => "remove_container",
     }
 }
 
@@ -240,10 +243,25 @@ pub fn serve(mut conn: File, agent: &Agent) {
                 Err(e) => Reply::Error(format!("set_network: {e}")),
             },
         ),
+        Request::AddContainer(add) => reply(
+            &mut conn,
+            match containers::add(&add) {
+                Ok(()) => Reply::Ack(true),
+                Err(e) => Reply::Error(format!("add_container: {e}")),
+            },
+        ),
+        Request::RemoveContainer(remove) => reply(
+            &mut conn,
+            match containers::remove(&remove.id) {
+                Ok(()) => Reply::Ack(true),
+                Err(e) => Reply::Error(format!("remove_container: {e}")),
+            },
+        ),
         other => reply(
             &mut conn,
             Reply::Error(format!(
-                "expected a request (hello, exec, shutdown, set_time or set_network), got {}",
+                "expected a request (hello, exec, shutdown, set_time, set_network, \
+                 add_container or remove_container), got {}",
                 request_name(&other)
             )),
         ),

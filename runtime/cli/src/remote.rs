@@ -324,6 +324,7 @@ async fn exec(client: &mut HuskClient<Channel>, args: &ExecArgs) -> Result<i32, 
         tty,
         window,
         user: None,
+        container: String::new(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<ExecRequest>(16);
     let msg = |m| ExecRequest { msg: Some(m) };

@@ -13,7 +13,9 @@ use husk_proto::v1::{
     StartVmRequest, StopVmRequest, StreamConsoleRequest, UpdateRateLimitsRequest, Vm,
     WatchEventsRequest,
 };
-use husk_proto::v1::{AttachDiskRequest, DetachDiskRequest};
+use husk_proto::v1::{
+    AddContainerRequest, AttachDiskRequest, DetachDiskRequest, RemoveContainerRequest,
+};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -132,6 +134,28 @@ impl Husk for HuskService {
         let entry = self.daemon.resolve(&request.vm)?;
         Ok(Response::new(
             self.daemon.detach_disk(&entry, &request).await?,
+        ))
+    }
+
+    async fn add_container(
+        &self,
+        request: Request<AddContainerRequest>,
+    ) -> Result<Response<Vm>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.add_container(&entry, &request).await?,
+        ))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<Vm>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.remove_container(&entry, &request).await?,
         ))
     }
 
@@ -292,6 +316,7 @@ impl Husk for HuskService {
                     gid: u.gid,
                     additional_gids: u.additional_gids.clone(),
                 }),
+                container: start.container.clone(),
             })),
         };
         let first: GuestMessage = wire::exchange(&mut stream, &exec, Duration::from_secs(30))

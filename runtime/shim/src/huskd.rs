@@ -63,6 +63,8 @@ pub struct VmPlan {
     pub netns: Option<String>,
     /// Host directories bound into the container: the VM's shared directories.
     pub mounts: Vec<crate::oci::BindMount>,
+    /// Empty disk slots for the containers of a pod (its sandbox's VM), 0 otherwise.
+    pub disk_slots: u32,
 }
 
 /// Creates and starts the container's VM: a sandbox (no boot command) with the rootfs image as
@@ -91,6 +93,7 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
         vcpus: plan.vcpus.unwrap_or(0),
         memory_mib: plan.memory_mib.unwrap_or(0),
         labels: plan.labels.iter().cloned().collect(),
+        disk_slots: plan.disk_slots,
         mounts: plan
             .mounts
             .iter()

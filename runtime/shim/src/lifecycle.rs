@@ -71,16 +71,31 @@ pub enum LifecycleError {
     },
 }
 
+/// The container whose shim serves this one: the pod's sandbox for the containers of a
+/// Kubernetes pod (CRI annotations in the bundle's config.json), so that one shim (and one VM)
+/// serves the whole pod; the container itself otherwise, or when its config cannot be read.
+pub fn group_id(args: &ShimArgs) -> String {
+    match crate::oci::Spec::load(&args.bundle).map(|s| s.pod_role(&args.id)) {
+        Ok(crate::oci::PodRole::Member { sandbox }) => sandbox,
+        _ => args.id.clone(),
+    }
+}
+
 /// The shim's socket: `<containerd's socket dir>/s/husk-<hash>.sock`, where containerd keeps
-/// its own shims' sockets (`/run/containerd/s` by default); short enough for sun_path.
+/// its own shims' sockets (`/run/containerd/s` by default); short enough for sun_path. One
+/// per [`group_id`].
 pub fn socket_path(args: &ShimArgs) -> PathBuf {
+    socket_path_for(args, &group_id(args))
+}
+
+fn socket_path_for(args: &ShimArgs, group: &str) -> PathBuf {
     let dir = Path::new(&args.address)
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("/run/containerd"))
         .join("s");
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("{}\0{}\0{}", args.address, args.namespace, args.id).bytes() {
+    for b in format!("{}\0{}\0{group}", args.address, args.namespace).bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -91,9 +106,12 @@ pub fn start(args: &ShimArgs) -> Result<(), LifecycleError> {
     let path = socket_path(args);
     let address = format!("unix://{}", path.display());
     if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-        // A shim for this container already serves (containerd retried start).
+        // A shim for this container already serves (containerd retried start), or this is a
+        // container of a pod whose sandbox's shim serves the pod.
+        std::fs::write(args.bundle.join("address"), &address)
+            .map_err(LifecycleError::AddressFile)?;
         print!("{address}");
-        return Ok(());
+        return std::io::stdout().flush().map_err(LifecycleError::Stdout);
     }
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = path.parent() {
@@ -165,6 +183,9 @@ pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
     let mut lines = record.lines();
     let vm = lines.next().map(str::to_string);
     let image = lines.next().filter(|l| !l.is_empty()).map(PathBuf::from);
+    let _shared_base = lines.next();
+    // A container of a pod leaves its pod's VM; any other container takes its VM with it.
+    let in_pod = lines.next().filter(|l| !l.is_empty()).map(str::to_string);
     if let Some(vm) = vm {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -172,11 +193,18 @@ pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
             .map_err(LifecycleError::Runtime)?;
         runtime.block_on(async {
             match huskd::connect(&huskd::host()).await {
-                Ok(mut c) => {
-                    if let Err(e) = huskd::delete_vm(&mut c, &vm).await {
-                        tracing::warn!(vm, "delete: removing the VM: {e}");
+                Ok(mut c) => match &in_pod {
+                    Some(id) => {
+                        if let Err(e) = crate::service::remove_from_pod(&mut c, &vm, id).await {
+                            tracing::warn!(vm, "delete: removing container {id} from the VM: {e}");
+                        }
                     }
-                }
+                    None => {
+                        if let Err(e) = huskd::delete_vm(&mut c, &vm).await {
+                            tracing::warn!(vm, "delete: removing the VM: {e}");
+                        }
+                    }
+                },
                 Err(e) => tracing::warn!(vm, "delete: {e}"),
             }
         });
@@ -186,7 +214,10 @@ pub fn delete(args: &ShimArgs) -> Result<(), LifecycleError> {
         let _ = std::fs::remove_dir(dir);
     }
     let _ = std::fs::remove_file(args.bundle.join(RECORD_FILE));
-    let _ = std::fs::remove_file(socket_path(args));
+    if in_pod.is_none() {
+        // A pod container's socket is its sandbox's shim's.
+        let _ = std::fs::remove_file(socket_path(args));
+    }
     let mut r = DeleteResponse::new();
     r.exit_status = 128 + rustix::process::Signal::KILL.as_raw() as u32;
     r.exited_at = timestamp(std::time::SystemTime::now());
@@ -283,5 +314,40 @@ mod tests {
         });
         assert_ne!(a, b);
         assert_eq!(a, socket_path(&args));
+    }
+
+    #[test]
+    fn the_containers_of_a_pod_share_their_sandboxs_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = |id: &str, kind: &str| {
+            let b = dir.path().join(id);
+            std::fs::create_dir_all(&b).unwrap();
+            std::fs::write(
+                b.join("config.json"),
+                format!(
+                    r#"{{"ociVersion": "1.0.2", "annotations": {{
+                        "io.kubernetes.cri.container-type": "{kind}",
+                        "io.kubernetes.cri.sandbox-id": "s1"}}}}"#
+                ),
+            )
+            .unwrap();
+            ShimArgs {
+                namespace: "k8s.io".into(),
+                id: id.into(),
+                address: "/run/containerd/containerd.sock".into(),
+                bundle: b,
+                ..Default::default()
+            }
+        };
+        let sandbox = bundle("s1", "sandbox");
+        let member = bundle("c1", "container");
+        assert_eq!(group_id(&member), "s1");
+        assert_eq!(socket_path(&sandbox), socket_path(&member));
+        let plain = ShimArgs {
+            id: "c1".into(),
+            bundle: dir.path().join("missing"),
+            ..member.clone()
+        };
+        assert_ne!(socket_path(&plain), socket_path(&sandbox));
     }
 }

@@ -48,6 +48,33 @@ pub struct BindMount {
     pub read_only: bool,
 }
 
+/// Where a container goes in a Kubernetes pod, from the annotations containerd's CRI plugin
+/// puts in its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodRole {
+    /// Not a CRI container (`ctr run`, ...): a VM of its own.
+    None,
+    /// The pod's sandbox (pause) container: it creates the pod's VM.
+    Sandbox,
+    /// A container of the pod whose sandbox has this id: it runs inside the sandbox's VM.
+    Member { sandbox: String },
+}
+
+/// CRI's annotation naming the container's kind (`sandbox` or `container`).
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation naming the pod's sandbox container.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The path element of kubelet's emptyDir volumes: `.../volumes/kubernetes.io~empty-dir/NAME`.
+const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
+
+/// A pod container's mounts, sorted out: emptyDir volumes (guest-local, shared in the pod)
+/// and what is not shared, with the reason.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PodMounts {
+    pub volumes: Vec<husk_proto::v1::PodVolume>,
+    pub skipped: Vec<String>,
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct User {
     pub uid: u32,
@@ -181,9 +208,56 @@ impl Spec {
         (binds, skipped)
     }
 
+    /// The container's place in a pod (CRI annotations); `own_id` is the container's id.
+    pub fn pod_role(&self, own_id: &str) -> PodRole {
+        let annotations = self.inner.annotations().clone().unwrap_or_default();
+        let sandbox = annotations.get(SANDBOX_ID).filter(|s| !s.is_empty());
+        match (annotations.get(CONTAINER_TYPE).map(String::as_str), sandbox) {
+            (Some("sandbox"), _) => PodRole::Sandbox,
+            (Some("container"), Some(sandbox)) if sandbox != own_id => PodRole::Member {
+                sandbox: sandbox.clone(),
+            },
+            _ => PodRole::None,
+        }
+    }
+
+    /// The mounts of a container in a pod VM: kubelet's emptyDir directories become pod
+    /// volumes that live in the guest, shared by the pod's containers (emptyDir's meaning);
+    /// the rest is not shared into a running VM (its shared directories are fixed at boot),
+    /// and `/dev/shm` is the guest's own.
+    pub fn pod_mounts(&self) -> PodMounts {
+        let (binds, mut skipped) = self.bind_mounts();
+        let mut volumes = Vec::new();
+        for b in binds {
+            if b.destination == "/dev/shm" {
+                continue;
+            }
+            match empty_dir_name(&b.source) {
+                Some(name) => volumes.push(husk_proto::v1::PodVolume {
+                    name: name.to_string(),
+                    path: b.destination,
+                    read_only: b.read_only,
+                }),
+                None => skipped.push(format!(
+                    "{}: {} is not an emptyDir; host directories are not shared into a pod's \
+                     running VM (docs/containerd.md#pods)",
+                    b.destination, b.source
+                )),
+            }
+        }
+        PodMounts { volumes, skipped }
+    }
+
     fn resources(&self) -> Option<&spec::LinuxResources> {
         self.inner.linux().as_ref()?.resources().as_ref()
     }
+}
+
+/// The volume name of a kubelet emptyDir path (`.../kubernetes.io~empty-dir/NAME`).
+fn empty_dir_name(source: &str) -> Option<&str> {
+    let mut parts = source.trim_end_matches('/').rsplit('/');
+    let name = parts.next()?;
+    (parts.next() == Some(EMPTY_DIR) && !name.is_empty()).then_some(name)
 }
 
 impl Process {
@@ -219,6 +293,73 @@ mod tests {
 
     fn spec(json: &str) -> Spec {
         Spec::from_json(json.as_bytes(), "config.json").unwrap()
+    }
+
+    fn annotated(annotations: &str) -> Spec {
+        spec(&format!(
+            r#"{{"ociVersion": "1.0.2", "process": {{"user": {{"uid": 0, "gid": 0}},
+                "args": ["sh"], "cwd": "/"}}, "annotations": {{{annotations}}}}}"#
+        ))
+    }
+
+    #[test]
+    fn cri_annotations_place_a_container_in_its_pod() {
+        assert_eq!(annotated("").pod_role("c1"), PodRole::None);
+        let sandbox = annotated(
+            r#""io.kubernetes.cri.container-type": "sandbox",
+               "io.kubernetes.cri.sandbox-id": "s1""#,
+        );
+        assert_eq!(sandbox.pod_role("s1"), PodRole::Sandbox);
+        let member = annotated(
+            r#""io.kubernetes.cri.container-type": "container",
+               "io.kubernetes.cri.sandbox-id": "s1""#,
+        );
+        assert_eq!(
+            member.pod_role("c1"),
+            PodRole::Member {
+                sandbox: "s1".into()
+            }
+        );
+        // A container that names itself as its sandbox has no pod VM to join.
+        assert_eq!(member.pod_role("s1"), PodRole::None);
+    }
+
+    #[test]
+    fn empty_dirs_become_pod_volumes_and_other_directories_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir
+            .path()
+            .join("pods/u1/volumes/kubernetes.io~empty-dir/cache");
+        let host = dir.path().join("data");
+        let shm = dir.path().join("shm");
+        for d in [&empty, &host, &shm] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let json = format!(
+            r#"{{"ociVersion": "1.0.2", "process": {{"user": {{"uid": 0, "gid": 0}},
+                "args": ["sh"], "cwd": "/"}},
+                "mounts": [
+                  {{"destination": "/cache", "type": "bind", "source": "{e}", "options": ["rbind", "ro"]}},
+                  {{"destination": "/data", "type": "bind", "source": "{h}", "options": ["rbind"]}},
+                  {{"destination": "/dev/shm", "type": "bind", "source": "{s}", "options": ["rbind"]}}
+                ]}}"#,
+            e = empty.display(),
+            h = host.display(),
+            s = shm.display()
+        );
+        let m = spec(&json).pod_mounts();
+        assert_eq!(
+            m.volumes,
+            vec![husk_proto::v1::PodVolume {
+                name: "cache".into(),
+                path: "/cache".into(),
+                read_only: true,
+            }]
+        );
+        assert_eq!(m.skipped.len(), 1, "{:?}", m.skipped);
+        assert!(m.skipped[0].starts_with("/data: "), "{:?}", m.skipped);
+        assert_eq!(empty_dir_name("/x/kubernetes.io~empty-dir/"), None);
+        assert_eq!(empty_dir_name("/x/kubernetes.io~configmap/a"), None);
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub enum ProcessError {
 #[derive(Debug)]
 pub struct Process {
     pub exec_id: String,
+    /// The pod container it runs in (huskd AddContainer); empty: the VM's own root.
+    pub container: String,
     pub spec: oci::Process,
     pub stdio: Stdio,
     status: watch::Sender<Status>,
@@ -84,9 +86,10 @@ pub struct Ended {
 }
 
 impl Process {
-    pub fn new(exec_id: &str, spec: oci::Process, stdio: Stdio) -> Arc<Self> {
+    pub fn new(exec_id: &str, container: &str, spec: oci::Process, stdio: Stdio) -> Arc<Self> {
         Arc::new(Self {
             exec_id: exec_id.to_string(),
+            container: container.to_string(),
             spec,
             status: watch::channel(Status::Created).0,
             control: Mutex::new(None),
@@ -197,6 +200,7 @@ impl Process {
                 gid: self.spec.user.gid,
                 additional_gids: self.spec.user.additional_gids.clone(),
             }),
+            container: self.container.clone(),
         };
         let _ = tx
             .send(ExecRequest {
@@ -370,7 +374,7 @@ mod tests {
     use super::*;
 
     fn proc() -> Arc<Process> {
-        Process::new("", oci::Process::default(), Stdio::default())
+        Process::new("", "", oci::Process::default(), Stdio::default())
     }
 
     #[tokio::test]

@@ -1,8 +1,13 @@
-//! The ttrpc task service (`containerd.task.v2.Task`) for one container in one husk VM.
+//! The ttrpc task service (`containerd.task.v2.Task`): one container in one husk VM, or the
+//! containers of one Kubernetes pod in the pod's VM.
 //!
 //! Create builds the rootfs image and boots the VM (a huskd sandbox: no boot command); Start
 //! runs the OCI process through the guest agent (huskd Exec); execs are further Exec streams.
-//! The container's init process is reported with the VMM's host PID (what `ctr task ls` and
+//! In a pod (CRI annotations, see [`oci::PodRole`]) the sandbox container creates the VM and
+//! containerd sends every later container of the pod to this same shim (see
+//! `lifecycle::socket_path`): each gets its root as a disk added to the running VM (huskd
+//! AddContainer) and its processes run chrooted into it.
+//! A container's init process is reported with the VMM's host PID (what `ctr task ls` and
 //! host tools can look at); exec'd processes with their guest PIDs.
 
 use std::collections::HashMap;
@@ -25,7 +30,9 @@ use containerd_shim_protos::protobuf::{EnumOrUnknown, MessageField};
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext, Code};
 use containerd_shim_protos::types::task::{ProcessInfo, Status as TaskStatus};
-use husk_proto::v1::{PauseVmRequest, ResumeVmRequest};
+use husk_proto::v1::{
+    AddContainerRequest, PauseVmRequest, RemoveContainerRequest, ResumeVmRequest,
+};
 use tokio::sync::{Mutex, Notify};
 
 use crate::args::ShimArgs;
@@ -39,7 +46,8 @@ use crate::stats;
 
 /// The file in the bundle that tells `delete` (run after a shim died) what to clean up:
 /// line 1 the VM name, line 2 the container's own rootfs image (empty when its VM uses a
-/// shared base), line 3 the shared base (for people; never removed by `delete`).
+/// shared base), line 3 the shared base (for people; never removed by `delete`), line 4 the
+/// container's id when it lives in its pod's VM (then only the container leaves the VM).
 pub const RECORD_FILE: &str = "husk-vm";
 
 fn err(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -74,10 +82,30 @@ fn process_err(e: ProcessError) -> ttrpc::Error {
     err(code, e.to_string())
 }
 
-/// The container this shim serves.
+/// Where a container runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Place {
+    /// In a VM of its own (a plain container, or a pod's sandbox with room for the pod's
+    /// containers); its init's end stops the VM.
+    OwnVm,
+    /// Inside the VM of its pod's sandbox container `sandbox`.
+    InPod { sandbox: String },
+}
+
+/// Disk slots of a pod's VM: how many containers it can hold besides its sandbox at once
+/// (`$HUSK_SHIM_POD_SLOTS`, default 8; an exited container's slot is freed at its delete).
+fn pod_slots() -> u32 {
+    std::env::var("HUSK_SHIM_POD_SLOTS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(8)
+        .min(husk_host::vmm_args::MAX_DISK_SLOTS)
+}
+
+/// A container this shim serves.
 #[derive(Debug)]
 struct Container {
-    id: String,
+    place: Place,
     bundle: PathBuf,
     vm: String,
     vmm_pid: u32,
@@ -125,7 +153,7 @@ pub struct Service {
     args: ShimArgs,
     host: String,
     events: Publisher,
-    container: Arc<Mutex<Option<Container>>>,
+    containers: Arc<Mutex<HashMap<String, Container>>>,
     pub shutdown: Arc<Notify>,
 }
 
@@ -143,8 +171,14 @@ pub fn image_path(namespace: &str, id: &str) -> PathBuf {
     state_dir().join(namespace).join(id).join("rootfs.ext4")
 }
 
-/// Writes the bundle's [`RECORD_FILE`].
-fn write_record(bundle: &std::path::Path, vm: &str, disk: &Disk) -> std::io::Result<()> {
+/// Writes the bundle's [`RECORD_FILE`]; `in_pod` is the container's id when it lives in its
+/// pod's VM `vm`.
+fn write_record(
+    bundle: &std::path::Path,
+    vm: &str,
+    disk: &Disk,
+    in_pod: Option<&str>,
+) -> std::io::Result<()> {
     let own = disk.own_image().map(|p| p.display().to_string());
     let shared = match disk {
         Disk::Base(lease) => lease.path.display().to_string(),
@@ -152,7 +186,11 @@ fn write_record(bundle: &std::path::Path, vm: &str, disk: &Disk) -> std::io::Res
     };
     std::fs::write(
         bundle.join(RECORD_FILE),
-        format!("{vm}\n{}\n{shared}\n", own.unwrap_or_default()),
+        format!(
+            "{vm}\n{}\n{shared}\n{}\n",
+            own.unwrap_or_default(),
+            in_pod.unwrap_or_default()
+        ),
     )
 }
 
@@ -181,7 +219,7 @@ impl Service {
             args,
             host: huskd::host(),
             events,
-            container: Arc::new(Mutex::new(None)),
+            containers: Arc::new(Mutex::new(HashMap::new())),
             shutdown: Arc::new(Notify::new()),
         }
     }
@@ -268,10 +306,9 @@ impl Service {
 
     /// The process named by `exec_id` (empty: init), with the container's VM name.
     async fn process(&self, id: &str, exec_id: &str) -> ttrpc::Result<(Arc<Process>, String)> {
-        let guard = self.container.lock().await;
+        let guard = self.containers.lock().await;
         let c = guard
-            .as_ref()
-            .filter(|c| c.id == id)
+            .get(id)
             .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not found")))?;
         let p = if exec_id.is_empty() {
             Arc::clone(&c.init)
@@ -285,14 +322,15 @@ impl Service {
         Ok((p, c.vm.clone()))
     }
 
-    /// The PID containerd sees for a process: the VMM's for init, the guest's for execs.
-    async fn pid_of(&self, p: &Process) -> u32 {
+    /// The PID containerd sees for a process of container `id`: the VMM's for init (in a pod
+    /// too: the host process that holds the container), the guest's for execs.
+    async fn pid_of(&self, id: &str, p: &Process) -> u32 {
         if p.exec_id.is_empty() {
             return self
-                .container
+                .containers
                 .lock()
                 .await
-                .as_ref()
+                .get(id)
                 .map_or(0, |c| c.vmm_pid);
         }
         match p.status() {
@@ -301,9 +339,23 @@ impl Service {
         }
     }
 
-    /// What happens when a process ended: the TaskExit event; for init also the VM's stop,
-    /// which ends every exec'd process with it (as a PID namespace's end would).
-    fn on_exit(&self, id: &str, exec_id: &str, pid: u32, vm: &str) -> impl FnOnce(Ended) + Send {
+    /// What happens when a process ended: the TaskExit event; for init also the end of the
+    /// container's other processes (as a PID namespace's end would): the VM's stop for a
+    /// container with a VM of its own, SIGKILL to its execs for a container in a pod's VM.
+    async fn on_exit(
+        &self,
+        id: &str,
+        exec_id: &str,
+        pid: u32,
+        vm: &str,
+    ) -> impl FnOnce(Ended) + Send {
+        let in_pod = self
+            .containers
+            .lock()
+            .await
+            .get(id)
+            .is_some_and(|c| c.place != Place::OwnVm);
+        let containers = Arc::clone(&self.containers);
         let events = self.events.clone();
         let host = self.host.clone();
         let (id, exec_id, vm) = (id.to_string(), exec_id.to_string(), vm.to_string());
@@ -341,7 +393,15 @@ impl Service {
             e.exit_status = ended.status;
             e.exited_at = timestamp(ended.at);
             events.publish(&e);
-            if exec_id.is_empty() {
+            if exec_id.is_empty() && in_pod {
+                tokio::spawn(async move {
+                    if let Some(c) = containers.lock().await.get(&id) {
+                        for p in c.execs.values() {
+                            let _ = p.signal(rustix::process::Signal::KILL.as_raw() as u32);
+                        }
+                    }
+                });
+            } else if exec_id.is_empty() {
                 tokio::spawn(async move {
                     // Exec'd processes end with the VM (their streams report them).
                     if let Ok(mut c) = huskd::connect(&host).await {
@@ -349,6 +409,167 @@ impl Service {
                     }
                 });
             }
+        }
+    }
+
+    /// The VM and VMM pid of the pod whose sandbox container is `sandbox`.
+    async fn pod_vm(&self, sandbox: &str) -> ttrpc::Result<(String, u32)> {
+        let guard = self.containers.lock().await;
+        let c = guard.get(sandbox).ok_or_else(|| {
+            err(
+                Code::NOT_FOUND,
+                format!("the pod's sandbox {sandbox} is not served by this shim"),
+            )
+        })?;
+        if matches!(c.init.status(), Status::Exited { .. }) {
+            return Err(err(
+                Code::FAILED_PRECONDITION,
+                format!("the pod's sandbox {sandbox} has stopped"),
+            ));
+        }
+        Ok((c.vm.clone(), c.vmm_pid))
+    }
+
+    /// Creates a container of a pod inside the pod's running VM `vm`: its root as a disk of
+    /// the VM (copy-on-write over its image's shared base when it has one) and its emptyDir
+    /// volumes in the guest.
+    async fn create_in_pod(
+        &self,
+        req: &CreateTaskRequest,
+        bundle: &std::path::Path,
+        spec: &oci::Spec,
+        vm: &str,
+    ) -> ttrpc::Result<Disk> {
+        let mut client = self.client().await?;
+        let disk = self
+            .prepare_disk(&req.id, bundle, &req.rootfs, spec.root_path(), true)
+            .await?;
+        let mounts = spec.pod_mounts();
+        for why in &mounts.skipped {
+            tracing::warn!(container = %req.id, "mount not shared with the pod's VM: {why}");
+        }
+        if let Err(e) = write_record(bundle, vm, &disk, Some(&req.id)) {
+            disk.cleanup(bundle);
+            return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
+        }
+        let request = AddContainerRequest {
+            vm: vm.to_string(),
+            container: req.id.clone(),
+            rootfs: Some(husk_proto::v1::Disk {
+                path: disk.path().display().to_string(),
+                copy_on_write: matches!(disk, Disk::Base(_)),
+                ..Default::default()
+            }),
+            volumes: mounts.volumes,
+        };
+        let started = std::time::Instant::now();
+        if let Err(s) = client.add_container(request).await {
+            disk.cleanup(bundle);
+            let _ = std::fs::remove_file(bundle.join(RECORD_FILE));
+            return Err(huskd_err(s.into()));
+        }
+        tracing::info!(
+            "container {}: added to the pod's VM {vm} in {:?}",
+            req.id,
+            started.elapsed()
+        );
+        Ok(disk)
+    }
+
+    /// Creates the VM of a container that has one of its own (`pod`: a pod's sandbox, with
+    /// disk slots for the pod's containers); returns its name, VMM pid and root disk.
+    async fn create_own_vm(
+        &self,
+        req: &CreateTaskRequest,
+        bundle: &std::path::Path,
+        spec: &oci::Spec,
+        pod: bool,
+    ) -> ttrpc::Result<(String, u32, Disk)> {
+        let mut client = self.client().await?;
+        let root_path = spec.root_path();
+        let mut disk = self
+            .prepare_disk(&req.id, bundle, &req.rootfs, root_path.clone(), true)
+            .await?;
+        let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
+        // A VM of that name is a leftover of an earlier shim of this container id.
+        let _ = huskd::delete_vm(&mut client, &vm_name).await;
+        let mounts = if pod {
+            // A sandbox (pause) shares nothing; what its spec binds (/dev/shm...) is the
+            // guest's own.
+            for why in spec.pod_mounts().skipped {
+                tracing::debug!(container = %req.id, "sandbox mount not shared: {why}");
+            }
+            Vec::new()
+        } else {
+            let (mounts, skipped) = spec.bind_mounts();
+            for why in skipped {
+                tracing::warn!(container = %req.id, "mount not shared with the VM: {why}");
+            }
+            mounts
+        };
+        let mut plan = VmPlan {
+            mounts,
+            name: vm_name.clone(),
+            rootfs_image: disk.path().display().to_string(),
+            rootfs_copy_on_write: matches!(disk, Disk::Base(_)),
+            memory_mib: spec.memory_mib(),
+            vcpus: spec.vcpus(),
+            netns: spec.network_namespace(),
+            disk_slots: if pod { pod_slots() } else { 0 },
+            labels: vec![
+                (
+                    "io.containerd.namespace".into(),
+                    self.args.namespace.clone(),
+                ),
+                ("io.containerd.id".into(), req.id.clone()),
+            ],
+        };
+        if pod {
+            plan.labels.push(("io.husk.pod".into(), "sandbox".into()));
+        }
+        let mut result = Err(HuskdError::NoCopyOnWrite);
+        for attempt in 0..2 {
+            if let Err(e) = write_record(bundle, &vm_name, &disk, None) {
+                disk.cleanup(bundle);
+                return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
+            }
+            result = huskd::create_vm(&mut client, &plan).await;
+            if attempt == 0 && matches!(result, Err(HuskdError::NoCopyOnWrite)) {
+                tracing::warn!(
+                    "container {}: huskd does not support copy-on-write rootfs (an older \
+                     huskd): copying the rootfs for this container instead",
+                    req.id
+                );
+                disk = self
+                    .prepare_disk(&req.id, bundle, &req.rootfs, root_path.clone(), false)
+                    .await?;
+                plan.rootfs_image = disk.path().display().to_string();
+                plan.rootfs_copy_on_write = false;
+                continue;
+            }
+            break;
+        }
+        match result {
+            Ok(vm) => Ok((vm_name, vm.status.as_ref().map_or(0, |s| s.vmm_pid), disk)),
+            Err(e) => {
+                disk.cleanup(bundle);
+                Err(huskd_err(e))
+            }
+        }
+    }
+
+    /// Pause and resume act on a whole VM: a container in a pod's VM cannot have them alone.
+    async fn refuse_in_pod(&self, id: &str, what: &str) -> ttrpc::Result<()> {
+        let guard = self.containers.lock().await;
+        match guard.get(id).map(|c| &c.place) {
+            Some(Place::InPod { sandbox }) => Err(err(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "{what}: container {id} shares its pod's VM; {what} the pod's sandbox \
+                     {sandbox} instead"
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -395,10 +616,10 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> ttrpc::Result<CreateTaskResponse> {
-        if self.container.lock().await.is_some() {
+        if self.containers.lock().await.contains_key(&req.id) {
             return Err(err(
                 Code::ALREADY_EXISTS,
-                "this shim already runs a container (one container per husk VM)",
+                format!("container {} exists already", req.id),
             ));
         }
         if !req.checkpoint.is_empty() {
@@ -411,81 +632,42 @@ impl Task for Service {
             .process()
             .filter(|p| p.args.first().is_some_and(|a| !a.is_empty()))
             .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json: process.args is empty"))?;
-        let mut client = self.client().await?;
-        let root_path = spec.root_path();
-        let mut disk = self
-            .prepare_disk(&req.id, &bundle, &req.rootfs, root_path.clone(), true)
-            .await?;
-        let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
-        // A VM of that name is a leftover of an earlier shim of this container id.
-        let _ = huskd::delete_vm(&mut client, &vm_name).await;
-        let (mounts, skipped) = spec.bind_mounts();
-        for why in skipped {
-            tracing::warn!(container = %req.id, "mount not shared with the VM: {why}");
-        }
-        let mut plan = VmPlan {
-            mounts,
-            name: vm_name.clone(),
-            rootfs_image: disk.path().display().to_string(),
-            rootfs_copy_on_write: matches!(disk, Disk::Base(_)),
-            memory_mib: spec.memory_mib(),
-            vcpus: spec.vcpus(),
-            netns: spec.network_namespace(),
-            labels: vec![
-                (
-                    "io.containerd.namespace".into(),
-                    self.args.namespace.clone(),
-                ),
-                ("io.containerd.id".into(), req.id.clone()),
-            ],
-        };
-        let mut result = Err(HuskdError::NoCopyOnWrite);
-        for attempt in 0..2 {
-            if let Err(e) = write_record(&bundle, &vm_name, &disk) {
-                disk.cleanup(&bundle);
-                return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
+        let (vm, vmm_pid, disk, place) = match spec.pod_role(&req.id) {
+            oci::PodRole::Member { sandbox } => {
+                let (vm, vmm_pid) = self.pod_vm(&sandbox).await?;
+                let disk = self.create_in_pod(&req, &bundle, &spec, &vm).await?;
+                (vm, vmm_pid, disk, Place::InPod { sandbox })
             }
-            result = huskd::create_vm(&mut client, &plan).await;
-            if attempt == 0 && matches!(result, Err(HuskdError::NoCopyOnWrite)) {
-                tracing::warn!(
-                    "container {}: huskd does not support copy-on-write rootfs (an older \
-                     huskd): copying the rootfs for this container instead",
-                    req.id
-                );
-                disk = self
-                    .prepare_disk(&req.id, &bundle, &req.rootfs, root_path.clone(), false)
-                    .await?;
-                plan.rootfs_image = disk.path().display().to_string();
-                plan.rootfs_copy_on_write = false;
-                continue;
-            }
-            break;
-        }
-        let vm = match result {
-            Ok(vm) => vm,
-            Err(e) => {
-                disk.cleanup(&bundle);
-                return Err(huskd_err(e));
+            role => {
+                let pod = role == oci::PodRole::Sandbox;
+                let (vm, vmm_pid, disk) = self.create_own_vm(&req, &bundle, &spec, pod).await?;
+                (vm, vmm_pid, disk, Place::OwnVm)
             }
         };
-        let vmm_pid = vm.status.as_ref().map_or(0, |s| s.vmm_pid);
         let stdio = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let init = Process::new("", process, stdio);
-        *self.container.lock().await = Some(Container {
-            id: req.id.clone(),
-            bundle: bundle.clone(),
-            vm: vm_name,
-            vmm_pid,
-            disk,
-            init,
-            execs: HashMap::new(),
-            paused: false,
-        });
+        let in_container = match &place {
+            Place::InPod { .. } => req.id.as_str(),
+            Place::OwnVm => "",
+        };
+        let init = Process::new("", in_container, process, stdio);
+        self.containers.lock().await.insert(
+            req.id.clone(),
+            Container {
+                place,
+                bundle: bundle.clone(),
+                vm,
+                vmm_pid,
+                disk,
+                init,
+                execs: HashMap::new(),
+                paused: false,
+            },
+        );
         let mut e = TaskCreate::new();
         e.container_id = req.id.clone();
         e.bundle = req.bundle.clone();
@@ -506,12 +688,12 @@ impl Task for Service {
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> ttrpc::Result<StartResponse> {
         let (p, vm) = self.process(&req.id, &req.exec_id).await?;
         let mut client = self.client().await?;
-        let host_pid = self.pid_of(&p).await;
+        let host_pid = self.pid_of(&req.id, &p).await;
         // huskd waits up to a minute for a booting guest's agent; a loaded host (or nested
         // emulation) can take longer, so the shim keeps asking while the VM runs.
         let deadline = std::time::Instant::now() + boot_timeout();
         let pid = loop {
-            let on_exit = self.on_exit(&req.id, &req.exec_id, host_pid, &vm);
+            let on_exit = self.on_exit(&req.id, &req.exec_id, host_pid, &vm).await;
             match p.start(&mut client, &vm, on_exit).await {
                 Ok(pid) => break pid,
                 Err(ProcessError::Exec(s))
@@ -564,10 +746,10 @@ impl Task for Service {
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> ttrpc::Result<StateResponse> {
         let (p, _) = self.process(&req.id, &req.exec_id).await?;
-        let pid = self.pid_of(&p).await;
-        let guard = self.container.lock().await;
+        let pid = self.pid_of(&req.id, &p).await;
+        let guard = self.containers.lock().await;
         let (bundle, paused) = guard
-            .as_ref()
+            .get(&req.id)
             .map(|c| (c.bundle.display().to_string(), c.paused))
             .unwrap_or_default();
         Ok(self.state_of(&req.id, &bundle, &p, pid, paused))
@@ -586,9 +768,9 @@ impl Task for Service {
         let (p, vm) = self.process(&req.id, &req.exec_id).await?;
         if p.exec_id.is_empty() && p.status() == Status::Created {
             // Never started: nothing runs in the VM yet; the process ends as if killed.
-            let pid = self.pid_of(&p).await;
+            let pid = self.pid_of(&req.id, &p).await;
             if p.mark_exited(128 + req.signal) {
-                self.on_exit(&req.id, "", pid, &vm)(Ended {
+                self.on_exit(&req.id, "", pid, &vm).await(Ended {
                     pid,
                     status: 128 + req.signal,
                     at: std::time::SystemTime::now(),
@@ -600,10 +782,10 @@ impl Task for Service {
         p.signal(req.signal).map_err(process_err)?;
         if req.all && p.exec_id.is_empty() {
             let execs: Vec<Arc<Process>> = self
-                .container
+                .containers
                 .lock()
                 .await
-                .as_ref()
+                .get(&req.id)
                 .map(|c| c.execs.values().cloned().collect())
                 .unwrap_or_default();
             for e in execs {
@@ -616,10 +798,9 @@ impl Task for Service {
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
         let spec = oci::Process::from_json(&req.spec.value)
             .map_err(|e| err(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let mut guard = self.container.lock().await;
+        let mut guard = self.containers.lock().await;
         let c = guard
-            .as_mut()
-            .filter(|c| c.id == req.id)
+            .get_mut(&req.id)
             .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
         if matches!(c.init.status(), Status::Exited { .. }) {
             return Err(err(Code::FAILED_PRECONDITION, "container is stopped"));
@@ -636,8 +817,8 @@ impl Task for Service {
             stderr: req.stderr,
             terminal: req.terminal,
         };
-        c.execs
-            .insert(req.exec_id.clone(), Process::new(&req.exec_id, spec, stdio));
+        let process = Process::new(&req.exec_id, &c.init.container, spec, stdio);
+        c.execs.insert(req.exec_id.clone(), process);
         drop(guard);
         let mut e = TaskExecAdded::new();
         e.container_id = req.id;
@@ -662,10 +843,9 @@ impl Task for Service {
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
-        let guard = self.container.lock().await;
+        let guard = self.containers.lock().await;
         let c = guard
-            .as_ref()
-            .filter(|c| c.id == req.id)
+            .get(&req.id)
             .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
         let mut r = PidsResponse::new();
         if matches!(c.init.status(), Status::Running { .. }) {
@@ -685,12 +865,13 @@ impl Task for Service {
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
         let (_, vm) = self.process(&req.id, "").await?;
+        self.refuse_in_pod(&req.id, "pause").await?;
         let mut client = self.client().await?;
         client
             .pause_vm(PauseVmRequest { vm })
             .await
             .map_err(|s| huskd_err(s.into()))?;
-        if let Some(c) = self.container.lock().await.as_mut() {
+        if let Some(c) = self.containers.lock().await.get_mut(&req.id) {
             c.paused = true;
         }
         let mut e = TaskPaused::new();
@@ -701,12 +882,13 @@ impl Task for Service {
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
         let (_, vm) = self.process(&req.id, "").await?;
+        self.refuse_in_pod(&req.id, "resume").await?;
         let mut client = self.client().await?;
         client
             .resume_vm(ResumeVmRequest { vm })
             .await
             .map_err(|s| huskd_err(s.into()))?;
-        if let Some(c) = self.container.lock().await.as_mut() {
+        if let Some(c) = self.containers.lock().await.get_mut(&req.id) {
             c.paused = false;
         }
         let mut e = TaskResumed::new();
@@ -721,7 +903,7 @@ impl Task for Service {
         req: DeleteRequest,
     ) -> ttrpc::Result<DeleteResponse> {
         let (p, vm) = self.process(&req.id, &req.exec_id).await?;
-        let pid = self.pid_of(&p).await;
+        let pid = self.pid_of(&req.id, &p).await;
         let (status, at) = match p.status() {
             Status::Exited { status, at } => (status, at),
             Status::Created => (0, std::time::SystemTime::now()),
@@ -737,16 +919,28 @@ impl Task for Service {
         r.exit_status = status;
         r.exited_at = timestamp(at);
         if !req.exec_id.is_empty() {
-            if let Some(c) = self.container.lock().await.as_mut() {
+            if let Some(c) = self.containers.lock().await.get_mut(&req.id) {
                 c.execs.remove(&req.exec_id);
             }
             return Ok(r);
         }
-        let mut client = self.client().await?;
-        huskd::delete_vm(&mut client, &vm)
+        let place = self
+            .containers
+            .lock()
             .await
-            .map_err(huskd_err)?;
-        let taken = self.container.lock().await.take();
+            .get(&req.id)
+            .map(|c| c.place.clone());
+        let mut client = self.client().await?;
+        if matches!(place, Some(Place::InPod { .. })) {
+            remove_from_pod(&mut client, &vm, &req.id)
+                .await
+                .map_err(huskd_err)?;
+        } else {
+            huskd::delete_vm(&mut client, &vm)
+                .await
+                .map_err(huskd_err)?;
+        }
+        let taken = self.containers.lock().await.remove(&req.id);
         if let Some(c) = taken {
             c.disk.cleanup(&c.bundle);
             let _ = std::fs::remove_file(c.bundle.join(RECORD_FILE));
@@ -767,20 +961,18 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: ConnectRequest,
     ) -> ttrpc::Result<ConnectResponse> {
-        let guard = self.container.lock().await;
+        let guard = self.containers.lock().await;
         let mut r = ConnectResponse::new();
         r.shim_pid = std::process::id();
-        r.task_pid = guard
-            .as_ref()
-            .filter(|c| c.id == req.id)
-            .map_or(0, |c| c.vmm_pid);
+        r.task_pid = guard.get(&req.id).map_or(0, |c| c.vmm_pid);
         r.version = env!("CARGO_PKG_VERSION").into();
         Ok(r)
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> ttrpc::Result<Empty> {
         // A shim with a live container stays (unless told `now`): its VM would be orphaned.
-        if self.container.lock().await.is_some() && !req.now {
+        // containerd asks after each task's delete; a pod's shim serves until its last one.
+        if !self.containers.lock().await.is_empty() && !req.now {
             return Ok(Empty::new());
         }
         self.shutdown.notify_one();
@@ -789,10 +981,9 @@ impl Task for Service {
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
         let (pid, processes) = {
-            let guard = self.container.lock().await;
+            let guard = self.containers.lock().await;
             let c = guard
-                .as_ref()
-                .filter(|c| c.id == req.id)
+                .get(&req.id)
                 .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not found", req.id)))?;
             let running = std::iter::once(&c.init)
                 .chain(c.execs.values())
@@ -824,4 +1015,38 @@ impl Task for Service {
             "checkpoint: not implemented by the husk shim",
         ))
     }
+}
+
+/// Takes a pod container out of its pod's VM (its processes, root mount and disk slot); a VM
+/// or container already gone counts as removed.
+pub async fn remove_from_pod(
+    client: &mut husk_proto::v1::husk_client::HuskClient<tonic::transport::Channel>,
+    vm: &str,
+    id: &str,
+) -> Result<(), HuskdError> {
+    match client
+        .remove_container(RemoveContainerRequest {
+            vm: vm.to_string(),
+            container: id.to_string(),
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+        // The pod's VM stopped (its sandbox ended): the container went with it.
+        Err(s) if s.code() == tonic::Code::FailedPrecondition && !vm_is_live(client, vm).await => {
+            Ok(())
+        }
+        Err(s) => Err(s.into()),
+    }
+}
+
+async fn vm_is_live(
+    client: &mut husk_proto::v1::husk_client::HuskClient<tonic::transport::Channel>,
+    vm: &str,
+) -> bool {
+    huskd::get_vm(client, vm).await.is_ok_and(|v| {
+        v.state == husk_proto::v1::VmState::Running as i32
+            || v.state == husk_proto::v1::VmState::Paused as i32
+    })
 }

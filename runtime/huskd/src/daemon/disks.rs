@@ -103,13 +103,37 @@ impl Daemon {
             status.attached_disks.push(AttachedDisk {
                 slot: request.slot,
                 disk: Some(disk),
+                container: String::new(),
             });
             status.attached_disks.sort_by_key(|a| a.slot);
         }))
     }
 
-    /// Empties slot `request.slot` (see DetachDisk in husk.proto).
+    /// Empties slot `request.slot` (see DetachDisk in husk.proto). A slot that holds a pod
+    /// container's root is emptied by RemoveContainer, which unmounts it in the guest first.
     pub async fn detach_disk(
+        &self,
+        entry: &Arc<VmEntry>,
+        request: &DetachDiskRequest,
+    ) -> Result<Vm, Status> {
+        let holder = entry.snapshot().status.and_then(|s| {
+            s.attached_disks
+                .into_iter()
+                .find(|a| a.slot == request.slot && !a.container.is_empty())
+                .map(|a| a.container)
+        });
+        if let Some(container) = holder {
+            return Err(Status::failed_precondition(format!(
+                "DetachDisk: slot {} holds the root of container {container}: use \
+                 RemoveContainer",
+                request.slot
+            )));
+        }
+        self.detach_slot(entry, request).await
+    }
+
+    /// Empties a slot, whatever it holds.
+    pub(super) async fn detach_slot(
         &self,
         entry: &Arc<VmEntry>,
         request: &DetachDiskRequest,

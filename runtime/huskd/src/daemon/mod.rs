@@ -11,6 +11,7 @@
 //! across an await. A monitor task per running VMM turns its exit into STOPPED or FAILED.
 
 mod agent;
+mod containers;
 mod disks;
 mod host;
 mod launch;
