@@ -3,6 +3,8 @@
 //! The host (the `husk` CLI, later huskd) tells the guest which application to run through one
 //! kernel command-line parameter, `husk.spec=`, that [`spec::BootSpec`] encodes and husk-init
 //! decodes. Keeping both sides in this one small library means they cannot drift apart.
+pub mod hostname;
+pub mod pod;
 pub mod shares;
 pub mod spec;
 

@@ -174,6 +174,11 @@ fn read_spec() -> Result<(BootSpec, Option<String>), StartError> {
             source,
         })?;
     }
+    if let Some(name) = husk_init::hostname::from_cmdline(&cmdline) {
+        if let Err(e) = rustix::system::sethostname(name.as_bytes()) {
+            eprintln!("husk-init: warning: husk.hostname: cannot set the host name: {e}");
+        }
+    }
     if let Some(ip) = dns::nameserver(&cmdline) {
         if let Err(e) = dns::configure(ip, root.as_deref()) {
             eprintln!("husk-init: warning: husk.dns: cannot write /etc/resolv.conf: {e}");

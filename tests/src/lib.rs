@@ -8,6 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod agent;
+pub mod containerd;
+pub mod cri;
 pub mod huskd;
 pub mod oci;
 pub mod vmm_client;

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_proto::v1::ListVmsRequest;
+use husk_tests::containerd::{
+    self as shared, interfaces, process_alive, tail, CNI_PLUGINS, CTR_LIMIT, RUNTIME,
+};
 use husk_tests::huskd::Huskd;
 use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished};
 
 const IMAGE: &str = "docker.io/library/husk-busybox:test";
-const RUNTIME: &str = "io.containerd.husk.v2";
-const CTR_LIMIT: Duration = Duration::from_secs(240);
 
 /// A containerd of one test and the huskd its shims use.
 struct Containerd {
@@ -79,54 +79,17 @@ impl Containerd {
             sock = socket.display(),
         );
         std::fs::write(dir.join("config.toml"), config).unwrap();
-        // containerd finds `containerd-shim-husk-v2` on its PATH; shims inherit its environment
-        // (HUSK_HOST, HUSK_SHIM_STATE_DIR).
-        let shim_dir = bin("containerd-shim-husk-v2")
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .arg("--log-level")
-            .arg("debug")
-            .env("PATH", path)
-            .env(
-                "HUSK_HOST",
-                husk_host
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("unix://{}", huskd.socket.display())),
-            )
-            .env("HUSK_SHIM_STATE_DIR", dir.join("images"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd (Debian package containerd) must be installed: scripts/setup");
+        let husk_host = husk_host
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("unix://{}", huskd.socket.display()));
+        let child = shared::spawn_containerd(&dir, &husk_host);
         let me = Self {
             dir,
             socket,
             child: Some(child),
             huskd,
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if me.ctr(&["version"]).code() == Some(0) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer within 60 s:\n{}",
-                me.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        shared::wait_for_containerd(&me.socket, "husk", || me.log());
         me.import_image(snapshotter);
         me
     }
@@ -145,15 +108,7 @@ impl Containerd {
     }
 
     fn ctr(&self, args: &[&str]) -> Finished {
-        run_with_timeout(
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .arg("--namespace")
-                .arg("husk")
-                .args(args),
-            CTR_LIMIT,
-        )
+        shared::ctr(&self.socket, "husk", args)
     }
 
     /// `ctr` that must succeed; returns its stdout.
@@ -223,33 +178,13 @@ impl Containerd {
     }
 
     fn vm_count(&self) -> usize {
-        let mut c = self.huskd.client();
-        self.huskd
-            .block_on(c.list_vms(ListVmsRequest::default()))
-            .unwrap()
-            .into_inner()
-            .vms
-            .len()
+        shared::vm_count(&self.huskd)
     }
 
     /// Per-container image files the shim left under HUSK_SHIM_STATE_DIR (the shared bases
     /// in `_bases/` stay by design: see [`Self::bases`]).
     fn leftover_images(&self) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        let mut stack = vec![self.dir.join("images")];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                if e.path() == self.bases_dir() {
-                    continue;
-                }
-                if e.path().is_dir() {
-                    stack.push(e.path());
-                } else {
-                    found.push(e.path());
-                }
-            }
-        }
-        found
+        shared::leftover_images(&self.dir.join("images"))
     }
 }
 
@@ -285,45 +220,17 @@ impl Containerd {
 
     /// PIDs of the live shims of this containerd (found by their -address flag).
     fn shims(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&cmdline);
-            if text.contains("containerd-shim-husk-v2")
-                && text.contains(&*self.socket.to_string_lossy())
-            {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() {
-                    if process_alive(pid) {
-                        pids.push(pid as i32);
-                    }
-                }
-            }
-        }
-        pids
+        shared::shim_pids(&self.socket)
     }
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Shims of tasks a failed test left behind: end them (only this containerd's).
-        for pid in self.shims() {
-            // A process this test's containerd started.
-            let _ = husk_tests::signal(pid, rustix::process::Signal::KILL);
-        }
+        // With the shims of tasks a failed test left behind (only this containerd's).
+        shared::stop_containerd(self.child.take(), &self.socket);
         // Unmount whatever containerd left (native snapshots need none; be thorough).
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for line in mounts.lines() {
-            if let Some(target) = line.split_whitespace().nth(1) {
-                if target.starts_with(&*self.dir.to_string_lossy()) {
-                    let _ = Command::new("umount").arg("-l").arg(target).status();
-                }
-            }
-        }
-        // Innermost first did not matter with -l; the tmpfs root (overlay test) goes last.
+        shared::unmount_below(&self.dir);
+        // The tmpfs root (overlay test), should it still be there.
         let _ = Command::new("umount")
             .arg("-l")
             .arg(self.dir.join("root"))
@@ -331,28 +238,6 @@ impl Drop for Containerd {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn interfaces() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn process_alive(pid: u32) -> bool {
-    // Zombies count as gone: their parent (huskd) reaps them.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
 }
 
 /// `ctr run --rm` prints the container's output and returns its exit code; the OCI env and
@@ -867,8 +752,6 @@ struct CniNetns {
     config: String,
     data_dir: PathBuf,
 }
-
-const CNI_PLUGINS: &str = "/usr/lib/cni";
 
 impl CniNetns {
     fn add(name: &str, bridge: &str, subnet: &str) -> Self {

@@ -10,575 +10,32 @@
 //! A pod is one VM: the sandbox (pause) container boots it, the pod's other containers run in
 //! it with rootfs of their own, share its network (the pod's CNI namespace: 127.0.0.1 between
 //! containers) and its emptyDir volumes.
+//!
+//! The fixture, [`husk_tests::cri::CriContainerd`], is in tests/src/cri.rs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use husk_proto::v1::ListVmsRequest;
-use husk_tests::huskd::Huskd;
-use husk_tests::{bin, require_guest_kvm, run_with_timeout, Finished};
-use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
+use husk_tests::containerd::{interfaces, list_vms};
+use husk_tests::cri::{
+    http_get, image_spec, text, CriContainerd, BOOT_LIMIT, BRIDGE, BUSYBOX, CALL_LIMIT, HANDLER,
+    PAUSE, SUBNET,
+};
+use husk_tests::require_guest_kvm;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest,
-    KeyValue, LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    ContainerConfig, ContainerMetadata, ContainerState, CreateContainerRequest, KeyValue,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
     ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
-    StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    StopContainerRequest, StopPodSandboxRequest,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
-
-const BUSYBOX: &str = "docker.io/library/husk-busybox:test";
-const PAUSE: &str = "docker.io/library/husk-pause:test";
-/// The CRI runtime handler (a RuntimeClass's `handler`) configured for the husk shim.
-const HANDLER: &str = "husk";
-const RUNTIME: &str = "io.containerd.husk.v2";
-/// The pods' CNI network: its bridge on the node and its /24 (`SUBNET.0/24`, gateway `.1`).
-const BRIDGE: &str = "huskcri0";
-const SUBNET: &str = "10.99.40";
-const CNI_PLUGINS: &str = "/usr/lib/cni";
-const CNI_NETWORK: &str = "husk-cri";
-/// Where containerd 1.6's CRI puts the pods' network namespaces (netns_mounts_under_state_dir
-/// false, its default).
-const NETNS_DIR: &str = "/var/run/netns";
-/// CRI calls that may boot a guest (nested emulation: 5-15 s, sometimes much more).
-const BOOT_LIMIT: Duration = Duration::from_secs(300);
-/// Every other CRI call.
-const CALL_LIMIT: Duration = Duration::from_secs(60);
-const CTR_LIMIT: Duration = Duration::from_secs(240);
-
-/// A containerd with the CRI plugin on, its CNI network, the huskd its shims use and a CRI
-/// client. Dropping it ends everything it started, even after a failed assertion.
-struct CriContainerd {
-    dir: PathBuf,
-    socket: PathBuf,
-    child: Option<Child>,
-    /// An Option so that Drop can end huskd (and its VMs) before it removes namespaces and
-    /// links.
-    huskd: Option<Huskd>,
-    runtime: tokio::runtime::Runtime,
-    channel: Channel,
-    /// The pod network namespaces (`/var/run/netns/cni-*`) that existed before this fixture.
-    netns_before: Vec<String>,
-    /// Whether this fixture runs pods: only then does its drop remove new pod namespaces and
-    /// the bridge (a fixture that runs none leaves those of a test beside it alone).
-    runs_pods: std::cell::Cell<bool>,
-}
-
-impl CriContainerd {
-    /// Starts huskd and containerd in /tmp/husk-cri-TAG-PID (fresh), imports the busybox and the
-    /// pause image into `k8s.io` and waits until CRI knows both.
-    fn start(tag: &str) -> Self {
-        assert!(
-            Path::new(CNI_PLUGINS).join("bridge").exists()
-                && Path::new(CNI_PLUGINS).join("loopback").exists(),
-            "{CNI_PLUGINS}/bridge and loopback are missing (Debian package \
-             containernetworking-plugins): scripts/setup"
-        );
-        let netns_before = pod_netns();
-        let dir = PathBuf::from(format!("/tmp/husk-cri-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let vmm = bin("husk-vmm").display().to_string();
-        // The shims' rootfs images (HUSK_SHIM_STATE_DIR), CRI's sandbox files (/etc/hosts,
-        // /etc/resolv.conf, /etc/hostname) and the pods' volumes lie below the fixture's
-        // directory.
-        let allowed = dir.display().to_string();
-        let huskd = Huskd::start(
-            &format!("cri-{tag}"),
-            &["--vmm", &vmm, "--allow-path", &allowed],
-        );
-        let socket = dir.join("c.sock");
-        write_cni_config(&dir);
-        std::fs::write(dir.join("config.toml"), containerd_config(&dir, &socket)).unwrap();
-        // containerd finds `containerd-shim-husk-v2` on its PATH; shims inherit its environment
-        // (HUSK_HOST, HUSK_SHIM_STATE_DIR).
-        let shim_dir = bin("containerd-shim-husk-v2")
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .arg("--log-level")
-            .arg("debug")
-            .env("PATH", path)
-            .env("HUSK_HOST", format!("unix://{}", huskd.socket.display()))
-            .env("HUSK_SHIM_STATE_DIR", dir.join("images"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("containerd (Debian package containerd) must be installed: scripts/setup");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        // Connects lazily: the socket appears once containerd is up.
-        let channel = {
-            let _guard = runtime.enter();
-            let path = socket.clone();
-            Endpoint::from_static("http://containerd.cri").connect_with_connector_lazy(
-                tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(&path).await?;
-                        Ok::<_, std::io::Error>(TokioIo::new(stream))
-                    }
-                }),
-            )
-        };
-        let me = Self {
-            dir,
-            socket,
-            child: Some(child),
-            huskd: Some(huskd),
-            runtime,
-            channel,
-            netns_before,
-            runs_pods: std::cell::Cell::new(false),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if me.ctr(&["version"]).code() == Some(0) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer within 60 s:\n{}",
-                me.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        me.import_image("busybox-image", BUSYBOX, &["sh"], &busybox_applets());
-        me.import_image("pause-image", PAUSE, &["sleep", "2147483647"], &["sleep"]);
-        // CRI learns of imported images from containerd's events: wait until it knows both.
-        for image in [BUSYBOX, PAUSE] {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while me.image_status(image).is_none() {
-                assert!(
-                    Instant::now() < deadline,
-                    "CRI does not know the imported image {image} after 30 s\n{}",
-                    me.logs()
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        me
-    }
-
-    /// Marks this fixture as one that runs pods (see [`Self::runs_pods`]).
-    fn will_run_pods(&self) {
-        self.runs_pods.set(true);
-    }
-
-    fn huskd(&self) -> &Huskd {
-        self.huskd.as_ref().expect("huskd runs until drop")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
-    }
-
-    /// Both daemons' logs, for failure messages.
-    fn logs(&self) -> String {
-        format!(
-            "containerd log (tail):\n{}\nhuskd log (tail):\n{}",
-            tail(&self.log(), 80),
-            tail(&self.huskd.as_ref().map(Huskd::log).unwrap_or_default(), 40)
-        )
-    }
-
-    /// `ctr` in CRI's namespace `k8s.io`.
-    fn ctr(&self, args: &[&str]) -> Finished {
-        run_with_timeout(
-            Command::new("ctr")
-                .arg("--address")
-                .arg(&self.socket)
-                .arg("--namespace")
-                .arg("k8s.io")
-                .args(args),
-            CTR_LIMIT,
-        )
-    }
-
-    /// Builds the image `name` (config Cmd `cmd`, busybox `applets`) in `DIR/subdir` and imports
-    /// it with the native snapshotter.
-    fn import_image(&self, subdir: &str, name: &str, cmd: &[&str], applets: &[&str]) {
-        let tar = husk_tests::oci::build_oci_image_with(&self.dir.join(subdir), name, cmd, applets);
-        let out = self.ctr(&[
-            "image",
-            "import",
-            "--snapshotter",
-            "native",
-            tar.to_str().unwrap(),
-        ]);
-        assert_eq!(
-            out.code(),
-            Some(0),
-            "ctr image import {name}: {}\n{}\n{}",
-            out.stdout(),
-            out.stderr(),
-            self.logs()
-        );
-    }
-
-    fn runtime_client(&self) -> RuntimeServiceClient<Channel> {
-        RuntimeServiceClient::new(self.channel.clone())
-    }
-
-    fn image_client(&self) -> ImageServiceClient<Channel> {
-        ImageServiceClient::new(self.channel.clone())
-    }
-
-    /// Runs one CRI call within `limit`; its answer, or a panic that names the call and shows
-    /// both daemons' logs.
-    fn call<T>(
-        &self,
-        what: &str,
-        limit: Duration,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> T {
-        // The timer is the runtime's: made inside it.
-        match self
-            .runtime
-            .block_on(async { tokio::time::timeout(limit, call).await })
-        {
-            Ok(Ok(answer)) => answer.into_inner(),
-            Ok(Err(status)) => panic!(
-                "CRI {what} failed: {:?}: {}\n{}",
-                status.code(),
-                status.message(),
-                self.logs()
-            ),
-            Err(_) => panic!(
-                "CRI {what} did not answer within {limit:?}\n{}",
-                self.logs()
-            ),
-        }
-    }
-
-    /// CRI ImageStatus: the image, if CRI has it.
-    fn image_status(&self, image: &str) -> Option<k8s_cri::v1::Image> {
-        let mut images = self.image_client();
-        self.call(
-            &format!("ImageStatus({image})"),
-            CALL_LIMIT,
-            images.image_status(ImageStatusRequest {
-                image: Some(image_spec(image)),
-                verbose: false,
-            }),
-        )
-        .image
-    }
-
-    /// CRI ExecSync in `container` (the runtime's own limit 60 s).
-    fn exec_sync(&self, container: &str, cmd: &[&str]) -> ExecSyncResponse {
-        let mut rs = self.runtime_client();
-        self.call(
-            &format!("ExecSync({container}, {cmd:?})"),
-            CALL_LIMIT + Duration::from_secs(30),
-            rs.exec_sync(ExecSyncRequest {
-                container_id: container.into(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout: 60,
-            }),
-        )
-    }
-
-    fn container_state(&self, container: &str) -> i32 {
-        let mut rs = self.runtime_client();
-        self.call(
-            &format!("ContainerStatus({container})"),
-            CALL_LIMIT,
-            rs.container_status(ContainerStatusRequest {
-                container_id: container.into(),
-                verbose: false,
-            }),
-        )
-        .status
-        .expect("ContainerStatus without a status")
-        .state
-    }
-
-    fn vm_count(&self) -> usize {
-        let huskd = self.huskd();
-        let mut c = huskd.client();
-        huskd
-            .block_on(c.list_vms(ListVmsRequest::default()))
-            .unwrap()
-            .into_inner()
-            .vms
-            .len()
-    }
-
-    /// PIDs of the live shims of this containerd (found by their -address flag).
-    fn shims(&self) -> Vec<i32> {
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&cmdline);
-            if text.contains("containerd-shim-husk-v2")
-                && text.contains(&*self.socket.to_string_lossy())
-            {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() {
-                    if process_alive(pid) {
-                        pids.push(pid as i32);
-                    }
-                }
-            }
-        }
-        pids
-    }
-
-    /// Live husk-vmm processes of this fixture's huskd (their command lines name its
-    /// directory).
-    fn vmms(&self) -> Vec<u32> {
-        let Some(huskd) = self.huskd.as_ref() else {
-            return Vec::new();
-        };
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let text = String::from_utf8_lossy(&cmdline);
-            // The VMM itself (argv[0]), not huskd, whose `--vmm` argument names it too.
-            let argv0 = text.split('\0').next().unwrap_or_default();
-            if argv0.ends_with("husk-vmm") && text.contains(&*huskd.dir.to_string_lossy()) {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() {
-                    if process_alive(pid) {
-                        pids.push(pid);
-                    }
-                }
-            }
-        }
-        pids
-    }
-
-    /// Mount points below the fixture's directory.
-    fn mounts(&self) -> Vec<String> {
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|target| target.starts_with(&*self.dir.to_string_lossy()))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Pod network namespaces that this fixture's CRI created (not there before it started).
-    fn new_pod_netns(&self) -> Vec<String> {
-        pod_netns()
-            .into_iter()
-            .filter(|n| !self.netns_before.contains(n))
-            .collect()
-    }
-
-    /// host-local's directory of the pods' network: a file per address in use.
-    fn ipam_dir(&self) -> PathBuf {
-        self.dir.join("cni/ipam").join(CNI_NETWORK)
-    }
-
-    /// Per-container image files the shims left under HUSK_SHIM_STATE_DIR (the shared bases
-    /// in `_bases/` stay by design).
-    fn leftover_images(&self) -> Vec<PathBuf> {
-        let bases = self.dir.join("images/_bases");
-        let mut found = Vec::new();
-        let mut stack = vec![self.dir.join("images")];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                if e.path() == bases {
-                    continue;
-                }
-                if e.path().is_dir() {
-                    stack.push(e.path());
-                } else {
-                    found.push(e.path());
-                }
-            }
-        }
-        found
-    }
-}
-
-impl Drop for CriContainerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Shims of pods a failed test left behind: end them (only this containerd's).
-        for pid in self.shims() {
-            // A process this test's containerd started.
-            let _ = husk_tests::signal(pid, rustix::process::Signal::KILL);
-        }
-        // huskd's fixture deletes every VM it still has and stops the daemon.
-        drop(self.huskd.take());
-        if self.runs_pods.get() {
-            // The pod namespaces CRI created and did not remove (their VMMs are gone: the
-            // namespaces go with the mounts), and the pods' bridge.
-            for name in self.new_pod_netns() {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &name])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-            let _ = Command::new("ip")
-                .args(["link", "del", BRIDGE])
-                .stderr(Stdio::null())
-                .status();
-        }
-        // Unmount whatever containerd left (the sandboxes' /dev/shm tmpfs, ...).
-        for target in self.mounts().into_iter().rev() {
-            let _ = Command::new("umount").arg("-l").arg(target).status();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The busybox test image's applets, with what the pod test needs besides.
-fn busybox_applets() -> Vec<&'static str> {
-    let mut applets = husk_tests::oci::APPLETS.to_vec();
-    for extra in ["wget", "httpd", "mkdir", "hostname"] {
-        if !applets.contains(&extra) {
-            applets.push(extra);
-        }
-    }
-    applets
-}
-
-/// containerd's configuration (version 2, containerd 1.6 key names): CRI on, the native
-/// snapshotter, the husk runtime as CRI's default and as handler `husk`, the CNI network in
-/// `DIR/cni/net.d`.
-fn containerd_config(dir: &Path, socket: &Path) -> String {
-    format!(
-        r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-
-[grpc]
-  address = "{sock}"
-
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  disable_cgroup = true
-  disable_apparmor = true
-  restrict_oom_score_adj = true
-  enable_selinux = false
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-    default_runtime_name = "{HANDLER}"
-
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
-      runtime_type = "{RUNTIME}"
-
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{CNI_PLUGINS}"
-    conf_dir = "{conf}"
-    max_conf_num = 1
-"#,
-        root = dir.join("root").display(),
-        state = dir.join("state").display(),
-        sock = socket.display(),
-        conf = dir.join("cni/net.d").display(),
-    )
-}
-
-/// The pods' network: a bridge of this test's own (the gateway `SUBNET.1` on the node) and
-/// host-local addresses from `SUBNET.0/24`, recorded under `DIR/cni/ipam`. (CRI adds the
-/// loopback network itself.)
-fn write_cni_config(dir: &Path) {
-    let conf_dir = dir.join("cni/net.d");
-    std::fs::create_dir_all(&conf_dir).unwrap();
-    let conflist = format!(
-        r#"{{
-  "cniVersion": "0.4.0",
-  "name": "{CNI_NETWORK}",
-  "plugins": [
-    {{
-      "type": "bridge",
-      "bridge": "{BRIDGE}",
-      "isGateway": true,
-      "ipMasq": false,
-      "ipam": {{
-        "type": "host-local",
-        "subnet": "{SUBNET}.0/24",
-        "dataDir": "{data}",
-        "routes": [{{"dst": "0.0.0.0/0"}}]
-      }}
-    }}
-  ]
-}}
-"#,
-        data = dir.join("cni/ipam").display()
-    );
-    std::fs::write(conf_dir.join("10-husk-cri.conflist"), conflist).unwrap();
-}
-
-fn image_spec(image: &str) -> ImageSpec {
-    ImageSpec {
-        image: image.into(),
-        ..Default::default()
-    }
-}
-
-/// The names in /var/run/netns that CRI gives pods (`cni-*`).
-fn pod_netns() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(NETNS_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("cni-"))
-        .collect();
-    v.sort();
-    v
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn interfaces() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn process_alive(pid: u32) -> bool {
-    // Zombies count as gone: their parent reaps them.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use tonic::transport::Channel;
 
 /// Waits up to `limit` for `done`; whether it came.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -594,15 +51,28 @@ fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// An HTTP/1.0 GET of `/` at `addr` from this process (the node); the whole answer.
-fn http_get(addr: std::net::SocketAddr) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
-    let mut page = String::new();
-    let _ = s.read_to_string(&mut page);
-    Some(page)
+/// The namespaces kubelet asks for, for the pod and each of its containers: network and IPC
+/// the pod's, PID the container's own.
+fn pod_namespace_options() -> NamespaceOption {
+    NamespaceOption {
+        network: NamespaceMode::Pod as i32,
+        pid: NamespaceMode::Container as i32,
+        ipc: NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
+/// Asserts that `container` reads web's write to the pod's emptyDir (`/shared/hello`);
+/// `what` names the check in the failure message.
+fn assert_sees_webs_empty_dir_write(cri: &CriContainerd, container: &str, what: &str) {
+    let r = cri.exec_sync(container, &["cat", "/shared/hello"]);
+    assert_eq!(
+        (r.exit_code, text(&r.stdout).trim()),
+        (0, "from-web"),
+        "{what}: stderr {}\n{}",
+        text(&r.stderr),
+        cri.logs()
+    );
 }
 
 /// The CRI plugin of the fixture's containerd is up and serves runtime.v1: Version names
@@ -613,13 +83,7 @@ fn http_get(addr: std::net::SocketAddr) -> Option<String> {
 fn the_cri_plugin_serves_v1_with_the_images_and_the_network_ready() {
     let cri = CriContainerd::start("svc");
     let mut rs = cri.runtime_client();
-    let version = cri.call(
-        "Version",
-        CALL_LIMIT,
-        rs.version(VersionRequest {
-            version: "v1".into(),
-        }),
-    );
+    let version = cri.version();
     assert_eq!(version.runtime_name, "containerd", "{version:?}");
     assert_eq!(version.runtime_api_version, "v1", "{version:?}");
     for image in [BUSYBOX, PAUSE] {
@@ -650,8 +114,11 @@ fn the_cri_plugin_serves_v1_with_the_images_and_the_network_ready() {
 }
 
 /// What kubelet does for a pod of two containers (`web` serving HTTP on 8080, `client`
-/// sleeping) that share an emptyDir volume: the pod is one VM; its containers reach each other
-/// over 127.0.0.1, see each other's writes to the emptyDir but not each other's rootfs;
+/// sleeping) that share an emptyDir volume and read a configMap volume: the pod is one VM with
+/// the pod's host name and its kubelet directory shared; its containers reach each other over
+/// 127.0.0.1, see each other's writes to the emptyDir (and the node sees them where kubelet
+/// keeps it) but not each other's rootfs; a configMap change on the node reaches them; CRI's
+/// /etc/hostname and /etc/hosts are there;
 /// ExecSync reports exit codes; the node reaches the pod at its CNI address; a stopped
 /// container leaves the pod running; stopping and removing the pod leaves nothing behind (VM,
 /// shims, mounts, interfaces, network namespace, CNI address). Prints the timings a benchmark
@@ -667,13 +134,7 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
 
     // 1. Kubelet's start: the runtime's version, then whether the image is there (it would
     //    pull it otherwise; there is no registry here).
-    let version = cri.call(
-        "Version",
-        CALL_LIMIT,
-        rs.version(VersionRequest {
-            version: "v1".into(),
-        }),
-    );
+    let version = cri.version();
     assert_eq!(version.runtime_api_version, "v1", "{version:?}");
     assert!(
         cri.image_status(BUSYBOX).is_some(),
@@ -681,8 +142,15 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         cri.logs()
     );
 
-    // 2. The pod sandbox: its VM boots here.
+    // 2. The pod sandbox: its VM boots here. Kubelet has made the pod's directory and
+    //    mounted its volumes before: an emptyDir and a configMap.
     let uid = format!("0c3d5e7a-husk-cri-{}", std::process::id());
+    let pod_dir = cri.dir.join("kubelet/pods").join(&uid);
+    let empty_dir = pod_dir.join("volumes/kubernetes.io~empty-dir/shared");
+    let config_map = pod_dir.join("volumes/kubernetes.io~configmap/cfg");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    std::fs::create_dir_all(&config_map).unwrap();
+    std::fs::write(config_map.join("greeting"), "hello-v1\n").unwrap();
     let pod_name = "husk-pod";
     let namespace = "default";
     let log_dir = cri
@@ -710,12 +178,7 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         labels: labels.clone(),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
+                namespace_options: Some(pod_namespace_options()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -735,14 +198,6 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         .pod_sandbox_id;
     let run_pod_sandbox = t_pod.elapsed();
 
-    // 3. The emptyDir, where kubelet makes it.
-    let empty_dir = cri
-        .dir
-        .join("kubelet/pods")
-        .join(&uid)
-        .join("volumes/kubernetes.io~empty-dir/shared");
-    std::fs::create_dir_all(&empty_dir).unwrap();
-
     // A container as kubelet asks for one: its log directory made, the pod's config along.
     let container_config = |name: &str, command: &[&str]| {
         std::fs::create_dir_all(log_dir.join(name)).unwrap();
@@ -759,22 +214,25 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
                 key: "POD_NAME".into(),
                 value: pod_name.into(),
             }],
-            mounts: vec![Mount {
-                container_path: "/shared".into(),
-                host_path: empty_dir.display().to_string(),
-                ..Default::default()
-            }],
+            mounts: vec![
+                Mount {
+                    container_path: "/shared".into(),
+                    host_path: empty_dir.display().to_string(),
+                    ..Default::default()
+                },
+                Mount {
+                    container_path: "/etc/cfg".into(),
+                    host_path: config_map.display().to_string(),
+                    readonly: true,
+                    ..Default::default()
+                },
+            ],
             labels,
             log_path: format!("{name}/0.log"),
             linux: Some(LinuxContainerConfig {
                 resources: Some(LinuxContainerResources::default()),
                 security_context: Some(LinuxContainerSecurityContext {
-                    namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Pod as i32,
-                        pid: NamespaceMode::Container as i32,
-                        ipc: NamespaceMode::Pod as i32,
-                        ..Default::default()
-                    }),
+                    namespace_options: Some(pod_namespace_options()),
                     ..Default::default()
                 }),
             }),
@@ -842,15 +300,7 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
     }
 
     // 6. The pod is one VM.
-    let vms = {
-        let huskd = cri.huskd();
-        let mut c = huskd.client();
-        huskd
-            .block_on(c.list_vms(ListVmsRequest::default()))
-            .unwrap()
-            .into_inner()
-            .vms
-    };
+    let vms = list_vms(cri.huskd());
     assert_eq!(
         vms.len(),
         1,
@@ -873,14 +323,7 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         cri.logs()
     );
     // The emptyDir is the pod's: web's write is in client's view of it.
-    let r = cri.exec_sync(&client, &["cat", "/shared/hello"]);
-    assert_eq!(
-        (r.exit_code, text(&r.stdout).trim()),
-        (0, "from-web"),
-        "emptyDir not shared: stderr {}\n{}",
-        text(&r.stderr),
-        cri.logs()
-    );
+    assert_sees_webs_empty_dir_write(&cri, &client, "emptyDir not shared");
     // Each container has its own rootfs: web's /www is not client's.
     let r = cri.exec_sync(&client, &["cat", "/www/index.html"]);
     assert_ne!(
@@ -889,15 +332,43 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         "client sees web's rootfs: {}",
         text(&r.stdout)
     );
-    // For the record (not asserted): the pod's hostname as its containers see it.
+    // The emptyDir is kubelet's directory on the node, shared live with the pod's VM.
+    assert_eq!(
+        std::fs::read_to_string(empty_dir.join("hello"))
+            .ok()
+            .as_deref(),
+        Some("from-web\n"),
+        "web's emptyDir write is not in kubelet's directory\n{}",
+        cri.logs()
+    );
+    // The configMap: read-only, and a change on the node reaches the running containers.
+    let read = |path: &str| {
+        let r = cri.exec_sync(&client, &["cat", path]);
+        (r.exit_code, text(&r.stdout).trim().to_string())
+    };
+    assert_eq!(
+        read("/etc/cfg/greeting"),
+        (0, "hello-v1".into()),
+        "{}",
+        cri.logs()
+    );
+    let r = cri.exec_sync(&client, &["sh", "-c", "echo x > /etc/cfg/greeting"]);
+    assert_ne!(r.exit_code, 0, "a read-only configMap volume was written");
+    std::fs::write(config_map.join("greeting"), "hello-v2\n").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || read("/etc/cfg/greeting").1
+            == "hello-v2"),
+        "the configMap change did not reach the pod: {:?}",
+        read("/etc/cfg/greeting")
+    );
+    // The pod's host name (UTS, from RunPodSandbox's hostname) and CRI's files.
     let h = cri.exec_sync(&client, &["hostname"]);
-    let e = cri.exec_sync(&client, &["cat", "/etc/hostname"]);
-    eprintln!(
-        "client: hostname {:?} (exit {}), /etc/hostname {:?} (exit {})",
-        text(&h.stdout).trim(),
-        h.exit_code,
-        text(&e.stdout).trim(),
-        e.exit_code
+    assert_eq!(text(&h.stdout).trim(), pod_name, "hostname: {h:?}");
+    assert_eq!(read("/etc/hostname"), (0, pod_name.to_string()));
+    let (code, hosts) = read("/etc/hosts");
+    assert!(
+        code == 0 && hosts.contains("localhost"),
+        "/etc/hosts: {hosts:?}"
     );
     // web's stdout reached its CRI log file.
     let web_log = log_dir.join("web/0.log");
@@ -977,14 +448,7 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         "{}",
         cri.logs()
     );
-    let r = cri.exec_sync(&web, &["cat", "/shared/hello"]);
-    assert_eq!(
-        (r.exit_code, text(&r.stdout).trim()),
-        (0, "from-web"),
-        "the pod after client's stop: stderr {}\n{}",
-        text(&r.stderr),
-        cri.logs()
-    );
+    assert_sees_webs_empty_dir_write(&cri, &web, "the pod after client's stop");
     assert_eq!(cri.vm_count(), 1, "{}", cri.logs());
     cri.call(
         "RemoveContainer(client)",

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use husk_proto::v1::{
     exec_request, exec_response, AddContainerRequest, DetachDiskRequest, Disk, ExecRequest,
-    ExecStart, PodVolume, RemoveContainerRequest,
+    ExecStart, PodFile, PodVolume, RemoveContainerRequest,
 };
 use husk_tests::huskd::Huskd;
 use husk_tests::{bin, require_guest_kvm};
@@ -112,7 +112,12 @@ fn add(huskd: &Huskd, container: &str, image: &Path) -> Result<(), tonic::Status
             volumes: vec![PodVolume {
                 name: "shared".into(),
                 path: "/shared".into(),
-                read_only: false,
+                ..Default::default()
+            }],
+            files: vec![PodFile {
+                path: "/etc/greeting".into(),
+                content: format!("hi {container}\n").into_bytes(),
+                read_only: true,
             }],
         }))
         .map(|_| ())
@@ -145,11 +150,15 @@ fn containers_of_a_pod_get_their_own_roots_and_share_volumes_in_one_vm() {
         "192",
         "--disk-slots",
         "2",
+        "--hostname",
+        "pod-0.example",
         "--start",
     ]);
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     huskd.wait_agent("pod", BOOT);
 
+    // The host name huskd gave the guest, which every container shares.
+    assert_eq!(sh(&huskd, "", "hostname").trim(), "pod-0.example");
     add(&huskd, "web", &web).unwrap();
     add(&huskd, "client", &client_image).unwrap();
     // Each container sees its own root; the VM's own root is not theirs.
@@ -160,6 +169,13 @@ fn containers_of_a_pod_get_their_own_roots_and_share_volumes_in_one_vm() {
         1,
         "the VM's root has no /etc/who"
     );
+    // Files copied in: each container its own, read-only.
+    assert_eq!(
+        sh(&huskd, "client", "cat /etc/greeting").trim(),
+        "hi client"
+    );
+    let (code, _, _) = exec(&huskd, "pod", "web", "echo x > /etc/greeting").unwrap();
+    assert_ne!(code, 0, "a read-only file was written");
     // The pod volume is one directory for both.
     sh(&huskd, "web", "echo from-web > /shared/hello");
     assert_eq!(sh(&huskd, "client", "cat /shared/hello").trim(), "from-web");

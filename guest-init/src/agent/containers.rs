@@ -8,50 +8,45 @@
 //! pod's: localhost is shared, as Kubernetes wants) and its PID namespace (as with a pod's
 //! `shareProcessNamespace`); the isolation boundary is the VM around the pod, not the chroot.
 //!
-//! Pod volumes (emptyDir) live in the guest's memory at `/run/husk-pod-volumes/<name>` and are
-//! bind-mounted into each container that names them, so the pod's containers share them.
+//! Pod volumes are bind-mounted into each container that names them, so the pod's containers
+//! share them: a named volume (emptyDir without a pod share) lives in the guest's memory at
+//! `/run/husk-pod-volumes/<name>`; a `pod_path` is below the VM's pod share (the pod's kubelet
+//! directory, shared by virtio-fs at boot, mounted at [`POD_SHARE`] in the VM's root). Small
+//! files (/etc/hosts, /etc/resolv.conf) come as contents, kept in
+//! `/run/husk-pod-files/<id>/` and bind-mounted over their path.
 
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use husk_proto::agent::{AddContainer, PodVolume};
+use husk_init::pod::{
+    valid_container_path, valid_name, valid_relative_path, MAX_CONTAINER_ID, MAX_FILES,
+    MAX_FILE_BYTES, MAX_VOLUME_NAME, POD_SHARE,
+};
+use husk_proto::agent::{AddContainer, PodFile, PodVolume};
 use rustix::mount::{MountFlags, UnmountFlags};
 
 use crate::rootfs;
 
 /// Where container roots are mounted.
 pub const CONTAINERS_DIR: &str = "/run/husk-containers";
-/// Where pod volumes live.
+/// Where named pod volumes live.
 pub const VOLUMES_DIR: &str = "/run/husk-pod-volumes";
-/// Longest container id (containerd's are 64 hex digits).
-const MAX_ID: usize = 128;
-/// Longest volume name (a Kubernetes volume name is a DNS label, at most 63).
-const MAX_VOLUME_NAME: usize = 63;
+/// Where the copied files of each container live.
+pub const FILES_DIR: &str = "/run/husk-pod-files";
 /// How long add waits for an attached disk's capacity to reach the guest (the config-change
 /// interrupt is handled asynchronously by the virtio-blk driver).
 const DISK_WAIT: Duration = Duration::from_secs(5);
 /// How long remove waits for a container's killed processes to go away.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
-/// `[A-Za-z0-9_.-]{1,max}`, and not `.` or `..`: safe as one path component.
-fn valid_name(name: &str, max: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-}
-
 fn check_id(id: &str) -> Result<(), String> {
-    if valid_name(id, MAX_ID) {
+    if valid_name(id, MAX_CONTAINER_ID) {
         Ok(())
     } else {
         Err(format!(
-            "container id {id:?}: use 1..={MAX_ID} of A-Z a-z 0-9 _ . -"
+            "container id {id:?}: use 1..={MAX_CONTAINER_ID} of A-Z a-z 0-9 _ . -"
         ))
     }
 }
@@ -84,39 +79,63 @@ fn is_mount_point(path: &Path) -> bool {
     me.is_dir() && me.dev() != parent.dev()
 }
 
-/// A volume request checked: its directory in the guest and its target inside the root.
+/// A volume request checked: its source in the guest and its target inside the root.
 #[derive(Debug, PartialEq, Eq)]
 struct Volume {
+    /// A named volume, made on first use (a pod-share path must exist).
+    created: bool,
     source: PathBuf,
     target: PathBuf,
     read_only: bool,
 }
 
-fn check_volume(root: &Path, v: &PodVolume) -> Result<Volume, String> {
-    if !valid_name(&v.name, MAX_VOLUME_NAME) {
+/// Checks a volume: a named one or one below the pod share (`vm_root`: the VM's own root,
+/// where the share is mounted).
+fn check_volume(root: &Path, vm_root: &Path, v: &PodVolume) -> Result<Volume, String> {
+    if !valid_container_path(&v.path) {
         return Err(format!(
-            "volume name {:?}: use 1..={MAX_VOLUME_NAME} of A-Z a-z 0-9 _ . -",
-            v.name
-        ));
-    }
-    let path = Path::new(&v.path);
-    // By the text, not Path::components (which drops `.`): every element a plain name.
-    let plain = v
-        .path
-        .split('/')
-        .skip(1)
-        .all(|c| !c.is_empty() && c != "." && c != "..");
-    if !v.path.starts_with('/') || !plain || v.path.contains('\0') {
-        return Err(format!(
-            "volume {}: path {:?} must be absolute, below /, without . or ..",
+            "volume {:?}: path {:?} must be absolute, below /, without . or ..",
             v.name, v.path
         ));
     }
+    let source = match (v.name.is_empty(), v.pod_path.is_empty()) {
+        (false, true) if valid_name(&v.name, MAX_VOLUME_NAME) => {
+            Path::new(VOLUMES_DIR).join(&v.name)
+        }
+        (true, false) if valid_relative_path(&v.pod_path) => vm_root
+            .join(POD_SHARE.trim_start_matches('/'))
+            .join(&v.pod_path),
+        _ => {
+            return Err(format!(
+                "volume for {}: give either a name (1..={MAX_VOLUME_NAME} of A-Z a-z 0-9 _ . -) \
+                 or a pod_path (relative, without . or ..), not {:?} and {:?}",
+                v.path, v.name, v.pod_path
+            ))
+        }
+    };
     Ok(Volume {
-        source: Path::new(VOLUMES_DIR).join(&v.name),
-        target: root.join(path.strip_prefix("/").unwrap_or(path)),
+        created: !v.name.is_empty(),
+        source,
+        target: root.join(&v.path[1..]),
         read_only: v.read_only,
     })
+}
+
+fn check_file(root: &Path, f: &PodFile) -> Result<PathBuf, String> {
+    if !valid_container_path(&f.path) {
+        return Err(format!(
+            "file {:?}: must be absolute, below /, without . or ..",
+            f.path
+        ));
+    }
+    if f.content.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "file {}: {} bytes, at most {MAX_FILE_BYTES}",
+            f.path,
+            f.content.len()
+        ));
+    }
+    Ok(root.join(&f.path[1..]))
 }
 
 /// The block device (`/dev/vdX`) whose virtio serial is `serial`, once it has a capacity.
@@ -156,14 +175,26 @@ fn device_with_serial(serial: &str) -> Result<String, String> {
     }
 }
 
-/// `add_container`: mounts the container's root disk and its volumes.
-pub fn add(request: &AddContainer) -> Result<(), String> {
+/// `add_container`: mounts the container's root disk, its volumes and its files. `vm_root` is
+/// the VM's own root (husk.root's mount, or `/`), where the pod share is.
+pub fn add(request: &AddContainer, vm_root: &Path) -> Result<(), String> {
     check_id(&request.id)?;
     let root = root_dir(&request.id);
     let volumes = request
         .volumes
         .iter()
-        .map(|v| check_volume(&root, v))
+        .map(|v| check_volume(&root, vm_root, v))
+        .collect::<Result<Vec<_>, _>>()?;
+    if request.files.len() > MAX_FILES {
+        return Err(format!(
+            "{} files, at most {MAX_FILES}",
+            request.files.len()
+        ));
+    }
+    let files = request
+        .files
+        .iter()
+        .map(|f| check_file(&root, f).map(|target| (f, target)))
         .collect::<Result<Vec<_>, _>>()?;
     if is_mount_point(&root) {
         return Err(format!("container {} exists already", request.id));
@@ -179,6 +210,49 @@ pub fn add(request: &AddContainer) -> Result<(), String> {
             let _ = unmount(&root);
             return Err(format!("volume {}: {e}", v.source.display()));
         }
+    }
+    let copies = Path::new(FILES_DIR).join(&request.id);
+    for (i, (file, target)) in files.iter().enumerate() {
+        if let Err(e) = mount_file(&copies.join(i.to_string()), file, target) {
+            let _ = unmount(&root);
+            let _ = std::fs::remove_dir_all(&copies);
+            return Err(format!("file {}: {e}", file.path));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `file`'s contents to `copy` and bind-mounts it over `target` (made if missing).
+fn mount_file(copy: &Path, file: &PodFile, target: &Path) -> io::Result<()> {
+    if let Some(dir) = copy.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(copy, &file.content)?;
+    bind(copy, target, file.read_only, false)
+}
+
+/// Bind-mounts `source` at `target`, made first as a file or a directory like the source
+/// (`dir`, when the source does not say: it does not exist yet).
+fn bind(source: &Path, target: &Path, read_only: bool, dir: bool) -> io::Result<()> {
+    let is_dir = std::fs::metadata(source).map(|m| m.is_dir()).unwrap_or(dir);
+    if is_dir {
+        std::fs::create_dir_all(target)?;
+    } else {
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if std::fs::symlink_metadata(target).is_err() {
+            std::fs::write(target, b"")?;
+        }
+    }
+    let (s, t) = (source.to_string_lossy(), target.to_string_lossy());
+    rustix::mount::mount_bind(&*s, &*t)?;
+    if read_only {
+        rustix::mount::mount_remount(
+            &*t,
+            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+            "",
+        )?;
     }
     Ok(())
 }
@@ -199,18 +273,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// created inside the container's root; the guest as a whole is the pod's isolation boundary,
 /// so a link planted by the image can only point at the pod's own guest.
 fn mount_volume(v: &Volume) -> io::Result<()> {
-    std::fs::create_dir_all(&v.source)?;
-    std::fs::create_dir_all(&v.target)?;
-    let (source, target) = (v.source.to_string_lossy(), v.target.to_string_lossy());
-    rootfs::mount(&source, &target, "", MountFlags::BIND)?;
-    if v.read_only {
-        rustix::mount::mount_remount(
-            &*target,
-            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
-            "",
-        )?;
+    if v.created {
+        std::fs::create_dir_all(&v.source)?;
+    } else if std::fs::symlink_metadata(&v.source).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not in the pod share (was the VM created with the pod's directory?)",
+        ));
     }
-    Ok(())
+    bind(&v.source, &v.target, v.read_only, true)
 }
 
 /// `remove_container`: kills what runs in the container, unmounts its root (lazily, after a
@@ -242,6 +313,7 @@ pub fn remove(id: &str) -> Result<(), String> {
     }
     unmount(&root).map_err(|e| format!("container {id}: unmounting {}: {e}", root.display()))?;
     let _ = std::fs::remove_dir(&root);
+    let _ = std::fs::remove_dir_all(Path::new(FILES_DIR).join(id));
     Ok(())
 }
 
@@ -290,34 +362,77 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_and_names_are_single_safe_path_components() {
-        assert!(valid_name("3f2a9c_web-1.0", MAX_ID));
-        for bad in ["", ".", "..", "a/b", "a b", "x\0", &"a".repeat(MAX_ID + 1)] {
-            assert!(!valid_name(bad, MAX_ID), "{bad:?}");
-        }
+    fn ids_are_single_safe_path_components() {
+        assert!(check_id("3f2a9c_web-1.0").is_ok());
         assert!(check_id("../../etc").is_err());
     }
 
-    #[test]
-    fn volume_paths_stay_inside_the_root() {
-        let root = Path::new("/run/husk-containers/c1");
-        let v = |name: &str, path: &str| PodVolume {
+    fn volume(name: &str, pod_path: &str, path: &str) -> PodVolume {
+        PodVolume {
             name: name.into(),
             path: path.into(),
             read_only: false,
-        };
+            pod_path: pod_path.into(),
+        }
+    }
+
+    #[test]
+    fn volumes_come_from_the_pod_or_its_share_and_stay_inside_the_root() {
+        let root = Path::new("/run/husk-containers/c1");
+        let vm_root = Path::new("/run/husk-root");
         assert_eq!(
-            check_volume(root, &v("shared", "/data/shared")).unwrap(),
+            check_volume(root, vm_root, &volume("shared", "", "/data/shared")).unwrap(),
             Volume {
+                created: true,
                 source: PathBuf::from("/run/husk-pod-volumes/shared"),
                 target: PathBuf::from("/run/husk-containers/c1/data/shared"),
                 read_only: false,
             }
         );
+        let cfg = "volumes/kubernetes.io~configmap/cfg";
+        assert_eq!(
+            check_volume(root, vm_root, &volume("", cfg, "/etc/cfg")).unwrap(),
+            Volume {
+                created: false,
+                source: PathBuf::from(format!("/run/husk-root/run/husk-pod/{cfg}")),
+                target: PathBuf::from("/run/husk-containers/c1/etc/cfg"),
+                read_only: false,
+            }
+        );
         for path in ["relative", "/", "/a/../../etc", "/a/./b"] {
-            assert!(check_volume(root, &v("x", path)).is_err(), "{path}");
+            assert!(
+                check_volume(root, vm_root, &volume("x", "", path)).is_err(),
+                "{path}"
+            );
         }
-        assert!(check_volume(root, &v("../x", "/data")).is_err());
+        for (name, pod_path) in [
+            ("../x", ""),
+            ("", "../x"),
+            ("", "/abs"),
+            ("a", "b"),
+            ("", ""),
+        ] {
+            assert!(
+                check_volume(root, vm_root, &volume(name, pod_path, "/d")).is_err(),
+                "{name:?} {pod_path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_are_bounded_and_stay_inside_the_root() {
+        let root = Path::new("/run/husk-containers/c1");
+        let file = |path: &str, len: usize| PodFile {
+            path: path.into(),
+            content: vec![b'x'; len],
+            read_only: true,
+        };
+        assert_eq!(
+            check_file(root, &file("/etc/hosts", 10)).unwrap(),
+            PathBuf::from("/run/husk-containers/c1/etc/hosts")
+        );
+        assert!(check_file(root, &file("/etc/hosts", MAX_FILE_BYTES + 1)).is_err());
+        assert!(check_file(root, &file("/../etc/passwd", 1)).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod stdio;
 
 use std::fs::File;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -245,7 +246,12 @@ pub fn serve(mut conn: File, agent: &Agent) {
         ),
         Request::AddContainer(add) => reply(
             &mut conn,
-            match containers::add(&add) {
+            match containers::add(
+                &add,
+                std::path::Path::new(std::ffi::OsStr::from_bytes(
+                    agent.root.as_deref().unwrap_or(b"/"),
+                )),
+            ) {
                 Ok(()) => Reply::Ack(true),
                 Err(e) => Reply::Error(format!("add_container: {e}")),
             },

@@ -139,6 +139,9 @@ pub struct CreateArgs {
         hide_default_value = true
     )]
     pub disk_slots: u32,
+    /// The guest's host name (a-z A-Z 0-9 - ., at most 64)
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
     /// Share a host directory with the guest (virtio-fs; repeatable, at most 8): HOST:GUEST,
     /// or HOST:GUEST:ro (read-only, enforced on the host). HOST must lie below huskd's
     /// --allow-path roots; a VM with volumes cannot be snapshotted (docs/volumes.md)

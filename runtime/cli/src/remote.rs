@@ -174,6 +174,7 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
             .unwrap_or_default(),
         disks: args.disks.iter().map(|d| disk_arg(d)).collect(),
         disk_slots: args.disk_slots,
+        hostname: args.hostname.clone().unwrap_or_default(),
         mounts: args
             .volumes
             .iter()

@@ -149,6 +149,12 @@ pub fn normalize(
             spec.workdir
         )));
     }
+    if !spec.hostname.is_empty() && !husk_init::hostname::valid_hostname(&spec.hostname) {
+        return Err(invalid(format!(
+            "hostname: {:?} must be 1..=64 of a-z A-Z 0-9 - . (RFC 1123)",
+            spec.hostname
+        )));
+    }
     if spec.extra_cmdline.contains('\0') || spec.extra_cmdline.contains('\n') {
         return Err(invalid("extra_cmdline: must be one line without NUL bytes"));
     }

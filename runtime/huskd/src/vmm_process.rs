@@ -170,6 +170,9 @@ impl Launch<'_> {
             .to_param();
             parts.push(param);
         }
+        if !spec.hostname.is_empty() {
+            parts.push(husk_init::hostname::to_param(&spec.hostname));
+        }
         if !spec.extra_cmdline.is_empty() {
             parts.push(spec.extra_cmdline.clone());
         }

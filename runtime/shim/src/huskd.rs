@@ -65,6 +65,8 @@ pub struct VmPlan {
     pub mounts: Vec<crate::oci::BindMount>,
     /// Empty disk slots for the containers of a pod (its sandbox's VM), 0 otherwise.
     pub disk_slots: u32,
+    /// The guest's host name (the pod's, for a sandbox).
+    pub hostname: Option<String>,
 }
 
 /// Creates and starts the container's VM: a sandbox (no boot command) with the rootfs image as
@@ -94,6 +96,7 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
         memory_mib: plan.memory_mib.unwrap_or(0),
         labels: plan.labels.iter().cloned().collect(),
         disk_slots: plan.disk_slots,
+        hostname: plan.hostname.clone().unwrap_or_default(),
         mounts: plan
             .mounts
             .iter()

@@ -67,13 +67,23 @@ pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// The path element of kubelet's emptyDir volumes: `.../volumes/kubernetes.io~empty-dir/NAME`.
 const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
 
-/// A pod container's mounts, sorted out: emptyDir volumes (guest-local, shared in the pod)
-/// and what is not shared, with the reason.
+/// CRI's annotation naming the pod's uid (containerd 1.7 and later).
+const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
+/// CRI's annotation naming the pod's log directory, `/var/log/pods/<ns>_<name>_<uid>`
+/// (containerd 1.6 too): where the uid is found when [`SANDBOX_UID`] is missing.
+const SANDBOX_LOG_DIR: &str = "io.kubernetes.cri.sandbox-log-directory";
+
+/// A pod container's mounts, sorted out: volumes (below the pod share, or emptyDirs that live
+/// in the guest), files copied in, and what is not shared, with the reason.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PodMounts {
     pub volumes: Vec<husk_proto::v1::PodVolume>,
+    pub files: Vec<husk_proto::v1::PodFile>,
     pub skipped: Vec<String>,
 }
+
+/// One bind mount of the spec: (source, destination, read-only).
+type Bind = (std::path::PathBuf, String, bool);
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct User {
@@ -175,6 +185,29 @@ impl Spec {
     /// sees directories only), a relative or missing source, a destination the guest cannot
     /// mount at. Kernel file systems (proc, sysfs, tmpfs...) are the guest's own and not listed.
     pub fn bind_mounts(&self) -> (Vec<BindMount>, Vec<String>) {
+        let (all, mut skipped) = self.binds();
+        let mut binds = Vec::new();
+        for (source, destination, read_only) in all {
+            if !source.is_dir() {
+                skipped.push(format!(
+                    "{destination}: {} is not a host directory (only directories are shared)",
+                    source.display()
+                ));
+            } else if !husk_init::shares::valid_guest_path(&destination) {
+                skipped.push(format!("{destination}: not a path the guest can mount at"));
+            } else {
+                binds.push(BindMount {
+                    source: source.display().to_string(),
+                    destination,
+                    read_only,
+                });
+            }
+        }
+        (binds, skipped)
+    }
+
+    /// Every bind mount with an absolute source; the others with the reason.
+    fn binds(&self) -> (Vec<Bind>, Vec<String>) {
         let (mut binds, mut skipped) = (Vec::new(), Vec::new());
         for m in self.inner.mounts().iter().flatten() {
             let options = m.options().clone().unwrap_or_default();
@@ -184,28 +217,49 @@ impl Spec {
                 continue;
             }
             let destination = m.destination().display().to_string();
-            let Some(source) = m.source().as_ref() else {
-                skipped.push(format!("{destination}: a bind mount without a source"));
-                continue;
-            };
-            if !source.is_absolute() || !source.is_dir() {
-                skipped.push(format!(
-                    "{destination}: {} is not a host directory (only directories are shared)",
+            match m.source().as_ref() {
+                Some(source) if source.is_absolute() => {
+                    binds.push((
+                        source.clone(),
+                        destination,
+                        options.iter().any(|o| o == "ro"),
+                    ));
+                }
+                Some(source) => skipped.push(format!(
+                    "{destination}: {} is not an absolute host path",
                     source.display()
-                ));
-                continue;
+                )),
+                None => skipped.push(format!("{destination}: a bind mount without a source")),
             }
-            if !husk_init::shares::valid_guest_path(&destination) {
-                skipped.push(format!("{destination}: not a path the guest can mount at"));
-                continue;
-            }
-            binds.push(BindMount {
-                source: source.display().to_string(),
-                destination,
-                read_only: options.iter().any(|o| o == "ro"),
-            });
         }
         (binds, skipped)
+    }
+
+    /// The container's host name (`hostname`; CRI sets the pod's on its sandbox), when it is
+    /// one huskd takes.
+    pub fn hostname(&self) -> Option<String> {
+        self.inner
+            .hostname()
+            .clone()
+            .filter(|h| husk_init::hostname::valid_hostname(h))
+    }
+
+    /// The pod's uid, from CRI's annotations on its sandbox: the uid itself, or the last
+    /// `_`-separated part of the pod's log directory. Only `[A-Za-z0-9-]` is taken.
+    pub fn pod_uid(&self) -> Option<String> {
+        let annotations = self.inner.annotations().clone().unwrap_or_default();
+        let uid = match annotations.get(SANDBOX_UID) {
+            Some(uid) => uid.clone(),
+            None => {
+                let dir = annotations.get(SANDBOX_LOG_DIR)?;
+                let base = dir.trim_end_matches('/').rsplit('/').next()?;
+                base.rsplit('_').next()?.to_string()
+            }
+        };
+        let valid = !uid.is_empty()
+            && uid.len() <= 64
+            && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        valid.then_some(uid)
     }
 
     /// The container's place in a pod (CRI annotations); `own_id` is the container's id.
@@ -221,36 +275,105 @@ impl Spec {
         }
     }
 
-    /// The mounts of a container in a pod VM: kubelet's emptyDir directories become pod
-    /// volumes that live in the guest, shared by the pod's containers (emptyDir's meaning);
-    /// the rest is not shared into a running VM (its shared directories are fixed at boot),
-    /// and `/dev/shm` is the guest's own.
-    pub fn pod_mounts(&self) -> PodMounts {
-        let (binds, mut skipped) = self.bind_mounts();
-        let mut volumes = Vec::new();
-        for b in binds {
-            if b.destination == "/dev/shm" {
+    /// The mounts of a container in a pod's VM. With `pod_share` (the pod's kubelet directory,
+    /// shared with the VM at boot), whatever lies below it is mounted from the share: live,
+    /// both ways (configMap, secret, projected and emptyDir volumes, etc-hosts, the
+    /// termination log). Without it, kubelet's emptyDir directories become directories in the
+    /// guest shared by the pod's containers (emptyDir's meaning). Small files elsewhere
+    /// (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname) are copied in. The rest cannot
+    /// reach a running VM (its shared directories are fixed at boot) and is listed with the
+    /// reason; `/dev/shm` is the guest's own.
+    pub fn pod_mounts(&self, pod_share: Option<&Path>) -> PodMounts {
+        use husk_init::pod::{valid_container_path, MAX_FILES, MAX_FILE_BYTES};
+        use husk_proto::v1::{PodFile, PodVolume};
+        let (binds, skipped) = self.binds();
+        let mut out = PodMounts {
+            skipped,
+            ..Default::default()
+        };
+        for (source, destination, read_only) in binds {
+            if destination == "/dev/shm" {
                 continue;
             }
-            match empty_dir_name(&b.source) {
-                Some(name) => volumes.push(husk_proto::v1::PodVolume {
-                    name: name.to_string(),
-                    path: b.destination,
-                    read_only: b.read_only,
-                }),
-                None => skipped.push(format!(
-                    "{}: {} is not an emptyDir; host directories are not shared into a pod's \
-                     running VM (docs/containerd.md#pods)",
-                    b.destination, b.source
-                )),
+            if !valid_container_path(&destination) {
+                out.skipped
+                    .push(format!("{destination}: not a path the guest can mount at"));
+                continue;
+            }
+            let below_share = pod_share
+                .and_then(|share| source.strip_prefix(share).ok())
+                .map(|rel| rel.display().to_string())
+                .filter(|rel| husk_init::pod::valid_relative_path(rel));
+            if let Some(pod_path) = below_share {
+                out.volumes.push(PodVolume {
+                    path: destination,
+                    read_only,
+                    pod_path,
+                    ..Default::default()
+                });
+            } else if source.is_dir() {
+                match empty_dir_name(&source.display().to_string()) {
+                    Some(name)
+                        if husk_init::pod::valid_name(name, husk_init::pod::MAX_VOLUME_NAME) =>
+                    {
+                        out.volumes.push(PodVolume {
+                            name: name.to_string(),
+                            path: destination,
+                            read_only,
+                            ..Default::default()
+                        })
+                    }
+                    _ => out.skipped.push(format!(
+                        "{destination}: {} is a host directory outside the pod's kubelet \
+                         directory; it is not shared into a pod's running VM \
+                         (docs/containerd.md#pods)",
+                        source.display()
+                    )),
+                }
+            } else if out.files.len() < MAX_FILES {
+                match read_small_file(&source, MAX_FILE_BYTES) {
+                    Ok(content) => out.files.push(PodFile {
+                        path: destination,
+                        content,
+                        read_only,
+                    }),
+                    Err(why) => out
+                        .skipped
+                        .push(format!("{destination}: {}: {why}", source.display())),
+                }
+            } else {
+                out.skipped.push(format!(
+                    "{destination}: more than {MAX_FILES} files to copy into the container"
+                ));
             }
         }
-        PodMounts { volumes, skipped }
+        out
     }
 
     fn resources(&self) -> Option<&spec::LinuxResources> {
         self.inner.linux().as_ref()?.resources().as_ref()
     }
+}
+
+/// The contents of the regular file `path`, if it holds at most `max` bytes (read with that
+/// bound, whatever the file claims).
+fn read_small_file(path: &Path, max: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("neither a directory nor a regular file".into());
+    }
+    let mut content = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut content)
+        .map_err(|e| e.to_string())?;
+    if content.len() > max {
+        return Err(format!(
+            "a file of more than {max} bytes is not copied into a pod's VM"
+        ));
+    }
+    Ok(content)
 }
 
 /// The volume name of a kubelet emptyDir path (`.../kubernetes.io~empty-dir/NAME`).
@@ -325,41 +448,92 @@ mod tests {
     }
 
     #[test]
-    fn empty_dirs_become_pod_volumes_and_other_directories_are_explained() {
+    fn pod_mounts_come_from_the_share_the_pod_or_as_copies() {
         let dir = tempfile::tempdir().unwrap();
-        let empty = dir
-            .path()
-            .join("pods/u1/volumes/kubernetes.io~empty-dir/cache");
+        let pod = dir.path().join("kubelet/pods/u1");
+        let empty = pod.join("volumes/kubernetes.io~empty-dir/cache");
+        let config = pod.join("volumes/kubernetes.io~configmap/cfg");
         let host = dir.path().join("data");
         let shm = dir.path().join("shm");
-        for d in [&empty, &host, &shm] {
+        for d in [&empty, &config, &host, &shm] {
             std::fs::create_dir_all(d).unwrap();
         }
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![0u8; husk_init::pod::MAX_FILE_BYTES + 1]).unwrap();
+        let bind = |dest: &str, src: &Path, ro: bool| {
+            format!(
+                r#"{{"destination": "{dest}", "type": "bind", "source": "{}", "options": ["rbind", "{}"]}}"#,
+                src.display(),
+                if ro { "ro" } else { "rw" }
+            )
+        };
         let json = format!(
             r#"{{"ociVersion": "1.0.2", "process": {{"user": {{"uid": 0, "gid": 0}},
-                "args": ["sh"], "cwd": "/"}},
-                "mounts": [
-                  {{"destination": "/cache", "type": "bind", "source": "{e}", "options": ["rbind", "ro"]}},
-                  {{"destination": "/data", "type": "bind", "source": "{h}", "options": ["rbind"]}},
-                  {{"destination": "/dev/shm", "type": "bind", "source": "{s}", "options": ["rbind"]}}
-                ]}}"#,
-            e = empty.display(),
-            h = host.display(),
-            s = shm.display()
+                "args": ["sh"], "cwd": "/"}}, "mounts": [{}]}}"#,
+            [
+                bind("/cache", &empty, true),
+                bind("/etc/cfg", &config, true),
+                bind("/data", &host, false),
+                bind("/dev/shm", &shm, false),
+                bind("/etc/hosts", &hosts, false),
+                bind("/big", &big, false),
+            ]
+            .join(",")
         );
-        let m = spec(&json).pod_mounts();
+        let spec = spec(&json);
+        // Without a pod share: the emptyDir lives in the guest; the configMap cannot be shared.
+        let m = spec.pod_mounts(None);
         assert_eq!(
             m.volumes,
             vec![husk_proto::v1::PodVolume {
                 name: "cache".into(),
                 path: "/cache".into(),
                 read_only: true,
+                ..Default::default()
             }]
         );
-        assert_eq!(m.skipped.len(), 1, "{:?}", m.skipped);
-        assert!(m.skipped[0].starts_with("/data: "), "{:?}", m.skipped);
+        assert_eq!(m.files.len(), 1);
+        assert_eq!(m.files[0].path, "/etc/hosts");
+        assert_eq!(m.files[0].content, b"127.0.0.1 localhost\n");
+        let skipped: Vec<&str> = m
+            .skipped
+            .iter()
+            .map(|s| &s[..s.find(':').unwrap()])
+            .collect();
+        assert_eq!(skipped, ["/etc/cfg", "/data", "/big"], "{:?}", m.skipped);
+        // With the pod's kubelet directory shared, both volumes come from the share.
+        let m = spec.pod_mounts(Some(&pod));
+        let shared: Vec<(&str, &str)> = m
+            .volumes
+            .iter()
+            .map(|v| (v.path.as_str(), v.pod_path.as_str()))
+            .collect();
+        assert_eq!(
+            shared,
+            [
+                ("/cache", "volumes/kubernetes.io~empty-dir/cache"),
+                ("/etc/cfg", "volumes/kubernetes.io~configmap/cfg")
+            ]
+        );
         assert_eq!(empty_dir_name("/x/kubernetes.io~empty-dir/"), None);
         assert_eq!(empty_dir_name("/x/kubernetes.io~configmap/a"), None);
+    }
+
+    #[test]
+    fn the_pod_uid_comes_from_its_annotation_or_its_log_directory() {
+        let uid = annotated(r#""io.kubernetes.cri.sandbox-uid": "7d3c-11""#);
+        assert_eq!(uid.pod_uid().as_deref(), Some("7d3c-11"));
+        let log = annotated(
+            r#""io.kubernetes.cri.sandbox-log-directory": "/var/log/pods/default_web_5a2b-9f""#,
+        );
+        assert_eq!(log.pod_uid().as_deref(), Some("5a2b-9f"));
+        assert_eq!(
+            annotated(r#""io.kubernetes.cri.sandbox-uid": "../x""#).pod_uid(),
+            None
+        );
+        assert_eq!(annotated("").pod_uid(), None);
     }
 
     #[test]

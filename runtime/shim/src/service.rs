@@ -102,10 +102,29 @@ fn pod_slots() -> u32 {
         .min(husk_host::vmm_args::MAX_DISK_SLOTS)
 }
 
+/// The kubelet's root directory, whose `pods/<uid>` a pod's VM shares
+/// (`$HUSK_SHIM_KUBELET_ROOT`, default /var/lib/kubelet).
+fn kubelet_root() -> PathBuf {
+    std::env::var_os("HUSK_SHIM_KUBELET_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet"))
+}
+
+/// What [`Service::create_own_vm`] made.
+struct OwnVm {
+    vm: String,
+    vmm_pid: u32,
+    disk: Disk,
+    pod_share: Option<PathBuf>,
+}
+
 /// A container this shim serves.
 #[derive(Debug)]
 struct Container {
     place: Place,
+    /// For a pod's sandbox: the pod's kubelet directory, shared with its VM at
+    /// [`husk_init::pod::POD_SHARE`] (None: not there, or huskd's path policy refused it).
+    pod_share: Option<PathBuf>,
     bundle: PathBuf,
     vm: String,
     vmm_pid: u32,
@@ -412,8 +431,8 @@ impl Service {
         }
     }
 
-    /// The VM and VMM pid of the pod whose sandbox container is `sandbox`.
-    async fn pod_vm(&self, sandbox: &str) -> ttrpc::Result<(String, u32)> {
+    /// The VM, VMM pid and pod share of the pod whose sandbox container is `sandbox`.
+    async fn pod_vm(&self, sandbox: &str) -> ttrpc::Result<(String, u32, Option<PathBuf>)> {
         let guard = self.containers.lock().await;
         let c = guard.get(sandbox).ok_or_else(|| {
             err(
@@ -427,24 +446,25 @@ impl Service {
                 format!("the pod's sandbox {sandbox} has stopped"),
             ));
         }
-        Ok((c.vm.clone(), c.vmm_pid))
+        Ok((c.vm.clone(), c.vmm_pid, c.pod_share.clone()))
     }
 
     /// Creates a container of a pod inside the pod's running VM `vm`: its root as a disk of
-    /// the VM (copy-on-write over its image's shared base when it has one) and its emptyDir
-    /// volumes in the guest.
+    /// the VM (copy-on-write over its image's shared base when it has one), its volumes from
+    /// the VM's pod share (or emptyDirs in the guest) and its small files copied in.
     async fn create_in_pod(
         &self,
         req: &CreateTaskRequest,
         bundle: &std::path::Path,
         spec: &oci::Spec,
         vm: &str,
+        pod_share: Option<&std::path::Path>,
     ) -> ttrpc::Result<Disk> {
         let mut client = self.client().await?;
         let disk = self
             .prepare_disk(&req.id, bundle, &req.rootfs, spec.root_path(), true)
             .await?;
-        let mounts = spec.pod_mounts();
+        let mounts = spec.pod_mounts(pod_share);
         for why in &mounts.skipped {
             tracing::warn!(container = %req.id, "mount not shared with the pod's VM: {why}");
         }
@@ -461,6 +481,7 @@ impl Service {
                 ..Default::default()
             }),
             volumes: mounts.volumes,
+            files: mounts.files,
         };
         let started = std::time::Instant::now();
         if let Err(s) = client.add_container(request).await {
@@ -477,14 +498,14 @@ impl Service {
     }
 
     /// Creates the VM of a container that has one of its own (`pod`: a pod's sandbox, with
-    /// disk slots for the pod's containers); returns its name, VMM pid and root disk.
+    /// disk slots for the pod's containers and the pod's kubelet directory shared).
     async fn create_own_vm(
         &self,
         req: &CreateTaskRequest,
         bundle: &std::path::Path,
         spec: &oci::Spec,
         pod: bool,
-    ) -> ttrpc::Result<(String, u32, Disk)> {
+    ) -> ttrpc::Result<OwnVm> {
         let mut client = self.client().await?;
         let root_path = spec.root_path();
         let mut disk = self
@@ -493,20 +514,23 @@ impl Service {
         let vm_name = huskd::vm_name(&self.args.namespace, &req.id);
         // A VM of that name is a leftover of an earlier shim of this container id.
         let _ = huskd::delete_vm(&mut client, &vm_name).await;
-        let mounts = if pod {
-            // A sandbox (pause) shares nothing; what its spec binds (/dev/shm...) is the
-            // guest's own.
-            for why in spec.pod_mounts().skipped {
-                tracing::debug!(container = %req.id, "sandbox mount not shared: {why}");
-            }
-            Vec::new()
+        let (mounts, skipped) = if pod {
+            // A sandbox (pause) shares nothing of its own; what its spec binds (/dev/shm...) is
+            // the guest's own.
+            (Vec::new(), Vec::new())
         } else {
-            let (mounts, skipped) = spec.bind_mounts();
-            for why in skipped {
-                tracing::warn!(container = %req.id, "mount not shared with the VM: {why}");
-            }
-            mounts
+            spec.bind_mounts()
         };
+        for why in skipped {
+            tracing::warn!(container = %req.id, "mount not shared with the VM: {why}");
+        }
+        // The pod's kubelet directory (volumes, etc-hosts, termination logs) as it is when the
+        // sandbox starts: kubelet has mounted the pod's volumes by then.
+        let mut pod_share = pod
+            .then(|| spec.pod_uid())
+            .flatten()
+            .map(|uid| kubelet_root().join("pods").join(uid))
+            .filter(|dir| dir.is_dir());
         let mut plan = VmPlan {
             mounts,
             name: vm_name.clone(),
@@ -516,6 +540,7 @@ impl Service {
             vcpus: spec.vcpus(),
             netns: spec.network_namespace(),
             disk_slots: if pod { pod_slots() } else { 0 },
+            hostname: spec.hostname(),
             labels: vec![
                 (
                     "io.containerd.namespace".into(),
@@ -527,30 +552,56 @@ impl Service {
         if pod {
             plan.labels.push(("io.husk.pod".into(), "sandbox".into()));
         }
-        let mut result = Err(HuskdError::NoCopyOnWrite);
-        for attempt in 0..2 {
+        if let Some(share) = &pod_share {
+            plan.mounts.push(oci::BindMount {
+                source: share.display().to_string(),
+                destination: husk_init::pod::POD_SHARE.into(),
+                read_only: false,
+            });
+        }
+        let result = loop {
             if let Err(e) = write_record(bundle, &vm_name, &disk, None) {
                 disk.cleanup(bundle);
                 return Err(err(Code::INTERNAL, format!("writing {RECORD_FILE}: {e}")));
             }
-            result = huskd::create_vm(&mut client, &plan).await;
-            if attempt == 0 && matches!(result, Err(HuskdError::NoCopyOnWrite)) {
-                tracing::warn!(
-                    "container {}: huskd does not support copy-on-write rootfs (an older \
-                     huskd): copying the rootfs for this container instead",
-                    req.id
-                );
-                disk = self
-                    .prepare_disk(&req.id, bundle, &req.rootfs, root_path.clone(), false)
-                    .await?;
-                plan.rootfs_image = disk.path().display().to_string();
-                plan.rootfs_copy_on_write = false;
-                continue;
+            let result = huskd::create_vm(&mut client, &plan).await;
+            match &result {
+                Err(HuskdError::NoCopyOnWrite) if plan.rootfs_copy_on_write => {
+                    tracing::warn!(
+                        "container {}: huskd does not support copy-on-write rootfs (an older \
+                         huskd): copying the rootfs for this container instead",
+                        req.id
+                    );
+                    disk = self
+                        .prepare_disk(&req.id, bundle, &req.rootfs, root_path.clone(), false)
+                        .await?;
+                    plan.rootfs_image = disk.path().display().to_string();
+                    plan.rootfs_copy_on_write = false;
+                }
+                Err(HuskdError::Call(s))
+                    if s.code() == tonic::Code::PermissionDenied && pod_share.take().is_some() =>
+                {
+                    tracing::warn!(
+                        "pod {}: huskd may not share the pod's kubelet directory ({}): its \
+                         configMap, secret and projected volumes do not reach the pod's \
+                         containers (allow it with huskd --allow-path {}/pods)",
+                        req.id,
+                        s.message(),
+                        kubelet_root().display()
+                    );
+                    plan.mounts
+                        .retain(|m| m.destination != husk_init::pod::POD_SHARE);
+                }
+                _ => break result,
             }
-            break;
-        }
+        };
         match result {
-            Ok(vm) => Ok((vm_name, vm.status.as_ref().map_or(0, |s| s.vmm_pid), disk)),
+            Ok(vm) => Ok(OwnVm {
+                vm: vm_name,
+                vmm_pid: vm.status.as_ref().map_or(0, |s| s.vmm_pid),
+                disk,
+                pod_share,
+            }),
             Err(e) => {
                 disk.cleanup(bundle);
                 Err(huskd_err(e))
@@ -632,16 +683,18 @@ impl Task for Service {
             .process()
             .filter(|p| p.args.first().is_some_and(|a| !a.is_empty()))
             .ok_or_else(|| err(Code::INVALID_ARGUMENT, "config.json: process.args is empty"))?;
-        let (vm, vmm_pid, disk, place) = match spec.pod_role(&req.id) {
+        let (vm, vmm_pid, disk, place, pod_share) = match spec.pod_role(&req.id) {
             oci::PodRole::Member { sandbox } => {
-                let (vm, vmm_pid) = self.pod_vm(&sandbox).await?;
-                let disk = self.create_in_pod(&req, &bundle, &spec, &vm).await?;
-                (vm, vmm_pid, disk, Place::InPod { sandbox })
+                let (vm, vmm_pid, share) = self.pod_vm(&sandbox).await?;
+                let disk = self
+                    .create_in_pod(&req, &bundle, &spec, &vm, share.as_deref())
+                    .await?;
+                (vm, vmm_pid, disk, Place::InPod { sandbox }, None)
             }
             role => {
                 let pod = role == oci::PodRole::Sandbox;
-                let (vm, vmm_pid, disk) = self.create_own_vm(&req, &bundle, &spec, pod).await?;
-                (vm, vmm_pid, disk, Place::OwnVm)
+                let own = self.create_own_vm(&req, &bundle, &spec, pod).await?;
+                (own.vm, own.vmm_pid, own.disk, Place::OwnVm, own.pod_share)
             }
         };
         let stdio = Stdio {
@@ -659,6 +712,7 @@ impl Task for Service {
             req.id.clone(),
             Container {
                 place,
+                pod_share,
                 bundle: bundle.clone(),
                 vm,
                 vmm_pid,

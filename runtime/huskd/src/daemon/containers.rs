@@ -9,10 +9,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use husk_init::pod::{
+    valid_container_path, valid_name, valid_relative_path, MAX_CONTAINER_ID, MAX_FILES,
+    MAX_FILE_BYTES, MAX_VOLUME_NAME,
+};
 use husk_proto::agent::{self, host_message, HostMessage};
 use husk_proto::v1::{
-    AddContainerRequest, AttachDiskRequest, DetachDiskRequest, PodVolume, RemoveContainerRequest,
-    Vm,
+    AddContainerRequest, AttachDiskRequest, DetachDiskRequest, PodFile, PodVolume,
+    RemoveContainerRequest, Vm,
 };
 use tonic::Status;
 
@@ -23,22 +27,6 @@ use crate::agent_client::{self, AgentError};
 const AGENT_LIMIT: Duration = Duration::from_secs(30);
 /// How long AddContainer waits for a booting VM's agent.
 const AGENT_READY_WAIT: Duration = Duration::from_secs(60);
-/// Longest container id, as the agent takes it.
-const MAX_CONTAINER_ID: usize = 128;
-/// Longest pod volume name.
-const MAX_VOLUME_NAME: usize = 63;
-
-/// `[A-Za-z0-9_.-]{1,max}` and not `.`/`..`: a single, safe path component in the guest.
-fn valid_name(name: &str, max: usize) -> bool {
-    !name.is_empty()
-        && name.len() <= max
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-}
-
 fn check_container(id: &str) -> Result<(), Status> {
     if valid_name(id, MAX_CONTAINER_ID) {
         Ok(())
@@ -49,23 +37,38 @@ fn check_container(id: &str) -> Result<(), Status> {
     }
 }
 
-fn check_volumes(volumes: &[PodVolume]) -> Result<(), Status> {
+/// Volumes and files as the guest agent will take them (see husk_init::pod).
+fn check_contents(volumes: &[PodVolume], files: &[PodFile]) -> Result<(), Status> {
     for v in volumes {
-        if !valid_name(&v.name, MAX_VOLUME_NAME) {
+        if !valid_container_path(&v.path) {
             return Err(Status::invalid_argument(format!(
-                "volumes: name {:?} must be 1..={MAX_VOLUME_NAME} of A-Z a-z 0-9 _ . -",
-                v.name
+                "volumes: path {:?} must be absolute, below /, without . or ..",
+                v.path
             )));
         }
-        let plain = v
-            .path
-            .split('/')
-            .skip(1)
-            .all(|c| !c.is_empty() && c != "." && c != "..");
-        if !v.path.starts_with('/') || !plain || v.path.contains('\0') {
+        let named = !v.name.is_empty() && valid_name(&v.name, MAX_VOLUME_NAME);
+        let shared = !v.pod_path.is_empty() && valid_relative_path(&v.pod_path);
+        if named == shared || (!v.name.is_empty() && !v.pod_path.is_empty()) {
             return Err(Status::invalid_argument(format!(
-                "volumes: {}: path {:?} must be absolute, below /, without . or ..",
-                v.name, v.path
+                "volumes: {}: give a name (1..={MAX_VOLUME_NAME} of A-Z a-z 0-9 _ . -) or a \
+                 pod_path (relative, without . or ..), not {:?} and {:?}",
+                v.path, v.name, v.pod_path
+            )));
+        }
+    }
+    if files.len() > MAX_FILES {
+        return Err(Status::invalid_argument(format!(
+            "files: {}, at most {MAX_FILES}",
+            files.len()
+        )));
+    }
+    for f in files {
+        if !valid_container_path(&f.path) || f.content.len() > MAX_FILE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "files: {:?} ({} bytes) must be an absolute path without . or .., at most \
+                 {MAX_FILE_BYTES} bytes",
+                f.path,
+                f.content.len()
             )));
         }
     }
@@ -115,7 +118,7 @@ impl Daemon {
         request: &AddContainerRequest,
     ) -> Result<Vm, Status> {
         check_container(&request.container)?;
-        check_volumes(&request.volumes)?;
+        check_contents(&request.volumes, &request.files)?;
         let rootfs = request
             .rootfs
             .clone()
@@ -178,6 +181,16 @@ impl Daemon {
                         name: v.name.clone(),
                         path: v.path.clone(),
                         read_only: v.read_only,
+                        pod_path: v.pod_path.clone(),
+                    })
+                    .collect(),
+                files: request
+                    .files
+                    .iter()
+                    .map(|f| agent::PodFile {
+                        path: f.path.clone(),
+                        content: f.content.clone(),
+                        read_only: f.read_only,
                     })
                     .collect(),
             })),
@@ -279,7 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn container_ids_and_volumes_are_checked() {
+    fn container_ids_volumes_and_files_are_checked() {
         assert!(check_container("a1b2-c.d_e").is_ok());
         for bad in ["", "..", "a/b", "x y"] {
             assert_eq!(
@@ -287,19 +300,35 @@ mod tests {
                 tonic::Code::InvalidArgument
             );
         }
-        let v = |name: &str, path: &str| PodVolume {
+        let v = |name: &str, pod_path: &str, path: &str| PodVolume {
             name: name.into(),
             path: path.into(),
             read_only: false,
+            pod_path: pod_path.into(),
         };
-        assert!(check_volumes(&[v("cache", "/var/cache")]).is_ok());
-        for (name, path) in [
-            ("x", "rel"),
-            ("x", "/a/../b"),
-            ("x", "/a//b"),
-            ("a/b", "/x"),
+        assert!(check_contents(&[v("cache", "", "/var/cache")], &[]).is_ok());
+        assert!(check_contents(&[v("", "volumes/x~y/cfg", "/etc/cfg")], &[]).is_ok());
+        for (name, pod_path, path) in [
+            ("x", "", "rel"),
+            ("x", "", "/a/../b"),
+            ("x", "", "/a//b"),
+            ("a/b", "", "/x"),
+            ("", "", "/x"),
+            ("a", "b", "/x"),
+            ("", "../up", "/x"),
         ] {
-            assert!(check_volumes(&[v(name, path)]).is_err(), "{name} {path}");
+            assert!(
+                check_contents(&[v(name, pod_path, path)], &[]).is_err(),
+                "{name} {pod_path} {path}"
+            );
         }
+        let f = |path: &str, len: usize| PodFile {
+            path: path.into(),
+            content: vec![0; len],
+            read_only: false,
+        };
+        assert!(check_contents(&[], &[f("/etc/hosts", 100)]).is_ok());
+        assert!(check_contents(&[], &[f("/etc/hosts", MAX_FILE_BYTES + 1)]).is_err());
+        assert!(check_contents(&[], &vec![f("/a", 1); MAX_FILES + 1]).is_err());
     }
 }
