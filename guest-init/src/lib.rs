@@ -5,6 +5,7 @@
 //! decodes. Keeping both sides in this one small library means they cannot drift apart.
 pub mod hostname;
 pub mod pod;
+pub mod procfs;
 pub mod shares;
 pub mod spec;
 

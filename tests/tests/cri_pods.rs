@@ -27,13 +27,13 @@ use husk_tests::cri::{
 use husk_tests::require_guest_kvm;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, CreateContainerRequest, KeyValue,
-    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
-    ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StatusRequest,
-    StopContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest,
+    CreateContainerRequest, KeyValue, LinuxContainerConfig, LinuxContainerResources,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StatusRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -383,6 +383,25 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         std::fs::read_to_string(&web_log),
         cri.logs()
     );
+
+    // Per-container stats, measured in the guest: web's httpd and its memory, not the VM's.
+    let stats = cri
+        .call(
+            "ContainerStats(web)",
+            CALL_LIMIT,
+            rs.container_stats(ContainerStatsRequest {
+                container_id: web.clone(),
+            }),
+        )
+        .stats
+        .expect("ContainerStats without stats");
+    let memory = stats.memory.as_ref().and_then(|m| m.working_set_bytes);
+    let bytes = memory.map_or(0, |m| m.value);
+    assert!(
+        bytes > 0 && bytes < 64 << 20,
+        "web's memory should be its httpd's, some KiB to MiB, not the VM's: {stats:?}"
+    );
+    assert!(stats.cpu.is_some(), "no CPU stats: {stats:?}");
 
     // 8. ExecSync reports the exit code.
     let r = cri.exec_sync(&client, &["sh", "-c", "exit 3"]);

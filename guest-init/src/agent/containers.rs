@@ -317,6 +317,32 @@ pub fn remove(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `container_stats`: CPU time, resident memory and count of the container's processes.
+pub fn stats(id: &str) -> Result<husk_proto::agent::ContainerStats, String> {
+    use husk_init::procfs::{cpu_ticks, rss_bytes, ticks_to_ns};
+    check_id(id)?;
+    let root = root_dir(id);
+    if !is_mount_point(&root) {
+        return Err(format!("no container {id} in this VM"));
+    }
+    let ticks = rustix::param::clock_ticks_per_second().max(1);
+    let mut stats = husk_proto::agent::ContainerStats::default();
+    for pid in processes_in(&root) {
+        let (Ok(stat), Ok(status)) = (
+            std::fs::read_to_string(format!("/proc/{pid}/stat")),
+            std::fs::read_to_string(format!("/proc/{pid}/status")),
+        ) else {
+            continue; // it ended meanwhile
+        };
+        let (user, system) = cpu_ticks(&stat).unwrap_or_default();
+        stats.cpu_user_ns += ticks_to_ns(user, ticks);
+        stats.cpu_system_ns += ticks_to_ns(system, ticks);
+        stats.memory_rss_bytes += rss_bytes(&status).unwrap_or(0);
+        stats.processes += 1;
+    }
+    Ok(stats)
+}
+
 fn unmount(root: &Path) -> io::Result<()> {
     if !is_mount_point(root) {
         return Ok(());

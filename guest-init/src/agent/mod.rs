@@ -172,6 +172,7 @@ fn request_name(msg: &Request) -> &'static str {
         Request::SetNetwork(_) => "set_network",
         Request::AddContainer(_) => "add_container",
         Request::RemoveContainer(_) => "remove_container",
+        Request::ContainerStats(_) => "container_stats",
     }
 }
 
@@ -263,11 +264,18 @@ pub fn serve(mut conn: File, agent: &Agent) {
                 Err(e) => Reply::Error(format!("remove_container: {e}")),
             },
         ),
+        Request::ContainerStats(request) => reply(
+            &mut conn,
+            match containers::stats(&request.id) {
+                Ok(stats) => Reply::ContainerStats(stats),
+                Err(e) => Reply::Error(format!("container_stats: {e}")),
+            },
+        ),
         other => reply(
             &mut conn,
             Reply::Error(format!(
                 "expected a request (hello, exec, shutdown, set_time, set_network, \
-                 add_container or remove_container), got {}",
+                 add_container, remove_container or container_stats), got {}",
                 request_name(&other)
             )),
         ),

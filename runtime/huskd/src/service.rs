@@ -14,7 +14,8 @@ use husk_proto::v1::{
     WatchEventsRequest,
 };
 use husk_proto::v1::{
-    AddContainerRequest, AttachDiskRequest, DetachDiskRequest, RemoveContainerRequest,
+    AddContainerRequest, AttachDiskRequest, ContainerStats, DetachDiskRequest,
+    GetContainerStatsRequest, RemoveContainerRequest,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -156,6 +157,17 @@ impl Husk for HuskService {
         let entry = self.daemon.resolve(&request.vm)?;
         Ok(Response::new(
             self.daemon.remove_container(&entry, &request).await?,
+        ))
+    }
+
+    async fn get_container_stats(
+        &self,
+        request: Request<GetContainerStatsRequest>,
+    ) -> Result<Response<ContainerStats>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.container_stats(&entry, &request).await?,
         ))
     }
 

@@ -31,7 +31,8 @@ use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext, Code};
 use containerd_shim_protos::types::task::{ProcessInfo, Status as TaskStatus};
 use husk_proto::v1::{
-    AddContainerRequest, PauseVmRequest, RemoveContainerRequest, ResumeVmRequest,
+    AddContainerRequest, GetContainerStatsRequest, PauseVmRequest, RemoveContainerRequest,
+    ResumeVmRequest,
 };
 use tokio::sync::{Mutex, Notify};
 
@@ -1034,7 +1035,7 @@ impl Task for Service {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        let (pid, processes) = {
+        let (pid, processes, in_pod) = {
             let guard = self.containers.lock().await;
             let c = guard
                 .get(&req.id)
@@ -1043,10 +1044,26 @@ impl Task for Service {
                 .chain(c.execs.values())
                 .filter(|p| matches!(p.status(), Status::Running { .. }))
                 .count();
-            (c.vmm_pid, running as u64)
+            let in_pod = matches!(c.place, Place::InPod { .. }).then(|| c.vm.clone());
+            (c.vmm_pid, running as u64, in_pod)
         };
-        let any = stats::vmm_metrics(pid, processes)
-            .map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;
+        let any = match in_pod {
+            // A container in a pod's VM: its own processes, measured in the guest.
+            Some(vm) => {
+                let mut client = self.client().await?;
+                let stats = client
+                    .get_container_stats(GetContainerStatsRequest {
+                        vm,
+                        container: req.id.clone(),
+                    })
+                    .await
+                    .map_err(|s| huskd_err(s.into()))?
+                    .into_inner();
+                stats::container_metrics(&stats)
+            }
+            None => stats::vmm_metrics(pid, processes),
+        }
+        .map_err(|e| err(Code::FAILED_PRECONDITION, e.to_string()))?;
         let mut r = StatsResponse::new();
         r.stats = MessageField::some(any);
         Ok(r)

@@ -1,6 +1,8 @@
-//! Task stats for a container: what its VM costs on the host, read from the VMM process
-//! (`/proc/<pid>/stat` CPU times, `/proc/<pid>/status` resident memory), reported as the
-//! cgroups v1 `Metrics` message that `ctr task metrics` and kubelet's CRI stats decode.
+//! Task stats for a container, reported as the cgroups v1 `Metrics` message that `ctr task
+//! metrics` and kubelet's CRI stats decode: for a container with a VM of its own (and a pod's
+//! sandbox), what the VM costs on the host, read from the VMM process (`/proc/<pid>/stat` CPU
+//! times, `/proc/<pid>/status` resident memory); for a container in a pod's VM, what its own
+//! processes use inside the guest (huskd GetContainerStats, measured by the guest agent).
 
 use containerd_shim_protos::cgroups::metrics::{
     CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
@@ -18,34 +20,35 @@ pub enum StatsError {
     Encode(String),
 }
 
-/// CPU time (user, system) in nanoseconds from the text of `/proc/<pid>/stat`.
-fn cpu_ns(stat: &str, ticks_per_second: u64) -> Option<(u64, u64)> {
-    // Fields after the command name (which may contain spaces and parentheses).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let ns = |ticks: u64| ticks.saturating_mul(1_000_000_000) / ticks_per_second.max(1);
-    Some((ns(utime), ns(stime)))
-}
-
-/// Resident memory in bytes from the text of `/proc/<pid>/status`.
-fn rss_bytes(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// The metrics of the VMM `pid` with `processes` running in the guest, as an `Any`.
 pub fn vmm_metrics(pid: u32, processes: u64) -> Result<Any, StatsError> {
+    use husk_init::procfs::{cpu_ticks, rss_bytes, ticks_to_ns};
     let stat =
         std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| StatsError::Gone(pid))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|_| StatsError::Gone(pid))?;
     let ticks = rustix::param::clock_ticks_per_second().max(1);
-    let (user, kernel) = cpu_ns(&stat, ticks).ok_or(StatsError::Format(pid))?;
-    let rss = rss_bytes(&status).unwrap_or(0);
+    let (user, kernel) = cpu_ticks(&stat).ok_or(StatsError::Format(pid))?;
+    metrics(
+        ticks_to_ns(user, ticks),
+        ticks_to_ns(kernel, ticks),
+        rss_bytes(&status).unwrap_or(0),
+        processes,
+    )
+}
+
+/// The metrics of a container in a pod's VM, as the guest agent measured them.
+pub fn container_metrics(stats: &husk_proto::v1::ContainerStats) -> Result<Any, StatsError> {
+    metrics(
+        stats.cpu_user_ns,
+        stats.cpu_system_ns,
+        stats.memory_rss_bytes,
+        u64::from(stats.processes),
+    )
+}
+
+/// CPU time, resident memory and process count as cgroups v1 `Metrics` in an `Any`.
+fn metrics(user: u64, kernel: u64, rss: u64, processes: u64) -> Result<Any, StatsError> {
     let mut m = Metrics::new();
     let mut usage = CPUUsage::new();
     usage.user = user;
@@ -76,11 +79,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_files_are_parsed() {
-        let stat = "1234 (husk vmm (x)) S 1 1234 1234 0 -1 4194560 500 0 0 0 250 100 0 0 20 0 3 0";
-        assert_eq!(cpu_ns(stat, 100), Some((2_500_000_000, 1_000_000_000)));
-        assert_eq!(cpu_ns("garbage", 100), None);
-        assert_eq!(rss_bytes("Name:\tx\nVmRSS:\t  2048 kB\n"), Some(2 << 20));
+    fn a_containers_guest_stats_read_as_cgroups_v1_metrics() {
+        let any = container_metrics(&husk_proto::v1::ContainerStats {
+            cpu_user_ns: 3,
+            cpu_system_ns: 4,
+            memory_rss_bytes: 5 << 20,
+            processes: 2,
+        })
+        .unwrap();
+        let m = Metrics::parse_from_bytes(&any.value).unwrap();
+        assert_eq!(m.cpu.usage.total, 7);
+        assert_eq!(m.memory.usage.usage, 5 << 20);
+        assert_eq!(m.pids.current, 2);
     }
 
     #[test]

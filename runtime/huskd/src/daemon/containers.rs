@@ -13,10 +13,10 @@ use husk_init::pod::{
     valid_container_path, valid_name, valid_relative_path, MAX_CONTAINER_ID, MAX_FILES,
     MAX_FILE_BYTES, MAX_VOLUME_NAME,
 };
-use husk_proto::agent::{self, host_message, HostMessage};
+use husk_proto::agent::{self, guest_message, host_message, HostMessage};
 use husk_proto::v1::{
-    AddContainerRequest, AttachDiskRequest, DetachDiskRequest, PodFile, PodVolume,
-    RemoveContainerRequest, Vm,
+    AddContainerRequest, AttachDiskRequest, ContainerStats, DetachDiskRequest,
+    GetContainerStatsRequest, PodFile, PodVolume, RemoveContainerRequest, Vm,
 };
 use tonic::Status;
 
@@ -240,6 +240,46 @@ impl Daemon {
         let vm = self.detach_slot(entry, &detach).await?;
         tracing::info!(vm_id = %entry.id, slot, container = %request.container, "container removed");
         Ok(vm)
+    }
+}
+
+impl Daemon {
+    /// See GetContainerStats in husk.proto.
+    pub async fn container_stats(
+        &self,
+        entry: &Arc<VmEntry>,
+        request: &GetContainerStatsRequest,
+    ) -> Result<ContainerStats, Status> {
+        check_container(&request.container)?;
+        if slot_of(&entry.snapshot(), &request.container).is_none() {
+            return Err(Status::not_found(format!(
+                "GetContainerStats: no container {} in VM {}",
+                request.container,
+                entry.name()
+            )));
+        }
+        let socket = self.agent_socket(entry, AGENT_READY_WAIT).await?;
+        let message = HostMessage {
+            msg: Some(host_message::Msg::ContainerStats(
+                agent::ContainerStatsRequest {
+                    id: request.container.clone(),
+                },
+            )),
+        };
+        let reply = agent_client::request(&socket, &message, AGENT_LIMIT)
+            .await
+            .map_err(|e| agent_status("GetContainerStats", e))?;
+        match reply.msg {
+            Some(guest_message::Msg::ContainerStats(s)) => Ok(ContainerStats {
+                cpu_user_ns: s.cpu_user_ns,
+                cpu_system_ns: s.cpu_system_ns,
+                memory_rss_bytes: s.memory_rss_bytes,
+                processes: s.processes,
+            }),
+            other => Err(Status::internal(format!(
+                "GetContainerStats: unexpected reply from the guest agent: {other:?}"
+            ))),
+        }
     }
 }
 
