@@ -50,6 +50,13 @@ fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The program name of a process (its `comm`).
+fn process_name(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn one_pod(cri: &CriContainerd, handler: &str, round: usize) -> Sample {
     let mut rs = cri.runtime_client();
     let uid = format!("bench-{handler}-{round}-{}", std::process::id());
@@ -119,11 +126,26 @@ fn one_pod(cri: &CriContainerd, handler: &str, round: usize) -> Sample {
     // Let the guest settle (page cache, agent) before reading memory.
     std::thread::sleep(Duration::from_secs(2));
     let me = std::process::id();
-    let pss_kib = pids()
+    let added: Vec<(String, u64)> = pids()
         .difference(&before)
         .filter(|&&p| p != me)
-        .map(|&p| pss_kib(p))
-        .sum();
+        .map(|&p| (process_name(p), pss_kib(p)))
+        .collect();
+    let pss_kib = added.iter().map(|(_, kib)| kib).sum();
+    if round == 0 {
+        // Where a pod's memory goes, once per runtime, on stderr.
+        let mut by_name: HashMap<String, u64> = HashMap::new();
+        for (name, kib) in added {
+            *by_name.entry(name).or_default() += kib;
+        }
+        let mut parts: Vec<_> = by_name.into_iter().filter(|(_, kib)| *kib > 0).collect();
+        parts.sort_by(|a, b| b.1.cmp(&a.1));
+        let text: Vec<String> = parts
+            .iter()
+            .map(|(n, kib)| format!("{n} {:.1} MiB", *kib as f64 / 1024.0))
+            .collect();
+        eprintln!("{handler} pod memory by process: {}", text.join(", "));
+    }
     let mut rs = cri.runtime_client();
     cri.call(
         "StopPodSandbox",

@@ -181,6 +181,13 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
                 namespace_options: Some(pod_namespace_options()),
                 ..Default::default()
             }),
+            // The sum of the containers' limits, as kubelet sends it: the VM is sized by it.
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 200 << 20,
+                cpu_quota: 150_000,
+                cpu_period: 100_000,
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -307,6 +314,12 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         "a pod of a sandbox and two containers must be one VM: {:?}\n{}",
         vms.iter().map(|v| &v.id).collect::<Vec<_>>(),
         cri.logs()
+    );
+    let spec = vms[0].spec.clone().unwrap_or_default();
+    assert_eq!(
+        (spec.memory_mib, spec.vcpus),
+        (200 + 64, 2),
+        "the pod's VM is not sized by its containers' limits (200 MiB + 64, 1.5 CPUs)"
     );
 
     // 7. Container to container over localhost (httpd may still be starting).

@@ -67,6 +67,15 @@ pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// The path element of kubelet's emptyDir volumes: `.../volumes/kubernetes.io~empty-dir/NAME`.
 const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
 
+/// CRI's annotations with the sum of the pod's container limits (kubelet 1.23 and later passes
+/// them in the sandbox config; containerd puts them on the sandbox's spec).
+const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+/// What a pod's VM gets beyond its containers' memory limits: the guest kernel, husk-init and
+/// the page cache of the containers' roots.
+pub const POD_VM_HEADROOM_MIB: u32 = 64;
+
 /// CRI's annotation naming the pod's uid (containerd 1.7 and later).
 const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
 /// CRI's annotation naming the pod's log directory, `/var/log/pods/<ns>_<name>_<uid>`
@@ -260,6 +269,28 @@ impl Spec {
             && uid.len() <= 64
             && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         valid.then_some(uid)
+    }
+
+    /// A pod VM's memory from the sum of its containers' limits (CRI's sandbox annotations)
+    /// plus [`POD_VM_HEADROOM_MIB`]; `None` when the pod states no limit (huskd's default).
+    pub fn pod_memory_mib(&self) -> Option<u32> {
+        let bytes: u64 = self.annotation(SANDBOX_MEMORY)?.parse().ok()?;
+        (bytes > 0).then(|| {
+            let mib = bytes.div_ceil(1 << 20) + u64::from(POD_VM_HEADROOM_MIB);
+            mib.clamp(64, 262_144) as u32
+        })
+    }
+
+    /// A pod VM's vCPUs from the sum of its containers' CPU limits (quota / period, rounded
+    /// up, 1..=32); `None` when the pod states none.
+    pub fn pod_vcpus(&self) -> Option<u32> {
+        let quota: i64 = self.annotation(SANDBOX_CPU_QUOTA)?.parse().ok()?;
+        let period: u64 = self.annotation(SANDBOX_CPU_PERIOD)?.parse().ok()?;
+        (quota > 0 && period > 0).then(|| (quota as u64).div_ceil(period).clamp(1, 32) as u32)
+    }
+
+    fn annotation(&self, key: &str) -> Option<String> {
+        self.inner.annotations().as_ref()?.get(key).cloned()
     }
 
     /// The container's place in a pod (CRI annotations); `own_id` is the container's id.
@@ -519,6 +550,25 @@ mod tests {
         );
         assert_eq!(empty_dir_name("/x/kubernetes.io~empty-dir/"), None);
         assert_eq!(empty_dir_name("/x/kubernetes.io~configmap/a"), None);
+    }
+
+    #[test]
+    fn a_pod_vm_is_sized_by_its_containers_limits() {
+        let pod = annotated(
+            r#""io.kubernetes.cri.sandbox-memory": "209715200",
+               "io.kubernetes.cri.sandbox-cpu-quota": "150000",
+               "io.kubernetes.cri.sandbox-cpu-period": "100000""#,
+        );
+        assert_eq!(pod.pod_memory_mib(), Some(200 + POD_VM_HEADROOM_MIB));
+        assert_eq!(pod.pod_vcpus(), Some(2));
+        let unlimited = annotated(
+            r#""io.kubernetes.cri.sandbox-memory": "0",
+               "io.kubernetes.cri.sandbox-cpu-quota": "-1",
+               "io.kubernetes.cri.sandbox-cpu-period": "100000""#,
+        );
+        assert_eq!(unlimited.pod_memory_mib(), None);
+        assert_eq!(unlimited.pod_vcpus(), None);
+        assert_eq!(annotated("").pod_memory_mib(), None);
     }
 
     #[test]

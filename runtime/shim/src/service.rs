@@ -537,8 +537,14 @@ impl Service {
             name: vm_name.clone(),
             rootfs_image: disk.path().display().to_string(),
             rootfs_copy_on_write: matches!(disk, Disk::Base(_)),
-            memory_mib: spec.memory_mib(),
-            vcpus: spec.vcpus(),
+            // A pod's VM holds all its containers: sized by their limits, when kubelet gives
+            // them, not by the pause container's.
+            memory_mib: if pod {
+                spec.pod_memory_mib()
+            } else {
+                spec.memory_mib()
+            },
+            vcpus: if pod { spec.pod_vcpus() } else { spec.vcpus() },
             netns: spec.network_namespace(),
             disk_slots: if pod { pod_slots() } else { 0 },
             hostname: spec.hostname(),
