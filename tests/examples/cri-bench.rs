@@ -139,7 +139,7 @@ fn one_pod(cri: &CriContainerd, handler: &str, round: usize) -> Sample {
             *by_name.entry(name).or_default() += kib;
         }
         let mut parts: Vec<_> = by_name.into_iter().filter(|(_, kib)| *kib > 0).collect();
-        parts.sort_by(|a, b| b.1.cmp(&a.1));
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
         let text: Vec<String> = parts
             .iter()
             .map(|(n, kib)| format!("{n} {:.1} MiB", *kib as f64 / 1024.0))
