@@ -306,7 +306,10 @@ impl Husk for HuskService {
             return Err(Status::invalid_argument("command: empty"));
         }
         let entry = self.daemon.resolve(&start.vm)?;
-        let socket = self.daemon.agent_socket(&entry, EXEC_AGENT_WAIT).await?;
+        let socket = self
+            .daemon
+            .agent_socket(&entry, "Exec", EXEC_AGENT_WAIT)
+            .await?;
         let mut stream = agent_client::connect(&socket, Duration::from_secs(5))
             .await
             .map_err(|e| Status::unavailable(format!("Exec: cannot reach the guest agent: {e}")))?;

@@ -129,7 +129,9 @@ impl Daemon {
                  over a shared image)",
             ));
         }
-        let socket = self.agent_socket(entry, AGENT_READY_WAIT).await?;
+        let socket = self
+            .agent_socket(entry, "AddContainer", AGENT_READY_WAIT)
+            .await?;
         // Two AddContainer calls may pick the same free slot: the loser's attach finds it
         // taken (ALREADY_EXISTS) and tries the next one.
         let slot = loop {
@@ -224,7 +226,9 @@ impl Daemon {
                 entry.name()
             )));
         };
-        let socket = self.agent_socket(entry, AGENT_READY_WAIT).await?;
+        let socket = self
+            .agent_socket(entry, "RemoveContainer", AGENT_READY_WAIT)
+            .await?;
         let message = HostMessage {
             msg: Some(host_message::Msg::RemoveContainer(agent::RemoveContainer {
                 id: request.container.clone(),
@@ -258,7 +262,9 @@ impl Daemon {
                 entry.name()
             )));
         }
-        let socket = self.agent_socket(entry, AGENT_READY_WAIT).await?;
+        let socket = self
+            .agent_socket(entry, "GetContainerStats", AGENT_READY_WAIT)
+            .await?;
         let message = HostMessage {
             msg: Some(host_message::Msg::ContainerStats(
                 agent::ContainerStatsRequest {

@@ -426,24 +426,26 @@ impl Daemon {
         Ok(())
     }
 
-    /// The vsock socket of a RUNNING VM, for Exec; waits for the agent up to `limit`.
+    /// The vsock socket of a RUNNING VM, for `call` (Exec, AddContainer...); waits for the
+    /// agent up to `limit`.
     pub async fn agent_socket(
         &self,
         entry: &Arc<VmEntry>,
+        call: &str,
         limit: Duration,
     ) -> Result<VmSocket, Status> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let vm = entry.snapshot();
             if state_of(&vm) != VmState::Running {
-                return Err(entry.wrong_state("Exec"));
+                return Err(entry.wrong_state(call));
             }
             if vm.status.as_ref().is_some_and(|s| s.agent_ready) {
                 return Ok(entry.vsock_socket());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::unavailable(format!(
-                    "Exec: the guest agent of VM {} did not answer within {} s",
+                    "{call}: the guest agent of VM {} did not answer within {} s",
                     entry.name(),
                     limit.as_secs()
                 )));
