@@ -4,6 +4,7 @@
 
 mod agent_client;
 mod daemon;
+mod metrics;
 mod service;
 mod snapshot_files;
 mod store;
@@ -56,6 +57,10 @@ struct Cli {
     /// Also serve on TCP, without authentication: loopback addresses only
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_tcp)]
     tcp: Option<SocketAddr>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (off by default; anyone who can
+    /// reach the address sees the VMs' names, ids and usage, nothing more)
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
     /// VMs huskd holds at most, created or running
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_VMS, value_parser = parse_max_vms)]
     max_vms: usize,
@@ -104,6 +109,7 @@ enum LogFormat {
 struct Args {
     socket: PathBuf,
     tcp: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
     config: DaemonConfig,
 }
 
@@ -160,6 +166,7 @@ fn daemon_args(cli: Cli) -> anyhow::Result<Args> {
     Ok(Args {
         socket: cli.socket,
         tcp: cli.tcp,
+        metrics: cli.metrics,
         config,
     })
 }
@@ -311,8 +318,21 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("reflection")?;
+    if let Some(addr) = args.metrics {
+        let listener = metrics::http::bind(addr)
+            .await
+            .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let daemon = daemon.clone();
+        tokio::spawn(metrics::http::serve(listener, move || {
+            let daemon = daemon.clone();
+            async move { daemon.render_metrics().await }
+        }));
+    }
+    let api_timer = metrics::api_layer::ApiTimerLayer::new(daemon.metrics.clone());
     let husk = HuskServer::new(HuskService::new(daemon));
     let router = tonic::transport::Server::builder()
+        .layer(api_timer)
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -31,8 +31,15 @@ pub(super) fn net_config(link: &VmLink) -> SetNetwork {
 }
 
 impl Daemon {
-    /// Tries the guest agent until it answers (AGENT_READY) or the VM ends.
-    pub(super) async fn await_agent(&self, entry: &Arc<VmEntry>, ended: watch::Receiver<bool>) {
+    /// Tries the guest agent until it answers (AGENT_READY) or the VM ends; with `ready_kind`,
+    /// the time since the VMM's start goes to the `husk_vm_ready_seconds` histogram.
+    pub(super) async fn await_agent(
+        &self,
+        entry: &Arc<VmEntry>,
+        ended: watch::Receiver<bool>,
+        ready_kind: Option<&'static str>,
+    ) {
+        let started = std::time::Instant::now();
         let socket = entry.vsock_socket();
         let deadline = tokio::time::Instant::now() + AGENT_WAIT;
         while tokio::time::Instant::now() < deadline && !*ended.borrow() {
@@ -41,6 +48,10 @@ impl Daemon {
                 .is_ok()
             {
                 entry.update(|vm| VmEntry::status_mut(vm).agent_ready = true);
+                if let Some(kind) = ready_kind {
+                    self.metrics
+                        .observe_ready(kind, started.elapsed().as_secs_f64());
+                }
                 tracing::info!(vm_id = %entry.id, "guest agent ready");
                 self.emit(entry, event::Kind::AgentReady, None, String::new());
                 return;

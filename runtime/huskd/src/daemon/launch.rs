@@ -177,7 +177,8 @@ impl Daemon {
         self.emit(entry, event::Kind::Started, None, String::new());
         match self.host.watch(pid) {
             Ok(Some(exited)) => {
-                let ended = self.watch_run(entry, pid, exited);
+                let kind = if is_restore { "restore" } else { "boot" };
+                let ended = self.watch_run(entry, pid, exited, Some(kind));
                 if is_restore {
                     let daemon = self.clone();
                     let entry = entry.clone();
@@ -263,11 +264,14 @@ impl Daemon {
 
     /// Starts the monitor and agent-readiness tasks of a running VMM; the receiver turns true
     /// once its end is recorded.
+    /// `ready_kind`: the run's start is timed until the agent answers, as a "boot" or a
+    /// "restore" (None for a VMM adopted from an earlier huskd).
     pub(super) fn watch_run(
         self: &Arc<Self>,
         entry: &Arc<VmEntry>,
         pid: u32,
         exited: ExitWait,
+        ready_kind: Option<&'static str>,
     ) -> watch::Receiver<bool> {
         let (ended_tx, ended_rx) = watch::channel(false);
         let stop_requested = Arc::new(AtomicBool::new(false));
@@ -287,7 +291,7 @@ impl Daemon {
         let daemon = self.clone();
         let ready = entry.clone();
         let ended = ended_rx.clone();
-        tokio::spawn(async move { daemon.await_agent(&ready, ended).await });
+        tokio::spawn(async move { daemon.await_agent(&ready, ended, ready_kind).await });
         ended_rx
     }
 

@@ -15,6 +15,7 @@ mod containers;
 mod disks;
 mod host;
 mod launch;
+mod metrics;
 mod rate_limits;
 mod run_disks;
 mod snapshots;
@@ -70,6 +71,8 @@ pub struct Daemon {
     host: Arc<dyn VmmHost>,
     vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
     events: broadcast::Sender<Event>,
+    /// What `--metrics` serves beside the VMs' own numbers (see `metrics.rs`).
+    pub metrics: Arc<crate::metrics::Registry>,
 }
 
 impl Daemon {
@@ -92,6 +95,7 @@ impl Daemon {
             host,
             vms: Mutex::new(BTreeMap::new()),
             events,
+            metrics: Arc::new(crate::metrics::Registry::default()),
         });
         let records = store::load_all(&daemon.config.state_dir).map_err(|source| {
             DaemonError::ReadStateDir {
@@ -143,7 +147,7 @@ impl Daemon {
                 // VMM's own word says whether the VM was left paused.
                 crate::snapshot_files::remove_staging(&entry.dir);
                 self.reinstall_firewall(&entry);
-                self.watch_run(&entry, pid, exited);
+                self.watch_run(&entry, pid, exited, None);
                 let daemon = self.clone();
                 let entry = entry.clone();
                 tokio::spawn(async move { daemon.sync_pause_state(&entry).await });

@@ -74,6 +74,7 @@ pub fn device_kind(device_type: u32) -> &'static str {
         device_id::NET => "net",
         device_id::VSOCK => "vsock",
         device_id::RNG => "rng",
+        device_id::FS => "fs",
         _ => "unknown",
     }
 }
@@ -245,6 +246,7 @@ mod tests {
         assert_eq!(device_kind(device_id::BLOCK), "block");
         assert_eq!(device_kind(device_id::NET), "net");
         assert_eq!(device_kind(device_id::VSOCK), "vsock");
+        assert_eq!(device_kind(device_id::FS), "fs");
         assert_eq!(device_kind(device_id::RNG), "rng");
         assert_eq!(device_kind(99), "unknown");
     }
