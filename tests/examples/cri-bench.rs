@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use husk_tests::cri::{image_spec, CriContainerd, BOOT_LIMIT, BUSYBOX, CALL_LIMIT};
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, LinuxContainerConfig,
-    LinuxContainerResources, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, LinuxContainerConfig, LinuxContainerResources,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StopPodSandboxRequest,
 };
 
 /// One pod's numbers.
@@ -100,24 +100,7 @@ fn one_pod(cri: &CriContainerd, handler: &str, round: usize) -> Sample {
         )
         .pod_sandbox_id;
     let run_pod_sandbox = start.elapsed();
-    let mut start_container = |name: &str| {
-        let id = cri
-            .call(
-                "CreateContainer",
-                BOOT_LIMIT,
-                rs.create_container(CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(container(name)),
-                    sandbox_config: Some(pod_config.clone()),
-                }),
-            )
-            .container_id;
-        cri.call(
-            "StartContainer",
-            BOOT_LIMIT,
-            rs.start_container(StartContainerRequest { container_id: id }),
-        );
-    };
+    let start_container = |name: &str| cri.create_and_start(&pod, &pod_config, container(name));
     start_container("first");
     let pod_start = start.elapsed();
     let second = Instant::now();

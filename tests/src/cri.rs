@@ -16,7 +16,8 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerStatusRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, ImageStatusRequest,
+    ContainerConfig, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest,
+    ExecSyncResponse, ImageSpec, ImageStatusRequest, PodSandboxConfig, StartContainerRequest,
     VersionRequest, VersionResponse,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -254,6 +255,41 @@ impl CriContainerd {
     }
 
     /// CRI ExecSync in `container` (the runtime's own limit 60 s).
+    /// CreateContainer then StartContainer of `config` in pod `pod` (created from
+    /// `pod_config`), as kubelet does; the container's id.
+    pub fn create_and_start(
+        &self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> String {
+        let mut rs = self.runtime_client();
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let id = self
+            .call(
+                &format!("CreateContainer({name})"),
+                BOOT_LIMIT,
+                rs.create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.into(),
+                    config: Some(config),
+                    sandbox_config: Some(pod_config.clone()),
+                }),
+            )
+            .container_id;
+        self.call(
+            &format!("StartContainer({name})"),
+            BOOT_LIMIT,
+            rs.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        );
+        id
+    }
+
     pub fn exec_sync(&self, container: &str, cmd: &[&str]) -> ExecSyncResponse {
         let mut rs = self.runtime_client();
         self.call(

@@ -15,7 +15,7 @@ pub mod oci;
 pub mod vmm_client;
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -317,4 +317,34 @@ impl Scratch {
         );
         path
     }
+}
+
+/// A root file system tree at `tree`: the directories `dirs`, busybox-static in `bin/`, and a
+/// link to it for each of `applets`.
+pub fn busybox_tree(tree: &Path, dirs: &[&str], applets: &[&str]) {
+    for d in dirs.iter().chain(&["bin"]) {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
+        .expect("/bin/busybox (Debian's busybox-static) is needed");
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+}
+
+/// An ext4 image at `image` of the tree `tree` (`mkfs.ext4 -d`), `size` as mkfs takes it
+/// ("64M").
+pub fn ext4_of_tree(tree: &Path, image: &Path, size: &str) {
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(tree)
+        .arg(image)
+        .arg(size)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) is needed");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -25,17 +25,15 @@ use husk_tests::cri::{
     PAUSE, SUBNET,
 };
 use husk_tests::require_guest_kvm;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest,
-    CreateContainerRequest, KeyValue, LinuxContainerConfig, LinuxContainerResources,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListContainersRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
-    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StatusRequest, StopContainerRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsRequest, KeyValue,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
+    ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StatusRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
-use tonic::transport::Channel;
 
 /// Waits up to `limit` for `done`; whether it came.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -246,51 +244,27 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
             ..Default::default()
         }
     };
-    // Create and start: the container's id.
-    let create_and_start = |rs: &mut RuntimeServiceClient<Channel>, config: ContainerConfig| {
-        let name = config.metadata.as_ref().unwrap().name.clone();
-        let id = cri
-            .call(
-                &format!("CreateContainer({name})"),
-                BOOT_LIMIT,
-                rs.create_container(CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(config),
-                    sandbox_config: Some(pod_config.clone()),
-                }),
-            )
-            .container_id;
-        cri.call(
-            &format!("StartContainer({name})"),
-            BOOT_LIMIT,
-            rs.start_container(StartContainerRequest {
-                container_id: id.clone(),
-            }),
-        );
-        id
-    };
+    let create_and_start =
+        |config: ContainerConfig| cri.create_and_start(&pod, &pod_config, config);
 
     // 4. "web": writes the emptyDir and its own page, then serves the page on 8080.
     let t_web = Instant::now();
-    let web = create_and_start(
-        &mut rs,
-        container_config(
-            "web",
-            &[
-                "sh",
-                "-c",
-                "mkdir -p /www && echo pod-http-ok > /www/index.html && \
+    let web = create_and_start(container_config(
+        "web",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo pod-http-ok > /www/index.html && \
                  echo from-web > /shared/hello && echo web-started && \
                  exec httpd -f -p 8080 -h /www",
-            ],
-        ),
-    );
+        ],
+    ));
     let web_start = t_web.elapsed();
     let pod_start = t_pod.elapsed();
 
     // 5. "client": the pod's second container.
     let t_client = Instant::now();
-    let client = create_and_start(&mut rs, container_config("client", &["sleep", "3600"]));
+    let client = create_and_start(container_config("client", &["sleep", "3600"]));
     let second_container = t_client.elapsed();
     // Straight to stderr, past the test harness's capture: a benchmark scrapes this line.
     {

@@ -24,28 +24,14 @@ const BOOT: Duration = Duration::from_secs(120);
 /// An ext4 image holding busybox and `/etc/who` = `who`.
 fn container_image(dir: &Path, who: &str) -> PathBuf {
     let root = dir.join(format!("{who}-root"));
-    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "run"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("/bin/busybox (busybox-static) is needed");
-    for applet in ["sh", "cat", "echo", "sleep", "ls"] {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
+    husk_tests::busybox_tree(
+        &root,
+        &["etc", "tmp", "proc", "sys", "dev", "run"],
+        &["sh", "cat", "echo", "sleep", "ls"],
+    );
     std::fs::write(root.join("etc/who"), format!("{who}\n")).unwrap();
     let image = dir.join(format!("{who}.ext4"));
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&root)
-        .arg(&image)
-        .arg("32M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs) is needed");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    husk_tests::ext4_of_tree(&root, &image, "32M");
     image
 }
 

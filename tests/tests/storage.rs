@@ -20,30 +20,15 @@ use husk_tests::husk_run_sh as husk_run;
 /// An ext4 root filesystem holding busybox and the applets the tests use.
 fn busybox_rootfs(dir: &Path, name: &str) -> PathBuf {
     let tree = dir.join(format!("{name}.tree"));
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    for d in ["proc", "sys", "dev", "tmp", "mnt"] {
-        std::fs::create_dir_all(tree.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
-        .expect("/bin/busybox (Debian's busybox-static) is needed");
-    for applet in [
-        "sh", "cat", "echo", "sync", "ls", "md5sum", "dd", "mount", "umount", "rm",
-    ] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
-    }
-    let image = dir.join(name);
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&tree)
-        .arg(&image)
-        .arg("64M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs) is needed");
-    assert!(
-        out.status.success(),
-        "mkfs.ext4: {}",
-        String::from_utf8_lossy(&out.stderr)
+    husk_tests::busybox_tree(
+        &tree,
+        &["proc", "sys", "dev", "tmp", "mnt"],
+        &[
+            "sh", "cat", "echo", "sync", "ls", "md5sum", "dd", "mount", "umount", "rm",
+        ],
     );
+    let image = dir.join(name);
+    husk_tests::ext4_of_tree(&tree, &image, "64M");
     image
 }
 
