@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use husk_tests::cri::{image_spec, CriContainerd, BOOT_LIMIT, BUSYBOX, CALL_LIMIT};
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, LinuxContainerConfig, LinuxContainerResources,
-    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StopPodSandboxRequest,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, StopPodSandboxRequest,
 };
 
 /// One pod's numbers.
@@ -58,7 +57,6 @@ fn process_name(pid: u32) -> String {
 }
 
 fn one_pod(cri: &CriContainerd, handler: &str, round: usize) -> Sample {
-    let mut rs = cri.runtime_client();
     let uid = format!("bench-{handler}-{round}-{}", std::process::id());
     let log_dir = cri.dir.join("pod-logs").join(&uid);
     std::fs::create_dir_all(&log_dir).unwrap();
@@ -89,16 +87,7 @@ fn one_pod(cri: &CriContainerd, handler: &str, round: usize) -> Sample {
     };
     let before = pids();
     let start = Instant::now();
-    let pod = cri
-        .call(
-            "RunPodSandbox",
-            BOOT_LIMIT,
-            rs.run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
-                runtime_handler: handler.into(),
-            }),
-        )
-        .pod_sandbox_id;
+    let pod = cri.run_pod(&pod_config, handler);
     let run_pod_sandbox = start.elapsed();
     let start_container = |name: &str| cri.create_and_start(&pod, &pod_config, container(name));
     start_container("first");

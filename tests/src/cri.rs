@@ -17,8 +17,8 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest,
-    ExecSyncResponse, ImageSpec, ImageStatusRequest, PodSandboxConfig, StartContainerRequest,
-    VersionRequest, VersionResponse,
+    ExecSyncResponse, ImageSpec, ImageStatusRequest, PodSandboxConfig, RunPodSandboxRequest,
+    StartContainerRequest, VersionRequest, VersionResponse,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -255,6 +255,21 @@ impl CriContainerd {
     }
 
     /// CRI ExecSync in `container` (the runtime's own limit 60 s).
+    /// RunPodSandbox of `config` with runtime handler `handler` (a RuntimeClass's); the pod's
+    /// id.
+    pub fn run_pod(&self, config: &PodSandboxConfig, handler: &str) -> String {
+        let mut rs = self.runtime_client();
+        self.call(
+            "RunPodSandbox",
+            BOOT_LIMIT,
+            rs.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            }),
+        )
+        .pod_sandbox_id
+    }
+
     /// CreateContainer then StartContainer of `config` in pod `pod` (created from
     /// `pod_config`), as kubelet does; the container's id.
     pub fn create_and_start(

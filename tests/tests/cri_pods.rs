@@ -31,8 +31,7 @@ use k8s_cri::v1::{
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListContainersRequest,
     ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
     PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StatusRequest, StopContainerRequest,
-    StopPodSandboxRequest,
+    RemovePodSandboxRequest, StatusRequest, StopContainerRequest, StopPodSandboxRequest,
 };
 
 /// Waits up to `limit` for `done`; whether it came.
@@ -191,16 +190,7 @@ fn a_pod_is_one_vm_and_its_containers_share_localhost_and_an_empty_dir() {
         ..Default::default()
     };
     let t_pod = Instant::now();
-    let pod = cri
-        .call(
-            "RunPodSandbox",
-            BOOT_LIMIT,
-            rs.run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(pod_config.clone()),
-                runtime_handler: HANDLER.into(),
-            }),
-        )
-        .pod_sandbox_id;
+    let pod = cri.run_pod(&pod_config, HANDLER);
     let run_pod_sandbox = t_pod.elapsed();
 
     // A container as kubelet asks for one: its log directory made, the pod's config along.
