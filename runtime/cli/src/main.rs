@@ -7,6 +7,7 @@
 mod disk_cmd;
 mod image_cmd;
 mod image_store;
+mod memory_cmd;
 mod opts;
 mod output;
 mod quick_launch;

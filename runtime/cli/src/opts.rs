@@ -57,6 +57,8 @@ pub enum Verb {
     Resume(VmList),
     /// Attach a disk to, or detach one from, a running VM's disk slots (--disk-slots)
     Disk(crate::disk_cmd::DiskArgs),
+    /// A running VM's memory and balloon; --target SIZE asks the guest to give SIZE back
+    Memory(crate::memory_cmd::MemoryArgs),
     /// Lifecycle events as they happen
     Events(EventsArgs),
     /// Snapshot a running or paused VM into DIR
@@ -90,6 +92,7 @@ impl Verb {
                 | "pause"
                 | "update"
                 | "disk"
+                | "memory"
                 | "resume"
                 | "events"
                 | "snapshot"
@@ -139,6 +142,14 @@ pub struct CreateArgs {
         hide_default_value = true
     )]
     pub disk_slots: u32,
+    /// No memory balloon: SetMemoryTarget (`husk memory --target`) is refused and memory the
+    /// guest frees stays with the VM (see docs/balloon.md)
+    #[arg(long = "no-balloon")]
+    pub no_balloon: bool,
+    /// A balloon without free page reporting: freed guest memory goes back to the host only
+    /// through `husk memory --target`
+    #[arg(long = "no-free-page-reporting")]
+    pub no_free_page_reporting: bool,
     /// The guest's host name (a-z A-Z 0-9 - ., at most 64)
     #[arg(long, value_name = "NAME")]
     pub hostname: Option<String>,

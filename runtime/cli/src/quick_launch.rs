@@ -387,6 +387,7 @@ fn vmm_args(args: &RunArgs, files: VmmFiles, net: Option<NetConfig>) -> VmmArgs 
         vsock: files.vsock.map(|uds_path| VsockConfig { cid: 3, uds_path }),
         fs: files.fs,
         report_boot_time: args.report_boot_time,
+        no_balloon: args.no_balloon,
         disk_limits: args.disk_limits.clone(),
         net_rx_limit: args.net_rx_limit.filter(|_| has_net),
         net_tx_limit: args.net_tx_limit.filter(|_| has_net),

@@ -100,6 +100,7 @@ pub fn run_verb(host: &str, verb: &Verb) -> Result<i32, RemoteError> {
             }
             Verb::Update(args) => crate::rate_limit_cmd::update(&mut client, args).await,
             Verb::Disk(args) => crate::disk_cmd::run(&mut client, args).await,
+            Verb::Memory(args) => crate::memory_cmd::run(&mut client, args).await,
             Verb::Events(args) => events(&mut client, args).await,
             Verb::Snapshot(args) => crate::snapshot_cmd::snapshot(&mut client, args).await,
             Verb::Restore(args) => crate::snapshot_cmd::restore(&mut client, args).await,
@@ -175,6 +176,12 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
         disks: args.disks.iter().map(|d| disk_arg(d)).collect(),
         disk_slots: args.disk_slots,
         hostname: args.hostname.clone().unwrap_or_default(),
+        balloon: (args.no_balloon || args.no_free_page_reporting).then_some(
+            husk_proto::v1::BalloonSpec {
+                disabled: args.no_balloon,
+                no_free_page_reporting: args.no_free_page_reporting,
+            },
+        ),
         mounts: args
             .volumes
             .iter()

@@ -121,6 +121,10 @@ pub struct RunArgs {
     /// Print the time from VMM start to guest init on stderr
     #[arg(long = "boot-time")]
     pub report_boot_time: bool,
+    /// No memory balloon: memory the guest frees is not given back to the host (see
+    /// docs/balloon.md)
+    #[arg(long = "no-balloon")]
+    pub no_balloon: bool,
     /// As root, run husk-vmm directly instead of through husk-jailer (for development; see
     /// docs/security.md). The jailed VMM runs as HUSK_JAIL_UID:HUSK_JAIL_GID (default 65534),
     /// which must be able to create the --vsock socket in its directory

@@ -62,6 +62,8 @@ pub enum ValueError {
     DiskSlots(u64),
     #[error("needs tag=TAG,fd=N (N > 2; TAG 1..={MAX_FS_TAG_LEN} of A-Z a-z 0-9 - _)")]
     Fs,
+    #[error("'{0}': use on or off")]
+    OnOff(String),
 }
 
 /// Where the guest's serial console goes.
@@ -447,6 +449,66 @@ impl fmt::Display for VsockConfig {
     }
 }
 
+/// What the virtio-balloon device offers the guest (`--balloon stats=on,reporting=on,
+/// deflate_on_oom=on`; each part on unless turned off). The device itself is on by default
+/// (`--no-balloon` removes it): see docs/balloon.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Memory statistics from the guest.
+    pub stats: bool,
+    /// Free page reporting: the guest gives back the pages it frees.
+    pub reporting: bool,
+    /// The guest deflates the balloon under memory pressure instead of killing processes.
+    pub deflate_on_oom: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        Self {
+            stats: true,
+            reporting: true,
+            deflate_on_oom: true,
+        }
+    }
+}
+
+fn on_off(value: &str) -> Result<bool, ValueError> {
+    match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(ValueError::OnOff(other.into())),
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = ValueError;
+    fn from_str(value: &str) -> Result<Self, ValueError> {
+        let mut config = Self::default();
+        for (k, v) in pairs(value)? {
+            match k {
+                "stats" => config.stats = on_off(v)?,
+                "reporting" => config.reporting = on_off(v)?,
+                "deflate_on_oom" => config.deflate_on_oom = on_off(v)?,
+                _ => return Err(ValueError::UnknownKey(k.into())),
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl fmt::Display for BalloonConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = |on: bool| if on { "on" } else { "off" };
+        write!(
+            f,
+            "stats={},reporting={},deflate_on_oom={}",
+            word(self.stats),
+            word(self.reporting),
+            word(self.deflate_on_oom)
+        )
+    }
+}
+
 /// Longest virtio-fs tag (the device's `tag` field is 36 bytes, NUL-padded; virtio 1.2 §5.11.4).
 pub const MAX_FS_TAG_LEN: usize = 36;
 /// Most shared directories (`--fs`) a VM may have.
@@ -631,6 +693,8 @@ const FLAGS: &[Flag] = &[
     flag_def("--net-rx-limit", true, false),
     flag_def("--net-tx-limit", true, false),
     flag_def("--no-rng", false, true),
+    flag_def("--balloon", true, true),
+    flag_def("--no-balloon", false, true),
     flag_def("--api-sock", true, false),
     flag_def("--exit-report", true, false),
     flag_def("--seccomp", true, true),
@@ -809,6 +873,12 @@ pub struct VmmArgs {
     pub net_tx_limit: Option<RateLimit>,
     /// No virtio-rng device (on by default)
     pub no_rng: bool,
+    /// What the virtio-balloon device offers: stats=on|off,reporting=on|off,
+    /// deflate_on_oom=on|off [default: all on]. The balloon's target is set at run time through
+    /// the control socket (set_balloon)
+    pub balloon: Option<BalloonConfig>,
+    /// No virtio-balloon device (on by default)
+    pub no_balloon: bool,
     /// Serve the control socket at PATH (protocol husk.vmm.v1: describe, pause, resume, stop,
     /// snapshot, set_rate_limits; 4-byte big-endian length + protobuf message each way). Mode
     /// 0600; a stale socket at PATH is replaced, anything else there is refused; PATH is removed
@@ -908,10 +978,14 @@ impl VmmArgs {
         if let Some(mode) = self.seccomp {
             flag(&mut a, "--seccomp", mode.to_string());
         }
+        if let Some(balloon) = &self.balloon {
+            flag(&mut a, "--balloon", balloon.to_string());
+        }
         let switches = [
             (self.report_boot_time, "--report-boot-time"),
             (self.allow_pvm, "--allow-pvm"),
             (self.no_rng, "--no-rng"),
+            (self.no_balloon, "--no-balloon"),
             (self.no_seccomp, "--no-seccomp"),
             (self.print_seccomp, "--print-seccomp"),
         ];
@@ -1001,6 +1075,14 @@ impl VmmArgs {
                 "--net-rx-limit" => out.net_rx_limit = Some(typed(flag, value)?),
                 "--net-tx-limit" => out.net_tx_limit = Some(typed(flag, value)?),
                 "--no-rng" => out.no_rng = true,
+                "--balloon" => {
+                    out.balloon = Some(typed(flag, value)?);
+                    out.no_balloon = false;
+                }
+                "--no-balloon" => {
+                    out.no_balloon = true;
+                    out.balloon = None;
+                }
                 "--api-sock" => out.api_sock = Some(non_empty(flag, value)?),
                 "--exit-report" => out.exit_report = Some(non_empty(flag, value)?),
                 "--seccomp" => {
@@ -1097,6 +1179,7 @@ mod tests {
             net_rx_limit: Some("bw=1G".parse().unwrap()),
             net_tx_limit: Some("none".parse().unwrap()),
             no_rng: true,
+            balloon: Some("reporting=off,deflate_on_oom=off".parse().unwrap()),
             api_sock: Some("/run/a.sock".into()),
             exit_report: Some("/run/exit".into()),
             seccomp: Some(SeccompMode::Trap),
@@ -1456,6 +1539,8 @@ mod tests {
             net: Some("tap=t".parse().unwrap()),
             vsock: Some("cid=3,path=/v".parse().unwrap()),
             no_rng: true,
+            balloon: Some(BalloonConfig::default()),
+            no_balloon: true,
             api_sock: Some("/a".into()),
             exit_report: Some("/e".into()),
             no_seccomp: true,
@@ -1475,6 +1560,32 @@ mod tests {
                 assert!(FLAGS.iter().any(|f| f.name == arg), "{arg} is not parsed");
             }
         }
+    }
+
+    #[test]
+    fn balloon_parts_are_on_unless_turned_off_and_the_last_flag_wins() {
+        assert_eq!(
+            "".parse::<BalloonConfig>(),
+            Err(ValueError::Pairs("".into()))
+        );
+        let c: BalloonConfig = "stats=off".parse().unwrap();
+        assert_eq!(
+            (c.stats, c.reporting, c.deflate_on_oom),
+            (false, true, true)
+        );
+        assert_eq!(c.to_string().parse::<BalloonConfig>(), Ok(c));
+        assert_eq!(
+            "stats=maybe".parse::<BalloonConfig>(),
+            Err(ValueError::OnOff("maybe".into()))
+        );
+        assert_eq!(
+            "size=3".parse::<BalloonConfig>(),
+            Err(ValueError::UnknownKey("size".into()))
+        );
+        let off = parse(&["--kernel", "/k", "--balloon", "stats=off", "--no-balloon"]).unwrap();
+        assert!(off.no_balloon && off.balloon.is_none());
+        let on = parse(&["--kernel", "/k", "--no-balloon", "--balloon=reporting=off"]).unwrap();
+        assert!(!on.no_balloon && on.balloon.is_some_and(|b| !b.reporting));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use husk_proto::v1::{
 };
 use husk_proto::v1::{
     AddContainerRequest, AttachDiskRequest, ContainerStats, DetachDiskRequest,
-    GetContainerStatsRequest, RemoveContainerRequest,
+    GetContainerStatsRequest, GetVmMemoryRequest, RemoveContainerRequest, SetMemoryTargetRequest,
+    VmMemory,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -168,6 +169,28 @@ impl Husk for HuskService {
         let entry = self.daemon.resolve(&request.vm)?;
         Ok(Response::new(
             self.daemon.container_stats(&entry, &request).await?,
+        ))
+    }
+
+    async fn set_memory_target(
+        &self,
+        request: Request<SetMemoryTargetRequest>,
+    ) -> Result<Response<VmMemory>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.set_memory_target(&entry, &request).await?,
+        ))
+    }
+
+    async fn get_vm_memory(
+        &self,
+        request: Request<GetVmMemoryRequest>,
+    ) -> Result<Response<VmMemory>, Status> {
+        let request = request.into_inner();
+        let entry = self.daemon.resolve(&request.vm)?;
+        Ok(Response::new(
+            self.daemon.vm_memory(&entry, &request).await?,
         ))
     }
 

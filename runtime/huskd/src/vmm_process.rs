@@ -255,6 +255,15 @@ impl Launch<'_> {
                 args.initrd = files.initrd.as_ref().map(by_fd);
                 args.cpus = Some(u64::from(spec.vcpus));
                 args.memory = Some(u64::from(spec.memory_mib));
+                let balloon = spec.balloon.unwrap_or_default();
+                if balloon.disabled {
+                    args.no_balloon = true;
+                } else if balloon.no_free_page_reporting {
+                    args.balloon = Some(husk_host::vmm_args::BalloonConfig {
+                        reporting: false,
+                        ..Default::default()
+                    });
+                }
             }
         }
         args

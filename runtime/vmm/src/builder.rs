@@ -432,7 +432,7 @@ pub fn build_microvm(config: &VmConfig, vmm_start: Instant) -> Result<Vmm, Build
 }
 
 /// The virtio devices `config` asks for, in slot order: disks first (so the first disk is
-/// vda), then net, vsock, rng and the shared directories.
+/// vda), then net, vsock, rng, the balloon and the shared directories.
 fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     let mut specs: Vec<DeviceSpec> = config.disks.iter().cloned().map(DeviceSpec::Disk).collect();
     specs.extend((0..config.disk_slots).map(|_| DeviceSpec::DiskSlot));
@@ -441,6 +441,7 @@ fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
     if config.rng {
         specs.push(DeviceSpec::Rng);
     }
+    specs.extend(config.balloon.map(DeviceSpec::Balloon));
     specs.extend(config.fs.iter().cloned().map(DeviceSpec::Fs));
     specs
 }
@@ -449,7 +450,7 @@ fn device_specs(config: &VmConfig) -> Vec<DeviceSpec> {
 /// one's backend identity for snapshots.
 fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>, BuildError> {
     use husk_devices::virtio::block::{format::open_disk, Block};
-    use husk_devices::virtio::{net::Net, rng, vsock::Vsock, VirtioDevice};
+    use husk_devices::virtio::{balloon, net::Net, rng, vsock::Vsock, VirtioDevice};
 
     let (mut disks, mut wanted) = (0, Vec::<(String, Box<dyn VirtioDevice>)>::new());
     for spec in specs {
@@ -484,6 +485,17 @@ fn attach_devices(vmm: &mut Vmm, specs: &[DeviceSpec]) -> Result<Vec<VirtioSlot>
             DeviceSpec::Rng => (
                 "rng0".into(),
                 Box::new(rng::Rng::new(Box::new(rng::HostRandom))),
+            ),
+            DeviceSpec::Balloon(config) => (
+                "balloon0".into(),
+                Box::new(balloon::Balloon::new(
+                    balloon::BalloonFeatures {
+                        stats: config.stats,
+                        free_page_reporting: config.reporting,
+                        deflate_on_oom: config.deflate_on_oom,
+                    },
+                    Box::new(balloon::discard::HostDiscard),
+                )),
             ),
             DeviceSpec::Fs(fs) => {
                 // SAFETY: the parent handed this socket over for exactly this use (see --fs

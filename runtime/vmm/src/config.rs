@@ -7,8 +7,8 @@ use crate::arch::x86_64::layout::{CMDLINE_MAX_LEN, MAX_MEM_MIB, MIN_MEM_MIB};
 // The devices and defaults of a VM are the launch description's own types: what `husk run` and
 // huskd write on husk-vmm's command line is what it reads (see husk_host::vmm_args).
 pub use husk_host::vmm_args::{
-    ConsoleConfig, DiskConfig, FsConfig, NetConfig, TapSource, VsockConfig, DEFAULT_MEM_MIB,
-    DEFAULT_VCPUS, MIN_MTU,
+    BalloonConfig, ConsoleConfig, DiskConfig, FsConfig, NetConfig, TapSource, VsockConfig,
+    DEFAULT_MEM_MIB, DEFAULT_VCPUS, MIN_MTU,
 };
 
 /// Most vCPUs a husk VM may have (the MP table and topology are sized for this).
@@ -70,6 +70,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-rng device (on by default).
     pub rng: bool,
+    /// virtio-balloon device and what it offers (on by default, see docs/balloon.md).
+    pub balloon: Option<BalloonConfig>,
     /// virtio-fs devices (shared host directories, served by vhost-user backends); with any,
     /// guest memory is a shared memfd and the VM cannot be snapshotted.
     pub fs: Vec<FsConfig>,
@@ -96,6 +98,7 @@ impl VmConfig {
             net: None,
             vsock: None,
             rng: true,
+            balloon: Some(BalloonConfig::default()),
             fs: Vec::new(),
             rate_limits: Default::default(),
         }

@@ -189,6 +189,7 @@ fn options(args: VmmArgs) -> anyhow::Result<Options> {
     vm.net = args.net;
     vm.vsock = args.vsock;
     vm.rng = !args.no_rng;
+    vm.balloon = (!args.no_balloon).then(|| args.balloon.unwrap_or_default());
     vm.fs = args.fs;
     vm.rate_limits = RateLimits::from_args(
         &args.disk_limits,

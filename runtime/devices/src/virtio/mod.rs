@@ -1,6 +1,7 @@
 //! virtio (1.2, modern devices only): what every device implements, and the pieces the
 //! transport shares with devices (interrupt status, counters).
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod mmio;
@@ -22,6 +23,7 @@ pub mod device_id {
     pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
     pub const FS: u32 = 26;
 }
@@ -279,6 +281,24 @@ pub trait VirtioDevice: Send {
     /// The device was just re-activated from a snapshot (after [`VirtioDevice::activate`]):
     /// tell the driver whatever it must learn (vsock: TRANSPORT_RESET). Nothing by default.
     fn restored(&mut self) {}
+    /// The device's own state for a snapshot, beyond its queues and features (which the
+    /// transport saves): empty for devices that keep none.
+    fn save_device_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Puts back what [`VirtioDevice::save_device_state`] gave, before the device is
+    /// re-activated. An empty `state` (a device that saved none, or an older snapshot) is
+    /// accepted by every device; a damaged one is refused with a reason.
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} bytes of state for a device that keeps none",
+                state.len()
+            ))
+        }
+    }
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
     /// Whether the device changed its configuration space since the last call (a disk slot

@@ -197,9 +197,57 @@ impl Daemon {
                     .map(|i| format!("{}", i.boot_to_init_us as f64 / 1e6))
             }),
         );
+        balloon_families(&mut out, &samples);
         device_families(&mut out, &samples);
         self.metrics.render(&mut out);
         out
+    }
+}
+
+/// The balloons of the running VMs that have one, and their guests' memory statistics.
+fn balloon_families(out: &mut String, samples: &[VmSample]) {
+    type Pick = fn(&husk_proto::vmm::Balloon) -> Option<u64>;
+    let families: [(&str, &str, &str, Pick); 5] = [
+        (
+            "husk_vm_balloon_target_bytes",
+            "gauge",
+            "Memory a VM's balloon should take back from its guest (SetMemoryTarget).",
+            |b| Some(b.target_mib << 20),
+        ),
+        (
+            "husk_vm_balloon_bytes",
+            "gauge",
+            "Memory the guest holds in its balloon, given back to the host.",
+            |b| Some(b.actual_mib << 20),
+        ),
+        (
+            "husk_vm_balloon_reported_bytes_total",
+            "counter",
+            "Guest memory freed and given back to the host through free page reporting.",
+            |b| Some(b.reported_bytes),
+        ),
+        (
+            "husk_vm_guest_free_bytes",
+            "gauge",
+            "Memory the guest kernel reports free (balloon statistics; as old as the last scrape).",
+            |b| b.stats.get("free_memory").copied(),
+        ),
+        (
+            "husk_vm_guest_available_bytes",
+            "gauge",
+            "Memory the guest kernel reports available (free, plus caches it can drop).",
+            |b| b.stats.get("available_memory").copied(),
+        ),
+    ];
+    for (name, kind, help, pick) in families {
+        let rows: Vec<(String, String)> = samples
+            .iter()
+            .filter_map(|s| {
+                let balloon = s.info.as_ref()?.balloon.as_ref()?;
+                Some((s.labels.clone(), pick(balloon)?.to_string()))
+            })
+            .collect();
+        family(out, name, kind, help, &rows);
     }
 }
 

@@ -15,6 +15,7 @@ mod containers;
 mod disks;
 mod host;
 mod launch;
+mod memory;
 mod metrics;
 mod rate_limits;
 mod run_disks;
@@ -513,13 +514,18 @@ enum VmmCallError {
 }
 
 /// One request to a VMM's control socket; an `error` reply becomes [`VmmCallError::Refused`].
-async fn vmm_call(api: &VmSocket, msg: vmm_request::Msg) -> Result<(), VmmCallError> {
+/// The VMM's description of the VM comes back when the reply carries one.
+async fn vmm_call(
+    api: &VmSocket,
+    msg: vmm_request::Msg,
+) -> Result<Option<husk_proto::vmm::Info>, VmmCallError> {
     let reply: VmmResponse =
         wire::request_reply(api, &VmmRequest { msg: Some(msg) }, Duration::from_secs(5)).await?;
     let kind = reply.error_kind();
     match reply.msg {
         Some(vmm_response::Msg::Error(message)) => Err(VmmCallError::Refused { message, kind }),
-        Some(vmm_response::Msg::Info(_) | vmm_response::Msg::Snapshot(_)) => Ok(()),
+        Some(vmm_response::Msg::Info(info)) => Ok(Some(info)),
+        Some(vmm_response::Msg::Snapshot(_)) => Ok(None),
         None => Err(VmmCallError::Empty),
     }
 }

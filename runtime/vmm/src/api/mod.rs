@@ -1,15 +1,17 @@
 //! The control socket (`--api-sock PATH`, protocol `husk.vmm.v1`, see proto/husk/vmm/v1/vmm.proto):
 //! describe, pause, resume and stop one running VM, snapshot it, change its rate limits, fill
-//! and empty its disk slots.
+//! and empty its disk slots, set its balloon's target.
 //!
 //! - [`frame_reader`]: frames assembled from non-blocking reads;
 //! - [`fd_reader`]: those reads made with recvmsg, keeping the one fd a request may carry;
 //! - [`disk_slots`]: `attach_disk` and `detach_disk`;
+//! - [`balloon`]: `set_balloon` and the balloon part of `describe`;
 //! - [`socket`]: the listening socket (mode 0600, stale sockets replaced, removed at the end);
 //! - [`server`]: the "vmm-api" thread that reads framed requests and writes responses;
 //! - [`vm_handle`]: what a request does to the running VM;
 //! - [`handle_request`] (here): a request against a [`VmControl`], as a response.
 
+pub mod balloon;
 pub mod disk_slots;
 pub mod fd_reader;
 pub mod frame_reader;
@@ -20,8 +22,8 @@ pub mod vm_handle;
 use std::os::fd::OwnedFd;
 
 use husk_proto::vmm::{
-    info, vmm_request, vmm_response, AttachDisk, DetachDisk, ErrorKind, Info, SetRateLimits,
-    Snapshot, SnapshotDone, VmmRequest, VmmResponse,
+    info, vmm_request, vmm_response, AttachDisk, DetachDisk, ErrorKind, Info, SetBalloon,
+    SetRateLimits, Snapshot, SnapshotDone, VmmRequest, VmmResponse,
 };
 
 use disk_slots::DiskSlotError;
@@ -54,13 +56,15 @@ pub enum ControlError {
         device: String,
         cause: std::io::Error,
     },
+    #[error(transparent)]
+    Balloon(#[from] balloon::BalloonError),
     #[error("a file descriptor came with a request that takes none")]
     UnexpectedFd,
     #[error("{0} file descriptors came with one request (at most 1); all were closed")]
     TooManyFds(usize),
     #[error(
         "empty or unknown request (describe, pause, resume, stop, snapshot, set_rate_limits, \
-         attach_disk, detach_disk)"
+         attach_disk, detach_disk, set_balloon)"
     )]
     UnknownRequest,
 }
@@ -85,6 +89,8 @@ impl ControlError {
             }
             Self::DiskSlot(DiskSlotError::Occupied(_)) => ErrorKind::SlotOccupied,
             Self::DiskSlot(DiskSlotError::Empty(_)) => ErrorKind::SlotEmpty,
+            Self::Balloon(balloon::BalloonError::NoBalloon) => ErrorKind::NoBalloon,
+            Self::Balloon(balloon::BalloonError::TargetTooLarge { .. }) => ErrorKind::InvalidTarget,
             Self::DiskSlot(
                 DiskSlotError::NoFd
                 | DiskSlotError::Image(..)
@@ -126,6 +132,10 @@ pub trait VmControl {
     fn detach_disk(&self, _request: &DetachDisk) -> Result<Info, ControlError> {
         Err(ControlError::NoDiskSlots)
     }
+    /// Sets the balloon's target.
+    fn set_balloon(&self, _request: &SetBalloon) -> Result<Info, ControlError> {
+        Err(ControlError::Balloon(balloon::BalloonError::NoBalloon))
+    }
 }
 
 /// Answers one request; `fds` is what came with it (see [`fd_reader::ReceivedFds::take`]):
@@ -166,6 +176,7 @@ pub fn handle_request(
         Some(Msg::Stop(_)) => Ok(vm.stop()),
         Some(Msg::SetRateLimits(ref limits)) => vm.set_rate_limits(limits),
         Some(Msg::DetachDisk(ref detach)) => vm.detach_disk(detach),
+        Some(Msg::SetBalloon(ref target)) => vm.set_balloon(target),
         Some(Msg::Snapshot(_) | Msg::AttachDisk(_)) | None => Err(ControlError::UnknownRequest),
     };
     match result {

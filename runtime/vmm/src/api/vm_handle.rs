@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_devices::virtio::device_id;
-use husk_proto::vmm::{AttachDisk, DetachDisk, DeviceCounters, Info, Snapshot, SnapshotDone};
+use husk_proto::vmm::{
+    AttachDisk, DetachDisk, DeviceCounters, Info, SetBalloon, Snapshot, SnapshotDone,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{state, ControlError, VmControl};
@@ -75,6 +77,7 @@ pub fn device_kind(device_type: u32) -> &'static str {
         device_id::VSOCK => "vsock",
         device_id::RNG => "rng",
         device_id::FS => "fs",
+        device_id::BALLOON => "balloon",
         _ => "unknown",
     }
 }
@@ -122,6 +125,7 @@ impl VmControl for VmHandle {
             memory_mib: self.memory_mib,
             boot_to_init_us: self.control.init_time_us().unwrap_or(0),
             devices,
+            balloon: super::balloon::describe(&self.devices),
         }
     }
 
@@ -168,6 +172,14 @@ impl VmControl for VmHandle {
     fn detach_disk(&self, request: &DetachDisk) -> Result<Info, ControlError> {
         self.stopping_error()?;
         super::disk_slots::detach(&self.devices, request.slot)?;
+        Ok(self.describe())
+    }
+
+    fn set_balloon(&self, request: &SetBalloon) -> Result<Info, ControlError> {
+        self.stopping_error()?;
+        let memory_mib = u64::from(self.memory_mib);
+        super::balloon::set_target(&self.devices, request.target_mib, memory_mib)?;
+        log::info!("balloon target {} MiB", request.target_mib);
         Ok(self.describe())
     }
 
@@ -248,6 +260,7 @@ mod tests {
         assert_eq!(device_kind(device_id::VSOCK), "vsock");
         assert_eq!(device_kind(device_id::FS), "fs");
         assert_eq!(device_kind(device_id::RNG), "rng");
+        assert_eq!(device_kind(device_id::BALLOON), "balloon");
         assert_eq!(device_kind(99), "unknown");
     }
 }

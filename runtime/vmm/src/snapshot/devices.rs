@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use super::state::{
-    Backend, DeviceBackend, DiskBackend, DiskSlotBackend, NetBackend, RngBackend, VsockBackend,
+    Backend, BalloonBackend, DeviceBackend, DiskBackend, DiskSlotBackend, NetBackend, RngBackend,
+    VsockBackend,
 };
 use crate::config::{DiskConfig, NetConfig, TapSource, VsockConfig, MIN_MTU};
 
@@ -22,6 +23,8 @@ pub enum DeviceSpec {
     Vsock(VsockConfig),
     /// virtio-rng.
     Rng,
+    /// virtio-balloon.
+    Balloon(crate::config::BalloonConfig),
     /// virtio-fs (a shared host directory): never in a snapshot, see [`backend_of`].
     Fs(crate::config::FsConfig),
 }
@@ -87,6 +90,11 @@ pub fn backend_of(spec: &DeviceSpec) -> DeviceBackend {
             uds_path: v.uds_path.display().to_string(),
         }),
         DeviceSpec::Rng => Backend::Rng(RngBackend {}),
+        DeviceSpec::Balloon(b) => Backend::Balloon(BalloonBackend {
+            stats: b.stats,
+            reporting: b.reporting,
+            deflate_on_oom: b.deflate_on_oom,
+        }),
         DeviceSpec::DiskSlot => Backend::DiskSlot(DiskSlotBackend {}),
         // A shared directory has no backend a snapshot could record: the files virtiofsd
         // holds open for the guest and the FUSE session cannot be saved. `snapshot::save`
@@ -169,6 +177,11 @@ pub fn specs_for_restore(
             }
             Backend::Rng(_) => DeviceSpec::Rng,
             Backend::DiskSlot(_) => DeviceSpec::DiskSlot,
+            Backend::Balloon(b) => DeviceSpec::Balloon(crate::config::BalloonConfig {
+                stats: b.stats,
+                reporting: b.reporting,
+                deflate_on_oom: b.deflate_on_oom,
+            }),
         });
     }
     if overrides.net.is_some() && !had_net {
@@ -205,6 +218,11 @@ mod tests {
                 uds_path: "/run/a.vsock".into(),
             }),
             DeviceSpec::Rng,
+            DeviceSpec::Balloon(crate::config::BalloonConfig {
+                stats: true,
+                reporting: false,
+                deflate_on_oom: true,
+            }),
         ]
     }
 
@@ -245,7 +263,8 @@ mod tests {
                 DeviceSpec::Disk(disk.clone()),
                 DeviceSpec::Net(net),
                 DeviceSpec::Vsock(vsock.clone()),
-                DeviceSpec::Rng
+                DeviceSpec::Rng,
+                boot_specs()[4].clone(),
             ]
         );
         let two_disks = RestoreOverrides {

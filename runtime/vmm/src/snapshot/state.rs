@@ -138,7 +138,7 @@ pub struct DeviceState {
 #[derive(Clone, PartialEq, Message)]
 pub struct DeviceBackend {
     /// The kind and its parameters.
-    #[prost(oneof = "Backend", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "Backend", tags = "1, 2, 3, 4, 5, 6")]
     pub backend: Option<Backend>,
 }
 
@@ -160,6 +160,10 @@ pub enum Backend {
     /// An empty disk slot (`--disk-slots`); a snapshot is refused while a slot holds a disk.
     #[prost(message, tag = "5")]
     DiskSlot(DiskSlotBackend),
+    /// The balloon and what it offered the guest (its target and size are the device's own
+    /// state, in its transport's `device_state`).
+    #[prost(message, tag = "6")]
+    Balloon(BalloonBackend),
 }
 
 /// virtio-blk backend.
@@ -207,6 +211,17 @@ pub struct VsockBackend {
 /// virtio-rng backend (nothing to record).
 #[derive(Clone, PartialEq, Message)]
 pub struct RngBackend {}
+
+/// virtio-balloon: the features offered (the guest negotiated from these).
+#[derive(Clone, PartialEq, Message)]
+pub struct BalloonBackend {
+    #[prost(bool, tag = "1")]
+    pub stats: bool,
+    #[prost(bool, tag = "2")]
+    pub reporting: bool,
+    #[prost(bool, tag = "3")]
+    pub deflate_on_oom: bool,
+}
 
 /// An empty disk slot (nothing to record: it comes back empty).
 #[derive(Clone, PartialEq, Message)]

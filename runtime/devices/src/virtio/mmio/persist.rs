@@ -44,6 +44,10 @@ pub struct TransportState {
     /// InterruptStatus.
     #[prost(uint32, tag = "9")]
     pub interrupt_status: u32,
+    /// The device's own state ([`crate::virtio::VirtioDevice::save_device_state`]); empty for
+    /// most devices, and in snapshots older than the field.
+    #[prost(bytes = "vec", tag = "10")]
+    pub device_state: Vec<u8>,
 }
 
 /// One virtqueue as programmed. The 16-bit fields are 32-bit on the wire (protobuf has no
@@ -96,6 +100,8 @@ pub enum TransportStateError {
     Lifecycle(u32),
     #[error("the restored device did not start")]
     Activate,
+    #[error("the device's own state: {0}")]
+    DeviceState(String),
 }
 
 impl From<Lifecycle> for u32 {
@@ -195,6 +201,7 @@ impl MmioTransport {
             config_generation: self.config_generation,
             lifecycle: self.lifecycle.into(),
             interrupt_status: self.interrupt.status(),
+            device_state: self.device.save_device_state(),
         }
     }
 
@@ -216,6 +223,9 @@ impl MmioTransport {
             .enumerate()
             .map(|(i, (saved, current))| saved.to_queue(i, current.max_size()))
             .collect::<Result<Vec<_>, _>>()?;
+        self.device
+            .restore_device_state(&state.device_state)
+            .map_err(TransportStateError::DeviceState)?;
         self.queues = queues;
         self.queue_select = state.queue_select;
         self.device_features_select = state.device_features_select;
