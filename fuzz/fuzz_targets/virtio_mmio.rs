@@ -1,4 +1,4 @@
-//! A guest driver's register accesses to one virtio device (blk, net, vsock or rng, picked by
+//! A guest driver's register accesses to one virtio device (blk, net, vsock, rng or balloon, picked by
 //! the first byte) through the virtio-mmio transport, interleaved with writes to guest memory,
 //! queue notifications and backend events. Nothing the guest does may panic the VMM.
 

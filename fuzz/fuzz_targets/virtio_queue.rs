@@ -1,4 +1,4 @@
-//! Queue processing of one virtio device (blk, net, vsock or rng, picked by the first byte):
+//! Queue processing of one virtio device (blk, net, vsock, rng or balloon, picked by the first byte):
 //! the device is started as a Linux driver would, then the descriptor tables, available rings
 //! and buffers laid out from the input are handed to it, and its queues are notified in an
 //! order the input picks. Descriptors may point anywhere, chain anywhere, loop, be indirect or

@@ -11,6 +11,8 @@ use husk_devices::virtio::block::Block;
 use husk_devices::virtio::mmio::MmioTransport;
 use husk_devices::virtio::net::tap::NetBackend;
 use husk_devices::virtio::net::Net;
+use husk_devices::virtio::balloon::discard::HostDiscard;
+use husk_devices::virtio::balloon::{Balloon, BalloonFeatures};
 use husk_devices::virtio::rng::{EntropySource, Rng};
 use husk_devices::virtio::vsock::Vsock;
 use husk_devices::virtio::{status, InterruptLine, VirtioDevice, VirtioInterrupt};
@@ -127,7 +129,7 @@ pub fn scratch_path(name: &str) -> PathBuf {
 /// Size of the scratch disk behind virtio-blk.
 pub const DISK_SIZE: u64 = 64 << 10;
 
-/// The four virtio devices.
+/// The five virtio devices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// virtio-blk on a scratch file (the real raw-file backend).
@@ -138,16 +140,19 @@ pub enum Kind {
     Vsock,
     /// virtio-rng on a counter.
     Rng,
+    /// virtio-balloon with every feature, discarding pages of the fuzz memory for real.
+    Balloon,
 }
 
 impl Kind {
     /// The device named by one input byte.
     pub fn from_byte(b: u8) -> Kind {
-        match b % 4 {
+        match b % 5 {
             0 => Kind::Block,
             1 => Kind::Net,
             2 => Kind::Vsock,
-            _ => Kind::Rng,
+            3 => Kind::Rng,
+            _ => Kind::Balloon,
         }
     }
 
@@ -175,6 +180,10 @@ impl Kind {
                 )
             }
             Kind::Rng => Box::new(Rng::new(Box::new(Counter(0)))),
+            Kind::Balloon => Box::new(Balloon::new(
+                BalloonFeatures::default(),
+                Box::new(HostDiscard),
+            )),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! kernel command-line parameter, `husk.spec=`, that [`spec::BootSpec`] encodes and husk-init
 //! decodes. Keeping both sides in this one small library means they cannot drift apart.
 pub mod hostname;
+pub mod page_reporting;
 pub mod pod;
 pub mod procfs;
 pub mod shares;

@@ -179,6 +179,9 @@ fn read_spec() -> Result<(BootSpec, Option<String>), StartError> {
             eprintln!("husk-init: warning: husk.hostname: cannot set the host name: {e}");
         }
     }
+    if let Err(e) = husk_init::page_reporting::apply(&cmdline) {
+        eprintln!("husk-init: warning: cannot set the page reporting order: {e}");
+    }
     if let Some(ip) = dns::nameserver(&cmdline) {
         if let Err(e) = dns::configure(ip, root.as_deref()) {
             eprintln!("husk-init: warning: husk.dns: cannot write /etc/resolv.conf: {e}");

@@ -1,7 +1,8 @@
 //! virtio-balloon with a real Linux guest through huskd and the `husk` CLI (testbed): free page
 //! reporting gives memory the guest touched and freed back to the host, a target inflates and
 //! deflates the balloon, deflate-on-OOM lets the guest take memory back under pressure, the
-//! balloon survives a snapshot and a restore, and bad requests get precise gRPC codes.
+//! balloon survives a snapshot and a restore, `husk top` and `husk capacity` report the VMs,
+//! and bad requests get precise gRPC codes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -210,6 +211,44 @@ fn the_balloon_reclaims_freed_memory_follows_targets_and_survives_a_restore() {
     wait_memory(&huskd, "b2", "the clone's deflation", BOOT, |m| {
         m.balloon_actual_mib == 0
     });
+
+    // husk top and husk capacity see both VMs, with the balloon's statistics.
+    let top = huskd.husk(&[
+        "top",
+        "--once",
+        "--json",
+        "--interval",
+        "1",
+        "--sort",
+        "name",
+    ]);
+    assert_eq!(top.code(), Some(0), "{}", top.stderr());
+    let top: serde_json::Value = serde_json::from_str(&top.stdout()).unwrap();
+    let vms = top["vms"].as_array().unwrap();
+    let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["b1", "b2"], "{top}");
+    for v in vms {
+        assert!(v["vmm_rss_bytes"].as_u64().unwrap() > 10 * MIB, "{v}");
+        assert!(v["guest_free_bytes"].as_u64().unwrap() > 0, "{v}");
+        assert!(v["cpu_percent"].as_f64().unwrap() >= 0.0, "{v}");
+        assert!(v["uptime_seconds"].as_i64().unwrap() >= 1, "{v}");
+    }
+    let cap = huskd.husk(&["capacity", "--shape", "1,128M", "--json"]);
+    assert_eq!(cap.code(), Some(0), "{}", cap.stderr());
+    let cap: serde_json::Value = serde_json::from_str(&cap.stdout()).unwrap();
+    assert_eq!(cap["committed"]["vms"], 2, "{cap}");
+    assert_eq!(cap["committed"]["memory_bytes"], 512 * MIB, "{cap}");
+    let overhead = cap["overhead_bytes_per_vm"].as_u64().unwrap();
+    assert!(overhead < 256 * MIB, "{cap}");
+    let cpus = cap["host"]["cpus"].as_u64().unwrap();
+    assert_eq!(cap["fit"]["by_cpu"], cpus * 4 - 2, "{cap}");
+    let text = huskd.husk(&["capacity"]);
+    assert!(
+        text.stdout().contains("per-VM overhead"),
+        "{}",
+        text.stdout()
+    );
+    eprintln!("husk capacity:\n{}", text.stdout());
 
     // A VM without a balloon boots, and refuses targets.
     let created = huskd.husk(&[

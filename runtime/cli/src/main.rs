@@ -4,6 +4,7 @@
 //! are a gRPC client of huskd (see `remote`). This file is the binary's edge: it parses the
 //! command line (`opts`), sets up logging and turns every outcome into an exit code.
 
+mod capacity_cmd;
 mod disk_cmd;
 mod image_cmd;
 mod image_store;
@@ -17,6 +18,7 @@ mod run_args;
 mod run_disks;
 mod run_image;
 mod snapshot_cmd;
+mod top_cmd;
 mod tty;
 
 use clap::error::{ContextKind, ErrorKind};

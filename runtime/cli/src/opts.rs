@@ -59,6 +59,10 @@ pub enum Verb {
     Disk(crate::disk_cmd::DiskArgs),
     /// A running VM's memory and balloon; --target SIZE asks the guest to give SIZE back
     Memory(crate::memory_cmd::MemoryArgs),
+    /// A live view of the host's VMs: CPU %, memory, I/O, uptime (--once --json for scripts)
+    Top(crate::top_cmd::TopArgs),
+    /// What the host has, what its VMs use, and how many more VMs of a shape fit
+    Capacity(crate::capacity_cmd::CapacityArgs),
     /// Lifecycle events as they happen
     Events(EventsArgs),
     /// Snapshot a running or paused VM into DIR
@@ -93,6 +97,8 @@ impl Verb {
                 | "update"
                 | "disk"
                 | "memory"
+                | "top"
+                | "capacity"
                 | "resume"
                 | "events"
                 | "snapshot"

@@ -101,6 +101,8 @@ pub fn run_verb(host: &str, verb: &Verb) -> Result<i32, RemoteError> {
             Verb::Update(args) => crate::rate_limit_cmd::update(&mut client, args).await,
             Verb::Disk(args) => crate::disk_cmd::run(&mut client, args).await,
             Verb::Memory(args) => crate::memory_cmd::run(&mut client, args).await,
+            Verb::Top(args) => crate::top_cmd::run(&mut client, args).await,
+            Verb::Capacity(args) => crate::capacity_cmd::run(&mut client, args).await,
             Verb::Events(args) => events(&mut client, args).await,
             Verb::Snapshot(args) => crate::snapshot_cmd::snapshot(&mut client, args).await,
             Verb::Restore(args) => crate::snapshot_cmd::restore(&mut client, args).await,

@@ -64,6 +64,11 @@ struct Cli {
     /// VMs huskd holds at most, created or running
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_VMS, value_parser = parse_max_vms)]
     max_vms: usize,
+    /// Refuse a start (RESOURCE_EXHAUSTED) when the guest memory of the live VMs and the new one
+    /// would pass RATIO times the host's memory, e.g. 1.5 [default: no limit; see
+    /// docs/capacity.md]
+    #[arg(long, value_name = "RATIO", value_parser = parse_ratio)]
+    memory_overcommit: Option<f64>,
     /// Default guest kernel [default: $HUSK_HOME/kernel/vmlinux]
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
@@ -158,6 +163,7 @@ fn daemon_args(cli: Cli) -> anyhow::Result<Args> {
         default_kernel,
         default_initrd,
         max_vms: cli.max_vms,
+        memory_overcommit: cli.memory_overcommit,
         jail,
         uid_range: cli.uid_range,
         controllers,
@@ -201,6 +207,13 @@ fn parse_tcp(v: &str) -> Result<SocketAddr, ArgError> {
         return Err(ArgError::NotLoopback(v.into()));
     }
     Ok(addr)
+}
+
+fn parse_ratio(v: &str) -> Result<f64, ArgError> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .ok_or_else(|| ArgError::NotPositive(v.into()))
 }
 
 fn parse_max_vms(v: &str) -> Result<usize, ArgError> {

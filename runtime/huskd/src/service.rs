@@ -15,8 +15,8 @@ use husk_proto::v1::{
 };
 use husk_proto::v1::{
     AddContainerRequest, AttachDiskRequest, ContainerStats, DetachDiskRequest,
-    GetContainerStatsRequest, GetVmMemoryRequest, RemoveContainerRequest, SetMemoryTargetRequest,
-    VmMemory,
+    GetContainerStatsRequest, GetHostUsageRequest, GetVmMemoryRequest, HostUsage,
+    RemoveContainerRequest, SetMemoryTargetRequest, VmMemory,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -192,6 +192,13 @@ impl Husk for HuskService {
         Ok(Response::new(
             self.daemon.vm_memory(&entry, &request).await?,
         ))
+    }
+
+    async fn get_host_usage(
+        &self,
+        _request: Request<GetHostUsageRequest>,
+    ) -> Result<Response<HostUsage>, Status> {
+        Ok(Response::new(self.daemon.host_usage().await))
     }
 
     async fn snapshot_vm(

@@ -301,6 +301,10 @@ pub trait VirtioDevice: Send {
     }
     /// The device's counters.
     fn counters(&self) -> &DeviceCounters;
+    /// Connections the device holds open now (vsock); `None` for devices without any.
+    fn open_connections(&self) -> Option<u64> {
+        None
+    }
     /// Whether the device changed its configuration space since the last call (a disk slot
     /// got or lost its medium); the transport then bumps ConfigGeneration and raises the
     /// configuration-change interrupt. Polled by [`mmio::MmioTransport::update_device`].

@@ -50,6 +50,8 @@ impl Daemon {
         spec: &VmSpec,
         restore: Option<Restore>,
     ) -> Result<Vm, Status> {
+        // Before anything is made for the VM: a refusal leaves nothing to clean up.
+        let admitted = self.admit_memory(entry, spec)?;
         let start_paused = restore.as_ref().is_some_and(|r| r.start_paused);
         let is_restore = restore.is_some();
         let files = self.open_run_files(entry, spec, restore.is_none())?;
@@ -102,6 +104,8 @@ impl Daemon {
             vm.state = VmState::Starting as i32;
             VmEntry::status_mut(vm).failure_reason.clear();
         });
+        // The VM counts itself from here on.
+        drop(admitted);
         let launch = Launch {
             jail: self.config.jail.as_ref(),
             controllers: &self.config.controllers,

@@ -28,14 +28,15 @@ const STATES: &[(VmState, &str)] = &[
     (VmState::Failed, "failed"),
 ];
 
-/// One live VM's numbers.
-struct VmSample {
-    labels: String,
-    memory_mib: u32,
-    vcpus: u32,
-    cpu_seconds: Option<f64>,
-    rss_bytes: Option<u64>,
-    info: Option<Info>,
+/// One live VM's numbers (also what GetHostUsage reports, see `usage.rs`).
+pub(super) struct VmSample {
+    pub entry: Arc<VmEntry>,
+    pub labels: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub cpu_seconds: Option<f64>,
+    pub rss_bytes: Option<u64>,
+    pub info: Option<Info>,
 }
 
 /// CPU seconds of the VMM `pid`: its cgroup's `usage_usec` when it has a cgroup of its own
@@ -93,6 +94,7 @@ async fn sample(entry: Arc<VmEntry>) -> VmSample {
         escape(&entry.name())
     );
     VmSample {
+        entry: entry.clone(),
         labels,
         memory_mib: spec.memory_mib,
         vcpus: spec.vcpus,
@@ -100,6 +102,25 @@ async fn sample(entry: Arc<VmEntry>) -> VmSample {
         rss_bytes: (pid != 0).then(|| rss_bytes(pid)).flatten(),
         info: describe(&entry).await,
     }
+}
+
+/// Samples every running or paused VM of `entries` at once, in label order.
+pub(super) async fn sample_live(entries: Vec<Arc<VmEntry>>) -> Vec<VmSample> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for entry in entries
+        .into_iter()
+        .filter(|e| matches!(e.state(), VmState::Running | VmState::Paused))
+    {
+        tasks.spawn(sample(entry));
+    }
+    let mut samples = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(s) = done {
+            samples.push(s);
+        }
+    }
+    samples.sort_by(|a, b| a.labels.cmp(&b.labels));
+    samples
 }
 
 /// Writes one metric family: `# HELP`, `# TYPE`, then a line per (labels, value).
@@ -137,21 +158,7 @@ impl Daemon {
         );
         let _ = writeln!(out, "husk_vms_max {}", self.config.max_vms);
 
-        let live: Vec<Arc<VmEntry>> = entries
-            .into_iter()
-            .filter(|e| matches!(e.state(), VmState::Running | VmState::Paused))
-            .collect();
-        let mut tasks = tokio::task::JoinSet::new();
-        for entry in live {
-            tasks.spawn(sample(entry));
-        }
-        let mut samples = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            if let Ok(s) = done {
-                samples.push(s);
-            }
-        }
-        samples.sort_by(|a, b| a.labels.cmp(&b.labels));
+        let samples = sample_live(entries).await;
         let rows = |f: &dyn Fn(&VmSample) -> Option<String>| -> Vec<(String, String)> {
             samples
                 .iter()
@@ -195,6 +202,17 @@ impl Daemon {
                 s.info
                     .as_ref()
                     .map(|i| format!("{}", i.boot_to_init_us as f64 / 1e6))
+            }),
+        );
+        family(
+            &mut out,
+            "husk_vm_vsock_connections",
+            "gauge",
+            "Connections a running VM's vsock device holds open now (the guest agent's included).",
+            &rows(&|s| {
+                let info = s.info.as_ref()?;
+                let vsock = info.devices.iter().find(|d| d.kind == "vsock")?;
+                Some(vsock.connections.to_string())
             }),
         );
         balloon_families(&mut out, &samples);

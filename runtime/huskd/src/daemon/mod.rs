@@ -10,6 +10,7 @@
 //! (FAILED_PRECONDITION). The record itself sits behind a short std mutex that is never held
 //! across an await. A monitor task per running VMM turns its exit into STOPPED or FAILED.
 
+mod admission;
 mod agent;
 mod containers;
 mod disks;
@@ -22,6 +23,7 @@ mod run_disks;
 mod snapshots;
 #[cfg(test)]
 mod tests;
+mod usage;
 mod vm;
 
 use std::collections::BTreeMap;
@@ -61,6 +63,10 @@ pub struct DaemonConfig {
     pub policy: PathPolicy,
     /// The cgroup v2 controllers the host offers for VM limits.
     pub controllers: Vec<String>,
+    /// `--memory-overcommit RATIO`: the guest memory of live VMs may reach RATIO times the
+    /// host's memory; a start beyond it is refused (None: no such check). See
+    /// docs/capacity.md#overcommit-policy.
+    pub memory_overcommit: Option<f64>,
 }
 
 /// How long a graceful stop waits when the request gives no timeout.
@@ -71,6 +77,9 @@ pub struct Daemon {
     /// Where VMMs are started and taps made (the real host but in unit tests).
     host: Arc<dyn VmmHost>,
     vms: Mutex<BTreeMap<String, Arc<VmEntry>>>,
+    /// Guest memory (MiB) of starts admitted by `--memory-overcommit` that do not count as
+    /// STARTING yet, so that two starts cannot both take the last room (see `admission.rs`).
+    admitted_mib: Mutex<u64>,
     events: broadcast::Sender<Event>,
     /// What `--metrics` serves beside the VMs' own numbers (see `metrics.rs`).
     pub metrics: Arc<crate::metrics::Registry>,
@@ -95,6 +104,7 @@ impl Daemon {
             config,
             host,
             vms: Mutex::new(BTreeMap::new()),
+            admitted_mib: Mutex::new(0),
             events,
             metrics: Arc::new(crate::metrics::Registry::default()),
         });

@@ -244,6 +244,11 @@ struct Fixture {
 
 /// A daemon over a scratch state directory; `jailed`: with a jail and a two-uid range.
 fn fixture(jailed: bool) -> Fixture {
+    fixture_with(jailed, None)
+}
+
+/// [`fixture`] with `--memory-overcommit`.
+fn fixture_with(jailed: bool, memory_overcommit: Option<f64>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let files = dir.path().join("files");
     std::fs::create_dir_all(&files).unwrap();
@@ -265,6 +270,7 @@ fn fixture(jailed: bool) -> Fixture {
         uid_range: (100_000, 2),
         policy: PathPolicy::new(std::slice::from_ref(&files), &[]),
         controllers: Vec::new(),
+        memory_overcommit,
     };
     let host = Arc::new(FakeHost::default());
     let daemon = Daemon::open_on(config.clone(), host.clone()).unwrap();
@@ -351,6 +357,45 @@ async fn a_running_vm_refuses_a_second_start() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("RUNNING"), "{}", err.message());
     assert_eq!(f.host.spawns().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn starts_past_the_memory_overcommit_ratio_are_refused_until_room_is_made() {
+    // A ratio that leaves room for 400 MiB of guest memory on this host.
+    let host_mib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    let f = fixture_with(false, Some(400.0 / host_mib as f64));
+    let first = f.daemon.create(spec("alpha", false)).unwrap();
+    let second = f.daemon.create(spec("beta", false)).unwrap();
+    f.daemon.start(&first).await.unwrap();
+
+    let err = f.daemon.start(&second).await.unwrap_err();
+
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("--memory-overcommit"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        second.state(),
+        VmState::Created,
+        "a refused start changes nothing"
+    );
+    assert_eq!(f.host.spawns().len(), 1);
+    f.daemon
+        .stop(&first, Duration::from_millis(10), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&f.daemon.start(&second).await.unwrap()),
+        VmState::Running
+    );
 }
 
 #[tokio::test(start_paused = true)]

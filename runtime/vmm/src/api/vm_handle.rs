@@ -116,6 +116,7 @@ impl VmControl for VmHandle {
                     bytes_read: c.bytes_written,
                     bytes_written: c.bytes_read,
                     errors: c.errors,
+                    connections: device.open_connections().unwrap_or(0),
                 }
             })
             .collect();

@@ -130,6 +130,15 @@ impl VirtioSlot {
         accepted
     }
 
+    /// Connections the device holds open now (see [`VirtioDevice::open_connections`]).
+    pub fn open_connections(&self) -> Option<u64> {
+        let t = self
+            .transport
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        t.device().open_connections()
+    }
+
     /// The device's virtio type ([`husk_devices::virtio::device_id`]).
     pub fn device_type(&self) -> u32 {
         let t = self

@@ -241,9 +241,7 @@ impl Balloon {
         let Some(head) = stats_head.take() else {
             return Ok(());
         };
-        let Some(index) =
-            (0..QUEUE_SIZES.len()).find(|&i| role_of(ctx.acked_features, i) == Some(Role::Stats))
-        else {
+        let Some(index) = stats_queue(ctx.acked_features) else {
             return Ok(());
         };
         let Some(queue) = ctx.queues.get_mut(index) else {
@@ -345,6 +343,11 @@ impl Balloon {
     }
 }
 
+/// The stats queue's index under `acked` features, if statistics were negotiated.
+fn stats_queue(acked: u64) -> Option<usize> {
+    (0..QUEUE_SIZES.len()).find(|&i| role_of(acked, i) == Some(Role::Stats))
+}
+
 /// Runs of consecutive frame numbers, as (first, count), in the order given.
 fn runs(pfns: &[u32]) -> Vec<(u32, u64)> {
     let mut out: Vec<(u32, u64)> = Vec::new();
@@ -385,11 +388,22 @@ impl VirtioDevice for Balloon {
         self.actual_pages = u32::from_le_bytes(actual);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
+        let stats = stats_queue(ctx.acked_features);
         self.state = State::Active {
             ctx,
             stats_head: None,
         };
-        Ok(())
+        // Linux queues its first stats buffer and kicks before DRIVER_OK (virtio 1.2 §3.1.1
+        // lets a driver add buffers then; the device uses them once started), and the
+        // transport drops kicks of an inactive device: take it now, or statistics depended on
+        // whether the event loop read that kick before or after DRIVER_OK. This runs on the
+        // vCPU thread that wrote DRIVER_OK: it reads guest memory and makes no system call.
+        // After a restore the buffer the saved device held is available again the same way
+        // (see [`BalloonState`]).
+        match stats {
+            Some(index) => self.take_stats(index),
+            None => Ok(()),
+        }
     }
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
         let State::Active { ctx, .. } = &mut self.state else {
@@ -462,18 +476,6 @@ impl VirtioDevice for Balloon {
         self.state = State::Inactive;
         self.actual_pages = 0;
         self.unfinished = QueueSet::default();
-    }
-    fn restored(&mut self) {
-        // The stats buffer the saved device held is available again (see [`BalloonState`]).
-        if let State::Active { ctx, .. } = &self.state {
-            if let Some(index) = (0..QUEUE_SIZES.len())
-                .find(|&i| role_of(ctx.acked_features, i) == Some(Role::Stats))
-            {
-                if let Err(e) = self.take_stats(index) {
-                    crate::warn_limited!("balloon: stats queue after restore: {e}");
-                }
-            }
-        }
     }
     fn save_device_state(&self) -> Vec<u8> {
         BalloonState {

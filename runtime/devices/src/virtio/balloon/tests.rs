@@ -208,6 +208,23 @@ fn the_stats_buffer_is_held_until_fresh_numbers_are_asked_for() {
 }
 
 #[test]
+fn a_stats_buffer_queued_before_activation_is_taken_at_activation() {
+    // Linux adds its first stats buffer and kicks before DRIVER_OK; that kick is lost.
+    let mem = guest_memory();
+    let mut stats_driver = Driver::new_at(&mem, 16, 0x3000, 0xc_0000);
+    let first = stat_bytes(&[(5, 4000)]);
+    stats_driver.chain(&[(&first, first.len() as u32, false)]);
+    let (balloon, _) = active(
+        &mem,
+        vec![not_ready(), not_ready(), stats_driver.queue(), not_ready()],
+        features::VERSION_1 | feature::STATS_VQ,
+        CountingLine::default(),
+    );
+    assert_eq!(balloon.report().stats, [(5, 4000)]);
+    assert!(stats_driver.used().is_empty(), "held for the next request");
+}
+
+#[test]
 fn free_page_reports_are_discarded_range_by_range() {
     let mem = guest_memory();
     let mut reporting = Driver::new_at(&mem, 16, 0x3000, 0xc_0000);

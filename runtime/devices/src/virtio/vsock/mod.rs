@@ -313,6 +313,9 @@ impl VirtioDevice for Vsock {
     fn counters(&self) -> &DeviceCounters {
         &self.counters
     }
+    fn open_connections(&self) -> Option<u64> {
+        Some(self.connection_count() as u64)
+    }
 }
 
 #[cfg(test)]
