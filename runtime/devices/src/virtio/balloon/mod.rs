@@ -388,22 +388,24 @@ impl VirtioDevice for Balloon {
         self.actual_pages = u32::from_le_bytes(actual);
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), DeviceError> {
-        let stats = stats_queue(ctx.acked_features);
         self.state = State::Active {
             ctx,
             stats_head: None,
         };
-        // Linux queues its first stats buffer and kicks before DRIVER_OK (virtio 1.2 §3.1.1
-        // lets a driver add buffers then; the device uses them once started), and the
-        // transport drops kicks of an inactive device: take it now, or statistics depended on
-        // whether the event loop read that kick before or after DRIVER_OK. This runs on the
-        // vCPU thread that wrote DRIVER_OK: it reads guest memory and makes no system call.
-        // After a restore the buffer the saved device held is available again the same way
-        // (see [`BalloonState`]).
-        match stats {
-            Some(index) => self.take_stats(index),
-            None => Ok(()),
+        // Serve what the driver queued while the device was not started: Linux queues its
+        // first stats buffer and kicks before DRIVER_OK (virtio 1.2 §3.1.1 lets a driver add
+        // buffers then; the device uses them once started), and the transport drops kicks of
+        // an inactive device, so statistics depended on whether the event loop read that kick
+        // before or after DRIVER_OK. After a restore, saving the transport rewound each queue
+        // to its used index: a stats buffer the saved device held, or an inflate or report the
+        // guest kicked just before the pause, is available again with no kick to come, and the
+        // guest's balloon worker waits for its answer. At a boot this runs on the vCPU thread
+        // that wrote DRIVER_OK, with only the stats buffer waiting (guest memory reads, no
+        // system call); at a restore, before the seccomp filters.
+        for index in 0..QUEUE_SIZES.len() {
+            self.process_queue(index)?;
         }
+        Ok(())
     }
     fn process_queue(&mut self, index: usize) -> Result<(), DeviceError> {
         let State::Active { ctx, .. } = &mut self.state else {

@@ -225,6 +225,24 @@ fn a_stats_buffer_queued_before_activation_is_taken_at_activation() {
 }
 
 #[test]
+fn an_inflate_queued_before_activation_is_served_at_activation() {
+    // After a restore, an inflate the guest kicked just before the snapshot is available again
+    // with no kick to come: activation serves it, or the guest's balloon worker waits forever.
+    let mem = guest_memory();
+    let mut inflate = Driver::new_at(&mem, 16, 0x1000, 0x4_0000);
+    inflate.chain(&[(&pfn_bytes(&[0xc0, 0xc1]), 8, false)]);
+    let (balloon, recorder) = active(
+        &mem,
+        vec![inflate.queue(), not_ready(), not_ready(), not_ready()],
+        features::VERSION_1,
+        CountingLine::default(),
+    );
+    assert_eq!(recorder.ranges(), [(0xc_0000, 0x2000)]);
+    assert_eq!(inflate.used().len(), 1);
+    assert_eq!(balloon.report().inflated_pages, 2);
+}
+
+#[test]
 fn free_page_reports_are_discarded_range_by_range() {
     let mem = guest_memory();
     let mut reporting = Driver::new_at(&mem, 16, 0x3000, 0xc_0000);
