@@ -36,15 +36,10 @@ impl Drop for Admitted<'_> {
     }
 }
 
+/// The host's MemTotal in MiB (0 when /proc/meminfo cannot be read: every start is refused).
 fn host_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib / 1024)
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    super::usage::host_memory(&meminfo).0 >> 20
 }
 
 impl Daemon {

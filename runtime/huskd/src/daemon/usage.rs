@@ -9,7 +9,7 @@ use super::metrics::{sample_live, VmSample};
 use super::{lock, Daemon, VmEntry};
 
 /// MemTotal and MemAvailable of /proc/meminfo, in bytes.
-fn host_memory(meminfo: &str) -> (u64, u64) {
+pub(super) fn host_memory(meminfo: &str) -> (u64, u64) {
     let field = |name: &str| {
         meminfo
             .lines()
