@@ -149,6 +149,19 @@ impl Huskd {
         )
     }
 
+    /// Runs `sh -c script` in the VM through `husk exec`; its stdout (panics unless it exits 0).
+    pub fn sh(&self, vm: &str, script: &str) -> String {
+        let out = self.husk(&["exec", vm, "sh", "-c", script]);
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "{script}: {}{}",
+            out.stdout(),
+            out.stderr()
+        );
+        out.stdout()
+    }
+
     pub fn get(&self, vm: &str) -> Vm {
         let mut client = self.client();
         self.block_on(client.get_vm(GetVmRequest { vm: vm.into() }))

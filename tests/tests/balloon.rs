@@ -17,18 +17,6 @@ use tonic::Code;
 const BOOT: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
 
-fn sh(huskd: &Huskd, vm: &str, script: &str) -> String {
-    let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "{script}: {}{}",
-        out.stdout(),
-        out.stderr()
-    );
-    out.stdout()
-}
-
 fn memory(huskd: &Huskd, vm: &str) -> VmMemory {
     let mut client = huskd.client();
     huskd
@@ -71,7 +59,7 @@ fn wait_memory(
 
 /// MemFree of the guest, in bytes.
 fn guest_mem_free(huskd: &Huskd, vm: &str) -> u64 {
-    let line = sh(huskd, vm, "grep MemFree /proc/meminfo");
+    let line = huskd.sh(vm, "grep MemFree /proc/meminfo");
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
 }
@@ -99,14 +87,12 @@ fn the_balloon_reclaims_freed_memory_follows_targets_and_survives_a_restore() {
     );
 
     // Free page reporting: 100 MiB touched in a tmpfs, then freed, comes back to the host.
-    sh(
-        &huskd,
+    huskd.sh(
         "b1",
         "mkdir -p /tmp/fill && mount -t tmpfs -o size=200m tmpfs /tmp/fill",
     );
     let idle = memory(&huskd, "b1").vmm_rss_bytes;
-    sh(
-        &huskd,
+    huskd.sh(
         "b1",
         "dd if=/dev/zero of=/tmp/fill/f bs=1M count=100 2>/dev/null",
     );
@@ -116,7 +102,7 @@ fn the_balloon_reclaims_freed_memory_follows_targets_and_survives_a_restore() {
         "RSS {idle} -> {} after touching 100 MiB",
         touched.vmm_rss_bytes
     );
-    sh(&huskd, "b1", "rm /tmp/fill/f");
+    huskd.sh("b1", "rm /tmp/fill/f");
     let freed = wait_memory(&huskd, "b1", "freed memory given back", BOOT, |m| {
         m.vmm_rss_bytes + 60 * MIB <= touched.vmm_rss_bytes
     });
@@ -157,8 +143,7 @@ fn the_balloon_reclaims_freed_memory_follows_targets_and_survives_a_restore() {
     wait_memory(&huskd, "b1", "inflation to 160 MiB", BOOT, |m| {
         m.balloon_actual_mib == 160
     });
-    sh(
-        &huskd,
+    huskd.sh(
         "b1",
         "dd if=/dev/zero of=/tmp/fill/g bs=1M count=80 2>/dev/null && rm /tmp/fill/g",
     );

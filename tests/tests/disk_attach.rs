@@ -15,23 +15,12 @@ const BOOT: Duration = Duration::from_secs(120);
 /// The image: 64 sectors, each filled with its own number.
 const SECTORS: usize = 64;
 
-fn sh(huskd: &Huskd, vm: &str, script: &str) -> String {
-    let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "{script}: {}{}",
-        out.stdout(),
-        out.stderr()
-    );
-    out.stdout()
-}
-
 /// Polls the guest's size of `dev` (in sectors) until `done` holds it.
 fn wait_size(huskd: &Huskd, dev: &str, done: impl Fn(u64) -> bool) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let size: u64 = sh(huskd, "slots", &format!("cat /sys/block/{dev}/size"))
+        let size: u64 = huskd
+            .sh("slots", &format!("cat /sys/block/{dev}/size"))
             .trim()
             .parse()
             .unwrap();
@@ -66,13 +55,9 @@ fn a_disk_attached_at_run_time_is_seen_read_and_detached_by_the_guest() {
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     huskd.wait_agent("slots", BOOT);
     // No rootfs and no --disk: the slot is vda, empty.
-    assert_eq!(sh(&huskd, "slots", "cat /sys/block/vda/size").trim(), "0");
+    assert_eq!(huskd.sh("slots", "cat /sys/block/vda/size").trim(), "0");
     // Linux never sends requests past the capacity: an empty slot reads as end of device.
-    let empty_read = sh(
-        &huskd,
-        "slots",
-        "dd if=/dev/vda of=/dev/null bs=512 count=1 2>&1",
-    );
+    let empty_read = huskd.sh("slots", "dd if=/dev/vda of=/dev/null bs=512 count=1 2>&1");
     assert!(empty_read.contains("0+0 records in"), "{empty_read}");
 
     let mut client = huskd.client();
@@ -116,8 +101,7 @@ fn a_disk_attached_at_run_time_is_seen_read_and_detached_by_the_guest() {
     let size = wait_size(&huskd, "vda", |s| s > 0);
     assert_eq!(size, SECTORS as u64);
     // Sector 5 holds 512 bytes of 5; the guest reads them through the attached image.
-    let od = sh(
-        &huskd,
+    let od = huskd.sh(
         "slots",
         "dd if=/dev/vda bs=512 skip=5 count=1 2>/dev/null | od -An -tu1 | sort -u",
     );
@@ -128,8 +112,7 @@ fn a_disk_attached_at_run_time_is_seen_read_and_detached_by_the_guest() {
         "{od}"
     );
     // And writes reach the host file.
-    sh(
-        &huskd,
+    huskd.sh(
         "slots",
         "printf 'written-in-guest' | dd of=/dev/vda bs=512 seek=10 conv=sync,fsync 2>/dev/null",
     );
@@ -142,7 +125,7 @@ fn a_disk_attached_at_run_time_is_seen_read_and_detached_by_the_guest() {
     assert!(huskd.get("slots").status.unwrap().attached_disks.is_empty());
     // The guest kernel saw the configuration change (virtblk_config_changed ->
     // set_capacity_and_notify logs it).
-    let dmesg = sh(&huskd, "slots", "dmesg | grep 'capacity change' || true");
+    let dmesg = huskd.sh("slots", "dmesg | grep 'capacity change' || true");
     assert!(
         dmesg.contains("vda"),
         "no capacity change in the guest's log: {dmesg}"
@@ -186,8 +169,7 @@ fn qcow2_and_copy_on_write_disks_attach_at_run_time() {
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     huskd.wait_agent("slots", BOOT);
     let sector = |n: u32| {
-        let od = sh(
-            &huskd,
+        let od = huskd.sh(
             "slots",
             &format!("dd if=/dev/vda bs=512 skip={n} count=1 2>/dev/null | od -An -tu1 | sort -u"),
         );
@@ -200,8 +182,7 @@ fn qcow2_and_copy_on_write_disks_attach_at_run_time() {
             .collect::<Vec<_>>()
     };
     let write = |text: &str| {
-        sh(
-            &huskd,
+        huskd.sh(
             "slots",
             &format!("printf '{text}' | dd of=/dev/vda bs=512 seek=7 conv=sync,fsync 2>/dev/null"),
         )

@@ -12,18 +12,6 @@ use tonic::Code;
 
 const BOOT: Duration = Duration::from_secs(120);
 
-fn sh(huskd: &Huskd, vm: &str, script: &str) -> String {
-    let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
-    assert_eq!(
-        out.code(),
-        Some(0),
-        "{script}: {}{}",
-        out.stdout(),
-        out.stderr()
-    );
-    out.stdout()
-}
-
 #[test]
 #[ignore = "needs a hardware-style KVM: run through scripts/testbed (scripts/test does)"]
 fn huskd_snapshot_and_restore_with_the_cli() {
@@ -36,8 +24,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     assert_eq!(created.code(), Some(0), "{}", created.stderr());
     huskd.wait_agent("origin", BOOT);
     // A marker file, and a wall clock far in the past that only a correction can undo.
-    sh(
-        &huskd,
+    huskd.sh(
         "origin",
         "echo snapshot-marker > /tmp/marker && date -s '2001-09-09 01:46:40'",
     );
@@ -98,7 +85,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         "the copy must have its own CID"
     );
     assert_eq!(
-        sh(&huskd, "copy", "cat /tmp/marker").trim(),
+        huskd.sh("copy", "cat /tmp/marker").trim(),
         "snapshot-marker"
     );
     // As root huskd jails every VMM, the restored ones too: the snapshot was moved out of the
@@ -117,18 +104,14 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     let status = copy.status.clone().unwrap();
     assert_ne!(status.tap, origin.status.as_ref().unwrap().tap);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sh(&huskd, "copy", "cat /sys/class/net/eth0/address").trim() != MAC {
+    while huskd.sh("copy", "cat /sys/class/net/eth0/address").trim() != MAC {
         assert!(
             Instant::now() < deadline,
             "the copy's eth0 kept its old MAC"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let ping = sh(
-        &huskd,
-        "copy",
-        &format!("ping -c 1 -W 5 {}", status.host_ip),
-    );
+    let ping = huskd.sh("copy", &format!("ping -c 1 -W 5 {}", status.host_ip));
     assert!(ping.contains("1 packets received"), "{ping}");
     // huskd sets the restored guest's clock through the agent once it answers.
     let host_now = SystemTime::now()
@@ -137,7 +120,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         .as_secs();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let guest: u64 = sh(&huskd, "copy", "date +%s").trim().parse().unwrap();
+        let guest: u64 = huskd.sh("copy", "date +%s").trim().parse().unwrap();
         if guest + 120 >= host_now {
             break;
         }
@@ -148,7 +131,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // A diff snapshot of the copy (its RAM maps snap1's memory file) restores with both files.
-    sh(&huskd, "copy", "echo diff-marker > /tmp/marker2");
+    huskd.sh("copy", "echo diff-marker > /tmp/marker2");
     let dir2 = huskd.dir.join("snap2");
     let out = huskd.husk(&["snapshot", "--diff", "copy", &dir2.display().to_string()]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
@@ -156,7 +139,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     huskd.wait_agent("copy2", BOOT);
     assert_eq!(
-        sh(&huskd, "copy2", "cat /tmp/marker /tmp/marker2"),
+        huskd.sh("copy2", "cat /tmp/marker /tmp/marker2"),
         "snapshot-marker\ndiff-marker\n"
     );
     if husk_tests::is_root() {
@@ -173,7 +156,7 @@ fn huskd_snapshot_and_restore_with_the_cli() {
         assert_eq!(huskd.get("origin").state, VmState::Running as i32);
     }
     // The origin's clock was not touched: it still runs in 2001.
-    let origin_now: u64 = sh(&huskd, "origin", "date +%s").trim().parse().unwrap();
+    let origin_now: u64 = huskd.sh("origin", "date +%s").trim().parse().unwrap();
     assert!(origin_now < 1_100_000_000, "origin clock {origin_now}");
     for vm in ["copy2", "copy", "origin"] {
         let out = huskd.husk(&["rm", "--force", vm]);
@@ -196,7 +179,7 @@ fn an_unjailed_vm_takes_diffs_against_its_own_full_snapshot() {
     let (full, diff) = (huskd.dir.join("full"), huskd.dir.join("diff"));
     let out = huskd.husk(&["snapshot", "box", &full.display().to_string()]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
-    sh(&huskd, "box", "echo after-the-full-snapshot > /tmp/marker");
+    huskd.sh("box", "echo after-the-full-snapshot > /tmp/marker");
     let out = huskd.husk(&["snapshot", "--diff", "box", &diff.display().to_string()]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     let base = std::fs::read_to_string(diff.join("vm.base")).unwrap();
@@ -213,7 +196,7 @@ fn an_unjailed_vm_takes_diffs_against_its_own_full_snapshot() {
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     huskd.wait_agent("copy", BOOT);
     assert_eq!(
-        sh(&huskd, "copy", "cat /tmp/marker"),
+        huskd.sh("copy", "cat /tmp/marker"),
         "after-the-full-snapshot\n"
     );
 }
