@@ -44,6 +44,7 @@ fn bad_requests_get_precise_status_codes() {
     let create = |spec: VmSpec| CreateVmRequest {
         spec: Some(spec),
         start: false,
+        ..Default::default()
     };
     // Paths below the fixture's directory are allowed (--allow-path): missing files there are
     // INVALID_ARGUMENT.
@@ -106,6 +107,7 @@ fn bad_requests_get_precise_status_codes() {
     let missing = huskd.block_on(c.create_vm(CreateVmRequest {
         spec: None,
         start: false,
+        ..Default::default()
     }));
     assert_eq!(code(missing), Code::InvalidArgument);
 
@@ -185,6 +187,7 @@ fn a_vmm_that_cannot_start_leaves_the_vm_failed_with_its_reason() {
         .block_on(c.create_vm(CreateVmRequest {
             spec: Some(spec("broken")),
             start: true,
+            ..Default::default()
         }))
         .unwrap()
         .into_inner();
@@ -218,12 +221,14 @@ fn records_survive_a_daemon_restart() {
         .block_on(c.create_vm(CreateVmRequest {
             spec: Some(labelled),
             start: false,
+            ..Default::default()
         }))
         .unwrap();
     huskd
         .block_on(c.create_vm(CreateVmRequest {
             spec: Some(spec("other")),
             start: false,
+            ..Default::default()
         }))
         .unwrap();
     huskd.restart();

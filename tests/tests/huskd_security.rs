@@ -37,6 +37,7 @@ fn create(huskd: &Huskd, spec: VmSpec, start: bool) -> Result<Vm, tonic::Status>
         .block_on(c.create_vm(CreateVmRequest {
             spec: Some(spec),
             start,
+            ..Default::default()
         }))
         .map(|r| r.into_inner())
 }

@@ -143,6 +143,7 @@ fn three_vms_exec_stop_kill_and_a_daemon_restart() {
             .block_on(client.create_vm(CreateVmRequest {
                 spec: Some(sandbox(name, net)),
                 start: true,
+                ..Default::default()
             }))
             .unwrap()
             .into_inner();
@@ -383,6 +384,7 @@ fn the_application_exit_is_reported_with_its_console_output() {
         .block_on(client.create_vm(CreateVmRequest {
             spec: Some(spec),
             start: true,
+            ..Default::default()
         }))
         .unwrap()
         .into_inner();

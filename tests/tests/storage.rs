@@ -177,6 +177,7 @@ fn huskd_vms_share_one_base_each_with_its_own_overlay() {
             .block_on(client.create_vm(CreateVmRequest {
                 spec: Some(spec),
                 start: true,
+                ..Default::default()
             }))
             .unwrap()
             .into_inner();

@@ -139,6 +139,7 @@ fn huskd_shares_mounts_under_its_path_policy_and_refuses_their_snapshots() {
         .block_on(client.create_vm(CreateVmRequest {
             spec: Some(spec(&outside.path(""))),
             start: false,
+            ..Default::default()
         }))
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
@@ -148,6 +149,7 @@ fn huskd_shares_mounts_under_its_path_policy_and_refuses_their_snapshots() {
         .block_on(client.create_vm(CreateVmRequest {
             spec: Some(spec(&share)),
             start: true,
+            ..Default::default()
         }))
         .unwrap()
         .into_inner();

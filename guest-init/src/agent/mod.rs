@@ -1,8 +1,8 @@
 //! The guest agent: husk.agent.v1 (proto/husk/agent/v1/agent.proto) on vsock port
 //! [`AGENT_PORT`], served by threads of PID 1.
 //!
-//! One connection carries one request. `hello`, `shutdown`, `set_time` and `set_network` (see
-//! [`net_config`]) are answered at once; `exec` starts a process and streams it (see [`exec`]).
+//! One connection carries one request. `hello`, `shutdown`, `set_time`, `set_network` (see
+//! [`net_config`]) and `reidentify` (see [`reidentify`]) are answered at once; `exec` starts a process and streams it (see [`exec`]).
 //! A connection thread is started per connection, up to [`MAX_CONNECTIONS`]; beyond that a
 //! connection gets an `error` frame and is closed. Malformed input gets an `error` frame and
 //! the connection is closed; nothing the host sends can panic or block PID 1 itself.
@@ -12,6 +12,7 @@ mod exec;
 mod fd;
 mod input;
 mod net_config;
+mod reidentify;
 mod sink;
 mod stdio;
 
@@ -173,6 +174,7 @@ fn request_name(msg: &Request) -> &'static str {
         Request::AddContainer(_) => "add_container",
         Request::RemoveContainer(_) => "remove_container",
         Request::ContainerStats(_) => "container_stats",
+        Request::Reidentify(_) => "reidentify",
     }
 }
 
@@ -245,6 +247,13 @@ pub fn serve(mut conn: File, agent: &Agent) {
                 Err(e) => Reply::Error(format!("set_network: {e}")),
             },
         ),
+        Request::Reidentify(request) => reply(
+            &mut conn,
+            match reidentify::Identity::parse(&request).and_then(|id| id.apply()) {
+                Ok(()) => Reply::Ack(true),
+                Err(e) => Reply::Error(format!("reidentify: {e}")),
+            },
+        ),
         Request::AddContainer(add) => reply(
             &mut conn,
             match containers::add(
@@ -275,7 +284,7 @@ pub fn serve(mut conn: File, agent: &Agent) {
             &mut conn,
             Reply::Error(format!(
                 "expected a request (hello, exec, shutdown, set_time, set_network, \
-                 add_container, remove_container or container_stats), got {}",
+                 reidentify, add_container, remove_container or container_stats), got {}",
                 request_name(&other)
             )),
         ),

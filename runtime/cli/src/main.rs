@@ -18,6 +18,7 @@ mod run_args;
 mod run_disks;
 mod run_image;
 mod snapshot_cmd;
+mod template_cmd;
 mod top_cmd;
 mod tty;
 

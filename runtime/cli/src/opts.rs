@@ -69,6 +69,8 @@ pub enum Verb {
     Snapshot(SnapshotArgs),
     /// A new VM from a snapshot in DIR, going on where the snapshot was taken
     Restore(RestoreArgs),
+    /// Templates: sandboxes booted once that `husk create --template` clones in milliseconds
+    Template(crate::template_cmd::TemplateArgs),
     /// Disk images: ls, create, rm, info, import (local, no daemon)
     Image(ImageArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
@@ -103,6 +105,7 @@ impl Verb {
                 | "events"
                 | "snapshot"
                 | "restore"
+                | "template"
         )
     }
 }
@@ -237,6 +240,10 @@ pub struct CreateArgs {
     /// Start the VM at once
     #[arg(long)]
     pub start: bool,
+    /// Clone template NAME (`husk template create`) instead of booting: started at once, in
+    /// milliseconds; only --name, --label and --hostname may be given with it
+    #[arg(long, value_name = "NAME")]
+    pub template: Option<String>,
     /// The application and its arguments, after `--`
     #[arg(value_name = "CMD", last = true)]
     pub command: Vec<String>,

@@ -106,6 +106,7 @@ pub fn run_verb(host: &str, verb: &Verb) -> Result<i32, RemoteError> {
             Verb::Events(args) => events(&mut client, args).await,
             Verb::Snapshot(args) => crate::snapshot_cmd::snapshot(&mut client, args).await,
             Verb::Restore(args) => crate::snapshot_cmd::restore(&mut client, args).await,
+            Verb::Template(args) => crate::template_cmd::run(&mut client, args).await,
             // main runs the local verbs itself.
             Verb::Run(_) | Verb::Image(_) | Verb::Completions { .. } | Verb::Version => Ok(0),
         }
@@ -231,17 +232,56 @@ pub fn create_spec(args: &CreateArgs) -> (VmSpec, bool) {
 }
 
 async fn create(client: &mut HuskClient<Channel>, args: &CreateArgs) -> Result<i32, RemoteError> {
-    let (mut spec, start) = create_spec(args);
-    crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits)?;
-    let vm = client
-        .create_vm(CreateVmRequest {
-            spec: Some(spec),
-            start,
-        })
-        .await?
-        .into_inner();
+    let request = match &args.template {
+        Some(template) => CreateVmRequest {
+            spec: Some(clone_spec(args)?),
+            start: true,
+            template: template.clone(),
+            match_template: false,
+        },
+        None => {
+            let (mut spec, start) = create_spec(args);
+            crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits)?;
+            CreateVmRequest {
+                spec: Some(spec),
+                start,
+                ..Default::default()
+            }
+        }
+    };
+    let vm = client.create_vm(request).await?.into_inner();
     println!("{}", vm.id);
     Ok(0)
+}
+
+/// The spec of `husk create --template`: what a clone may differ in. Any other VM option is
+/// the template's, and refused here rather than silently dropped.
+fn clone_spec(args: &CreateArgs) -> Result<VmSpec, RemoteError> {
+    let (mut given, _) = create_spec(args);
+    given.name.clear();
+    given.labels.clear();
+    given.hostname.clear();
+    use clap::Parser;
+    let bare = match crate::opts::Cli::try_parse_from(["husk", "create"]).map(|c| c.command) {
+        Ok(Verb::Create(bare)) => create_spec(&bare).0,
+        _ => VmSpec::default(),
+    };
+    let limits = !args.limits.disk_limits.is_empty()
+        || args.limits.net_rx_limit.is_some()
+        || args.limits.net_tx_limit.is_some();
+    if given != bare || limits {
+        return Err(RemoteError::Usage(
+            "husk create --template: only --name, --label and --hostname may be given; the \
+             rest is the template's"
+                .into(),
+        ));
+    }
+    Ok(VmSpec {
+        name: args.name.clone().unwrap_or_default(),
+        labels: args.labels.iter().cloned().collect(),
+        hostname: args.hostname.clone().unwrap_or_default(),
+        ..Default::default()
+    })
 }
 
 async fn stop(client: &mut HuskClient<Channel>, args: &StopArgs) -> Result<i32, RemoteError> {
@@ -451,6 +491,45 @@ mod tests {
             panic!("not create");
         };
         Ok(create_spec(&create))
+    }
+
+    fn clone_spec_of(args: &[&str]) -> Result<VmSpec, RemoteError> {
+        let cli = Cli::try_parse_from(["husk", "create"].into_iter().chain(args.iter().copied()))
+            .unwrap();
+        let Verb::Create(create) = cli.command else {
+            panic!("not create");
+        };
+        clone_spec(&create)
+    }
+
+    #[test]
+    fn a_clone_names_only_name_labels_and_host_name() {
+        let spec = clone_spec_of(&[
+            "--template",
+            "py",
+            "--name",
+            "c1",
+            "-l",
+            "a=b",
+            "--hostname",
+            "h1",
+        ])
+        .unwrap();
+        assert_eq!(spec.name, "c1");
+        assert_eq!(spec.labels["a"], "b");
+        assert_eq!(spec.hostname, "h1");
+        assert_eq!(spec.network, None, "nothing else is sent");
+        for other in [
+            &["--template", "py", "--memory", "512"][..],
+            &["--template", "py", "--net"],
+            &["--template", "py", "--net-rx-limit", "bw=1M"],
+        ] {
+            let e = clone_spec_of(other).unwrap_err().to_string();
+            assert!(
+                e.contains("only --name, --label and --hostname"),
+                "{other:?}: {e}"
+            );
+        }
     }
 
     #[test]

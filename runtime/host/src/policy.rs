@@ -92,6 +92,20 @@ impl PathPolicy {
         }
     }
 
+    /// This policy with one more root, `root` (canonicalized; left out when it is not a
+    /// directory): huskd's own directories that one VM may read from, such as the template
+    /// build its disks go on from.
+    pub fn with_root(&self, root: &Path) -> Self {
+        let mut more = self.clone();
+        if let Ok(root) = std::fs::canonicalize(root) {
+            if root.is_dir() && !more.roots.contains(&root) {
+                more.roots.push(root);
+                more.roots.sort();
+            }
+        }
+        more
+    }
+
     /// The roots, for messages and docs.
     pub fn roots(&self) -> &[PathBuf] {
         &self.roots

@@ -18,6 +18,10 @@ use husk_proto::v1::{
     GetContainerStatsRequest, GetHostUsageRequest, GetVmMemoryRequest, HostUsage,
     RemoveContainerRequest, SetMemoryTargetRequest, VmMemory,
 };
+use husk_proto::v1::{
+    CreateTemplateRequest, DeleteTemplateRequest, DeleteTemplateResponse, GetTemplateRequest,
+    ListTemplatesRequest, ListTemplatesResponse, Template,
+};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -53,11 +57,65 @@ impl Husk for HuskService {
         let spec = request
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
+        if !request.template.is_empty() {
+            return Ok(Response::new(
+                self.daemon.clone_template(&request.template, &spec).await?,
+            ));
+        }
+        if request.match_template && request.start {
+            if let Some(name) = self.daemon.matching_template(&spec) {
+                // What a clone may differ in; the rest matched the template's.
+                let clone = husk_proto::v1::VmSpec {
+                    name: spec.name.clone(),
+                    labels: spec.labels.clone(),
+                    hostname: spec.hostname.clone(),
+                    ..Default::default()
+                };
+                return Ok(Response::new(
+                    self.daemon.clone_template(&name, &clone).await?,
+                ));
+            }
+        }
         let entry = self.daemon.create(spec)?;
         if request.start {
             return Ok(Response::new(self.daemon.start(&entry).await?));
         }
         Ok(Response::new(self.daemon.get(&entry.id)?))
+    }
+
+    async fn create_template(
+        &self,
+        request: Request<CreateTemplateRequest>,
+    ) -> Result<Response<Template>, Status> {
+        Ok(Response::new(
+            self.daemon.create_template(request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_templates(
+        &self,
+        _request: Request<ListTemplatesRequest>,
+    ) -> Result<Response<ListTemplatesResponse>, Status> {
+        Ok(Response::new(ListTemplatesResponse {
+            templates: self.daemon.list_templates(),
+        }))
+    }
+
+    async fn get_template(
+        &self,
+        request: Request<GetTemplateRequest>,
+    ) -> Result<Response<Template>, Status> {
+        Ok(Response::new(
+            self.daemon.get_template(&request.into_inner().name)?,
+        ))
+    }
+
+    async fn delete_template(
+        &self,
+        request: Request<DeleteTemplateRequest>,
+    ) -> Result<Response<DeleteTemplateResponse>, Status> {
+        self.daemon.delete_template(&request.into_inner().name)?;
+        Ok(Response::new(DeleteTemplateResponse {}))
     }
 
     async fn start_vm(&self, request: Request<StartVmRequest>) -> Result<Response<Vm>, Status> {

@@ -112,6 +112,7 @@ pub async fn create_vm(client: &mut HuskClient<Channel>, plan: &VmPlan) -> Resul
         .create_vm(CreateVmRequest {
             spec: Some(spec),
             start: !plan.rootfs_copy_on_write,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -1,13 +1,13 @@
 //! What the daemon asks of a VM's guest agent on its own: readiness after a start, a graceful
-//! shutdown, and after a restore the wall clock and the network identity of the clone.
+//! shutdown, and after a restore the clone's own identity (entropy, clock, host name, network).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use husk_host::net::VmLink;
-use husk_proto::agent::{self, host_message, HostMessage, SetNetwork, SetTime};
+use husk_proto::agent::{self, host_message, HostMessage, Reidentify, SetNetwork, SetTime};
 use husk_proto::v1::{event, VmState};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use super::vm::VmEntry;
 use super::Daemon;
@@ -70,74 +70,165 @@ impl Daemon {
             .is_ok()
     }
 
-    /// Once the restored guest's agent answers: sets its wall clock (it stood still while the
-    /// snapshot lay on disk) and, with a new tap, moves eth0 to the new MAC and addresses.
-    /// Waits as long as the VM runs or is paused.
+    /// Once the restored guest's agent answers, gives the clone its own identity in one
+    /// `reidentify`: fresh entropy for its kernel's random generator, the wall clock (it stood
+    /// still while the snapshot lay on disk), the host name when `hostname` is given and, with
+    /// a new tap, eth0's new MAC and addresses. Only then is the VM agent-ready (AGENT_READY),
+    /// so nothing is handed a clone that still has the snapshot's identity. An agent that
+    /// predates `reidentify` gets `set_time` and `set_network` as before. Waits as long as the
+    /// VM runs or is paused; `done` hears whether the identity was taken.
     pub(super) async fn after_restore(
         &self,
         entry: &Arc<VmEntry>,
         ended: watch::Receiver<bool>,
-        net_config: Option<SetNetwork>,
+        identity: CloneIdentity,
+        done: Option<oneshot::Sender<Result<(), String>>>,
     ) {
-        if !self.send_when_running(entry, &ended, set_time_now).await {
-            return;
+        let started = std::time::Instant::now();
+        let result = self.reidentify(entry, &ended, &identity).await;
+        if result.is_ok() {
+            entry.update(|vm| VmEntry::status_mut(vm).agent_ready = true);
+            self.metrics
+                .observe_ready("restore", started.elapsed().as_secs_f64());
+            tracing::info!(vm_id = %entry.id, "restored guest reidentified; agent ready");
+            self.emit(entry, event::Kind::AgentReady, None, String::new());
         }
-        if let Some(net) = net_config {
-            let message = move || HostMessage {
-                msg: Some(host_message::Msg::SetNetwork(net.clone())),
-            };
-            self.send_when_running(entry, &ended, message).await;
+        if let Some(done) = done {
+            let _ = done.send(result);
         }
     }
 
-    /// Sends the request `message` makes to the agent once the VM runs and the agent answers;
-    /// false if the VM ended first. A refusal by the agent is logged, not retried.
+    async fn reidentify(
+        &self,
+        entry: &Arc<VmEntry>,
+        ended: &watch::Receiver<bool>,
+        identity: &CloneIdentity,
+    ) -> Result<(), String> {
+        let request = || HostMessage {
+            msg: Some(host_message::Msg::Reidentify(identity.request())),
+        };
+        match self.send_when_running(entry, ended, request).await {
+            Sent::Ended => Err("the VM ended before its agent answered".into()),
+            Sent::Taken => Ok(()),
+            Sent::Refused(e) if e.contains("expected a request") => {
+                // An agent older than `reidentify`: the parts it knows, one by one.
+                tracing::warn!(
+                    vm_id = %entry.id,
+                    "the restored guest's agent predates reidentify: its random state is \
+                     not reseeded; rebuild the snapshot with a current husk-init"
+                );
+                let message = || HostMessage {
+                    msg: Some(host_message::Msg::SetTime(SetTime {
+                        unix_ns: unix_ns_now(),
+                    })),
+                };
+                self.send_when_running(entry, ended, message)
+                    .await
+                    .into_result()?;
+                if let Some(net) = &identity.network {
+                    let message = || HostMessage {
+                        msg: Some(host_message::Msg::SetNetwork(net.clone())),
+                    };
+                    self.send_when_running(entry, ended, message)
+                        .await
+                        .into_result()?;
+                }
+                Ok(())
+            }
+            Sent::Refused(e) => {
+                tracing::warn!(vm_id = %entry.id, error = %e, "the restored guest refused its new identity");
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the request `message` makes to the agent once the VM runs and the agent answers.
+    /// The first tries follow each other closely (a restored agent answers within
+    /// milliseconds), later ones every 100 ms.
     async fn send_when_running(
         &self,
         entry: &Arc<VmEntry>,
         ended: &watch::Receiver<bool>,
         message: impl Fn() -> HostMessage,
-    ) -> bool {
+    ) -> Sent {
         let socket = entry.vsock_socket();
+        let mut pause = Duration::from_millis(1);
         while !*ended.borrow() {
             if entry.state() == VmState::Running {
-                let message = message();
-                match agent_client::request(&socket, &message, Duration::from_secs(2)).await {
-                    Ok(_) => return true,
-                    Err(agent_client::AgentError::Refused(e)) => {
-                        tracing::warn!(
-                            vm_id = %entry.id,
-                            request = request_name(&message),
-                            error = %e,
-                            "the guest agent refused a request after restore"
-                        );
-                        return true;
+                match agent_client::request(&socket, &message(), Duration::from_secs(2)).await {
+                    Ok(_) => return Sent::Taken,
+                    Err(agent_client::AgentError::Refused(e)) => return Sent::Refused(e),
+                    Err(e) => {
+                        tracing::debug!(vm_id = %entry.id, error = %e, "agent not reached yet")
                     }
-                    Err(_) => {}
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
         }
-        false
+        Sent::Ended
     }
 }
 
-/// A `set_time` to the host's current wall clock.
-fn set_time_now() -> HostMessage {
-    let unix_ns = std::time::SystemTime::now()
+/// How a request sent once the VM runs ended.
+enum Sent {
+    Taken,
+    Refused(String),
+    Ended,
+}
+
+impl Sent {
+    fn into_result(self) -> Result<(), String> {
+        match self {
+            Sent::Taken => Ok(()),
+            Sent::Refused(e) => Err(e),
+            Sent::Ended => Err("the VM ended before its agent answered".into()),
+        }
+    }
+}
+
+/// What a restored clone is told about itself (see [`Daemon::after_restore`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct CloneIdentity {
+    /// With a new tap: eth0's new MAC and addresses.
+    pub network: Option<SetNetwork>,
+    /// A new host name; empty: the snapshot's.
+    pub hostname: String,
+}
+
+/// Bytes of entropy a clone gets: twice the CRNG key.
+const CLONE_ENTROPY: usize = 64;
+
+impl CloneIdentity {
+    /// The agent request, with fresh entropy and the current time.
+    fn request(&self) -> Reidentify {
+        Reidentify {
+            entropy: host_entropy(),
+            unix_ns: unix_ns_now(),
+            hostname: self.hostname.clone(),
+            network: self.network.clone(),
+        }
+    }
+}
+
+/// [`CLONE_ENTROPY`] bytes from the host kernel's random source; empty (no reseed, logged)
+/// if it cannot be read, which a working host never sees.
+fn host_entropy() -> Vec<u8> {
+    let mut bytes = vec![0u8; CLONE_ENTROPY];
+    match rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()) {
+        Ok(n) if n == CLONE_ENTROPY => bytes,
+        other => {
+            tracing::error!(result = ?other, "cannot read the host's random source: the clone is not reseeded");
+            Vec::new()
+        }
+    }
+}
+
+/// The host's wall clock in nanoseconds since the Unix epoch.
+fn unix_ns_now() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64);
-    HostMessage {
-        msg: Some(host_message::Msg::SetTime(SetTime { unix_ns })),
-    }
-}
-
-fn request_name(message: &HostMessage) -> &'static str {
-    match message.msg {
-        Some(host_message::Msg::SetTime(_)) => "set_time",
-        Some(host_message::Msg::SetNetwork(_)) => "set_network",
-        _ => "other",
-    }
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 #[cfg(test)]

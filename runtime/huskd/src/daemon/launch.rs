@@ -22,6 +22,25 @@ use crate::store;
 use crate::validate;
 use crate::vmm_process::{self, Launch, Restore, RunFiles};
 
+/// Who finds out that a VM's guest agent is ready.
+pub(super) enum ReadyWatch {
+    /// A booted VM: its agent is polled, and the time to its answer observed as "boot".
+    Boot,
+    /// A VMM an earlier huskd started: polled, not timed.
+    Adopted,
+    /// A restore: `after_restore` marks it ready once the clone took its identity.
+    ByRestore,
+}
+
+/// A restore to launch: the snapshot's files, and what the clone is told once it runs.
+pub(super) struct RestoreLaunch {
+    pub files: Restore,
+    /// The clone's new host name; empty: the snapshot's.
+    pub hostname: String,
+    /// Hears whether the clone took its new identity (CreateVm from a template waits for it).
+    pub identity_taken: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
 /// The most `vmm.log` keeps across runs: past it, the log starts over at the next start (the
 /// VMM caps what it writes in one run itself).
 const VMM_LOG_KEEP: u64 = 1 << 20;
@@ -48,12 +67,17 @@ impl Daemon {
         self: &Arc<Self>,
         entry: &Arc<VmEntry>,
         spec: &VmSpec,
-        restore: Option<Restore>,
+        restore: Option<RestoreLaunch>,
     ) -> Result<Vm, Status> {
         // Before anything is made for the VM: a refusal leaves nothing to clean up.
+        let t0 = std::time::Instant::now();
         let admitted = self.admit_memory(entry, spec)?;
-        let start_paused = restore.as_ref().is_some_and(|r| r.start_paused);
+        let start_paused = restore.as_ref().is_some_and(|r| r.files.start_paused);
         let is_restore = restore.is_some();
+        let (restore, follow_up) = match restore {
+            Some(r) => (Some(r.files), Some((r.hostname, r.identity_taken))),
+            None => (None, None),
+        };
         let files = self.open_run_files(entry, spec, restore.is_none())?;
         let net_mode = spec
             .network
@@ -100,6 +124,7 @@ impl Daemon {
             _ => Default::default(),
         };
         let cid = entry.snapshot().status.as_ref().map_or(3, |s| s.vsock_cid);
+        let t_net = t0.elapsed();
         entry.update(|vm| {
             vm.state = VmState::Starting as i32;
             VmEntry::status_mut(vm).failure_reason.clear();
@@ -137,12 +162,25 @@ impl Daemon {
                 return Err(Status::internal(reason));
             }
         };
+        tracing::debug!(
+            vm_id = %entry.id,
+            files_and_network_ms = t_net.as_millis() as u64,
+            spawned_ms = t0.elapsed().as_millis() as u64,
+            "launch steps"
+        );
         let (tap, host_ip, guest_ip) = link_addresses(link.as_ref());
         // A restored guest kept the snapshot's MAC and addresses: it gets the new link's.
         let net_config = link
             .as_ref()
             .filter(|_| is_restore)
             .map(super::agent::net_config);
+        let follow_up = follow_up.map(|(hostname, done)| {
+            let identity = super::agent::CloneIdentity {
+                network: net_config,
+                hostname,
+            };
+            (identity, done)
+        });
         // husk-vmm holds the tap and files now: with huskd's copies closed, they live as long
         // as the VMM. The shared directories' virtiofsd quit when the VMM's ends close; they
         // are kept to be reaped when the VMM's end is recorded.
@@ -181,18 +219,29 @@ impl Daemon {
         self.emit(entry, event::Kind::Started, None, String::new());
         match self.host.watch(pid) {
             Ok(Some(exited)) => {
-                let kind = if is_restore { "restore" } else { "boot" };
-                let ended = self.watch_run(entry, pid, exited, Some(kind));
-                if is_restore {
+                // A restored guest is ready once it took its new identity (after_restore); a
+                // booted one when its agent first answers.
+                let ready = if is_restore {
+                    ReadyWatch::ByRestore
+                } else {
+                    ReadyWatch::Boot
+                };
+                let ended = self.watch_run(entry, pid, exited, ready);
+                if let Some((identity, done)) = follow_up {
                     let daemon = self.clone();
                     let entry = entry.clone();
-                    tokio::spawn(
-                        async move { daemon.after_restore(&entry, ended, net_config).await },
-                    );
+                    tokio::spawn(async move {
+                        daemon.after_restore(&entry, ended, identity, done).await
+                    });
                 }
             }
             // Gone already (it could not start): record how it ended.
-            _ => self.record_end(entry, None, false),
+            _ => {
+                self.record_end(entry, None, false);
+                if let Some((_, Some(done))) = follow_up {
+                    let _ = done.send(Err("the VMM ended at once".into()));
+                }
+            }
         }
         Ok(vm)
     }
@@ -206,7 +255,7 @@ impl Daemon {
         spec: &VmSpec,
         boot: bool,
     ) -> Result<RunFiles, Status> {
-        let policy = &self.config.policy;
+        let policy = &self.policy_for(entry);
         let open = |what: &str, path: &str, write: bool| {
             policy
                 .open_file(what, Path::new(path), write)
@@ -268,14 +317,12 @@ impl Daemon {
 
     /// Starts the monitor and agent-readiness tasks of a running VMM; the receiver turns true
     /// once its end is recorded.
-    /// `ready_kind`: the run's start is timed until the agent answers, as a "boot" or a
-    /// "restore" (None for a VMM adopted from an earlier huskd).
     pub(super) fn watch_run(
         self: &Arc<Self>,
         entry: &Arc<VmEntry>,
         pid: u32,
         exited: ExitWait,
-        ready_kind: Option<&'static str>,
+        ready: ReadyWatch,
     ) -> watch::Receiver<bool> {
         let (ended_tx, ended_rx) = watch::channel(false);
         let stop_requested = Arc::new(AtomicBool::new(false));
@@ -293,9 +340,16 @@ impl Daemon {
             let _ = ended_tx.send(true);
         });
         let daemon = self.clone();
-        let ready = entry.clone();
+        let ready_entry = entry.clone();
         let ended = ended_rx.clone();
-        tokio::spawn(async move { daemon.await_agent(&ready, ended, ready_kind).await });
+        let timed = match ready {
+            ReadyWatch::Boot => Some(Some("boot")),
+            ReadyWatch::Adopted => Some(None),
+            ReadyWatch::ByRestore => None,
+        };
+        if let Some(kind) = timed {
+            tokio::spawn(async move { daemon.await_agent(&ready_entry, ended, kind).await });
+        }
         ended_rx
     }
 

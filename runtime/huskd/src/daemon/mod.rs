@@ -21,6 +21,7 @@ mod metrics;
 mod rate_limits;
 mod run_disks;
 mod snapshots;
+mod templates;
 #[cfg(test)]
 mod tests;
 mod usage;
@@ -81,6 +82,8 @@ pub struct Daemon {
     /// STARTING yet, so that two starts cannot both take the last room (see `admission.rs`).
     admitted_mib: Mutex<u64>,
     events: broadcast::Sender<Event>,
+    /// Templates and their builds (see `templates.rs`).
+    templates: templates::Templates,
     /// What `--metrics` serves beside the VMs' own numbers (see `metrics.rs`).
     pub metrics: Arc<crate::metrics::Registry>,
 }
@@ -106,6 +109,7 @@ impl Daemon {
             vms: Mutex::new(BTreeMap::new()),
             admitted_mib: Mutex::new(0),
             events,
+            templates: Default::default(),
             metrics: Arc::new(crate::metrics::Registry::default()),
         });
         let records = store::load_all(&daemon.config.state_dir).map_err(|source| {
@@ -120,6 +124,7 @@ impl Daemon {
                 Err(e) => tracing::warn!(error = %chain(&e), "skipping an unreadable VM record"),
             }
         }
+        daemon.load_templates();
         // Rules of VMs that ended while no huskd ran (a killed huskd, a killed `husk run`):
         // their taps are gone, so their chains go.
         if let Err(e) = daemon.host.collect_firewall_garbage() {
@@ -158,7 +163,7 @@ impl Daemon {
                 // VMM's own word says whether the VM was left paused.
                 crate::snapshot_files::remove_staging(&entry.dir);
                 self.reinstall_firewall(&entry);
-                self.watch_run(&entry, pid, exited, None);
+                self.watch_run(&entry, pid, exited, launch::ReadyWatch::Adopted);
                 let daemon = self.clone();
                 let entry = entry.clone();
                 tokio::spawn(async move { daemon.sync_pause_state(&entry).await });
@@ -438,6 +443,14 @@ impl Daemon {
         }
         tracing::info!(vm_id = %entry.id, "VM deleted");
         self.emit(entry, event::Kind::Deleted, None, String::new());
+        // The last clone of a template build takes the build's files with it.
+        if entry
+            .snapshot()
+            .status
+            .is_some_and(|s| !s.template.is_empty())
+        {
+            self.sweep_templates();
+        }
         Ok(())
     }
 

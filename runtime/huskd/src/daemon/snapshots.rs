@@ -20,6 +20,7 @@ use husk_proto::vmm::{vmm_request, vmm_response, ErrorKind, Snapshot, VmmRequest
 use prost::Message;
 use tonic::Status;
 
+use super::launch::RestoreLaunch;
 use super::run_disks;
 use super::vm::VmEntry;
 use super::{policy_status, vmm_call, Daemon, VmmCallError};
@@ -102,11 +103,28 @@ impl Daemon {
     ) -> Result<SnapshotVmResponse, Status> {
         let path = absolute_dir(&request.dir)?;
         let _op = entry.op.lock().await;
-        let was_running = match entry.state() {
-            VmState::Running => true,
-            VmState::Paused => false,
-            _ => return Err(entry.wrong_state("SnapshotVm")),
-        };
+        self.check_snapshot_allowed(entry)?;
+        let target = self
+            .config
+            .policy
+            .create_dir("dir", &path)
+            .map_err(dir_status)?;
+        let (done, vm) = self
+            .snapshot_into(entry, target, request.leave_paused, request.diff)
+            .await?;
+        Ok(SnapshotVmResponse {
+            vm: Some(vm),
+            memory_bytes: done.memory_bytes,
+            memory_written: done.memory_written,
+            duration_ms: done.total_us / 1000,
+        })
+    }
+
+    /// Whether the VM's state and spec allow a snapshot (FAILED_PRECONDITION otherwise).
+    fn check_snapshot_allowed(&self, entry: &VmEntry) -> Result<(), Status> {
+        if !matches!(entry.state(), VmState::Running | VmState::Paused) {
+            return Err(entry.wrong_state("SnapshotVm"));
+        }
         let mounts = entry.snapshot().spec.map(|s| s.mounts).unwrap_or_default();
         if !mounts.is_empty() {
             let dirs: Vec<&str> = mounts.iter().map(|m| m.guest_path.as_str()).collect();
@@ -117,11 +135,24 @@ impl Daemon {
                 dirs.join(", ")
             )));
         }
-        let target = self
-            .config
-            .policy
-            .create_dir("dir", &path)
-            .map_err(dir_status)?;
+        Ok(())
+    }
+
+    /// Writes a snapshot of the VM into the directory `target` (vm.state, vm.mem, vm.pb, the
+    /// copy-on-write overlays). The caller holds the VM's operation lock and checked
+    /// [`Self::check_snapshot_allowed`].
+    pub(super) async fn snapshot_into(
+        &self,
+        entry: &Arc<VmEntry>,
+        target: Dir,
+        leave_paused: bool,
+        diff: bool,
+    ) -> Result<(husk_proto::vmm::SnapshotDone, Vm), Status> {
+        let was_running = match entry.state() {
+            VmState::Running => true,
+            VmState::Paused => false,
+            _ => return Err(entry.wrong_state("SnapshotVm")),
+        };
         let api = entry.api_socket();
         // A jailed VMM writes into a staging directory of its own `vmm/` (all its jail lets it
         // write); huskd then moves the files out without following anything the VMM could have
@@ -154,7 +185,7 @@ impl Daemon {
                 .await
                 .map_err(|e| Status::internal(format!("SnapshotVm: cannot pause: {e}")))?;
         }
-        let mut result = vmm_snapshot(&api, &write_to, request.diff)
+        let mut result = vmm_snapshot(&api, &write_to, diff)
             .await
             .map_err(SnapshotFailure::Vmm);
         if result.is_ok() {
@@ -200,7 +231,7 @@ impl Daemon {
         // Whatever happened, nothing stays behind in the VMM's directory (a partial memory
         // file can be large).
         snapshot_files::remove_staging(&entry.dir);
-        if was_running && (!request.leave_paused || result.is_err()) {
+        if was_running && (!leave_paused || result.is_err()) {
             if let Err(e) = vmm_call(&api, vmm_request::Msg::Resume(Default::default())).await {
                 tracing::warn!(
                     vm_id = %entry.id,
@@ -231,12 +262,7 @@ impl Daemon {
                 Status::internal(format!("SnapshotVm: husk-vmm: {e}"))
             }
         })?;
-        Ok(SnapshotVmResponse {
-            vm: Some(entry.snapshot()),
-            memory_bytes: done.memory_bytes,
-            memory_written: done.memory_written,
-            duration_ms: done.total_us / 1000,
-        })
+        Ok((done, entry.snapshot()))
     }
 
     /// RestoreVm (see husk.proto).
@@ -270,26 +296,68 @@ impl Daemon {
             Err(e) => return Err(Status::invalid_argument(format!("dir: {BASE_FILE}: {e}"))),
         };
         let spec = restored_spec(source, &request)?;
-        // Copy-on-write disks go on from the snapshot's copy of their overlay (unless the
-        // request replaces the disks): checked before the VM exists.
-        let overlays = if request.disks.is_empty() {
-            snapshot_overlays(&dir, &path, &spec)?
+        let options = CloneOptions {
+            keep_disks: request.disks.is_empty(),
+            start_paused: request.start_paused,
+            hostname: String::new(),
+            template: None,
+            identity_taken: None,
+        };
+        let files = SnapshotFiles {
+            dir,
+            path: &path,
+            state,
+            mem,
+            base,
+        };
+        self.restore_snapshot(files, spec, options).await
+    }
+
+    /// A new VM of `spec` from the snapshot `files`, launched (see RestoreVm). Copy-on-write
+    /// disks go on from the snapshot's copy of their overlay unless the disks were replaced.
+    pub(super) async fn restore_snapshot(
+        self: &Arc<Self>,
+        files: SnapshotFiles<'_>,
+        spec: husk_proto::v1::VmSpec,
+        options: CloneOptions,
+    ) -> Result<Vm, Status> {
+        let SnapshotFiles {
+            dir,
+            path,
+            state,
+            mem,
+            base,
+        } = files;
+        // Checked before the VM exists.
+        let overlays = if options.keep_disks {
+            snapshot_overlays(&dir, path, &spec)?
         } else {
             Vec::new()
         };
         let entry = self.create(spec)?;
-        if let Err(status) = self.clone_overlays(&entry, &path, &overlays) {
+        if let Some((name, build)) = &options.template {
+            entry.update(|vm| {
+                let status = VmEntry::status_mut(vm);
+                status.template = name.clone();
+                status.template_build = build.clone();
+            });
+        }
+        if let Err(status) = self.clone_overlays(&entry, path, &overlays) {
             let _ = self.delete(&entry, true).await;
             return Err(status);
         }
         let spec = entry.snapshot().spec.unwrap_or_default();
-        let lexical = husk_host::jail::normalize(&path);
-        let restore = Restore {
-            state,
-            mem,
-            mem_name: lexical.join(MEM_FILE),
-            base,
-            start_paused: request.start_paused,
+        let lexical = husk_host::jail::normalize(path);
+        let restore = RestoreLaunch {
+            files: Restore {
+                state,
+                mem,
+                mem_name: lexical.join(MEM_FILE),
+                base,
+                start_paused: options.start_paused,
+            },
+            hostname: options.hostname,
+            identity_taken: options.identity_taken,
         };
         let launched = {
             let _op = entry.op.lock().await;
@@ -303,6 +371,44 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The files of a snapshot, opened.
+pub(super) struct SnapshotFiles<'a> {
+    pub dir: Dir,
+    pub path: &'a Path,
+    pub state: std::fs::File,
+    pub mem: std::fs::File,
+    /// A diff's base memory file.
+    pub base: Option<std::fs::File>,
+}
+
+impl<'a> SnapshotFiles<'a> {
+    /// The state and memory files of the full snapshot in `dir` (at `path`).
+    pub fn open_full(dir: Dir, path: &'a Path) -> Result<Self, Status> {
+        let state = open_snapshot_file(&dir, path, STATE_FILE)?;
+        let mem = open_snapshot_file(&dir, path, MEM_FILE)?;
+        Ok(Self {
+            dir,
+            path,
+            state,
+            mem,
+            base: None,
+        })
+    }
+}
+
+/// How a VM restored from a snapshot differs from the snapshot's.
+pub(super) struct CloneOptions {
+    /// The snapshot's disks are used (false: the request replaced them).
+    pub keep_disks: bool,
+    pub start_paused: bool,
+    /// The clone's host name; empty: the snapshot's.
+    pub hostname: String,
+    /// The template (name, build) it is a clone of.
+    pub template: Option<(String, String)>,
+    /// Hears whether the clone took its new identity.
+    pub identity_taken: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }
 
 /// Copies the overlay of every copy-on-write disk of `spec` from the VM's directory into the
@@ -386,7 +492,7 @@ impl Daemon {
         for (i, what) in overlays {
             let name = run_disks::overlay_name(*i);
             run_disks::create_overlay(
-                &self.config.policy,
+                &self.policy_for(entry),
                 &vm_dir,
                 &name,
                 what,

@@ -309,6 +309,7 @@ impl VirtioDevice for Vsock {
             log::warn!("vsock: cannot send TRANSPORT_RESET after restore: {e}");
             self.counters.add(&self.counters.errors, 1);
         }
+        self.muxer.await_transport_reset();
     }
     fn counters(&self) -> &DeviceCounters {
         &self.counters

@@ -37,6 +37,9 @@ pub struct Muxer {
     cursor: Option<ConnKey>,
     next_local_port: u32,
     scratch: Vec<u8>,
+    /// After a restore, until the guest sends a packet with its (possibly new) CID: the
+    /// driver has not handled TRANSPORT_RESET yet and may still answer with the snapshot's CID.
+    awaiting_reset: bool,
 }
 
 impl Muxer {
@@ -50,7 +53,13 @@ impl Muxer {
             cursor: None,
             next_local_port: FIRST_LOCAL_PORT,
             scratch: vec![0; MAX_PAYLOAD],
+            awaiting_reset: false,
         }
+    }
+
+    /// The VM was restored and TRANSPORT_RESET sent: see `awaiting_reset`.
+    pub fn await_transport_reset(&mut self) {
+        self.awaiting_reset = true;
     }
 
     pub fn backend(&self) -> &UnixBackend {
@@ -76,6 +85,24 @@ impl Muxer {
     /// A well-formed tx packet.
     pub fn on_packet(&mut self, pkt: TxPacket, counters: &DeviceCounters) {
         let hdr = pkt.hdr;
+        if hdr.src_cid != self.guest_cid && self.awaiting_reset && hdr.dst_cid == HOST_CID {
+            // A restored driver that has not handled TRANSPORT_RESET yet answers a host
+            // client's connection with the snapshot's CID. Nothing from that CID is accepted,
+            // but the host side of the connection it names is closed now (with an RST to the
+            // guest), so that the client retries at once instead of waiting out its timeout.
+            log::debug!(
+                "vsock: packet with the snapshot's CID {} before TRANSPORT_RESET was handled",
+                hdr.src_cid
+            );
+            let key = key_of(&hdr);
+            if self.conns.contains_key(&key) {
+                self.reset_conn(key);
+            }
+            return;
+        }
+        if hdr.src_cid == self.guest_cid {
+            self.awaiting_reset = false;
+        }
         if hdr.src_cid != self.guest_cid {
             // Spoofing another CID: drop without an answer, it would go nowhere sensible.
             counters.add(&counters.errors, 1);

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 
 use super::connection::CONN_BUF_SIZE;
-use super::packet::{op, shutdown, HDR_LEN};
+use super::packet::{op, shutdown, Header, HDR_LEN};
 use super::test_guest::*;
 use super::*;
 
@@ -632,4 +632,62 @@ fn host_data_waiting_for_rx_buffers_does_not_wake_the_loop_again() {
 
     assert!(wakeups <= 2, "{wakeups} wake-ups: the loop spins");
     assert_eq!(dev.connection_count(), 1);
+}
+
+#[test]
+fn a_restored_guest_answering_with_its_old_cid_gets_the_client_closed_at_once() {
+    let _s = serial();
+    let (dir, mem) = (TempDir::new(), memory());
+    let mut dev = new_device(&dir);
+    let mut g = Guest::new(&mem);
+    g.activate(&mut dev, &mem);
+    dev.restored();
+    g.inbox.clear();
+
+    // The driver has not handled TRANSPORT_RESET: it answers with the snapshot's CID.
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 52\n").unwrap();
+    let req = g.expect(&mut dev, op::REQUEST);
+    let old = Header {
+        src_cid: CID + 1,
+        ..hdr(op::RESPONSE, 52, req.src_port)
+    };
+    g.send(&mut dev, old, &[]);
+    let rst = g.expect(&mut dev, op::RST);
+    assert_eq!(rst.dst_port, 52);
+    assert_eq!(dev.connection_count(), 0);
+    let mut line = String::new();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let n = BufReader::new(c).read_line(&mut line).unwrap();
+    assert_eq!(
+        (n, line.as_str()),
+        (0, ""),
+        "the client is closed, not answered"
+    );
+
+    // Once the guest speaks with its own CID, the old one is only dropped again.
+    let mut c = client(&dir);
+    c.write_all(b"CONNECT 53\n").unwrap();
+    let req = g.expect(&mut dev, op::REQUEST);
+    g.send(&mut dev, hdr(op::RESPONSE, 53, req.src_port), &[]);
+    let mut reader = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("OK {}\n", req.src_port));
+    let errors = dev.counters().snapshot().errors;
+    g.send(
+        &mut dev,
+        Header {
+            src_cid: CID + 1,
+            ..hdr(op::RW, 53, req.src_port)
+        },
+        b"x",
+    );
+    assert_eq!(dev.counters().snapshot().errors, errors + 1);
+    assert_eq!(
+        dev.connection_count(),
+        1,
+        "the live connection is untouched"
+    );
 }
