@@ -408,7 +408,7 @@ impl Daemon {
         build: &str,
     ) -> Result<husk_proto::vmm::SnapshotDone, Status> {
         self.start(entry).await?;
-        let deadline = Instant::now() + BUILD_READY_WAIT;
+        let deadline = tokio::time::Instant::now() + BUILD_READY_WAIT;
         loop {
             let vm = entry.snapshot();
             if vm.status.as_ref().is_some_and(|s| s.agent_ready) {
@@ -420,7 +420,7 @@ impl Daemon {
                     "template {name}: its VM ended before its agent answered: {reason}"
                 )));
             }
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(Status::deadline_exceeded(format!(
                     "template {name}: its VM's agent did not answer within {} s",
                     BUILD_READY_WAIT.as_secs()

@@ -931,3 +931,124 @@ async fn a_restarted_daemon_applies_again_the_rules_of_a_vm_it_adopts() {
     assert_eq!(host.firewalled(), ["husk0"]);
     assert_eq!(lock(&host.recorded).firewall["husk0"], before);
 }
+
+/// A template whose VM never gets an agent (the fake host runs no guest): the build fails
+/// with DEADLINE_EXCEEDED, leaves the template FAILED with the reason, and neither its VM nor a
+/// build directory behind.
+#[tokio::test(start_paused = true)]
+async fn a_template_build_that_never_gets_an_agent_fails_and_leaves_nothing() {
+    use husk_proto::v1::{template, CreateTemplateRequest};
+    let f = fixture(false);
+    let e = f
+        .daemon
+        .create_template(CreateTemplateRequest {
+            name: "t".into(),
+            spec: Some(VmSpec::default()),
+            replace: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    let t = f.daemon.get_template("t").unwrap();
+    assert_eq!(t.state, template::State::Failed as i32);
+    assert!(t.reason.contains("did not answer"), "{}", t.reason);
+    assert!(
+        f.daemon.list(&HashMap::new()).is_empty(),
+        "the template's VM is gone"
+    );
+    let build_dir = f.config.state_dir.join("templates/t").join(&t.build);
+    assert!(!build_dir.exists());
+    // A clone of a failed template is refused with the reason; an unknown one is NOT_FOUND.
+    let e = f
+        .daemon
+        .clone_template("t", &VmSpec::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = f
+        .daemon
+        .clone_template("nope", &VmSpec::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // Deleting it removes the record and its directory.
+    f.daemon.delete_template("t").unwrap();
+    assert_eq!(
+        f.daemon.delete_template("t").unwrap_err().code(),
+        Code::NotFound
+    );
+    assert!(!f.config.state_dir.join("templates/t").exists());
+}
+
+/// A template spec that clones could not share is refused before anything is made.
+#[tokio::test(start_paused = true)]
+async fn a_template_with_a_command_or_a_shared_writable_disk_is_refused() {
+    use husk_proto::v1::{CreateTemplateRequest, Disk};
+    let f = fixture(false);
+    let disk = f.files.join("d.raw");
+    std::fs::write(&disk, b"disk").unwrap();
+    for spec in [
+        VmSpec {
+            command: vec!["true".into()],
+            ..Default::default()
+        },
+        VmSpec {
+            disks: vec![Disk {
+                path: disk.display().to_string(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ] {
+        let e = f
+            .daemon
+            .create_template(CreateTemplateRequest {
+                name: "t".into(),
+                spec: Some(spec),
+                replace: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    let bad_name = f
+        .daemon
+        .create_template(CreateTemplateRequest {
+            name: "../x".into(),
+            spec: Some(VmSpec::default()),
+            replace: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_name.code(), Code::InvalidArgument);
+    assert!(f.daemon.list_templates().is_empty());
+}
+
+/// A huskd that ended during a build finds the template FAILED when it starts again, and an
+/// orphaned build directory is removed.
+#[tokio::test(start_paused = true)]
+async fn a_build_interrupted_by_a_restart_is_recorded_failed() {
+    use husk_proto::v1::{template, Template};
+    let f = fixture(false);
+    let dir = f.config.state_dir.join("templates/t");
+    std::fs::create_dir_all(dir.join("orphan")).unwrap();
+    let record = Template {
+        name: "t".into(),
+        state: template::State::Building as i32,
+        build: "current".into(),
+        ..Default::default()
+    };
+    std::fs::write(dir.join("template.pb"), record.encode_to_vec()).unwrap();
+    let daemon = Daemon::open_on(f.config.clone(), f.host.clone()).unwrap();
+    let t = daemon.get_template("t").unwrap();
+    assert_eq!(t.state, template::State::Failed as i32);
+    assert!(t.reason.contains("huskd ended"), "{}", t.reason);
+    for _ in 0..100 {
+        if !dir.join("orphan").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!dir.join("orphan").exists(), "the orphaned build is swept");
+    assert!(dir.join("template.pb").exists());
+}
