@@ -234,6 +234,8 @@ struct StatusJson<'a> {
     disk_rate_limits: Vec<String>,
     net_rx_rate_limit: Option<String>,
     net_tx_rate_limit: Option<String>,
+    /// The template the VM was cloned from (docs/templates.md); empty otherwise.
+    template: &'a str,
 }
 
 impl<'a> VmJson<'a> {
@@ -298,6 +300,7 @@ impl<'a> VmJson<'a> {
                     .collect(),
                 net_rx_rate_limit: status.net_rx_rate_limit.as_ref().map(limit_text),
                 net_tx_rate_limit: status.net_tx_rate_limit.as_ref().map(limit_text),
+                template: &status.template,
             },
         }
     }
@@ -439,6 +442,9 @@ pub fn vm_details(vm: &Vm) -> String {
     }
     rows.push(("vsock cid", status.vsock_cid.to_string()));
     rows.push(("agent ready", status.agent_ready.to_string()));
+    if !status.template.is_empty() {
+        rows.push(("template", status.template.clone()));
+    }
     rows.push(("console log", status.console_log.clone()));
     let mut labels: Vec<_> = spec.labels.iter().collect();
     labels.sort();
@@ -529,7 +535,7 @@ mod tests {
                        "console_log": "", "agent_ready": true, "published_ports": [],
                        "egress_allow": [], "egress_deny": [], "host_access": false,
                        "dns": false, "disk_rate_limits": [], "net_rx_rate_limit": null,
-                       "net_tx_rate_limit": null}
+                       "net_tx_rate_limit": null, "template": ""}
         });
         assert_eq!(parsed, expected);
         // The layout scripts and tests grep for: `"key": value`, fields in proto order.

@@ -85,7 +85,19 @@ impl Daemon {
         done: Option<oneshot::Sender<Result<(), String>>>,
     ) {
         let started = std::time::Instant::now();
-        let result = self.reidentify(entry, &ended, &identity).await;
+        let strict = done.is_some();
+        let result = match self.reidentify(entry, &ended, &identity).await {
+            // RestoreVm's VM answered but refused part of it (a snapshot whose guest lost its
+            // eth0, say): as before `reidentify`, it is usable, with the warning logged. A
+            // template's clone is not handed out (`strict`).
+            Err(Sent::Refused(e)) if !strict => {
+                tracing::warn!(vm_id = %entry.id, error = %e, "the restored VM keeps part of the snapshot's identity");
+                Ok(())
+            }
+            Err(Sent::Refused(e)) => Err(e),
+            Err(_) => Err("the VM ended before its agent answered".to_string()),
+            Ok(()) => Ok(()),
+        };
         if result.is_ok() {
             entry.update(|vm| VmEntry::status_mut(vm).agent_ready = true);
             self.metrics
@@ -98,20 +110,22 @@ impl Daemon {
         }
     }
 
+    /// Sends the clone its `reidentify` (or, to an older agent, `set_time` and `set_network`);
+    /// the error is how the last request ended.
     async fn reidentify(
         &self,
         entry: &Arc<VmEntry>,
         ended: &watch::Receiver<bool>,
         identity: &CloneIdentity,
-    ) -> Result<(), String> {
+    ) -> Result<(), Sent> {
         let request = || HostMessage {
             msg: Some(host_message::Msg::Reidentify(identity.request())),
         };
         match self.send_when_running(entry, ended, request).await {
-            Sent::Ended => Err("the VM ended before its agent answered".into()),
             Sent::Taken => Ok(()),
-            Sent::Refused(e) if e.contains("expected a request") => {
-                // An agent older than `reidentify`: the parts it knows, one by one.
+            // An agent older than `reidentify` decodes it as an empty request (prost skips the
+            // unknown field): the parts it knows, one by one.
+            Sent::Refused(e) if e == "empty request" || e.contains("expected a request") => {
                 tracing::warn!(
                     vm_id = %entry.id,
                     "the restored guest's agent predates reidentify: its random state is \
@@ -135,10 +149,7 @@ impl Daemon {
                 }
                 Ok(())
             }
-            Sent::Refused(e) => {
-                tracing::warn!(vm_id = %entry.id, error = %e, "the restored guest refused its new identity");
-                Err(e)
-            }
+            other => Err(other),
         }
     }
 
@@ -178,11 +189,10 @@ enum Sent {
 }
 
 impl Sent {
-    fn into_result(self) -> Result<(), String> {
+    fn into_result(self) -> Result<(), Sent> {
         match self {
             Sent::Taken => Ok(()),
-            Sent::Refused(e) => Err(e),
-            Sent::Ended => Err("the VM ended before its agent answered".into()),
+            other => Err(other),
         }
     }
 }
@@ -235,6 +245,24 @@ fn unix_ns_now() -> i64 {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn every_reidentify_carries_fresh_entropy_and_the_current_time() {
+        let identity = CloneIdentity {
+            network: None,
+            hostname: "clone-1".into(),
+        };
+        let (a, b) = (identity.request(), identity.request());
+        assert_eq!(a.entropy.len(), CLONE_ENTROPY);
+        assert_ne!(
+            a.entropy, b.entropy,
+            "two clones must never get the same bytes"
+        );
+        assert_eq!(a.hostname, "clone-1");
+        assert!(a.network.is_none());
+        // Within a minute of now (2020-09-13 is 1.6e18 ns).
+        assert!(a.unix_ns > 1_600_000_000_000_000_000, "{}", a.unix_ns);
+    }
 
     #[test]
     fn a_restored_clone_is_sent_its_new_links_mac_address_and_gateway() {

@@ -117,8 +117,9 @@ pub fn template_spec_problem(spec: &VmSpec) -> Option<String> {
     None
 }
 
-/// What CreateVm with a template may still say about the clone: its name, labels and host
-/// name. Anything else is the template's (INVALID_ARGUMENT).
+/// What CreateVm with a template may still say about the clone: its name, labels (empty: the
+/// template's) and host name (empty: the template's). Anything else is the template's
+/// (INVALID_ARGUMENT).
 pub fn clone_spec(template: &VmSpec, request: &VmSpec) -> Result<VmSpec, Status> {
     let mut rest = request.clone();
     rest.name.clear();
@@ -138,7 +139,9 @@ pub fn clone_spec(template: &VmSpec, request: &VmSpec) -> Result<VmSpec, Status>
     }
     let mut spec = template.clone();
     spec.name = request.name.clone();
-    spec.labels = request.labels.clone();
+    if !request.labels.is_empty() {
+        spec.labels = request.labels.clone();
+    }
     if !request.hostname.is_empty() {
         spec.hostname = request.hostname.clone();
     }
@@ -293,8 +296,7 @@ impl Daemon {
         self: &Arc<Self>,
         request: CreateTemplateRequest,
     ) -> Result<Template, Status> {
-        validate::check_name(&request.name)
-            .map_err(|s| Status::invalid_argument(format!("name: {}", s.message())))?;
+        validate::check_name(&request.name)?;
         let spec = request
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: missing"))?;
@@ -727,6 +729,15 @@ mod tests {
         assert_eq!(spec.memory_mib, 256);
         assert_eq!(spec.hostname, "tpl", "no host name asked: the template's");
         assert_eq!(spec.labels["app"], "x");
+        let labelled = VmSpec {
+            labels: [("team".to_string(), "a".to_string())].into(),
+            ..template.clone()
+        };
+        let inherited = clone_spec(&labelled, &VmSpec::default()).unwrap();
+        assert_eq!(
+            inherited.labels["team"], "a",
+            "no labels asked: the template's"
+        );
         let renamed = VmSpec {
             hostname: "clone-1".into(),
             ..Default::default()
