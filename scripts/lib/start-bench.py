@@ -15,29 +15,17 @@ second with 8 and 32 concurrent CreateVm(template) calls. The templates are buil
 import concurrent.futures
 import statistics
 import sys
-import tempfile
 import time
 
-
-def stubs(proto_dir):
-    from grpc_tools import protoc
-    import importlib.resources
-    out = tempfile.mkdtemp(prefix="husk-bench-")
-    include = str(importlib.resources.files("grpc_tools") / "_proto")
-    protoc.main(["protoc", f"-I{proto_dir}", f"-I{include}", f"--python_out={out}",
-                 f"--grpc_python_out={out}", "husk/v1/husk.proto"])
-    sys.path.insert(0, out)
+import husk_grpc
 
 
 def main():
     socket, proto_dir, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    stubs(proto_dir)
-    import grpc
-    from husk.v1 import husk_pb2 as pb, husk_pb2_grpc as rpc
+    pb, rpc, grpc = husk_grpc.load(proto_dir)
 
     def client():
-        ch = grpc.insecure_channel(f"unix://{socket}", options=[("grpc.default_authority", "localhost")])
-        return rpc.HuskStub(ch)
+        return husk_grpc.client(grpc, rpc, socket)
 
     husk = client()
 
