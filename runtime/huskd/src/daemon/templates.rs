@@ -37,8 +37,12 @@ use crate::validate::{self, Defaults};
 const TEMPLATES_DIR: &str = "templates";
 /// A template's record, in its directory.
 const RECORD: &str = "template.pb";
-/// The label of the VM a template is built from (its value: the template's name).
+/// The label of the VM a template is built from (its value: the template's name), for people
+/// reading ListVms; huskd itself finds that VM by the id in [`BUILDER_FILE`].
 pub const BUILDER_LABEL: &str = "husk.template.build";
+/// In a build's directory while the build runs: the id of the VM it runs in, so that a huskd
+/// that ended meanwhile deletes exactly that VM when it starts again (a label could be any VM's).
+const BUILDER_FILE: &str = "builder.id";
 /// How long a template's VM may take to boot to its agent.
 const BUILD_READY_WAIT: Duration = Duration::from_secs(180);
 /// How long a clone may take to answer with its new identity.
@@ -257,7 +261,19 @@ impl Daemon {
             }
         };
         let mut records = BTreeMap::new();
+        let mut builders: Vec<String> = Vec::new();
         for name in dir.entries().unwrap_or_default() {
+            // Builds in progress when the previous huskd ended: their VMs go.
+            if let Ok(template_dir) = dir.subdir(&name) {
+                for build in template_dir.entries().unwrap_or_default() {
+                    let id = template_dir
+                        .subdir(&build)
+                        .and_then(|b| b.read_bounded(BUILDER_FILE, 64));
+                    if let Ok(Some(id)) = id {
+                        builders.push(String::from_utf8_lossy(&id).trim().to_string());
+                    }
+                }
+            }
             let read = dir
                 .subdir(&name)
                 .and_then(|d| d.read_bounded(RECORD, store::MAX_RECORD));
@@ -277,11 +293,13 @@ impl Daemon {
             records.insert(name, record);
         }
         *lock(&self.templates.records) = records;
-        let builders: Vec<Arc<VmEntry>> = lock(&self.vms)
-            .values()
-            .filter(|e| lock(&e.record).spec.as_ref().is_some_and(is_builder))
-            .cloned()
-            .collect();
+        let builders: Vec<Arc<VmEntry>> = {
+            let vms = lock(&self.vms);
+            builders
+                .iter()
+                .filter_map(|id| vms.get(id).cloned())
+                .collect()
+        };
         let daemon = self.clone();
         tokio::spawn(async move {
             for entry in builders {
@@ -389,25 +407,52 @@ impl Daemon {
         mut spec: VmSpec,
     ) -> Result<husk_proto::vmm::SnapshotDone, Status> {
         spec.labels = [(BUILDER_LABEL.to_string(), name.to_string())].into();
-        let entry = self.create(spec)?;
-        let result = self.boot_and_snapshot(&entry, name, build).await;
+        let target = open_templates_dir(&self.config.state_dir)
+            .and_then(|d| d.create_subdir(name, store::DIR_MODE, false))
+            .and_then(|d| d.create_subdir(build, store::DIR_MODE, true))
+            .map_err(|e| Status::internal(format!("template {name}: its directory: {e}")))?;
+        let entry = match self.create(spec) {
+            Ok(entry) => entry,
+            Err(status) => {
+                self.remove_build(name, build);
+                return Err(status);
+            }
+        };
+        let result = match target.write_atomic(BUILDER_FILE, entry.id.as_bytes(), store::FILE_MODE)
+        {
+            Ok(()) => self.boot_and_snapshot(&entry, name, target).await,
+            Err(e) => Err(Status::internal(format!(
+                "template {name}: its directory: {e}"
+            ))),
+        };
         if let Err(e) = self.delete(&entry, true).await {
             tracing::warn!(template = %name, error = %e.message(), "cannot delete the template's VM");
         }
         if result.is_err() {
-            if let Ok(dir) = open_templates_dir(&self.config.state_dir).and_then(|d| d.subdir(name))
-            {
-                let _ = dir.remove_tree(build);
-            }
+            self.remove_build(name, build);
+        } else if let Ok(dir) = self.build_dir(name, build) {
+            let _ = dir.remove_file(BUILDER_FILE);
         }
         result
+    }
+
+    fn build_dir(&self, name: &str, build: &str) -> std::io::Result<Dir> {
+        open_templates_dir(&self.config.state_dir)?
+            .subdir(name)?
+            .subdir(build)
+    }
+
+    fn remove_build(&self, name: &str, build: &str) {
+        if let Ok(dir) = open_templates_dir(&self.config.state_dir).and_then(|d| d.subdir(name)) {
+            let _ = dir.remove_tree(build);
+        }
     }
 
     async fn boot_and_snapshot(
         self: &Arc<Self>,
         entry: &Arc<VmEntry>,
         name: &str,
-        build: &str,
+        target: Dir,
     ) -> Result<husk_proto::vmm::SnapshotDone, Status> {
         self.start(entry).await?;
         let deadline = tokio::time::Instant::now() + BUILD_READY_WAIT;
@@ -430,10 +475,6 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let target = open_templates_dir(&self.config.state_dir)
-            .and_then(|d| d.create_subdir(name, store::DIR_MODE, false))
-            .and_then(|d| d.create_subdir(build, store::DIR_MODE, true))
-            .map_err(|e| Status::internal(format!("template {name}: its directory: {e}")))?;
         let _op = entry.op.lock().await;
         let (done, _) = self.snapshot_into(entry, target, true, false).await?;
         Ok(done)
@@ -590,8 +631,12 @@ impl Daemon {
         let Ok(root) = open_templates_dir(&self.config.state_dir) else {
             return;
         };
+        // A FAILED template's build never finished: nothing of it is kept.
         let mut keep: Vec<(String, String)> = lock(&self.templates.records)
             .values()
+            .filter(|t| {
+                t.state == template::State::Ready as i32 || t.state == template::State::Stale as i32
+            })
             .map(|t| (t.name.clone(), t.build.clone()))
             .collect();
         keep.extend(
@@ -629,11 +674,6 @@ impl Daemon {
             }
         }
     }
-}
-
-/// Whether `spec` is a template's build VM.
-fn is_builder(spec: &VmSpec) -> bool {
-    spec.labels.contains_key(BUILDER_LABEL)
 }
 
 #[cfg(test)]

@@ -1032,6 +1032,15 @@ async fn a_build_interrupted_by_a_restart_is_recorded_failed() {
     let f = fixture(false);
     let dir = f.config.state_dir.join("templates/t");
     std::fs::create_dir_all(dir.join("orphan")).unwrap();
+    // The VM the interrupted build ran in is named in its directory; another VM that merely
+    // carries the same label is a user's and stays.
+    let labelled = |name: &str| VmSpec {
+        labels: [(super::templates::BUILDER_LABEL.to_string(), "t".to_string())].into(),
+        ..spec(name, false)
+    };
+    let builder = f.daemon.create(labelled("builder")).unwrap();
+    let users = f.daemon.create(labelled("users")).unwrap();
+    std::fs::write(dir.join("orphan/builder.id"), &builder.id).unwrap();
     let record = Template {
         name: "t".into(),
         state: template::State::Building as i32,
@@ -1051,4 +1060,13 @@ async fn a_build_interrupted_by_a_restart_is_recorded_failed() {
     }
     assert!(!dir.join("orphan").exists(), "the orphaned build is swept");
     assert!(dir.join("template.pb").exists());
+    assert_eq!(
+        daemon.get(&builder.id).unwrap_err().code(),
+        Code::NotFound,
+        "the interrupted build's VM is deleted"
+    );
+    assert!(
+        daemon.get(&users.id).is_ok(),
+        "a user's VM with the label stays"
+    );
 }
