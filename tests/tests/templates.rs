@@ -186,6 +186,20 @@ fn templates_clone_sandboxes_with_identities_of_their_own() {
         "sbx",
         "{matched:?}"
     );
+    // The same through the CLI, with the options the template was made with.
+    let out = huskd.husk(&[
+        "create",
+        "--match-template",
+        "--name",
+        "m2",
+        "--memory",
+        "128",
+        "--net",
+        "--disk",
+        &disk_arg,
+    ]);
+    assert_eq!(out.code(), Some(0), "{}{}", out.stdout(), out.stderr());
+    assert_eq!(huskd.get("m2").status.unwrap().template, "sbx");
 
     // A changed input makes the template stale; a rebuild serves again, and the old build's
     // clones run on from its files.
@@ -225,7 +239,7 @@ fn templates_clone_sandboxes_with_identities_of_their_own() {
         "[]"
     );
     assert_eq!(huskd.sh("c3", "echo alive").trim(), "alive");
-    let out = huskd.husk(&["rm", "-f", "c1", "c2", "c3", "m1"]);
+    let out = huskd.husk(&["rm", "-f", "c1", "c2", "c3", "m1", "m2"]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     let deadline = Instant::now() + Duration::from_secs(10);
     while builds.exists() {

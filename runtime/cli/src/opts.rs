@@ -244,6 +244,10 @@ pub struct CreateArgs {
     /// milliseconds; only --name, --label and --hostname may be given with it
     #[arg(long, value_name = "NAME")]
     pub template: Option<String>,
+    /// Clone a ready template of exactly this shape (the same VM options; name, labels and
+    /// host name aside) if huskd has one, and boot as usual otherwise; implies --start
+    #[arg(long = "match-template", conflicts_with = "template")]
+    pub match_template: bool,
     /// The application and its arguments, after `--`
     #[arg(value_name = "CMD", last = true)]
     pub command: Vec<String>,

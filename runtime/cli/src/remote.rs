@@ -239,19 +239,23 @@ async fn create(client: &mut HuskClient<Channel>, args: &CreateArgs) -> Result<i
             template: template.clone(),
             match_template: false,
         },
-        None => {
-            let (mut spec, start) = create_spec(args);
-            crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits)?;
-            CreateVmRequest {
-                spec: Some(spec),
-                start,
-                ..Default::default()
-            }
-        }
+        None => create_request(args)?,
     };
     let vm = client.create_vm(request).await?.into_inner();
     println!("{}", vm.id);
     Ok(0)
+}
+
+/// The request of `husk create` without --template.
+fn create_request(args: &CreateArgs) -> Result<CreateVmRequest, RemoteError> {
+    let (mut spec, start) = create_spec(args);
+    crate::rate_limit_cmd::apply_to_spec(&mut spec, &args.limits)?;
+    Ok(CreateVmRequest {
+        spec: Some(spec),
+        start: start || args.match_template,
+        template: String::new(),
+        match_template: args.match_template,
+    })
 }
 
 /// The spec of `husk create --template`: what a clone may differ in. Any other VM option is
@@ -530,6 +534,21 @@ mod tests {
                 "{other:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn match_template_asks_for_a_started_vm_of_the_full_shape() {
+        let cli =
+            Cli::try_parse_from(["husk", "create", "--match-template", "--memory", "512"]).unwrap();
+        let Verb::Create(create) = cli.command else {
+            panic!("not create");
+        };
+        let request = create_request(&create).unwrap();
+        assert!(request.match_template && request.start);
+        assert_eq!(request.spec.unwrap().memory_mib, 512);
+        assert!(
+            Cli::try_parse_from(["husk", "create", "--match-template", "--template", "t"]).is_err()
+        );
     }
 
     #[test]
