@@ -219,18 +219,7 @@ fn a_snapshot_clone_goes_on_from_the_snapshots_disk_without_a_copy_of_the_base()
     ]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
     huskd.wait_agent("origin", LIMIT);
-    let sh = |vm: &str, script: &str| {
-        let out = huskd.husk(&["exec", vm, "sh", "-c", script]);
-        assert_eq!(
-            out.code(),
-            Some(0),
-            "{script}: {}{}",
-            out.stdout(),
-            out.stderr()
-        );
-        out.stdout()
-    };
-    sh("origin", "echo at-snapshot > /state; sync");
+    huskd.sh("origin", "echo at-snapshot > /state; sync");
     let snap = fixture.join("snap");
     let out = huskd.husk(&["snapshot", "origin", &snap.display().to_string()]);
     assert_eq!(out.code(), Some(0), "{}", out.stderr());
@@ -243,17 +232,21 @@ fn a_snapshot_clone_goes_on_from_the_snapshots_disk_without_a_copy_of_the_base()
     );
     qemu_img_check_clean(&copy);
     // The source goes on writing its own overlay...
-    sh("origin", "echo after-snapshot > /state; sync");
+    huskd.sh("origin", "echo after-snapshot > /state; sync");
     // ...and two clones each go on from the snapshot's disk state, on overlays of their own.
     for clone in ["clone1", "clone2"] {
         let out = huskd.husk(&["restore", "--name", clone, &snap.display().to_string()]);
         assert_eq!(out.code(), Some(0), "{}", out.stderr());
         huskd.wait_agent(clone, LIMIT);
-        assert_eq!(sh(clone, "cat /state").trim(), "at-snapshot", "{clone}");
-        sh(clone, &format!("echo {clone} > /state; sync"));
+        assert_eq!(
+            huskd.sh(clone, "cat /state").trim(),
+            "at-snapshot",
+            "{clone}"
+        );
+        huskd.sh(clone, &format!("echo {clone} > /state; sync"));
     }
-    assert_eq!(sh("clone1", "cat /state").trim(), "clone1");
-    assert_eq!(sh("origin", "cat /state").trim(), "after-snapshot");
+    assert_eq!(huskd.sh("clone1", "cat /state").trim(), "clone1");
+    assert_eq!(huskd.sh("origin", "cat /state").trim(), "after-snapshot");
     for vm in ["origin", "clone1", "clone2"] {
         let out = huskd.husk(&["stop", vm]);
         assert_eq!(out.code(), Some(0), "{}", out.stderr());

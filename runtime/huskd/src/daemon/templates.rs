@@ -602,14 +602,19 @@ impl Daemon {
         };
         let wanted =
             shape(&validate::normalize(spec.clone(), &defaults, &self.config.policy).ok()?);
-        lock(&self.templates.records)
+        let candidates: Vec<Template> = lock(&self.templates.records)
             .values()
-            .find(|t| {
+            .filter(|t| {
                 t.state == template::State::Ready as i32
                     && t.spec.as_ref().is_some_and(|s| shape(s) == wanted)
-                    && changed_input(&t.inputs).is_none()
             })
-            .map(|t| t.name.clone())
+            .cloned()
+            .collect();
+        // The inputs are stat'ed outside the records' lock.
+        candidates
+            .into_iter()
+            .find(|t| changed_input(&t.inputs).is_none())
+            .map(|t| t.name)
     }
 
     fn mark_stale(&self, name: &str, build: &str, reason: &str) {
